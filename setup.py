@@ -1,9 +1,6 @@
 """setuptools entry point for giblet; every setting lives in settings.ini (nbdev 2)."""
-from pkg_resources import parse_version
 from configparser import ConfigParser
 import setuptools, shlex
-
-assert parse_version(setuptools.__version__) >= parse_version('36.2')
 
 config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
