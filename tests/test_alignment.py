@@ -1,0 +1,116 @@
+"""Timing end to end: a flash lands in the TR that holds it, its HRF response peaks 4.5-6.5 s later, and streams of
+different lengths are truncated to the shorter, never stretched."""
+import numpy as np
+import nibabel as nib
+import pandas as pd
+import pytest
+
+from giblet.alignment.hrf import convolve_hrf
+from giblet.alignment.sync import FeatureParams, RunSpec, align_run, concat_runs
+from giblet.data.dataset import block_split, context_starts, fit_normaliser
+from giblet.data.fmri import nii_to_features
+from giblet.data.video import frames_to_video, video_to_frames
+
+TR, FPS, FLASH = 1.5, 25, 10.2      # the flash: film time 10.2-10.4 s, inside TR 6 = [9.0, 10.5)
+PARAMS = FeatureParams(size=(32, 18), frame_skip=1, n_mels=16, text_dim=64)
+
+
+def write_film(path, seconds):
+    n = int(seconds * FPS)
+    t = np.arange(n) / FPS
+    frames = np.full((n, 18, 32, 3), 20, np.uint8)
+    frames[(t >= FLASH) & (t < FLASH + 0.2)] = 255
+    sr = 16000
+    ts = np.arange(int(seconds * sr)) / sr
+    audio = (0.2 * np.sin(2 * np.pi * 440 * ts)).astype(np.float32)
+    return frames_to_video(frames, path, FPS, audio=audio, sample_rate=sr)
+
+
+def write_scan(path, n_volumes, seed=0):
+    data = np.random.default_rng(seed).normal(1000, 10, (4, 3, 2, n_volumes)).astype(np.int16)
+    img = nib.Nifti1Image(data, np.eye(4)); img.header.set_xyzt_units("mm", "sec"); img.header["pixdim"][4] = TR
+    nib.save(img, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    film = write_film(d / "film.mp4", 30.0)
+    pd.DataFrame({"Start Time (s) ": [0.0, 12.0], "End Time (s) ": [6.0, 20.0],
+                  "Scene Details - A Level ": ["a dark room", "a bright street"], "Name - All": ["Sherlock", "John"],
+                  "Location": ["flat", "London"]}).to_csv(d / "ann.csv", index=False)
+    mask = nib.Nifti1Image(np.ones((4, 3, 2), np.uint8), np.eye(4))
+    return d, film, d / "ann.csv", mask
+
+
+def test_flash_lands_in_its_tr_and_the_hrf_peaks_later(study):
+    d, film, ann, mask = study
+    al = align_run(film, ann, RunSpec([write_scan(d / "s1.nii.gz", 40)]), mask, params=PARAMS)
+    brightness = al.video.astype(np.float32).mean(axis=(1, 2, 3, 4))
+    flash_tr = int(FLASH // TR)
+    assert np.argmax(brightness) == flash_tr
+    assert brightness[flash_tr] > brightness[flash_tr - 1] + 10 and np.allclose(np.delete(brightness, flash_tr), 20, atol=3)
+    bold = convolve_hrf(brightness - brightness.min(), TR)
+    lag = al.tr_start[np.argmax(bold)] - al.tr_start[flash_tr]
+    assert 4.5 <= lag <= 6.5, lag
+    assert np.all(bold[:flash_tr] == 0)
+
+
+def test_film_longer_than_scan_truncates_to_the_scan(study):
+    d, film, ann, mask = study
+    scan = write_scan(d / "short.nii.gz", 12)                  # 18 s of scan, 30 s of film
+    al = align_run(film, ann, RunSpec([scan]), mask, params=PARAMS)
+    assert al.n_trs == 12 and al.video.shape[0] == al.audio.shape[0] == al.text.shape[0] == 12
+    # nothing stretched: TR i holds the film's own frames of [i*TR, (i+1)*TR) and the scan's volume i
+    np.testing.assert_array_equal(al.video, video_to_frames(film, tr=TR, size=(32, 18), frame_skip=1, max_trs=12))
+    np.testing.assert_array_equal(al.fmri[0], nii_to_features(scan, mask))
+
+
+def test_scan_longer_than_film_truncates_to_the_film(study):
+    d, film, ann, mask = study
+    scan = write_scan(d / "long.nii.gz", 30)                   # 45 s of scan, 30 s of film
+    al = align_run(film, ann, RunSpec([scan]), mask, params=PARAMS)
+    assert al.n_trs == 20                                       # floor(30 / 1.5): only whole windows of film
+    np.testing.assert_array_equal(al.fmri[0], nii_to_features(scan, mask)[:20])
+    np.testing.assert_allclose(al.tr_start, np.arange(20) * TR)
+
+
+def test_scan_offset_drops_volumes_before_the_film(study):
+    d, film, ann, mask = study
+    scan = write_scan(d / "off.nii.gz", 20)
+    al = align_run(film, ann, RunSpec([scan], scan_offset=3.0), mask, params=PARAMS)
+    assert al.volume[0] == 2 and al.tr_start[0] == 0.0
+    np.testing.assert_array_equal(al.fmri[0], nii_to_features(scan, mask)[2:2 + al.n_trs])
+
+
+def test_tr_asked_for_must_match_the_header(study):
+    d, film, ann, mask = study
+    with pytest.raises(ValueError, match="header says TR = 1.5"):
+        align_run(film, ann, RunSpec([write_scan(d / "t.nii.gz", 10)]), mask, tr=2.0, params=PARAMS)
+
+
+def test_runs_keep_their_ids_and_windows_never_cross_them(study):
+    d, film, ann, mask = study
+    a = align_run(film, ann, RunSpec([write_scan(d / "r0.nii.gz", 10)]), mask, params=PARAMS, run_id=0)
+    b = align_run(film, ann, RunSpec([write_scan(d / "r1.nii.gz", 10)], film_start=15.0), mask, params=PARAMS, run_id=1)
+    al = concat_runs([a, b])
+    assert al.n_trs == 20 and list(np.unique(al.run)) == [0, 1]
+    starts = context_starts(np.arange(20), al.run, 4)
+    assert all(al.run[s] == al.run[s + 3] for s in starts) and len(starts) == 2 * 7
+
+
+def test_splits_have_the_gap_and_statistics_come_from_training_only():
+    rng = np.random.default_rng(1)
+    fmri, audio = rng.normal(1000, 5, (3, 400, 20)).astype(np.float32), rng.normal(size=(400, 8, 4)).astype(np.float32)
+    sp = block_split(400, TR, val_frac=0.2, test_frac=0.1, gap=20.0)
+    assert not set(sp.train) & set(sp.val) and not set(sp.val) & set(sp.test)
+    assert (sp.val.min() - sp.train.max()) * TR > 20 and (sp.test.min() - sp.val.max()) * TR > 20
+    nz = fit_normaliser(fmri, audio, sp.train)
+    np.testing.assert_allclose(nz.fmri_mean, fmri[:, sp.train].mean(1), rtol=1e-6)
+    np.testing.assert_allclose(nz.fmri_std, fmri[:, sp.train].std(1), rtol=1e-4)
+    np.testing.assert_allclose(nz.audio_mean, audio[sp.train].mean((0, 2)), rtol=1e-4, atol=1e-6)
+    fmri[:, sp.val] += 1e4; audio[sp.test] -= 50                 # held-out data cannot move the statistics
+    nz2 = fit_normaliser(fmri, audio, sp.train)
+    np.testing.assert_array_equal(nz2.fmri_mean, nz.fmri_mean)
+    np.testing.assert_array_equal(nz2.audio_std, nz.audio_std)
