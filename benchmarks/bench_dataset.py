@@ -1,0 +1,70 @@
+"""Feature-cache size and write time at Sherlock scale, and DeviceLoader batch rate.
+
+The study is stood in for by arrays of the real shapes (946 TRs, 19 frames/TR at 160x90, 128 mels x 64 frames,
+17 subjects x 85k voxels) whose BOLD is produced one subject at a time, so the benchmark needs no 5.5 GB input.
+usage: python benchmarks/bench_dataset.py [--subjects 17] [--voxels 85000] [--dir /tmp]
+"""
+import argparse, resource, shutil, tempfile, time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from giblet.alignment.sync import Aligned
+from giblet.data.dataset import (ContextDataset, DeviceLoader, StudyTensors, aligned_to_arrays, arrays_to_aligned,
+                                 block_split, fit_normaliser, load_arrays, save_arrays)
+
+
+class LazyBold:
+    "(n_subjects, n_trs, n_voxels) raw BOLD made one subject at a time."
+    def __init__(self, n_sub, n_trs, n_vox): self.shape, self.ndim = (n_sub, n_trs, n_vox), 3
+    def __len__(self): return self.shape[0]
+    def __getitem__(self, s):
+        rng = np.random.default_rng(int(s) if not isinstance(s, tuple) else int(s[0]))
+        return rng.normal(1000, 20, self.shape[1:]).astype(np.float32)
+
+
+def main(n_sub, n_vox, where):
+    n_trs = 946
+    rng = np.random.default_rng(0)
+    mask = np.zeros((61, 73, 61), np.uint8); mask.reshape(-1)[:n_vox] = 1
+    al = Aligned(video=rng.integers(0, 255, (n_trs, 19, 90, 160, 3), dtype=np.uint8),
+                 audio=rng.normal(-40, 10, (n_trs, 128, 64)).astype(np.float32),
+                 text=rng.normal(size=(n_trs, 256)).astype(np.float32), has_text=np.ones(n_trs, bool),
+                 fmri=LazyBold(n_sub, n_trs, n_vox), tr=1.5, tr_start=np.arange(n_trs) * 1.5,
+                 run=np.zeros(n_trs, int), volume=np.arange(n_trs), texts=[""] * n_trs,
+                 mask=nib.Nifti1Image(mask, np.eye(4)))
+    root = Path(tempfile.mkdtemp(dir=where))
+    t0 = time.perf_counter()
+    save_arrays(root / "cache", *aligned_to_arrays(al, show_progress=False))
+    t_write = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in (root / "cache").iterdir())
+    print(f"cache at Sherlock scale ({n_sub} subjects x {n_vox} voxels): {size / 1e9:.2f} GB "
+          f"(target <= 4 GB; the system this replaces needed 58 GB), written in {t_write:.1f} s")
+    for p in sorted((root / "cache").glob("*.npy")): print(f"  {p.name:18s} {p.stat().st_size / 1e6:9.1f} MB")
+    t0 = time.perf_counter(); back = arrays_to_aligned(*load_arrays(root / "cache"))
+    print(f"memory-mapped load: {time.perf_counter() - t0:.3f} s")
+    x = back.fmri[0]; ref = al.fmri[0]
+    print(f"float16 BOLD storage: max |error| / voxel std = {np.max(np.abs(x - ref) / ref.std(0)):.2e}")
+    sp = block_split(n_trs, 1.5)
+    t0 = time.perf_counter(); nz = fit_normaliser(back.fmri, back.audio, sp.train)
+    st = StudyTensors(back, nz, subjects="average"); print(f"normaliser + tensors: {time.perf_counter() - t0:.1f} s")
+    dl = DeviceLoader(ContextDataset(st, sp.train, k=16), batch_size=8, shuffle=True)
+    t0 = time.perf_counter(); n = 0
+    for i, b in enumerate(dl):
+        n += b["video"].shape[0]
+        if i == 20: break
+    dt = time.perf_counter() - t0
+    print(f"DeviceLoader (CPU): {n / dt:.0f} windows/s of 16 TRs ({n * 16 / dt:.0f} TRs/s)")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--subjects", type=int, default=17)
+    ap.add_argument("--voxels", type=int, default=85_000)
+    ap.add_argument("--dir", default=None)
+    a = ap.parse_args()
+    main(a.subjects, a.voxels, a.dir)
