@@ -1,0 +1,99 @@
+"""Time the synthetic Sherlock-layout generator.
+
+    python benchmarks/bench_synthetic.py                 # the default study (3 subjects x 300 TRs), stage by stage
+    python benchmarks/bench_synthetic.py --sherlock      # + Sherlock-scale parts timed, and the full preset estimated
+    python benchmarks/bench_synthetic.py --full DIR      # write the whole `sherlock` preset into DIR (minutes, ~10 GB)
+
+Prints wall and CPU seconds (CPU counts every thread of the process) and the peak resident memory.
+"""
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from giblet.data import synthetic as S
+from giblet.data.video import frames_to_video
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class timer:
+    "Context manager that prints the wall and CPU time of a block."
+    def __init__(self, label): self.label = label
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+        print(f"{self.label:<48s} wall {self.wall:7.2f} s   cpu {self.cpu:7.2f} s   peak RSS {peak_mb():7.0f} MB", flush=True)
+
+
+def film_parts(n_frames, size, fps, sample_rate, out, seed=0):
+    "Render, synthesise and encode `n_frames` of film; returns the three timers."
+    rng = np.random.default_rng(seed)
+    tracks = {k: S._track(rng, n_frames, fps, *v) for k, v in S._TRACKS.items()}
+    with timer(f"  render {n_frames} frames {size[0]}x{size[1]}") as t_render:
+        for _ in S._frames(tracks, size, fps, rng): pass
+    with timer(f"  sound {n_frames / fps:.0f} s at {sample_rate} Hz") as t_sound:
+        audio = S._soundtrack(tracks, fps, sample_rate, rng)
+    with timer("  render + encode (H.264 + AAC)") as t_enc:
+        frames_to_video(S._frames(tracks, size, fps, rng), out, fps, audio=audio, sample_rate=sample_rate)
+    return t_render, t_sound, t_enc
+
+
+def subject_part(shape, n_trs, out, seed=0):
+    "Plant the truth on a grid and write one subject; returns (plant timer, subject timer)."
+    rng = np.random.default_rng(seed)
+    with timer(f"  mask + ROIs + planted BOLD {shape} x {n_trs} TRs") as t_plant:
+        mask, affine = S.brain_mask(shape)
+        roi, amp = S.plant_rois(mask, affine)
+        factors = rng.uniform(size=(n_trs, len(S.FACTOR_NAMES)))
+        bold = S.plant_bold(factors, S._loadings(rng, mask, affine, roi), amp, 1.5)
+    with timer(f"  one subject: noise + int16 NIfTI ({int(mask.sum())} voxels)") as t_sub:
+        S._write_nii(out, S._subject_raw(rng, bold, mask, affine, 1.0, 0.5), mask, affine, 1.5)
+    return t_plant, t_sub
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sherlock", action="store_true", help="also time Sherlock-scale parts and estimate the full preset")
+    ap.add_argument("--full", metavar="DIR", help="write the full sherlock preset into DIR")
+    ap.add_argument("--film-seconds", type=float, default=60.0, help="film seconds rendered for the Sherlock estimate")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("default study: make_dataset(root) = 3 subjects x 300 TRs, 20x24x20, 160x90 film of 454 s")
+        with timer("make_dataset (total)"):
+            S.make_dataset(tmp / "default")
+        print("its parts:")
+        film_parts(int(round(454 * 25)), (160, 90), 25, 16000, tmp / "f.mp4")
+        subject_part((20, 24, 20), 300, tmp / "s.nii.gz")
+
+        if a.sherlock:
+            p = S.PRESETS["sherlock"]
+            n_film = 946 * 1.5 + 4.0
+            n_frames = int(round(a.film_seconds * 25))
+            print(f"\nSherlock scale ({p['n_subjects']} subjects x {p['n_trs']} TRs, {p['shape']}, "
+                  f"{p['size'][0]}x{p['size'][1]} film of {n_film:.0f} s): parts")
+            t_render, t_sound, t_enc = film_parts(n_frames, p["size"], 25, p["sample_rate"], tmp / "F.mp4")
+            t_plant, t_sub = subject_part(p["shape"], p["n_trs"], tmp / "S.nii.gz")
+            scale = n_film / a.film_seconds
+            film = t_enc.wall * scale
+            total = t_plant.wall + p["n_subjects"] * t_sub.wall + film
+            print(f"estimate for make_dataset(root, preset='sherlock'): film {film:.0f} s (x{scale:.1f} of the "
+                  f"{a.film_seconds:.0f} s measured) + {p['n_subjects']} x {t_sub.wall:.1f} s subjects + "
+                  f"{t_plant.wall:.1f} s truth = {total:.0f} s ({total / 60:.1f} min)")
+
+    if a.full:
+        with timer("make_dataset(preset='sherlock') (total)"):
+            S.make_dataset(a.full, preset="sherlock", overwrite=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""End-to-end checks of the synthetic Sherlock-layout generator: files, formats, determinism and the planted truth."""
+import av
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import RidgeCV
+
+from giblet.alignment.hrf import convolve_hrf
+from giblet.data.synthetic import (FACTOR_MODALITY, FACTOR_NAMES, PRESETS, ROI_MODALITY, ROI_NAMES, load_truth,
+                                   make_dataset, plant_bold)
+from giblet.data.audio import audio_to_mel
+from giblet.data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
+from giblet.data.video import frames_to_video, psnr, video_info, video_to_frames
+
+N_SUBJECTS, N_TRS, TR = 3, 300, 1.5
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    "The default study (3 subjects x 300 TRs), written once for this module."
+    return make_dataset(tmp_path_factory.mktemp("synthetic") / "sherlock", seed=0)
+
+
+@pytest.fixture(scope="module")
+def truth(study):
+    return load_truth(study.truth)
+
+
+def _zscored(path, mask):
+    x = np.asarray(nib.load(path).dataobj)[mask > 0].T.astype(np.float64)
+    return (x - x.mean(0)) / x.std(0)
+
+
+def _r(a, b):
+    "Column-wise Pearson r."
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+
+
+def test_layout(study):
+    root = study.root
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files == ["annotations.xlsx"] + [f"sherlock_nii/sherlock_movie_s{i}.nii.gz" for i in (1, 2, 3)] + \
+                    ["stimuli_Sherlock.m4v", "truth.npz"]
+    assert study.film == root / "stimuli_Sherlock.m4v" and study.annotations == root / "annotations.xlsx"
+    assert study.nii == [root / "sherlock_nii" / f"sherlock_movie_s{i}.nii.gz" for i in (1, 2, 3)]
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in root.rglob("*") if p.is_file())   # readable by others
+
+
+def test_truth_contract(truth):
+    assert set(truth) == {"bold", "brain_mask", "roi", "roi_names", "factors", "factor_names", "factor_modality",
+                          "tr", "affine"}
+    mask = truth["brain_mask"]
+    n_vox = int(mask.sum())
+    assert mask.dtype == np.uint8 and mask.shape == (20, 24, 20) and set(np.unique(mask)) == {0, 1}
+    assert truth["bold"].dtype == np.float32 and truth["bold"].shape == (N_TRS, n_vox)
+    assert truth["roi"].dtype == np.int8 and truth["roi"].shape == (n_vox,) and set(np.unique(truth["roi"])) == {0, 1, 2, 3}
+    assert truth["roi_names"] == ROI_NAMES == ("none", "visual", "auditory", "language")
+    assert truth["factors"].dtype == np.float32 and truth["factors"].shape == (N_TRS, len(FACTOR_NAMES))
+    assert truth["factor_names"] == FACTOR_NAMES and truth["factor_modality"] == FACTOR_MODALITY
+    assert truth["tr"] == TR and truth["affine"].shape == (4, 4)
+    assert np.all(truth["bold"][:, truth["roi"] == 0] == 0)
+    sd = truth["bold"][:, truth["roi"] > 0].std(0)
+    assert sd.min() > 0.49 and sd.max() <= 1.0 + 1e-5          # amplitude 0.5 (blob edge) .. 1 (centre)
+
+
+def test_nifti_format(study, truth):
+    mask = truth["brain_mask"] > 0
+    offsets = []
+    for path in study.nii:
+        img = nib.load(path)
+        assert img.get_data_dtype() == np.int16 and img.shape == (20, 24, 20, N_TRS)
+        assert img.header["pixdim"][4] == TR and img.header.get_xyzt_units() == ("mm", "sec")
+        np.testing.assert_allclose(img.affine, truth["affine"])
+        data = np.asarray(img.dataobj)
+        assert data.dtype == np.int16 and not data[~mask].any()     # zero outside the brain
+        inside = data[mask].astype(np.float64)
+        assert 800 < inside.mean() < 1250 and inside.std(axis=1).min() > 0
+        offsets.append(inside.mean())
+    assert len(set(np.round(offsets))) == N_SUBJECTS              # each subject has its own offset
+
+
+def test_film(study):
+    info = video_info(study.film)
+    assert (info.width, info.height, info.fps, info.codec) == (160, 90, 25.0, "h264") and info.has_audio
+    assert info.duration >= N_TRS * TR + 3                          # a few seconds longer than the scan
+    with av.open(str(study.film)) as c:
+        assert c.format.name.startswith("mov,mp4")
+        assert c.streams.audio[0].codec_context.name == "aac" and c.streams.audio[0].rate == 16000
+
+
+def test_annotation_quirks(study):
+    raw = pd.read_excel(study.annotations, engine="openpyxl")
+    for col in ("Start Time (s) ", "End Time (s) ", "Scene Details - A Level ", "Name - All", "Location"):
+        assert col in raw.columns                                   # exact names, trailing spaces included
+    assert raw.duplicated().any()                                   # exact duplicate rows
+    s, e = raw["Start Time (s) "].to_numpy(), raw["End Time (s) "].to_numpy()
+    assert (s[1:] > e[:-1] + 0.4).any() and (e > s).all()           # gaps between segments
+    assert raw["Name - All"].isna().any()                           # blank cells
+    df = load_annotations(study.annotations, film_duration=video_info(study.film).duration)
+    assert len(df) == len(raw.drop_duplicates()) and df["end"].max() > N_TRS * TR
+
+
+def test_deterministic(tmp_path, monkeypatch):
+    "Same seed, same data: truth, NIfTI data, annotations, and the exact frames and sound handed to the encoder."
+    import giblet.data.synthetic as synthetic
+    sent = []
+
+    def capture(frames, path, fps, audio=None, sample_rate=None):
+        frames = np.stack(list(frames))
+        sent.append((frames, audio))
+        return frames_to_video(frames, path, fps, audio=audio, sample_rate=sample_rate)
+    monkeypatch.setattr(synthetic, "frames_to_video", capture)
+    kw = dict(n_subjects=2, n_trs=30, seed=3)
+    a, b = make_dataset(tmp_path / "a", **kw), make_dataset(tmp_path / "b", **kw)
+    ta, tb = load_truth(a), load_truth(b)
+    for k in ta: np.testing.assert_array_equal(ta[k], tb[k])
+    for pa, pb in zip(a.nii, b.nii):
+        np.testing.assert_array_equal(np.asarray(nib.load(pa).dataobj), np.asarray(nib.load(pb).dataobj))
+    pd.testing.assert_frame_equal(pd.read_excel(a.annotations), pd.read_excel(b.annotations))
+    np.testing.assert_array_equal(sent[0][0], sent[1][0])
+    np.testing.assert_array_equal(sent[0][1], sent[1][1])
+    # multithreaded x264 may take different (equally good) decisions from run to run: compare the decoded pictures
+    assert psnr(video_to_frames(a.film, max_trs=30), video_to_frames(b.film, max_trs=30)) > 40
+    c = load_truth(make_dataset(tmp_path / "c", n_subjects=1, n_trs=30, seed=4))
+    assert not np.array_equal(ta["factors"], c["factors"]) and not np.array_equal(ta["bold"], c["bold"])
+
+
+def test_overwrite_and_bad_input(tmp_path, study):
+    with pytest.raises(FileExistsError, match="overwrite=True"): make_dataset(study.root, n_trs=40)
+    root = tmp_path / "s"
+    make_dataset(root, n_subjects=3, n_trs=30, seed=1)
+    lay = make_dataset(root, n_subjects=2, n_trs=30, seed=1, overwrite=True)
+    assert sorted(p.name for p in (root / "sherlock_nii").iterdir()) == [p.name for p in lay.nii]   # no stale subject
+    assert not [p for p in root.rglob(".*")]                         # no temporary files left behind
+    with pytest.raises(ValueError, match="unknown preset"): make_dataset(tmp_path / "x", preset="huge")
+    with pytest.raises(ValueError, match="n_trs"): make_dataset(tmp_path / "y", n_trs=5)
+    assert PRESETS["sherlock"]["n_trs"] == 946 and PRESETS["sherlock"]["shape"] == (61, 73, 61)
+
+
+def test_truth_is_recoverable_from_bold(study, truth):
+    "Noisy BOLD of each ROI follows that ROI's planted signal; voxels outside the ROIs do not."
+    mask, roi = truth["brain_mask"], truth["roi"]
+    avg = np.mean([_zscored(p, mask) for p in study.nii], axis=0)
+    none = np.flatnonzero(roi == 0)
+    for label in (1, 2, 3):
+        inside = np.flatnonzero(roi == label)
+        r_in = _r(avg[:, inside], truth["bold"][:, inside])                 # each voxel against its own truth
+        partner = np.random.default_rng(label).choice(inside, len(none))  # a "none" voxel against an ROI voxel's truth
+        r_out = _r(avg[:, none], truth["bold"][:, partner])
+        assert r_in.mean() > 0.6 and abs(r_out.mean()) < 0.05, (ROI_NAMES[label], r_in.mean(), r_out.mean())
+    r_each = _r(_zscored(study.nii[0], mask)[:, roi > 0], truth["bold"][:, roi > 0])
+    assert 0.4 < r_each.mean() < 0.75                               # one subject: realistic, not overwhelming noise
+
+
+def test_truth_is_hrf_convolved_factors(truth):
+    "Each ROI's truth is an affine function of its own modality's HRF-convolved factors, and of no other's."
+    conv = convolve_hrf(truth["factors"].astype(np.float64), TR)
+    for label, modality in ROI_MODALITY.items():
+        Y = truth["bold"][:, truth["roi"] == label]
+        for mod in ("video", "audio", "text"):
+            X = np.c_[conv[:, [j for j, m in enumerate(truth["factor_modality"]) if m == mod]], np.ones(N_TRS)]
+            res = Y - X @ np.linalg.lstsq(X, Y, rcond=None)[0]
+            r2 = 1 - (res ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum()
+            assert r2 > 0.9999 if mod == modality else r2 < 0.3, (ROI_NAMES[label], mod, r2)
+
+
+def test_causal(truth):
+    "An impulse moves nothing before it; in the data, each factor leads its ROI's response by 4.5-6 s."
+    f = np.zeros((60, 2)); f[20, 0] = 1; f[35, 1] = 1
+    b = plant_bold(f, np.array([[1.0, 0.0], [0.0, 1.0]]), np.ones(2), TR)
+    assert np.ptp(b[:21, 0]) == 0 and np.ptp(b[:36, 1]) == 0
+    assert (b[:, 0].argmax() - 20) * TR in (4.5, 6.0) and (b[:, 1].argmax() - 35) * TR in (4.5, 6.0)
+    lags = np.arange(-6, 9)
+    for label, modality in ROI_MODALITY.items():
+        Y = truth["bold"][:, truth["roi"] == label]
+        F = truth["factors"][:, [j for j, m in enumerate(truth["factor_modality"]) if m == modality]]
+        r2 = []
+        for L in lags:                                               # the ROI's truth at t against its factors at t - L
+            x, y = F[max(0, -L):N_TRS - max(0, L)], Y[max(0, L):N_TRS - max(0, -L)]
+            X = np.c_[x, np.ones(len(x))]
+            res = y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
+            r2.append(1 - (res ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+        r2 = np.array(r2)
+        assert lags[r2.argmax()] * TR in (4.5, 6.0) and r2.max() > r2[lags <= 0].max() + 0.4, (modality, r2.round(2))
+
+
+def test_stimulus_carries_the_factors(study, truth):
+    "giblet's readers recover each factor from the rendered stimulus (held-out linear read-out)."
+    n_fit = 200
+    frames = video_to_frames(study.film, tr=TR, max_trs=N_TRS).astype(np.float32)
+    cells = frames.reshape(N_TRS, frames.shape[1], 3, 30, 4, 40, 3).mean(axis=(1, 3, 5)).reshape(N_TRS, -1)
+    audio = audio_to_mel(study.film, tr=TR, n_mels=64, max_trs=N_TRS).mean(axis=2)      # (n_trs, n_mels) dB
+    texts, has = annotations_to_trs(load_annotations(study.annotations), N_TRS, TR)
+    text = embed_trs(texts, has, HashingEmbedder(dim=256))
+    F = truth["factors"]
+    for modality, X, floor in (("video", cells, 0.9), ("audio", audio, 0.9), ("text", text, 0.7)):
+        X = (X - X[:n_fit].mean(0)) / (X[:n_fit].std(0) + 1e-6)
+        cols = [j for j, m in enumerate(truth["factor_modality"]) if m == modality]
+        pred = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(X[:n_fit], F[:n_fit, cols]).predict(X[n_fit:])
+        r = _r(pred, F[n_fit:, cols])
+        assert r.min() > floor, (modality, dict(zip([FACTOR_NAMES[j] for j in cols], np.round(r, 2))))
+
+
+def test_bold_learnable_only_from_the_stimulus(study, truth):
+    "Fit on the first 2/3 of the noisy subject-average BOLD: the true factors predict held-out truth; shifted ones do not."
+    mask, roi = truth["brain_mask"], truth["roi"]
+    Y = np.mean([_zscored(p, mask) for p in study.nii], axis=0)[:, roi > 0]
+    T = truth["bold"][:, roi > 0]
+    n_fit, test = 200, slice(214, N_TRS)                            # a 21 s gap between fit and test blocks
+    for factors, lo, hi in ((truth["factors"], 0.85, 1.0), (np.roll(truth["factors"], 100, axis=0), -0.3, 0.3)):
+        X = convolve_hrf(factors.astype(np.float64), TR)
+        r = _r(RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(X[:n_fit], Y[:n_fit]).predict(X[test]), T[test])
+        assert lo < r.mean() < hi, r.mean()
