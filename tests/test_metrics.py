@@ -140,9 +140,9 @@ def _planted(n_trs, p, noise_sd, seed, design="fir", run_ids=None):
     if design == "fir":
         d = delay_features(x, (1, 2, 3, 4), run_ids)
     else:
-        from nilearn.glm.first_level import glover_hrf
         from scipy.signal import fftconvolve
-        d = fftconvolve(x, glover_hrf(1.5, oversampling=1)[:, None], axes=0)[:n_trs]
+        from giblet.alignment.hrf import hrf_kernel                      # the Glover HRF at lags 0, TR, 2 TR, ...
+        d = fftconvolve(x, hrf_kernel(1.5)[:, None], axes=0)[:n_trs]
     w = rng.standard_normal((d.shape[1], len(noise_sd))) / np.sqrt(d.shape[1])
     sig = d @ w
     sig = sig / sig.std(0)
