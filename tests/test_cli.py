@@ -18,6 +18,7 @@ from giblet.training.trainer import embedded_dataset
 
 SMALL = dict(n_subjects=2, n_trs=120, seed=0, shape=[14, 17, 14], size=[64, 36])
 FAST = dict(batch_size=8, recon_frac=0.5, patience=0, synthetic=SMALL,
+            skip_first=3,
             model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,6 +19,7 @@ from giblet.training.trainer import (NonFiniteLoss, Trainer, TrainConfig, embedd
 # A small study shared by the tests of this session (tests/test_cli.py uses the same cache folder).
 SMALL = dict(n_subjects=2, n_trs=120, seed=0, shape=[14, 17, 14], size=[64, 36])
 FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_from="both", recon_frac=0.5, patience=0, stride=3,
+            skip_first=3,
             model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
 
 
