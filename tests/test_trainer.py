@@ -1,0 +1,199 @@
+"""End-to-end tests of giblet.training.trainer on a small synthetic study: exact resume, crash safety, NaN handling,
+two-process DDP on CPU (gloo), and the planted-truth target."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from giblet.data.dataset import context_starts
+from giblet.training import trainer as T
+from giblet.cli import evaluate_run
+from giblet.training.trainer import (NonFiniteLoss, Trainer, TrainConfig, embedded_dataset, load_checkpoint,
+                                     prepare_data)
+
+# A small study shared by the tests of this session (tests/test_cli.py uses the same cache folder).
+SMALL = dict(n_subjects=2, n_trs=120, seed=0, shape=[14, 17, 14], size=[64, 36])
+# The planted-truth target is checked on a study like the embedded one (600 TRs, 10 subjects, noise at the generator's
+# default), on a coarser grid and a 10 fps film so that it is quick to write.
+PLANTED = dict(n_subjects=10, n_trs=600, shape=[14, 17, 14], size=[64, 36], fps=10, seed=0)
+FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_from="both", recon_frac=0.5, patience=0, stride=3,
+            skip_first=3,
+            model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    "A feature and synthetic-data cache shared by the test modules of this session."
+    return tmp_path_factory.getbasetemp() / "giblet-cache"
+
+
+@pytest.fixture(scope="session")
+def study(cache):
+    "The small synthetic study (generated once per session)."
+    return embedded_dataset(cache, **SMALL)
+
+
+def cfg_for(cache, study, **kw):
+    return TrainConfig(**{**FAST, "data_dir": str(study), "cache_dir": str(cache), "synthetic": SMALL, **kw})
+
+
+@pytest.fixture(scope="session")
+def data(cache, study):
+    return prepare_data(cfg_for(cache, study))
+
+
+def test_embedded_dataset_is_reused(cache, study):
+    assert (study / ".complete").is_file() and (study / "truth.npz").is_file()
+    assert embedded_dataset(cache, **SMALL) == study
+    assert json.loads((study / "synthetic.json").read_text()) == json.loads(json.dumps(SMALL))
+
+
+def test_resume_is_bit_exact(tmp_path, cache, study, data):
+    "2 epochs, a restart from last.pt, 2 more epochs == 4 straight epochs (CPU, same seed)."
+    cfg = cfg_for(cache, study, epochs=4)
+    straight = Trainer(data, cfg, tmp_path / "a")
+    straight.fit()
+    Trainer(data, cfg, tmp_path / "b").fit(until_epoch=2)
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] == 2
+    resumed = Trainer(data, cfg, tmp_path / "b").resume()
+    assert resumed.epoch == 2 and resumed.loader.epoch == 2
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(straight.opt.state_dict()["state"].values(), resumed.opt.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    assert [h["val_voxel_r_mean"] for h in straight.history] == [h["val_voxel_r_mean"] for h in resumed.history]
+    log = json.loads((tmp_path / "b" / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert {"train_fmri", "train_video", "train_audio", "train_text", "val_fmri", "val_voxel_r_mean", "lr"} <= set(log[0])
+
+
+def test_resume_refuses_another_config(tmp_path, cache, study, data):
+    Trainer(data, cfg_for(cache, study, epochs=2), tmp_path).fit(until_epoch=1)
+    other = Trainer(data, cfg_for(cache, study, epochs=2, lr=0.5), tmp_path)
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        other.resume()
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, cache, study, data, monkeypatch):
+    "An exception in the middle of writing last.pt leaves the previous one whole and no stray file."
+    tr = Trainer(data, cfg_for(cache, study, epochs=3), tmp_path)
+    tr.fit(until_epoch=1)
+    ck = tmp_path / "checkpoints" / "last.pt"
+    before = ck.read_bytes()
+    real_save = torch.save
+
+    def half_then_die(obj, f, *a, **k):
+        import io
+        buf = io.BytesIO(); real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(T.torch, "save", half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(until_epoch=2)
+    monkeypatch.undo()
+    assert ck.read_bytes() == before
+    assert not [p for p in ck.parent.iterdir() if p.name.endswith(".tmp")]
+    assert load_checkpoint(ck)["epoch"] == 1
+    assert Trainer(data, cfg_for(cache, study, epochs=3), tmp_path).resume().epoch == 1
+
+
+def test_hard_kill_while_writing_keeps_previous_checkpoint(tmp_path, cache, study, data):
+    "A process killed outright (no cleanup) while writing last.pt leaves the previous checkpoint loadable."
+    cfg = cfg_for(cache, study, epochs=3)
+    Trainer(data, cfg, tmp_path).fit(until_epoch=1)
+    script = textwrap.dedent(f"""
+        import io, os, torch
+        from giblet.training import trainer as T
+        import json; cfg = T.TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg.to_dict()))}))
+        tr = T.Trainer(T.prepare_data(cfg), cfg, {str(tmp_path)!r}).resume()
+        real = torch.save
+        def die(obj, f, *a, **k):
+            buf = io.BytesIO(); real(obj, buf); f.write(buf.getvalue()[:1000]); f.flush(); os._exit(9)
+        T.torch.save = die
+        tr.fit(until_epoch=2)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 9, res.stderr[-2000:]
+    ck = tmp_path / "checkpoints" / "last.pt"
+    assert [p for p in ck.parent.iterdir() if p.name.endswith(".tmp")]  # the half-written file it left behind
+    assert load_checkpoint(ck)["epoch"] == 1
+    assert Trainer(data, cfg, tmp_path).resume().epoch == 1
+
+
+def test_nan_loss_stops_and_names_the_term(tmp_path, cache, study, data, monkeypatch):
+    tr = Trainer(data, cfg_for(cache, study, epochs=3), tmp_path)
+    tr.fit(until_epoch=1)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    real = T.compute_losses
+
+    def bad_video(out, batch, variances, **kw):
+        terms = real(out, batch, variances, **kw)
+        if "video" in terms:
+            terms["video"] = terms["video"] * float("nan"); terms["total"] = terms["total"] + terms["video"]
+        return terms
+
+    monkeypatch.setattr(T, "compute_losses", bad_video)
+    with pytest.raises(NonFiniteLoss, match=r"'video'.*epoch 2, batch 1.*last good checkpoint.*epoch 1"):
+        tr.fit()
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
+    """torchrun with 2 gloo processes of batch 4 trains the same model as 1 process of batch 8, the validation
+    prediction is all-reduced, and only rank 0 writes; the windows are chosen so that no rank gets padding."""
+    k = next(k for k in range(8, 30) if len(context_starts(data.split.train, data.aligned.run, k)) % 8 == 0)
+    over = dict(context_trs=k, temporal_kernel=6, brain_rank=4, dropout=0.0, modality_dropout=0.0)
+    common = dict(epochs=1, decode_from="brain", w_text=0.0, recon_frac=1.0, stride=1, model_overrides=over)
+    one = Trainer(data, cfg_for(cache, study, batch_size=8, **common), tmp_path / "one")
+    one.fit()
+    cfg2 = cfg_for(cache, study, batch_size=4, **common)
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, numpy as np
+        from giblet.training import trainer as T
+        cfg = T.TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg2.to_dict()))}))
+        di = T.init_distributed("cpu")
+        tr = T.Trainer(T.prepare_data(cfg, "cpu", di), cfg, {str(tmp_path / "two")!r}, di)
+        assert len(tr.loader) == {len(one.loader)}, len(tr.loader)
+        tr.fit()
+        np.save({str(tmp_path)!r} + f"/pred{{di.rank}}.npy", tr.predict(tr.data.split.val))
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert len(two["rng"]) == 2  # both processes' random states are kept
+    # the same training weights and the same moving average, up to float summation order
+    for name, a in one.model.state_dict().items():
+        torch.testing.assert_close(two["train_weights"][name], a, rtol=1e-3, atol=1e-4, msg=name)
+    for name, a in one.ema.items():
+        torch.testing.assert_close(two["model"]["state_dict"][name], a, rtol=1e-3, atol=1e-4, msg=name)
+    p0, p1 = np.load(tmp_path / "pred0.npy"), np.load(tmp_path / "pred1.npy")
+    np.testing.assert_array_equal(p0, p1)  # the all-reduced prediction is the same on both ranks
+    np.testing.assert_allclose(p0, one.predict(data.split.val), atol=1e-3)
+    assert abs(two["history"][-1]["val_voxel_r_mean"] - one.history[-1]["val_voxel_r_mean"]) < 1e-3
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "log.csv", "log.json"]
+
+
+def test_planted_truth(tmp_path, cache):
+    """With the default options, the best checkpoint's held-out prediction of the subject average correlates >= 0.8
+    with the planted noise-free signal (mean voxel r over responsive voxels, roi > 0), and its validation voxel r
+    beats the ridge baseline of the same run."""
+    cfg = TrainConfig(cache_dir=str(cache), synthetic=PLANTED, device="cpu", progress=False, decode_from="brain")
+    data = prepare_data(cfg)
+    tr = Trainer(data, cfg, tmp_path)
+    tr.fit()
+    tr.model.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "best.pt")["model"]["state_dict"])
+    m = evaluate_run(tr)["metrics"]
+    assert m["truth_n_responsive"] > 50
+    assert m["truth_r_responsive_mean"] >= 0.8, m
+    assert m["val_voxel_r_mean"] > m["ridge_val_voxel_r_mean"], m
