@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from giblet.data.synthetic import load_truth
-from giblet.lesion import (LesionData, Region, atlas_regions, giblet_lesion, lesion_data, lesion_effects, load_run,
-                           mask_region, parse_regions, render, sphere_region, synthetic_regions)
+from giblet.lesion import giblet_lesion, lesion_data, lesion_effects, load_run, render
+from giblet.regions import atlas_regions, mask_region, parse_regions, sphere_region, synthetic_regions
 from giblet.training.trainer import Trainer, TrainConfig, prepare_data
 
 # Sherlock's length and subject count on a coarse grid and a small, slow film: the tiny model learns the planted mapping
