@@ -18,7 +18,7 @@ import torch
 from fastcore.script import anno_parser, store_true
 
 from .training.metrics import noise_ceiling, report_table, ridge_baseline, stimulus_features, voxel_r
-from .training.trainer import (DistInfo, NonFiniteLoss, RunData, Trainer, TrainConfig, check_resumable,
+from .training.trainer import (DistInfo, NonFiniteLoss, RunData, SubjectRows, Trainer, TrainConfig, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, write_json)
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
         logger.info("ridge baseline: %.1f s", time.perf_counter() - t0)
     ceiling, method = None, None
     if al.n_subjects >= 2:
-        ceiling = noise_ceiling([np.asarray(al.fmri[s], np.float32)[sp.val] for s in range(al.n_subjects)])
+        ceiling = noise_ceiling(SubjectRows(al.fmri, sp.val))
         method = f"leave-one-subject-out inter-subject r, converted to a ceiling for the mean of {al.n_subjects} subjects"
     truth, roi, names = _roi_labels(data)
     table = report_table(model_r, ridge_r, ceiling, roi, names)

@@ -135,20 +135,21 @@ def target_variances(video:np.ndarray|None=None, # (n_trs, F, H, W, 3) uint8 tra
         out["text"] = var(t if has_text is None else t[np.asarray(has_text, bool)], 0, "text")
     return out
 
-def _masked_mse(pred, target, mask=None):
-    "Mean squared error over the (B, K) positions where `mask` is True (all when None); 0 when none is."
-    err = (pred.float() - target.float()).pow(2).flatten(2).mean(-1)  # (B, K)
+def _masked_mse(pred, target, mask=None, weights=None):
+    "MSE over the (B, K) positions where `mask` is True (all when None; 0 when none is), `weights` (mean 1) on the last dim."
+    err = (pred.float() - target.float()).pow(2)
+    err = (err * weights).mean(-1) if weights is not None else err.flatten(2).mean(-1)  # (B, K)
     if mask is None: return err.mean()
     m = mask.to(err.dtype)
     return (err * m).sum() / m.sum().clamp(min=1)
 
-def _voxel_corr(pred, target, mask):
-    "Mean over voxels of Pearson r across the valid (B, K) rows."
+def _voxel_corr(pred, target, mask, weights=None):
+    "Mean over voxels (weighted by `weights`, mean 1) of Pearson r across the valid (B, K) rows."
     m = mask.reshape(-1, 1).float(); n = m.sum().clamp(min=2)
     p, y = pred.float().flatten(0, 1), target.float().flatten(0, 1)
     p = p - (p * m).sum(0) / n; y = y - (y * m).sum(0) / n
     r = (p * y * m).sum(0) / (((p * p * m).sum(0) * (y * y * m).sum(0)).sqrt() + 1e-8)
-    return r.mean()
+    return r.mean() if weights is None else (r * weights).mean()
 
 def compute_losses(out:dict, # model output ('brain' and reconstructions)
                    batch:dict, # the batch it came from (targets)
@@ -161,6 +162,7 @@ def compute_losses(out:dict, # model output ('brain' and reconstructions)
                    w_from_fmri:float=1.0, # extra factor on reconstructions decoded from measured fMRI
                    skip_first:int=0, # leading TRs of each window left out of the fMRI terms
                    skip_last:int=0, # trailing TRs of each window left out of the reconstruction terms
+                   voxel_weights:torch.Tensor|None=None, # (n_voxels,) weights of the fMRI terms, mean 1 (None: all alike)
                   )->dict: # each term (float tensors) and 'total'
     "Every loss term and their weighted sum; reconstruction terms are divided by the target's training variance."
     B, K = out["brain"].shape[:2]
@@ -171,8 +173,9 @@ def compute_losses(out:dict, # model output ('brain' and reconstructions)
         ok = (tr >= skip_first).expand(B, K)
         if batch.get("fmri_mask") is not None: ok = ok & batch["fmri_mask"].to(dev)
         y = batch["fmri"].to(dev, non_blocking=True)
-        terms["fmri"] = _masked_mse(out["brain"], y, ok)
-        terms["corr"] = 1 - _voxel_corr(out["brain"], y, ok)
+        w = None if voxel_weights is None else voxel_weights.to(dev, torch.float32)
+        terms["fmri"] = _masked_mse(out["brain"], y, ok, w)
+        terms["corr"] = 1 - _voxel_corr(out["brain"], y, ok, w)
         total = total + w_fmri * terms["fmri"] + w_corr * terms["corr"]
     weights = dict(video=w_video, audio=w_audio, text=w_text)
     rec_ok = (tr < K - skip_last).expand(B, K)

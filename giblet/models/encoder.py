@@ -164,10 +164,6 @@ def example_batch(cfg:ModelConfig, # sizes of the batch
     return out
 
 # %% ../../nbs/20_models.encoder.ipynb #08331b01
-def _groups(c:int)->int:
-    "GroupNorm groups: the largest of 8, 4, 2, 1 dividing `c`."
-    return next(g for g in (8, 4, 2, 1) if c % g == 0)
-
 def _compute_dtype(device_type:str, default:torch.dtype)->torch.dtype:
     "The autocast dtype where autocast is on for this device type, else `default`."
     try: on = torch.is_autocast_enabled(device_type)
@@ -175,8 +171,8 @@ def _compute_dtype(device_type:str, default:torch.dtype)->torch.dtype:
     return torch.get_autocast_dtype(device_type) if on else default
 
 def _conv_block(conv:nn.Module, c:int)->nn.Sequential:
-    "conv -> GroupNorm -> GELU; the conv has no bias, which the GroupNorm would (mostly) cancel."
-    return nn.Sequential(conv, nn.GroupNorm(_groups(c), c), nn.GELU())
+    "conv -> GELU, with no per-sample normalisation: the absolute level (luminance, loudness) is what BOLD follows."
+    return nn.Sequential(conv, nn.GELU())
 
 class AttentionPool(nn.Module):
     "Pool a set of vectors (dim -2) by learned attention: one softmax over the set per head."
@@ -198,8 +194,8 @@ class VideoEncoder(nn.Module):
                 ):
         super().__init__()
         ch = cfg.video_channels
-        layers = [_conv_block(nn.Conv2d(3, ch[0], cfg.video_patch, stride=cfg.video_patch, bias=False), ch[0])]
-        layers += [_conv_block(nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), b) for a, b in zip(ch[:-1], ch[1:])]
+        layers = [_conv_block(nn.Conv2d(3, ch[0], cfg.video_patch, stride=cfg.video_patch), ch[0])]
+        layers += [_conv_block(nn.Conv2d(a, b, 3, stride=2, padding=1), b) for a, b in zip(ch[:-1], ch[1:])]
         self.stem = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(tuple(cfg.video_grid)), nn.Flatten())
         self.frame = nn.Linear(ch[-1] * cfg.video_grid[0] * cfg.video_grid[1], cfg.video_dim)
         self.frame_pos = nn.Parameter(torch.zeros(cfg.frames_per_tr, cfg.video_dim))
@@ -223,7 +219,7 @@ class AudioEncoder(nn.Module):
                 ):
         super().__init__()
         ch = (cfg.n_mels, *cfg.audio_channels)
-        self.convs = nn.Sequential(*[_conv_block(nn.Conv1d(a, b, 5 if i == 0 else 3, stride=2, padding=2 if i == 0 else 1, bias=False), b)
+        self.convs = nn.Sequential(*[_conv_block(nn.Conv1d(a, b, 5 if i == 0 else 3, stride=2, padding=2 if i == 0 else 1), b)
                                      for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]))],
                                    nn.AdaptiveAvgPool1d(4), nn.Flatten())
         self.out = nn.Linear(4 * ch[-1], cfg.audio_dim)

@@ -28,15 +28,16 @@ from ..data.dataset import (ContextDataset, Normaliser, Split, StudyTensors, blo
                             fit_normaliser, load_study)
 from ..models.autoencoder import BrainAutoencoder, compute_losses, target_variances
 from ..models.encoder import PRESETS, ModelConfig
-from .metrics import voxel_r
+from .metrics import noise_ceiling, voxel_r
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'EMBEDDED', 'RESUMABLE', 'PRESET_OVERRIDES', 'DATA_OPTIONS', 'TrainConfig', 'check_resumable', 'DistInfo',
-           'resolve_device', 'init_distributed', 'embedded_dataset', 'feature_params', 'RunData', 'run_data',
-           'model_config', 'prepare_data', 'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json',
-           'load_checkpoint', 'TrainStep', 'step_losses', 'NonFiniteLoss', 'Trainer', 'write_log']
+           'resolve_device', 'init_distributed', 'embedded_dataset', 'feature_params', 'RunData', 'SubjectRows',
+           'reliability_weights', 'run_data', 'model_config', 'prepare_data', 'ShardedLoader', 'lr_factor',
+           'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses', 'NonFiniteLoss', 'Trainer',
+           'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #9a14f557
 EMBEDDED = dict(n_subjects=10, n_trs=600, size=(64, 36), seed=0) # the embedded synthetic study: 15 min of film, 10 subjects
@@ -57,7 +58,7 @@ class TrainConfig:
     preset: str = "tiny" # `ModelConfig` preset; data sizes come from the data
     model_overrides: dict|None = None # `ModelConfig` fields to change (None: `PRESET_OVERRIDES[preset]`)
     # optimisation
-    epochs: int = 20 # passes over the training windows
+    epochs: int = 10 # passes over the training windows
     batch_size: int = 16 # windows per step (per process under torchrun)
     lr: float = 5e-3 # peak AdamW learning rate
     weight_decay: float = 0.1 # AdamW weight decay (matrices and kernels only)
@@ -74,6 +75,7 @@ class TrainConfig:
     w_audio: float = 1.0 # weight of the mel reconstruction
     w_text: float = 1.0 # weight of the text-embedding reconstruction
     w_corr: float = 0.0 # weight of 1 - mean voxel r
+    voxel_weights: str = "reliability" # weigh voxels in the BOLD loss by their training-block reliability, or "uniform"
     w_from_fmri: float = 1.0 # extra factor on reconstructions decoded from measured fMRI
     decode_from: str = "both" # decode the predicted brain layer ("brain"), measured fMRI ("fmri") or "both"
     detach_brain: bool = True # reconstruction losses train the decoder only; the brain layer is fit to BOLD alone
@@ -87,6 +89,8 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.subjects not in ("average", "each"): raise ValueError(f"TrainConfig.subjects must be 'average' or 'each', got {self.subjects!r}")
+        if self.voxel_weights not in ("reliability", "uniform"):
+            raise ValueError(f"TrainConfig.voxel_weights must be 'reliability' or 'uniform', got {self.voxel_weights!r}")
         if self.decode_from not in ("brain", "fmri", "both"):
             raise ValueError(f"TrainConfig.decode_from must be 'brain', 'fmri' or 'both', got {self.decode_from!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
@@ -213,6 +217,7 @@ class RunData:
     variances: dict # training variance of each reconstruction target
     data_dir: Path|None = None # the study folder
     cfg: TrainConfig|None = None # the options it was built with
+    voxel_weights: torch.Tensor|None = None # (n_voxels,) weights of the BOLD loss, mean 1, on the device (None: uniform)
 
     def val_true(self)->np.ndarray:
         "(n_val, n_voxels) measured, z-scored subject-average BOLD of the validation TRs."
@@ -229,6 +234,27 @@ def _rows(a, idx):
     idx = np.asarray(idx)
     return a[idx[0]:idx[-1] + 1] if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else a[idx]
 
+class SubjectRows:
+    "Each subject's BOLD at some TRs, read only when asked for: a lazy loader for `noise_ceiling`."
+    def __init__(self, fmri, # (n_subjects, n_trs, n_voxels) array or memory map
+                 trs:np.ndarray, # the TRs to read
+                ): self.fmri, self.trs = fmri, np.asarray(trs)
+    def __len__(self)->int: return len(self.fmri)
+    def __getitem__(self, i:int)->np.ndarray: return np.asarray(_rows(self.fmri[i], self.trs), np.float32)
+
+def reliability_weights(al:Aligned, # the study (every subject's BOLD)
+                        trs:np.ndarray, # the TRs to measure on: the training block
+                       )->np.ndarray|None: # float32 (n_voxels,), mean 1; None when it cannot be measured
+    "Each voxel's BOLD-loss weight: its squared training-block noise ceiling (the reliable share of its variance), mean 1."
+    if al.n_subjects < 2:
+        logger.warning("one subject: no inter-subject reliability to weigh voxels by; every voxel weighs the same")
+        return None
+    w = np.clip(np.nan_to_num(noise_ceiling(SubjectRows(al.fmri, trs))), 0, 1).astype(np.float64) ** 2
+    if not w.any():
+        logger.warning("no voxel is reliable across subjects in the training block; every voxel weighs the same")
+        return None
+    return (w / w.mean()).astype(np.float32)
+
 def run_data(al:Aligned, # the aligned study
              cfg:TrainConfig, # the run's options
              device:torch.device|str="cpu", # where the tensors go
@@ -243,7 +269,9 @@ def run_data(al:Aligned, # the aligned study
     variances = target_variances(video=_rows(al.video, tr_idx),
                                  audio=tensors.audio[torch.as_tensor(tr_idx, device=tensors.device)].cpu().numpy(),
                                  text=_rows(al.text, tr_idx), has_text=_rows(al.has_text, tr_idx))
-    return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg)
+    w = reliability_weights(al, split.train) if cfg.voxel_weights == "reliability" else None
+    return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
+                   None if w is None else torch.as_tensor(w, device=tensors.device))
 
 DATA_OPTIONS = ("data_dir", "synthetic", "text_model", "subjects", "val_frac", "test_frac", "gap")
 
@@ -388,11 +416,12 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
                 batch:dict, # the batch
                 variances:dict, # training variances of the targets
                 cfg:TrainConfig, # the loss weights
+                voxel_weights:torch.Tensor|None=None, # (n_voxels,) weights of the BOLD terms (None: uniform)
                )->dict: # every term and 'total', as `compute_losses`
     "BOLD terms over the whole batch plus reconstruction terms over the decoded windows."
     w = dict(w_video=cfg.w_video, w_audio=cfg.w_audio, w_text=cfg.w_text, w_from_fmri=cfg.w_from_fmri,
              skip_first=cfg.skip_first, skip_last=cfg.skip_last)
-    terms = compute_losses(brain, batch, variances, w_fmri=cfg.w_fmri, w_corr=cfg.w_corr, **w)
+    terms = compute_losses(brain, batch, variances, w_fmri=cfg.w_fmri, w_corr=cfg.w_corr, voxel_weights=voxel_weights, **w)
     if not rec: return terms
     n = next(iter(rec.values())).shape[0]
     sub = {k: v[:n] for k, v in batch.items()}
@@ -450,7 +479,7 @@ class Trainer:
         n = batch["trs"].shape[0]
         with self._autocast():
             brain, rec = self.net(batch, max(1, math.ceil(frac * n)))
-        return step_losses(brain, rec, batch, self.data.variances, self.cfg)
+        return step_losses(brain, rec, batch, self.data.variances, self.cfg, self.data.voxel_weights)
 
     def _reduce(self, x:torch.Tensor)->torch.Tensor:
         "Sum over processes."
