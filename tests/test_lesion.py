@@ -87,9 +87,11 @@ def test_regions_match_the_planted_truth(run):
         parse_regions("blob:1", mask)
 
 
-def test_lesions_hit_their_modality(effects):
-    "Decoding measured fMRI: visual ROI -> video (>= 3x audio), auditory -> audio (>= 3x video), language -> text most; each beats its control."
-    t = effects["lesion", "fmri"]
+@pytest.mark.parametrize("source", ["fmri", "stimulus"])
+def test_lesions_hit_their_modality(effects, source):
+    """Decoding measured fMRI, and decoding the brain layer predicted from the stimulus: visual ROI -> video (>= 3x audio),
+    auditory -> audio (>= 3x video), language -> text most; each beats its random-region control, CI excluding 0."""
+    t = effects["lesion", source]
     v, a = _row(t, "visual", "video").effect, _row(t, "visual", "audio").effect
     assert v > 0 and v >= 3 * a, (v, a)
     v, a = _row(t, "auditory", "video").effect, _row(t, "auditory", "audio").effect
@@ -101,20 +103,15 @@ def test_lesions_hit_their_modality(effects):
         assert r.specific > 0 and r.specific_lo > 0, r  # more than a random region of the same size, CI excluding 0
 
 
-def test_keep_only_visual_carries_the_video(effects):
+@pytest.mark.parametrize("source", ["fmri", "stimulus"])
+def test_keep_only_visual_carries_the_video(effects, source):
     "Keeping only the visual ROI reconstructs video better than keeping only the auditory ROI, and each ROI beats random units."
-    t = effects["keep", "fmri"]
+    t = effects["keep", source]
+    assert set(t.source) == {source}
     assert _row(t, "visual", "video").value < _row(t, "auditory", "video").value
     for roi, modality in TARGET.items():
         r = _row(t, roi, modality)
         assert r.specific > 0 and r.specific_lo > 0, r
-
-
-def test_predicted_brain_layer(effects):
-    "From the stimulus (the predicted brain layer) too, keeping only the visual ROI gives better video than keeping only the auditory ROI."
-    t = effects["keep", "stimulus"]
-    assert set(t.source) == {"stimulus"}
-    assert _row(t, "visual", "video").value < _row(t, "auditory", "video").value
 
 
 def test_render_writes_viewable_media(run, tmp_path):

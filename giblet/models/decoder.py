@@ -94,6 +94,8 @@ class BrainDecoder(nn.Module):
         super().__init__()
         r, d = cfg.decoder_rank, cfg.decoder_dim
         self.inp = nn.Sequential(nn.Linear(cfg.n_voxels, r, bias=False), nn.Linear(r, d)) if r else nn.Linear(cfg.n_voxels, d)
+        # a fixed gain per unit, set from data (e.g. each voxel's reliability; ones by default), saved with the weights
+        self.register_buffer("unit_gain", torch.ones(cfg.n_voxels))
         self.temporal = make_temporal(cfg, d, "both")
         self.mlp = MLPBlocks(d, cfg.mlp_layers, cfg.dropout)
         self.video, self.audio, self.text = VideoHead(cfg), AudioHead(cfg), TextHead(cfg)
@@ -106,6 +108,7 @@ class BrainDecoder(nn.Module):
         heads = MODALITIES if heads is None else tuple(heads)
         if set(heads) - set(MODALITIES): raise ValueError(f"unknown heads {sorted(set(heads) - set(MODALITIES))}")
         w = next(self.inp.parameters())
-        z = self.inp(apply_lesion(brain.to(w.device, non_blocking=True), lesion, keep).to(w.dtype))
+        x = apply_lesion(brain.to(w.device, non_blocking=True), lesion, keep) * self.unit_gain
+        z = self.inp(x.to(w.dtype))
         z = self.mlp(self.temporal(z))
         return {m: getattr(self, m)(z) for m in heads}

@@ -446,6 +446,8 @@ class Trainer:
         self.device, self.k = data.tensors.device, self.model_config.context_trs
         torch.manual_seed(cfg.seed)
         self.model = BrainAutoencoder(self.model_config).to(self.device)
+        if data.voxel_weights is not None:  # the decoder reads each unit in proportion to its reliability
+            self.model.decoder.unit_gain.copy_(data.voxel_weights)
         torch.manual_seed(cfg.seed + 1 + self.di.rank)  # dropout differs between processes
         self.net = TrainStep(self.model, cfg.decode_from, cfg.detach_brain)
         if self.di.world_size > 1:
