@@ -18,7 +18,7 @@ import torch
 from fastcore.script import anno_parser, store_true
 
 from .training.metrics import noise_ceiling, report_table, ridge_baseline, stimulus_features, voxel_r
-from .training.trainer import (DistInfo, NonFiniteLoss, RunData, SubjectRows, Trainer, TrainConfig, check_resumable,
+from .training.trainer import (NonFiniteLoss, RunData, SubjectRows, Trainer, TrainConfig, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, write_json)
 
 logger = logging.getLogger(__name__)

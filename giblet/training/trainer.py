@@ -348,6 +348,9 @@ def lr_factor(step:int, # optimiser steps taken
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p))
 
 # %% ../../nbs/31_training.trainer.ipynb #70bb8cc4
+def _umask()->int:
+    m = os.umask(0); os.umask(m); return m
+
 def atomic_write(path:str|Path, # the file to (re)place
                  write:Callable, # write(binary file object)
                 )->Path:
@@ -355,6 +358,7 @@ def atomic_write(path:str|Path, # the file to (re)place
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, "wb") as f:
             write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
