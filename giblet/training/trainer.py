@@ -118,7 +118,7 @@ RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir")
 
 PRESET_OVERRIDES = { # what a run changes in each `ModelConfig` preset unless told otherwise (see "Choosing the defaults")
     "tiny": dict(context_trs=16, temporal_kernel=12, brain_rank=16, dropout=0.2, modality_dropout=0.2, text_dim=64, n_mels=32,
-                 video_channels=(16, 32), video_grid=(3, 4), audio_channels=(32, 32)),
+                 video_channels=(16, 32), video_grid=(6, 8), audio_channels=(32, 32)),
     "default": dict(),
     "sherlock": dict(),
 }
