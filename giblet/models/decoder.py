@@ -46,7 +46,7 @@ class VideoHead(nn.Module):
         self.frames = nn.Linear(cfg.decoder_dim, cfg.frames_per_tr * cfg.frame_code)
         self.seed = nn.Sequential(nn.LayerNorm(cfg.frame_code), nn.Linear(cfg.frame_code, ch[0] * self.h0 * self.w0))
         self.up = nn.Sequential(*[nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                                _conv_block(nn.Conv2d(a, b, 3, padding=1), b)) for a, b in zip(ch[:-1], ch[1:])])
+                                                _conv_block(nn.Conv2d(a, b, 3, padding=1))) for a, b in zip(ch[:-1], ch[1:])])
         self.rgb = nn.ConvTranspose2d(ch[-1], 3, 2, stride=2)  # the last x2 straight to RGB: 2x2 pixels per feature
 
     def forward(self, z:torch.Tensor, # (B, K, decoder_dim)
@@ -66,7 +66,7 @@ class AudioHead(nn.Module):
         c, self.A, self.a0 = cfg.decoder_audio_channels, cfg.mel_frames, math.ceil(cfg.mel_frames / 4)
         self.seed = nn.Linear(cfg.decoder_dim, c * self.a0)
         self.up = nn.Sequential(*[nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                                _conv_block(nn.Conv1d(c, c, 3, padding=1), c)) for _ in range(2)])
+                                                _conv_block(nn.Conv1d(c, c, 3, padding=1))) for _ in range(2)])
         self.mel = nn.Conv1d(c, cfg.n_mels, 1)
 
     def forward(self, z:torch.Tensor, # (B, K, decoder_dim)

@@ -170,7 +170,7 @@ def _compute_dtype(device_type:str, default:torch.dtype)->torch.dtype:
     except RuntimeError: on = False  # a device type without autocast (e.g. meta)
     return torch.get_autocast_dtype(device_type) if on else default
 
-def _conv_block(conv:nn.Module, c:int)->nn.Sequential:
+def _conv_block(conv:nn.Module)->nn.Sequential:
     "conv -> GELU, with no per-sample normalisation: the absolute level (luminance, loudness) is what BOLD follows."
     return nn.Sequential(conv, nn.GELU())
 
@@ -194,8 +194,8 @@ class VideoEncoder(nn.Module):
                 ):
         super().__init__()
         ch = cfg.video_channels
-        layers = [_conv_block(nn.Conv2d(3, ch[0], cfg.video_patch, stride=cfg.video_patch), ch[0])]
-        layers += [_conv_block(nn.Conv2d(a, b, 3, stride=2, padding=1), b) for a, b in zip(ch[:-1], ch[1:])]
+        layers = [_conv_block(nn.Conv2d(3, ch[0], cfg.video_patch, stride=cfg.video_patch))]
+        layers += [_conv_block(nn.Conv2d(a, b, 3, stride=2, padding=1)) for a, b in zip(ch[:-1], ch[1:])]
         self.stem = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(tuple(cfg.video_grid)), nn.Flatten())
         self.frame = nn.Linear(ch[-1] * cfg.video_grid[0] * cfg.video_grid[1], cfg.video_dim)
         self.frame_pos = nn.Parameter(torch.zeros(cfg.frames_per_tr, cfg.video_dim))
@@ -219,7 +219,7 @@ class AudioEncoder(nn.Module):
                 ):
         super().__init__()
         ch = (cfg.n_mels, *cfg.audio_channels)
-        self.convs = nn.Sequential(*[_conv_block(nn.Conv1d(a, b, 5 if i == 0 else 3, stride=2, padding=2 if i == 0 else 1), b)
+        self.convs = nn.Sequential(*[_conv_block(nn.Conv1d(a, b, 5 if i == 0 else 3, stride=2, padding=2 if i == 0 else 1))
                                      for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]))],
                                    nn.AdaptiveAvgPool1d(4), nn.Flatten())
         self.out = nn.Linear(4 * ch[-1], cfg.audio_dim)
