@@ -21,7 +21,8 @@ def reqs(key): return shlex.split(cfg.get(key, '')) if cfg.get(key, '').strip() 
 
 requirements = reqs('requirements')
 dev_requirements = reqs('dev_requirements')
-text_requirements = reqs('text_requirements')
+extras = {k[:-len('_requirements')]: reqs(k) for k in cfg if k.endswith('_requirements') and k != 'dev_requirements'}
+extras['dev'] = dev_requirements
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -34,7 +35,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['giblet', 'giblet.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'text': text_requirements},
+    extras_require=extras,
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
