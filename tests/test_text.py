@@ -17,7 +17,7 @@ from conftest import ROOT
 
 from giblet.data.text import (SHERLOCK_TEXT_COLUMNS, SHERLOCK_TIME_COLUMNS, HashingEmbedder,
                               SentenceTransformerEmbedder, annotations_to_trs, embed_trs, load_annotations,
-                              nearest_text)
+                              nearest_text, scene_starts)
 
 TR, N_TRS = 1.5, 300
 FILM = TR * N_TRS  # 450 s
@@ -450,3 +450,75 @@ def test_nearest_text_inputs():
         nearest_text(emb(bank), bank, bank_embeddings=np.zeros((3, 32)))
     with pytest.raises(ValueError, match="bank of candidate texts is empty"):
         nearest_text(emb(bank), [])
+
+
+# --- the real Sherlock spreadsheet (two parts on one sheet) -------------------------------------------------------
+
+SHERLOCK_XLSX = ROOT.parent / "shared" / "data" / "sherlock" / "Sherlock_Segments_1000_NN_2017.xlsx"
+PART_TRS = {1: 946, 2: 1030}  # the two runs of the study, TR 1.5 s
+
+
+@pytest.fixture(scope="module")
+def real(request):
+    if not SHERLOCK_XLSX.exists():
+        print(f"skipping: the real Sherlock spreadsheet is absent ({SHERLOCK_XLSX})")
+        pytest.skip(f"the real Sherlock spreadsheet is absent ({SHERLOCK_XLSX})")
+    logger = logging.getLogger("giblet.data.text")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        df = load_annotations(SHERLOCK_XLSX)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    return df, [r.getMessage() for r in records]
+
+
+def test_real_sherlock_parts(real):
+    df, msgs = real
+    assert df.attrs["n_parts"] == 2
+    seg = df["Segment Number"].astype(int)
+    assert sorted(seg[df["part"] == 1]) == list(range(1, 483))      # rows 1-482: part 1
+    assert sorted(seg[df["part"] == 2]) == list(range(483, 1001))   # rows 483-1000: part 2, clock back at 0
+    for p, (lo, hi) in {1: (0.0, 1426.0), 2: (0.0, 1544.0)}.items():
+        g = df[df["part"] == p]
+        assert (g["start"].min(), g["end"].max()) == (lo, hi)
+        assert g["start"].is_monotonic_increasing                  # time order within the part
+    assert len(scene_starts(df)) == 50                              # 50 named scenes, ' ' cells are blank
+    assert scene_starts(df).iloc[0].tolist() == [1, 0.0, "1. Cartoon"]
+    assert any("2 parts, rows 2-483, 484-1001" in m for m in msgs), msgs
+    assert any("28 cells hold only spaces" in m for m in msgs), msgs
+    assert any("1 zero-length segments (rows 14)" in m for m in msgs), msgs
+    assert any("2 rows have no value in 'Start Time (TRs, 1.5s)' (rows 482, 483)" in m for m in msgs), msgs
+
+
+def test_real_sherlock_tr_column_agrees_with_seconds(real):
+    df, _ = real
+    trs = pd.to_numeric(df["Start Time (TRs, 1.5s)"])
+    assert trs.isna().sum() == 2
+    for p, first_tr in {1: 1, 2: 947}.items():                     # the TR column runs on across the restart
+        g = df[(df["part"] == p) & trs.notna()]
+        lag = (trs[g.index] - first_tr) * 1.5 - g["start"]
+        assert lag.abs().max() <= 1.5, (p, lag.abs().max())
+
+
+def test_real_sherlock_text_stays_in_its_part(real):
+    df, _ = real
+    # rows 197-198 (part 1) and 688 (part 2) both cover 621-622.5 s of their own part's clock: TR 414
+    texts = {p: annotations_to_trs(df, n, 1.5, part=p)[0] for p, n in PART_TRS.items()}
+    assert texts[1][414] == ("Sherlock doesn't answer and peers down at his sample once again; Sherlock; "
+                             "St. Bartholomew's Hospital Laboratory | John says: \"Umm here\" Sherlock turns his head toward "
+                             "John. John says: \"Use mine.\"; Sherlock, John; St. Bartholomew's Hospital Laboratory")
+    assert texts[2][414] == ("John turns to where the sound is coming from. It is from a public telephone in a red booth. "
+                             "He looks at it for a few seconds.; John; Lauriston Gardens - Street")
+    for p in PART_TRS:                                              # every TR's text comes from its own part only
+        own = set(df.loc[df["part"] == p, "text"])
+        assert all(t in own for tr_text in texts[p] if tr_text for t in tr_text.split(" | "))
+    with pytest.raises(ValueError, match="name the part"):
+        annotations_to_trs(df, 10, 1.5)
+    only2 = load_annotations(SHERLOCK_XLSX, part=2)
+    assert annotations_to_trs(only2, PART_TRS[2], 1.5)[0] == texts[2]

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'SHERLOCK_TIME_COLUMNS', 'SHERLOCK_TEXT_COLUMNS', 'ANNOTATION_SUFFIXES', 'load_annotations',
-           'annotations_to_trs', 'HashingEmbedder', 'SentenceTransformerEmbedder', 'embed_trs', 'nearest_text']
+           'annotations_to_trs', 'scene_starts', 'HashingEmbedder', 'SentenceTransformerEmbedder', 'embed_trs',
+           'nearest_text']
 
 # %% ../../nbs/03_data.text.ipynb #1bd23bd3
 SHERLOCK_TIME_COLUMNS = ("Start Time (s) ", "End Time (s) ")  # the time columns as spelled in the Sherlock spreadsheet
@@ -135,6 +136,52 @@ def _fit_to_film(df: pd.DataFrame, film_duration: float, past_end: str, path) ->
     df["end"] = df["end"].clip(upper=film_duration)
     return df
 
+# %% ../../nbs/03_data.text.ipynb #ae62f415
+_TR_COLUMN = re.compile(r"^start\b.*\btrs?\b")  # a start column counted in TRs, e.g. "Start Time (TRs, 1.5s)"
+
+def _tr_column(columns, path):
+    "The start-time column counted in TRs (e.g. Sherlock's 'Start Time (TRs, 1.5s)'), or None."
+    hits = [c for c in columns if _TR_COLUMN.search(_norm(c))]
+    if len(hits) > 1: raise ValueError(f"{path}: {len(hits)} columns could be the start-TR column: {hits}")
+    return hits[0] if hits else None
+
+def _parts(start: pd.Series, trs: pd.Series|None, path) -> np.ndarray:
+    "Part number (1, 2, ...) of each row in file order: a part begins where the seconds restart while the TR count runs on."
+    s = start.to_numpy(float)
+    back = np.flatnonzero(s[1:] < s[:-1]) + 1               # rows where the seconds go backwards
+    if trs is not None:                                      # the TR column decides: a restart keeps counting up
+        t = pd.Series(trs.to_numpy(float))
+        before, after = t.ffill().to_numpy(), t.bfill().to_numpy()
+        restarts = [i for i in back if not after[i] < before[i - 1]]
+    else:                                                    # no TR column: the clock must fall back to its part's start
+        restarts, first = [], 0
+        for i in back:
+            if s[i] <= s[first]: restarts.append(i); first = i
+        if len(restarts) < len(back): restarts = []          # rows merely out of order: one clock
+    if len(back) > len(restarts):
+        logger.info("%s: %d rows are out of time order (not clock restarts); sorted", path, len(back) - len(restarts))
+    part = np.ones(len(s), np.int64)
+    for i in restarts: part[i:] += 1
+    return part
+
+def _check_tr_column(df: pd.DataFrame, trs: pd.Series, name: str, path) -> None:
+    "Log the rows without a TR value, and warn about rows whose TR value and seconds disagree by more than one TR."
+    missing = trs.isna()
+    if missing.any():
+        logger.info("%s: %d rows have no value in %r (rows %s); they are placed by their seconds", path,
+                    int(missing.sum()), name, _rows(trs.index[missing]))
+    m = re.search(r"(\d+(?:\.\d+)?)\s*s\b", _norm(name))     # the TR length in the column's name, e.g. "1.5s"
+    if m is None or missing.all(): return
+    tr_s = float(m.group(1))
+    for p, rows in df.loc[~missing].groupby("part"):
+        lag = (trs[rows.index] - 1) * tr_s - rows["start"]       # TR k (counted from 1) starts at (k - 1)·TR
+        lag = lag - np.round(np.median(lag) / tr_s) * tr_s      # each part's TR count starts where it starts
+        off = lag.abs() > tr_s
+        if off.any():
+            logger.warning("%s: part %d: %d rows disagree by more than one TR between %r and the seconds (rows %s)",
+                           path, p, int(off.sum()), name, _rows(rows.index[off]))
+
+
 # %% ../../nbs/03_data.text.ipynb #44cf4b34
 def load_annotations(
     path,                        # an .xlsx, .csv or .tsv table of annotated segments, with its header in the first row
@@ -145,14 +192,24 @@ def load_annotations(
     end_column:str|None=None,    # the end-time column (seconds); None: found by name ("End Time (s)", "end", ...) or onset + duration
     sep:str="; ",                # what joins the values of the text columns
     sheet_name=0,                # the worksheet of an Excel file, by position or name
-)->pd.DataFrame:                 # columns start, end (float seconds), text, then the file's own columns; index: row in the file
-    "Read a scene-annotation table into time-ordered segments with their joined text."
+    part:int|None=None,          # keep only this part (1, 2, ...) of a table whose clock restarts; None: every part
+    tr_column:str|None=None,     # the start column counted in TRs; None: found by name ("Start Time (TRs, 1.5s)"), if any
+)->pd.DataFrame:                 # columns start, end (s on the part's clock), text, part, then the file's own; index: file row
+    "Read a scene-annotation table into time-ordered segments with their joined text, split into parts where its clock restarts."
     path = Path(path)
     if past_end not in ("clip", "raise"): raise ValueError(f"past_end must be 'clip' or 'raise', not {past_end!r}")
+    if part is not None and (isinstance(part, bool) or int(part) != part or part < 1):
+        raise ValueError(f"part must be a whole number from 1, not {part!r}")
     if film_duration is not None and not film_duration > 0:
         raise ValueError(f"film_duration must be a positive number of seconds, not {film_duration!r}")
     raw = _read_table(path, sheet_name)
     found = [str(c) for c in raw.columns]
+    spaces = raw.map(lambda v: isinstance(v, str) and not v.strip())
+    if spaces.any().any():
+        per_col = spaces.sum()[lambda n: n > 0]
+        logger.info("%s: %d cells hold only spaces and are read as blank (%s)", path, int(per_col.sum()),
+                    ", ".join(f"{str(c).strip()!r}: {n}" for c, n in per_col.items()))
+        raw = raw.mask(spaces)
     blank = raw.isna().all(axis=1)
     if blank.any(): logger.debug("%s: skipping %d blank rows", path, int(blank.sum()))
     raw = raw.loc[~blank]
@@ -196,12 +253,28 @@ def load_annotations(
     text = _join_cells(raw, text_cols, sep)
     n_empty = sum(not t for t in text)
     if n_empty: logger.info("%s: %d segments have no text in %s", path, n_empty, text_cols)
+    zero = end == start
+    if zero.any(): logger.info("%s: %d zero-length segments (rows %s) count in the TR holding their instant",
+                               path, int(zero.sum()), _rows(raw.index[zero]))
 
-    df = pd.DataFrame({"start": start, "end": end, "text": text}, index=raw.index)
-    df = pd.concat([df, raw.drop(columns=[c for c in raw.columns if c in ("start", "end", "text")])], axis=1)
-    df = df.sort_values(["start", "end"], kind="stable")
+    tr_col = (_find_column(cols, tr_column, path, "start-TR") if tr_column is not None else _tr_column(cols, path))
+    if tr_column is not None and tr_col is None: raise ValueError(f"{path}: no column named {tr_column!r}; columns found: {found}")
+    trs = None if tr_col is None else _seconds(raw[tr_col])
+    df = pd.DataFrame({"start": start, "end": end, "text": text, "part": _parts(start, trs, path)}, index=raw.index)
+    n_parts = int(df["part"].max())
+    if trs is not None: _check_tr_column(df, trs, tr_col, path)
+    if n_parts > 1:
+        logger.info("%s: the clock restarts %d times: %d parts, rows %s", path, n_parts - 1, n_parts,
+                    ", ".join(f"{g.index.min()}-{g.index.max()}" for _, g in df.groupby("part")))
+    df = pd.concat([df, raw.drop(columns=[c for c in raw.columns if c in ("start", "end", "text", "part")])], axis=1)
+    if part is not None:
+        if part > n_parts: raise ValueError(f"{path}: no part {part}; the table holds {n_parts} part(s)")
+        df = df.loc[df["part"] == part]
+    df = df.sort_values(["part", "start", "end"], kind="stable")
+    df.attrs["n_parts"] = n_parts
     if film_duration is not None: df = _fit_to_film(df, float(film_duration), past_end, path)
-    logger.info("%s: %d segments from %.1f s to %.1f s", path, len(df), df["start"].min(), df["end"].max())
+    for p, g in df.groupby("part"):
+        logger.info("%s: part %d: %d segments from %.1f s to %.1f s", path, p, len(g), g["start"].min(), g["end"].max())
     return df
 
 # %% ../../nbs/03_data.text.ipynb #a881451e
@@ -211,10 +284,18 @@ def annotations_to_trs(
     tr:float,         # the repetition time in seconds
     start:float=0.0,  # the film time (seconds) at which TR 0 begins
     sep:str=" | ",    # what joins the texts of several segments in one TR
+    part:int|None=None, # the part shown on these TRs, for a table of several parts (column `part`); None: the only one
 )->tuple:             # (texts: list of n_trs str, has_text: bool array (n_trs,))
     "The annotation text overlapping each TR window `[start + i·tr, start + (i+1)·tr)`, and which TRs have any."
     missing = [c for c in ("start", "end", "text") if c not in df.columns]
     if missing: raise ValueError(f"annotations need columns start, end and text; missing {missing}")
+    parts = sorted(int(p) for p in pd.unique(df["part"])) if "part" in df.columns else [1]
+    if part is None and len(parts) > 1:
+        raise ValueError(f"the annotations hold parts {parts} (their clock restarts); name the part shown on these "
+                         f"TRs with part=, so no part's text lands on another's TRs")
+    if part is not None:
+        if part not in parts: raise ValueError(f"no part {part} in the annotations; they hold parts {parts}")
+        if "part" in df.columns: df = df.loc[df["part"] == part]
     if int(n_trs) != n_trs or n_trs < 0: raise ValueError(f"n_trs must be a non-negative whole number, not {n_trs!r}")
     if not tr > 0: raise ValueError(f"tr must be positive, not {tr!r}")
     n_trs = int(n_trs)
@@ -234,6 +315,19 @@ def annotations_to_trs(
             if text not in per_tr[i]: per_tr[i].append(text)
     texts = [sep.join(parts) for parts in per_tr]
     return texts, np.array([bool(parts) for parts in per_tr], dtype=bool)
+
+# %% ../../nbs/03_data.text.ipynb #eb0a4a95
+def scene_starts(
+    df:pd.DataFrame,              # segments as from `load_annotations`
+    column:str="Scene Segments",  # the column naming a scene on its first segment (blank elsewhere)
+)->pd.DataFrame:                  # one row per named scene: part, start (s on the part's clock), scene; index: file row
+    "The named scenes of an annotation table, in time order within each part."
+    col = _find_column(df.columns, column, "annotations", "scene")
+    if col is None: raise ValueError(f"annotations have no scene column {column!r}; columns: {[str(c) for c in df.columns]}")
+    names = df[col].map(_cell_text)
+    named = df.loc[names.notna()]
+    part = named["part"] if "part" in named.columns else pd.Series(1, index=named.index)
+    return pd.DataFrame({"part": part, "start": named["start"], "scene": names[names.notna()]})
 
 # %% ../../nbs/03_data.text.ipynb #9968f4a2
 _STOP_WORDS = frozenset("""a an the and or but nor of to in on at by for with from as into onto over under up down off out
