@@ -114,3 +114,68 @@ def test_splits_have_the_gap_and_statistics_come_from_training_only():
     nz2 = fit_normaliser(fmri, audio, sp.train)
     np.testing.assert_array_equal(nz2.fmri_mean, nz.fmri_mean)
     np.testing.assert_array_equal(nz2.audio_std, nz.audio_std)
+
+
+# --- truncations are warned with counts; film time at volume 0 of either sign; annotation parts per run -----------
+
+def test_short_subject_is_warned_or_dropped(study, caplog):
+    d, film, ann, mask = study
+    full, short = write_scan(d / "full.nii.gz", 20, seed=1), write_scan(d / "cut.nii.gz", 16, seed=2)
+    with caplog.at_level("WARNING", logger="giblet.alignment.sync"):
+        al = align_run(film, ann, RunSpec([full, short]), mask, params=PARAMS)
+    assert al.fmri.shape[:2] == (2, 16) and al.subjects is None
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert f"every subject is cut to 16 TRs by the shortest: {short} (16 volumes, 16 TRs)" in msg, msg
+    assert "lose up to 4 TRs" in msg and "min_trs=20" in msg, msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="giblet.alignment.sync"):
+        al = align_run(film, ann, RunSpec([full, short]), mask, params=PARAMS, min_trs=20)
+    assert al.fmri.shape[:2] == (1, 20) and al.subjects == [0]
+    np.testing.assert_array_equal(al.fmri[0], nii_to_features(full, mask))
+    assert f"subject {short} dropped: its 16 volumes give 16 TRs, fewer than min_trs=20" in caplog.text
+    with pytest.raises(ValueError, match="different subjects"):
+        concat_runs([al, align_run(film, ann, RunSpec([full, short]), mask, params=PARAMS, run_id=1)])
+
+
+def test_scan_and_film_cuts_are_warned(study, caplog):
+    d, film, ann, mask = study
+    with caplog.at_level("WARNING", logger="giblet.alignment.sync"):
+        align_run(film, ann, RunSpec([write_scan(d / "long.nii.gz", 30)]), mask, params=PARAMS)
+    assert "the scan's last 10 volumes (15.0 s) lie past the film segment's end" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="giblet.alignment.sync"):
+        align_run(film, ann, RunSpec([write_scan(d / "short.nii.gz", 12)]), mask, params=PARAMS)
+    assert "the film segment's last 12.0 s (8 TRs) lie past the scan's end" in caplog.text
+
+
+@pytest.mark.parametrize("film_at_volume0", [3.0, -3.0])
+def test_film_time_at_volume_zero_of_either_sign(study, film_at_volume0):
+    d, film, ann, mask = study
+    scan = write_scan(d / "v0.nii.gz", 20)
+    al = align_run(film, ann, RunSpec([scan], film_start=film_at_volume0), mask, params=PARAMS)
+    first = 2 if film_at_volume0 < 0 else 0          # the film begins 3 s (2 volumes) after volume 0: those go
+    assert al.volume[0] == first
+    np.testing.assert_array_equal(al.fmri[0], nii_to_features(scan, mask)[first:first + al.n_trs])
+    film_time = film_at_volume0 + al.volume * TR      # the film time of each kept volume
+    assert film_time[0] >= 0
+    flash = int(np.argmax(al.video.astype(np.float32).mean(axis=(1, 2, 3, 4))))
+    assert film_time[flash] <= FLASH < film_time[flash] + TR   # the flash lands in the volume that saw it
+    assert al.n_trs == (20 - first if film_at_volume0 < 0 else int((30.0 - film_at_volume0) // TR))
+
+
+def test_each_run_gets_its_own_annotation_part(study, caplog):
+    d, film, _, mask = study
+    ann = d / "parts.csv"                             # two parts on one sheet: the clock restarts, the TR count runs on
+    pd.DataFrame({"Start Time (s) ": [0.0, 12.0, 0.0, 12.0], "End Time (s) ": [12.0, 30.0, 12.0, 30.0],
+                  "Start Time (TRs, 1.5s)": [1, 9, 21, 29], "Scene Details - A Level ": ["p1 a", "p1 b", "p2 a", "p2 b"],
+                  }).to_csv(ann, index=False)
+    scan = write_scan(d / "p.nii.gz", 20)
+    with caplog.at_level("INFO", logger="giblet.alignment.sync"):
+        a = align_run(film, ann, RunSpec([scan]), mask, params=PARAMS, run_id=0)
+        b = align_run(film, ann, RunSpec([scan]), mask, params=PARAMS, run_id=1)
+    assert "run 0 shows annotation part 1 of 2" in caplog.text and "run 1 shows annotation part 2 of 2" in caplog.text
+    assert set(a.texts) == {"p1 a", "p1 b"} and set(b.texts) == {"p2 a", "p2 b"}
+    c = align_run(film, ann, RunSpec([scan], part=2), mask, params=PARAMS, run_id=0)
+    assert c.texts == b.texts
+    with pytest.raises(ValueError, match="no annotation part of its own"):
+        align_run(film, ann, RunSpec([scan]), mask, params=PARAMS, run_id=2)

@@ -39,6 +39,7 @@ class Aligned:
     volume: np.ndarray # (n_trs,) index of each TR's volume in its run's NIfTI
     texts: list = field(default_factory=list) # the annotation text of each TR ("" where none)
     mask: object = None # the Nifti1Image whose in-mask voxels are the columns of `fmri`
+    subjects: list | None = None # positions (in the run's NIfTI list) of the subjects in `fmri`; None: all of them
 
     @property
     def n_trs(self)->int: return len(self.run)
@@ -70,16 +71,17 @@ class Grid:
 def tr_grid(n_volumes:int, # volumes in the run's NIfTI
             tr:float, # repetition time (s)
             film_duration:float, # length of the film file (s)
-            film_start:float=0.0, # film time (s) where this run's segment starts
+            film_start:float=0.0, # film time (s) at stimulus time 0 (< 0: the film begins that many seconds later)
             film_stop:float|None=None, # film time (s) where it stops (default: the film's end)
             scan_offset:float=0.0, # seconds from the scan's start to the segment's start (>0: scan began first)
            )->Grid:
     "The TRs whose window lies both in the scan and in the film segment."
     stop = film_duration if film_stop is None else min(film_stop, film_duration)
     seg = stop - film_start
-    if seg <= 0: raise ValueError(f"the film segment [{film_start}, {stop}) s is empty")
+    if seg <= 0 or stop <= 0: raise ValueError(f"the film segment [{film_start}, {stop}) s is empty")
     eps = 1e-6
-    j0 = max(0, math.ceil(scan_offset / tr - eps))
+    lead = max(0.0, -film_start)  # stimulus seconds before the film's first frame
+    j0 = max(0, math.ceil((scan_offset + lead) / tr - eps))
     j1 = min(n_volumes, math.floor((seg + scan_offset) / tr + eps))
     if j1 <= j0: raise ValueError(f"the scan ({n_volumes} volumes of {tr} s, offset {scan_offset} s) and the film "
                                   f"segment ({seg:.2f} s) share no complete TR")
@@ -107,9 +109,11 @@ class FeatureParams:
 class RunSpec:
     "One run: which NIfTIs, and where its segment sits in the film."
     nii: list # one NIfTI path per subject, in subject order
-    film_start: float = 0.0 # film time (s) where this run's segment starts
+    film_start: float = 0.0 # film time (s) at stimulus time 0: volume 0 when scan_offset is 0 (either sign)
     film_stop: float | None = None # film time (s) where it stops
     scan_offset: float = 0.0 # seconds from the scan's start to the segment's start
+    part: int | None = None # the annotation part shown in this run (1, 2, ...); None: part run_id + 1
+    part_start: float = 0.0 # film time (s) at which that part's annotation clock reads 0
 
 def _check_tr(paths, tr):
     trs = {str(p): read_tr(p) for p in paths}
@@ -120,6 +124,53 @@ def _check_tr(paths, tr):
         raise ValueError(f"{paths[0]}: the header says TR = {hdr} s, but TR = {tr} s was asked for")
     return hdr
 
+def _run_part(annotations, run:RunSpec, run_id:int)->int:
+    "The annotation part of a run: `run.part`, or part `run_id + 1`, said in the log."
+    if run.part is not None: return int(run.part)
+    n_parts = load_annotations(annotations).attrs.get("n_parts", 1)
+    part = run_id + 1 if n_parts > 1 else 1
+    if part > n_parts: raise ValueError(f"{annotations}: run {run_id} has no annotation part of its own (the table holds "
+                                        f"{n_parts}); name it with RunSpec.part")
+    logger.info("%s: run %d shows annotation part %d of %d (set RunSpec.part to choose another)",
+                annotations, run_id, part, n_parts)
+    return part
+
+def _subject_trs(vols, tr, info, run, run_id, min_trs)->list:
+    "The subjects to keep: all, cut to the shortest (warned, with counts), or those giving at least `min_trs` TRs."
+    def n_trs(v):
+        try: return tr_grid(v, tr, info.duration, run.film_start, run.film_stop, run.scan_offset).n_trs
+        except ValueError: return 0
+    own = {p: n_trs(v) for p, v in vols.items()}
+    keep = list(vols)
+    if min_trs is not None:
+        short = [p for p in keep if own[p] < min_trs]
+        for p in short: logger.warning("run %d: subject %s dropped: its %d volumes give %d TRs, fewer than min_trs=%d",
+                                       run_id, p, vols[p], own[p], min_trs)
+        keep = [p for p in keep if own[p] >= min_trs]
+        if not keep: raise ValueError(f"run {run_id}: no subject gives min_trs={min_trs} TRs: {own}")
+    n, most = min(own[p] for p in keep), max(own[p] for p in keep)
+    if n < most:
+        cut = [f"{p} ({vols[p]} volumes, {own[p]} TRs)" for p in keep if own[p] < most]
+        logger.warning("run %d: every subject is cut to %d TRs by the shortest: %s; the others lose up to %d TRs each "
+                       "(%d TRs in all); pass min_trs=%d to drop the short subjects instead", run_id, n, ", ".join(cut),
+                       most - n, sum(own[p] - n for p in keep), most)
+    return keep
+
+def _log_cuts(g:Grid, n_vols:int, info, run:RunSpec, run_id:int):
+    "Log the volumes before the film segment, and warn of the scan or film cut at the segment's end, with counts."
+    if g.first_volume: logger.info("run %d: volumes 0-%d precede the film segment and are dropped", run_id, g.first_volume - 1)
+    if run.film_stop is not None and run.film_stop > info.duration + 1e-6:
+        logger.warning("run %d: film_stop=%g s is past the end of %s (%.3f s); the segment stops at the film's end",
+                       run_id, run.film_stop, info.path, info.duration)
+    after = n_vols - g.first_volume - g.n_trs
+    if after: logger.warning("run %d: the scan's last %d volumes (%.1f s) lie past the film segment's end and are dropped",
+                             run_id, after, after * g.tr)
+    stop = info.duration if run.film_stop is None else min(run.film_stop, info.duration)
+    left = stop - g.film_time - g.n_trs * g.tr
+    if left >= g.tr: logger.warning("run %d: the film segment's last %.1f s (%d TRs) lie past the scan's end and are "
+                                    "dropped", run_id, left, int(left // g.tr))
+    elif left > 1e-6: logger.info("run %d: the film segment's last %.3f s do not fill a TR and are dropped", run_id, left)
+
 def align_run(film:str|Path, # the film file
               annotations:str|Path, # the annotation spreadsheet (film times)
               run:RunSpec, # the run's NIfTIs and segment
@@ -128,31 +179,42 @@ def align_run(film:str|Path, # the film file
               params:FeatureParams=FeatureParams(), # how streams are cut
               run_id:int=0, # the id stored for every TR of this run
               embedder:Callable|None=None, # text embedder (default: `params.embedder()`)
+              min_trs:int|None=None, # drop subjects giving fewer TRs than this; None: cut all to the shortest (warned)
              )->Aligned:
     "Every stream of one run on one TR grid."
     tr = _check_tr(run.nii, tr)
-    n_vols = min(load_nifti(p, ndim=4).shape[3] for p in run.nii)
+    vols = {str(p): load_nifti(p, ndim=4).shape[3] for p in run.nii}
     info = video_info(film)
+    keep = _subject_trs(vols, tr, info, run, run_id, min_trs)
+    n_vols = min(vols[p] for p in keep)
     g = tr_grid(n_vols, tr, info.duration, run.film_start, run.film_stop, run.scan_offset)
+    _log_cuts(g, n_vols, info, run, run_id)
     video = video_to_frames(film, tr=tr, size=params.size, frame_skip=params.frame_skip, max_trs=g.n_trs, start=g.film_time)
     audio = audio_to_mel(film, tr=tr, sr=params.sr, n_mels=params.n_mels, max_trs=g.n_trs, start=g.film_time)
-    df = load_annotations(annotations, film_duration=info.duration)
+    part = _run_part(annotations, run, run_id)
+    df = load_annotations(annotations, film_duration=info.duration - run.part_start, part=part)
     n = min(g.n_trs, len(video), len(audio))
-    if n < g.n_trs: logger.info("%s: %d of %d TR windows are complete in every stream", film, n, g.n_trs)
-    texts, has_text = annotations_to_trs(df, n, tr, start=g.film_time)
+    if n < g.n_trs: logger.warning("%s: only %d of %d TR windows are complete in every stream; %d TRs dropped",
+                                   film, n, g.n_trs, g.n_trs - n)
+    texts, has_text = annotations_to_trs(df, n, tr, start=g.film_time - run.part_start, part=part)
     text = embed_trs(texts, has_text, embedder or params.embedder())
-    fmri = load_subjects(run.nii, mask, start=g.first_volume, stop=g.first_volume + n)
+    idx = [k for k, p in enumerate(map(str, run.nii)) if p in keep]
+    fmri = load_subjects([run.nii[k] for k in idx], mask, start=g.first_volume, stop=g.first_volume + n)
     return Aligned(video=video[:n], audio=audio[:n], text=text, has_text=np.asarray(has_text), fmri=fmri, tr=tr,
                    tr_start=g.tr_start[:n], run=np.full(n, run_id), volume=g.first_volume + np.arange(n),
-                   texts=list(texts), mask=mask)
+                   texts=list(texts), mask=mask, subjects=None if len(idx) == len(run.nii) else idx)
 
 # %% ../../nbs/11_alignment.sync.ipynb #1d6c9534
 def concat_runs(runs:Sequence[Aligned])->Aligned:
     "One `Aligned` study from several runs that share a TR, subjects and mask."
     first = runs[0]
+    subs = {r.run[0] if len(r.run) else k: r.subjects for k, r in enumerate(runs)}
+    if len({str(s) for s in subs.values()}) > 1:
+        raise ValueError(f"runs keep different subjects (positions per run, None = all): {subs}; "
+                         f"drop a short subject from every run")
     if any(abs(r.tr - first.tr) > 1e-6 or r.fmri.shape[::2] != first.fmri.shape[::2] for r in runs):
         raise ValueError("runs must share the TR, the subjects and the voxels")
     cat = lambda name, axis=0: np.concatenate([np.asarray(getattr(r, name)) for r in runs], axis)
     return Aligned(video=cat("video"), audio=cat("audio"), text=cat("text"), has_text=cat("has_text"),
                    fmri=cat("fmri", 1), tr=first.tr, tr_start=cat("tr_start"), run=cat("run"), volume=cat("volume"),
-                   texts=[t for r in runs for t in r.texts], mask=first.mask)
+                   texts=[t for r in runs for t in r.texts], mask=first.mask, subjects=first.subjects)
