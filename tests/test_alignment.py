@@ -179,3 +179,17 @@ def test_each_run_gets_its_own_annotation_part(study, caplog):
     assert c.texts == b.texts
     with pytest.raises(ValueError, match="no annotation part of its own"):
         align_run(film, ann, RunSpec([scan]), mask, params=PARAMS, run_id=2)
+
+
+def test_a_film_holding_both_parts_puts_each_part_on_its_segment(study):
+    d, film, _, mask = study
+    ann = d / "parts_one_film.csv"                    # film 0-15 s is part 1, 15-30 s is part 2 (clock back at 0)
+    pd.DataFrame({"Start Time (s) ": [0.0, 6.0, 0.0, 6.0], "End Time (s) ": [6.0, 15.0, 6.0, 15.0],
+                  "Start Time (TRs, 1.5s)": [1, 5, 11, 15], "Scene Details - A Level ": ["p1 a", "p1 b", "p2 a", "p2 b"],
+                  }).to_csv(ann, index=False)
+    scan = write_scan(d / "q.nii.gz", 10)
+    b = align_run(film, ann, RunSpec([scan], film_start=15.0), mask, params=PARAMS, run_id=1)
+    assert b.texts == ["p2 a"] * 4 + ["p2 b"] * 6           # part 2's own clock starts with its segment at 15 s
+    # a release with its first 3 s of volumes cropped: volume 0 is 3 s into part 2, whose clock stays put
+    c = align_run(film, ann, RunSpec([scan], film_start=15.0, scan_offset=-3.0), mask, params=PARAMS, run_id=1)
+    assert c.texts == ["p2 a"] * 2 + ["p2 b"] * 6 and c.volume[0] == 0

@@ -372,3 +372,55 @@ def test_iter_volumes_range_and_in_memory():
     assert len(vols) == 2 and np.array_equal(vols[1], np.asarray(img.dataobj)[..., 2])
     with pytest.raises(ValueError, match="volumes 2..9 requested, the file has 5"):
         list(iter_volumes(img, 2, 9))
+
+
+# --- masks for preprocessed (z-scored) data and mask files ---------------------------------------------------------
+
+def zscored_runs(seed, shape=(8, 7, 6), n_trs=(60, 50)):
+    "A brain box z-scored run by run and the runs concatenated, as in common releases; zeros outside the brain."
+    rng = np.random.default_rng(seed)
+    runs = []
+    for n in n_trs:
+        x = 1000 + rng.normal(0, 1, shape[:3] + (n,)) * rng.uniform(5, 50, shape[:3] + (1,))  # varied raw stds
+        runs.append((x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True))
+    data = np.zeros(shape + (sum(n_trs),), np.float32)
+    data[1:-1, 1:-1, 1:-1] = np.concatenate(runs, -1)[1:-1, 1:-1, 1:-1]
+    img = nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]))
+    img.header.set_xyzt_units("mm", "sec"); img.header["pixdim"][4] = 1.5
+    return img
+
+
+def test_shared_mask_keeps_every_voxel_of_zscored_input(tmp_path, caplog):
+    paths = [write(zscored_runs(s), tmp_path / f"z{s}.nii.gz") for s in range(3)]
+    brain = np.zeros((8, 7, 6), bool); brain[1:-1, 1:-1, 1:-1] = True       # 120 voxels
+    with caplog.at_level(logging.INFO, LOG):
+        mask = shared_mask(paths)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj) > 0, brain)
+    assert "looks standardised" in caplog.text
+    assert f"shared mask: 120 of {brain.size} voxels kept from 3 subjects" in caplog.text
+    assert f"{brain.size - 120} not non-constant in 2 of the subjects" in caplog.text
+    # the rule for raw data would drop real voxels here: about 10% per subject, by rounding
+    forced = np.asarray(shared_mask(paths, threshold=1.0, standardised=False).dataobj) > 0
+    assert forced.sum() < 120 * 0.95 and not (forced & ~brain).any()
+    # raw data with varied stds is not mistaken for standardised input
+    raw = nib.Nifti1Image(np.asarray(zscored_runs(0).dataobj) * np.random.default_rng(5).uniform(5, 50, (8, 7, 6, 1))
+                          .astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, LOG):
+        assert np.asarray(shared_mask([raw]).dataobj).sum() == 120 - 12    # the 10th-percentile rule
+    assert "standardised" not in caplog.text
+
+
+def test_shared_mask_from_a_mask_file_an_atlas_or_nonzero(tmp_path, caplog):
+    paths = [write(zscored_runs(s), tmp_path / f"z{s}.nii.gz") for s in range(2)]
+    atlas = np.zeros((8, 7, 6), np.int16); atlas[2:5, 2:5, 2:4] = np.arange(1, 19).reshape(3, 3, 2)
+    atlas[0, 0, 0] = 7                                                    # a label outside the data: constant, dropped
+    atlas_path = write(nib.Nifti1Image(atlas, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "atlas.nii.gz")
+    with caplog.at_level(logging.INFO, LOG):
+        m = np.asarray(shared_mask(paths, brain_mask=atlas_path).dataobj) > 0
+    np.testing.assert_array_equal(m, (atlas > 0) & (np.arange(8)[:, None, None] > 0))
+    assert f"removed: {atlas.size - 19} outside the mask {atlas_path}, 0 NaN or infinite, 1 not non-constant" in caplog.text
+    nonzero = np.asarray(shared_mask(paths, brain_mask="nonzero").dataobj) > 0
+    assert nonzero.sum() == 120
+    with pytest.raises(ValueError, match="does not match the mask"):
+        shared_mask(paths, brain_mask=np.ones((8, 7, 5), bool))

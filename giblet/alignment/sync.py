@@ -109,11 +109,11 @@ class FeatureParams:
 class RunSpec:
     "One run: which NIfTIs, and where its segment sits in the film."
     nii: list # one NIfTI path per subject, in subject order
-    film_start: float = 0.0 # film time (s) at stimulus time 0: volume 0 when scan_offset is 0 (either sign)
+    film_start: float = 0.0 # film time (s) at stimulus time 0, the segment's start: volume 0's when scan_offset is 0 (either sign)
     film_stop: float | None = None # film time (s) where it stops
     scan_offset: float = 0.0 # seconds from the scan's start to the segment's start
     part: int | None = None # the annotation part shown in this run (1, 2, ...); None: part run_id + 1
-    part_start: float = 0.0 # film time (s) at which that part's annotation clock reads 0
+    part_start: float | None = None # film time (s) where that part's clock reads 0; None: the segment's start (one part: 0)
 
 def _check_tr(paths, tr):
     trs = {str(p): read_tr(p) for p in paths}
@@ -124,16 +124,17 @@ def _check_tr(paths, tr):
         raise ValueError(f"{paths[0]}: the header says TR = {hdr} s, but TR = {tr} s was asked for")
     return hdr
 
-def _run_part(annotations, run:RunSpec, run_id:int)->int:
-    "The annotation part of a run: `run.part`, or part `run_id + 1`, said in the log."
-    if run.part is not None: return int(run.part)
+def _run_part(annotations, run:RunSpec, run_id:int)->tuple[int, float]:
+    "The annotation part of a run (`run.part`, or part `run_id + 1`, said in the log) and the film time its clock starts."
     n_parts = load_annotations(annotations).attrs.get("n_parts", 1)
+    start = run.part_start if run.part_start is not None else max(run.film_start, 0.0) if n_parts > 1 else 0.0
+    if run.part is not None: return int(run.part), start
     part = run_id + 1 if n_parts > 1 else 1
     if part > n_parts: raise ValueError(f"{annotations}: run {run_id} has no annotation part of its own (the table holds "
                                         f"{n_parts}); name it with RunSpec.part")
     logger.info("%s: run %d shows annotation part %d of %d (set RunSpec.part to choose another)",
                 annotations, run_id, part, n_parts)
-    return part
+    return part, start
 
 def _subject_trs(vols, tr, info, run, run_id, min_trs)->list:
     "The subjects to keep: all, cut to the shortest (warned, with counts), or those giving at least `min_trs` TRs."
@@ -191,12 +192,12 @@ def align_run(film:str|Path, # the film file
     _log_cuts(g, n_vols, info, run, run_id)
     video = video_to_frames(film, tr=tr, size=params.size, frame_skip=params.frame_skip, max_trs=g.n_trs, start=g.film_time)
     audio = audio_to_mel(film, tr=tr, sr=params.sr, n_mels=params.n_mels, max_trs=g.n_trs, start=g.film_time)
-    part = _run_part(annotations, run, run_id)
-    df = load_annotations(annotations, film_duration=info.duration - run.part_start, part=part)
+    part, part_start = _run_part(annotations, run, run_id)
+    df = load_annotations(annotations, film_duration=info.duration - part_start, part=part)
     n = min(g.n_trs, len(video), len(audio))
     if n < g.n_trs: logger.warning("%s: only %d of %d TR windows are complete in every stream; %d TRs dropped",
                                    film, n, g.n_trs, g.n_trs - n)
-    texts, has_text = annotations_to_trs(df, n, tr, start=g.film_time - run.part_start, part=part)
+    texts, has_text = annotations_to_trs(df, n, tr, start=g.film_time - part_start, part=part)
     text = embed_trs(texts, has_text, embedder or params.embedder())
     idx = [k for k, p in enumerate(map(str, run.nii)) if p in keep]
     fmri = load_subjects([run.nii[k] for k in idx], mask, start=g.first_volume, stop=g.first_volume + n)

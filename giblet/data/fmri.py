@@ -25,9 +25,9 @@ from nibabel.openers import ImageOpener
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'TR_RANGE', 'NIFTI_SUFFIXES', 'load_nifti', 'read_tr', 'natural_key', 'sort_subjects', 'find_niftis',
-           'iter_volumes', 'temporal_std', 'shared_mask', 'nii_to_features', 'features_to_nii', 'load_subjects',
-           'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'average_subjects']
+__all__ = ['logger', 'TR_RANGE', 'NIFTI_SUFFIXES', 'STANDARDISED_SPREAD', 'load_nifti', 'read_tr', 'natural_key', 'sort_subjects',
+           'find_niftis', 'iter_volumes', 'temporal_std', 'shared_mask', 'nii_to_features', 'features_to_nii',
+           'load_subjects', 'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'average_subjects']
 
 # %% ../../nbs/00_data.fmri.ipynb #dcb23ab0
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError)
@@ -148,13 +148,13 @@ def iter_volumes(img_or_path, # a 4-D NIfTI image or its path
                 raise ValueError(f"{name}: the compressed file is corrupt ({type(e).__name__}: {e})") from e
 
 # %% ../../nbs/00_data.fmri.ipynb #b3538c10
-def temporal_std(img_or_path, # a 4-D NIfTI image or its path
-                )->tuple[np.ndarray, np.ndarray]: # (std, nonfinite): float64 (x, y, z) std over time; bool (x, y, z)
-    "Each voxel's standard deviation over time (0 where any value is NaN/inf), and where such values are, streamed."
+def _temporal_stats(img_or_path)->tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(std, nonfinite, nonzero) over time of each voxel, streamed volume by volume."
     img = load_nifti(img_or_path, ndim=4)
     n, ref, s, s2 = img.shape[3], None, None, None
-    bad = np.zeros(img.shape[:3], bool)
+    bad, nonzero = np.zeros(img.shape[:3], bool), np.zeros(img.shape[:3], bool)
     for vol in iter_volumes(img):
+        nonzero |= vol != 0
         if vol.dtype.kind == "f" and not np.isfinite(vol).all():
             fin = np.isfinite(vol); bad |= ~fin; vol = np.where(fin, vol, 0.0)
         if ref is None:  # sums of differences from the first volume: no cancellation in the variance
@@ -164,7 +164,19 @@ def temporal_std(img_or_path, # a 4-D NIfTI image or its path
     mean = s / n
     var = np.maximum(s2 / n - mean * mean, 0.0)
     std = np.sqrt(var); std[bad] = 0.0
-    return std, bad
+    return std, bad, nonzero
+
+def temporal_std(img_or_path, # a 4-D NIfTI image or its path
+                )->tuple[np.ndarray, np.ndarray]: # (std, nonfinite): float64 (x, y, z) std over time; bool (x, y, z)
+    "Each voxel's standard deviation over time (0 where any value is NaN/inf), and where such values are, streamed."
+    return _temporal_stats(img_or_path)[:2]
+
+STANDARDISED_SPREAD = 1e-3 # nonzero temporal stds this close (10th to 90th percentile, relative): input was standardised
+
+def _standardised(std)->bool:
+    "Whether every non-constant voxel has the same temporal std (to `STANDARDISED_SPREAD`), as after z-scoring."
+    lo, hi = np.percentile(std[std > 0], [10, 90])
+    return hi - lo <= STANDARDISED_SPREAD * hi
 
 def _check_same_space(imgs, names):
     "Raise, naming the subjects, when volumes differ in shape or affine from the first."
@@ -177,29 +189,48 @@ def _check_same_space(imgs, names):
 def shared_mask(imgs_or_paths, # the subjects' 4-D NIfTI images or paths (or a folder of them)
                 threshold:float=0.5, # keep voxels that pass in at least this fraction of subjects
                 percentile:float=10.0, # per subject, a voxel passes when its std is above this percentile of nonzero stds
+                brain_mask=None, # None: by signal; a 3-D NIfTI (path or image: a brain mask or an atlas) whose non-zero voxels may be kept; "nonzero": voxels not always zero
+                standardised:bool|None=None, # whether the input was z-scored (every voxel's std alike); None: detected per subject
                )->nib.Nifti1Image: # uint8 0/1 mask in the subjects' space
     "A brain mask shared by subjects: voxels with temporal signal in at least `threshold` of them."
     if not 0 < threshold <= 1: raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if isinstance(brain_mask, str) and brain_mask != "nonzero" and not Path(brain_mask).exists():
+        raise ValueError(f"brain_mask must be a NIfTI mask or atlas, its path, or 'nonzero'; {brain_mask!r} is none of these")
     if isinstance(imgs_or_paths, (str, os.PathLike)): imgs_or_paths = find_niftis(imgs_or_paths)
     items = list(imgs_or_paths)
     if not items: raise ValueError("shared_mask needs at least one subject")
     imgs, names = [load_nifti(x, ndim=4) for x in items], [_name(x) for x in items]
     _check_same_space(imgs, names)
-    count, bad = np.zeros(imgs[0].shape[:3], np.int32), np.zeros(imgs[0].shape[:3], bool)
+    shape, need = imgs[0].shape[:3], math.ceil(threshold * len(imgs) - 1e-9)
+    count, bad, n_nonzero = np.zeros(shape, np.int32), np.zeros(shape, bool), np.zeros(shape, np.int32)
+    rules = set()
     for img, name in zip(imgs, names):
-        std, nonfinite = temporal_std(img)
+        std, nonfinite, nonzero = _temporal_stats(img)
         if nonfinite.any():
             logger.warning(f"{name}: {int(nonfinite.sum())} voxels hold NaN or infinite values; excluded from the mask")
-        bad |= nonfinite
+        bad |= nonfinite; n_nonzero += nonzero
         nz = std[std > 0]
         if nz.size == 0: raise ValueError(f"{name}: every voxel is constant over time; no signal to mask")
-        count += std > np.percentile(nz, percentile)
-    keep = (count >= math.ceil(threshold * len(imgs) - 1e-9)) & ~bad
+        flat = standardised if standardised is not None else _standardised(std)
+        if flat and standardised is None and brain_mask is None:
+            logger.info(f"{name}: every non-constant voxel has the same temporal std ({np.median(nz):.4g}): the input "
+                        f"looks standardised, so every finite, non-constant voxel is kept")
+        if flat or brain_mask is not None: rules.add("non-constant"); count += std > 0
+        else: rules.add(f"std above the {percentile:g}th percentile"); count += std > np.percentile(nz, percentile)
+    if brain_mask is None: inside, what = np.ones(shape, bool), None
+    elif isinstance(brain_mask, str) and brain_mask == "nonzero": inside, what = n_nonzero >= need, "the non-zero voxels"
+    else: inside, what = _mask_array(brain_mask, names[0], shape, imgs[0].affine), f"the mask {_name(brain_mask)}"
+    keep = inside & ~bad & (count >= need)
     if not keep.any(): raise ValueError(f"no voxel passes in {threshold:.0%} of the subjects: {', '.join(names)}")
-    logger.info(f"shared mask: {int(keep.sum())} voxels from {len(imgs)} subjects")
+    removed = [f"{int((~inside).sum())} outside {what}"] if what else []
+    removed += [f"{int((inside & bad).sum())} NaN or infinite",
+                f"{int((inside & ~bad & (count < need)).sum())} not {' or '.join(sorted(rules))} in {need} of the subjects"]
+    logger.info(f"shared mask: {int(keep.sum())} of {keep.size} voxels kept from {len(imgs)} subjects; removed: "
+                + ", ".join(removed))
     mask = nib.Nifti1Image(keep.astype(np.uint8), imgs[0].affine)
     mask.header.set_data_dtype(np.uint8); mask.header.set_xyzt_units("mm")
     return mask
+
 
 # %% ../../nbs/00_data.fmri.ipynb #4c3cf519
 def _mask_array(mask, name="", shape=None, affine=None)->np.ndarray:
