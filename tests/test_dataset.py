@@ -1,12 +1,20 @@
-"""load_study end to end on the synthetic study: discovery, a cache that is reused, and rebuilt when stale or damaged."""
+"""load_study end to end on the synthetic study: discovery, a cache that is reused, and rebuilt when stale or damaged
+(truncated, bytes changed in place, NaN written in); leftovers of killed builds, file modes and a full disk."""
+import errno
+import logging
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from giblet.alignment.sync import FeatureParams
-from giblet.data.dataset import discover, load_arrays, load_study
+import giblet.io as gio
+from giblet.data.dataset import cache_main, cache_manifest, discover, load_arrays, load_study
+from giblet.io import DiskFullError, fingerprint_changes, input_fingerprint
 from giblet.data.synthetic import make_dataset
 
 PARAMS = FeatureParams(size=(32, 18), n_mels=32, text_dim=64)
@@ -70,3 +78,115 @@ def test_cached_bold_matches_the_raw_bold_closely(study, tmp_path):
     raw = load_subjects(layout.nii, al.mask, stop=al.n_trs)
     err = np.abs(al.fmri[0] - raw[0]) / raw[0].std(0).clip(1e-6)
     assert err.max() < 5e-3
+
+
+# --- content-checked caches -------------------------------------------------------------------------------------
+
+
+def _build(study_dir, cache, **kw):
+    al = load_study(study_dir, cache_dir=cache, params=PARAMS, show_progress=False, **kw)
+    return al, Path(al.video.filename).parent
+
+
+def _overwrite(path, offset, data):
+    with open(path, "r+b") as f: f.seek(offset); f.write(data)
+
+
+@pytest.mark.parametrize("damage", ["fmri_plausible", "fmri_nan", "video_plausible"])
+def test_bytes_changed_in_place_are_detected_and_rebuilt(study, tmp_path, caplog, damage):
+    root, _ = study
+    al, folder = _build(root / "study", tmp_path / "cache")
+    fmri, video = np.array(al.fmri[:]), np.array(al.video)
+    name = damage.split("_")[0] + ".npy"
+    arr = np.load(folder / name, mmap_mode="r"); off = arr.offset; n = arr.nbytes; del arr, al
+    if damage == "fmri_nan": data = np.full(200, np.nan, np.float16).tobytes()
+    else: data = (folder / name).read_bytes()[off + n // 2: off + n // 2 + 4000]    # real data from elsewhere in the file
+    _overwrite(folder / name, off + 64, data)
+    with caplog.at_level(logging.WARNING):
+        al2, folder2 = _build(root / "study", tmp_path / "cache")
+    assert folder2 == folder
+    assert any(str(folder / name) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
+    np.testing.assert_array_equal(al2.fmri[:], fmri); np.testing.assert_array_equal(al2.video, video)
+
+
+def test_damage_with_the_time_stamp_restored_is_caught_by_verify(study, tmp_path, caplog):
+    root, _ = study
+    al, folder = _build(root / "study", tmp_path / "cache"); del al
+    st = (folder / "fmri.npy").stat()
+    _overwrite(folder / "fmri.npy", 200, b"\x00\x3c" * 50)
+    os.utime(folder / "fmri.npy", ns=(st.st_atime_ns, st.st_mtime_ns))
+    _build(root / "study", tmp_path / "cache")                       # sizes and time stamps look right: not noticed
+    assert "checksum" not in caplog.text
+    with caplog.at_level(logging.WARNING): _build(root / "study", tmp_path / "cache", verify=True)
+    assert f"{folder / 'fmri.npy'} does not match its checksum" in caplog.text
+
+
+def test_manifest_holds_checksums_and_the_input_fingerprint(study, tmp_path):
+    root, layout = study
+    _, folder = _build(root / "study", tmp_path / "cache")
+    man = cache_manifest(folder)
+    assert man["files"]["fmri.npy"]["blake2b"] == gio.file_checksum(folder / "fmri.npy")
+    assert {f["path"] for f in man["inputs"]} == {str(p.resolve()) for p in (layout.film, layout.annotations, *layout.nii)}
+    assert fingerprint_changes(man["inputs"], input_fingerprint([layout.film, layout.annotations, *layout.nii])) == []
+
+
+def test_leftovers_of_a_killed_build_are_removed_on_the_next_load(study, tmp_path):
+    root, _ = study
+    cache = tmp_path / "cache"; cache.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"]); dead.wait()
+    new = cache / f".{'0' * 20}.{dead.pid}-0123abcd.tmp"; new.mkdir(); (new / "video.npy").write_bytes(b"x" * 100)
+    old = cache / f".{'1' * 20}.k2j_x9q1"; old.mkdir(); os.utime(old, (0, 0))     # an older giblet's mkdtemp name
+    keep = cache / ".not-ours"; keep.mkdir()
+    _build(root / "study", cache)
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [".not-ours"]
+
+
+def test_cache_files_get_umask_derived_modes(study, tmp_path):
+    root, _ = study
+    old = os.umask(0o027)
+    try: _, folder = _build(root / "study", tmp_path / "cache")
+    finally: os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o640}
+
+
+def test_full_disk_at_the_cache_is_one_line_naming_the_folder(study, tmp_path, monkeypatch):
+    root, _ = study
+    cache = tmp_path / "cache"
+    _, folder = _build(root / "study", cache)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # known to be too small before writing
+    monkeypatch.setattr(gio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4032, 4032))
+    with pytest.raises(DiskFullError) as e:
+        load_study(root / "study", cache_dir=cache, params=FeatureParams(size=(16, 9), n_mels=32, text_dim=64),
+                   show_progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and f"no space left in {cache} for " in msg and "needs" in msg and "4.0 kB free" in msg, msg
+    monkeypatch.undo()
+    # the disk fills midway through the BOLD (the space check passed)
+    real = gio.HashingWriter.write
+    def write(self, b):
+        if self.n + memoryview(b).nbytes > 20_000: raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, b)
+    monkeypatch.setattr(gio.HashingWriter, "write", write)
+    shutil.rmtree(folder)
+    with pytest.raises(DiskFullError) as e: load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
+    assert "\n" not in str(e.value) and f"no space left in {cache} for {folder.name}" in str(e.value)
+    assert list(cache.iterdir()) == []                                             # no half-built folder
+    monkeypatch.undo()
+    _, folder = _build(root / "study", cache)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "verified.json"} == \
+        {k: v for k, v in before.items() if k != "verified.json"}                  # a rebuild is byte-identical
+
+
+def test_cache_main_builds_and_verify_removes_damaged_caches(study, tmp_path, caplog):
+    root, _ = study
+    cache = tmp_path / "cache"
+    out = cache_main(root / "study", cache, show_progress=False, params=PARAMS)
+    other = cache_main(root / "study", cache, show_progress=False,
+                       params=FeatureParams(size=(16, 9), n_mels=32, text_dim=64))["study"]
+    _overwrite(other / "audio.npy", 300, b"\x01" * 64)
+    with caplog.at_level(logging.WARNING): res = cache_main(None, cache, verify=True, show_progress=False)
+    assert res["verified"] == [out["study"]] and res["removed"] == [other] and not other.exists()
+    assert f"{other / 'audio.npy'} does not match its checksum" in caplog.text
+    with pytest.raises(ValueError, match="give a study folder"): cache_main(None, cache)
