@@ -226,3 +226,14 @@ def test_sample_rate_mismatch(film):
     loud = a > -60
     assert np.corrcoef(a[loud], b[loud])[0, 1] > 0.99 and np.abs(a - b)[loud].mean() < 0.5
     assert audio_to_mel(chord(48000), sample_rate=16000).shape[0] == 6   # misread as 16 kHz it would last 9 s
+
+
+def test_corrupt_film_names_the_film_and_the_time(film, tmp_path):
+    data = bytearray(film[0].read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4000] = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{bad}: the film is corrupt: decoding its audio stream failed at film time") as e:
+        audio_to_mel(bad)
+    t = float(str(e.value).split("film time ")[1].split(" s")[0])
+    assert 0.0 < t < DURATION, t

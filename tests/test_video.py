@@ -1,5 +1,6 @@
 """End-to-end tests of giblet.data.video on films written to disk: round trips, odd and variable frame rates,
 timestamp-exact window assignment, seeking, resizing, audio muxing and bad inputs."""
+import logging
 import math
 import os
 import stat
@@ -248,3 +249,67 @@ def test_bad_inputs(tmp_path, film):
     with pytest.raises(ValueError, match="crf"):
         frames_to_video(good, out, fps=25, crf=60)
     assert not out.exists()
+
+
+# --- rotation, aspect and corrupt films ---------------------------------------------------------------------------
+
+def quadrants(n=40, size=(64, 36)):
+    "Frames of three coloured quadrants on grey: any turn or flip shows."
+    w, h = size
+    f = np.full((n, h, w, 3), 40, np.uint8)
+    f[:, :h // 2, :w // 2] = (220, 60, 40); f[:, :h // 2, w // 2:] = (40, 200, 60); f[:, h // 2:, :w // 2] = (50, 60, 210)
+    return f
+
+
+def write_turned(upright, path, degrees):
+    "Store frames turned by -degrees (as a camera held sideways does) with a display matrix turning them by `degrees`."
+    stored = np.ascontiguousarray(np.rot90(upright, -round(degrees / 90), axes=(1, 2)))
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25, options={"crf": "12"})
+        vs.width, vs.height, vs.pix_fmt = stored.shape[2], stored.shape[1], "yuv420p"
+        vs.set_display_rotation(degrees)
+        for k, img in enumerate(stored):
+            vf = av.VideoFrame.from_ndarray(img, format="rgb24"); vf.pts = k; out.mux(vs.encode(vf))
+        out.mux(vs.encode())
+    return path
+
+
+@pytest.mark.parametrize("degrees", [-90, 90, 180])
+def test_rotated_clip_reads_upright(tmp_path, degrees):
+    up = quadrants()
+    path = write_turned(up, tmp_path / f"turned{degrees}.mp4", degrees)
+    with av.open(str(path)) as c:                                   # the file really is stored turned
+        frame = next(c.decode(video=0))
+        assert frame.rotation % 360 == degrees % 360 and (frame.width, frame.height) == ((36, 64) if degrees % 180 else (64, 36))
+    got = video_to_frames(path, size=(64, 36), frame_skip=1, max_trs=1)[0, :30]
+    scores = {k: psnr(got, np.rot90(up[:30], k, axes=(1, 2))) for k in (0, 2)}
+    scores.update({k: psnr(got, np.rot90(up, k, axes=(1, 2))[:, 14:50:1, :][:, :, :64] if False else got * 0) for k in ()})
+    assert scores[0] > 25 and scores[2] < 12, scores               # upright, not upside down
+    flipped = psnr(got, up[:30, ::-1])
+    assert flipped < 15, flipped
+
+
+@pytest.mark.parametrize("film_size, out, rows, cols", [((64, 48), (64, 36), slice(6, 42), slice(0, 64)),    # 4:3 -> 16:9
+                                                       ((96, 36), (64, 36), slice(0, 36), slice(16, 80))])  # 8:3 -> 16:9
+def test_other_aspect_is_centre_cropped_not_squashed(tmp_path, caplog, film_size, out, rows, cols):
+    path = frames_to_video(_moving_pattern(40, size=film_size), tmp_path / "aspect.mp4", fps=25)
+    native = video_to_frames(path, size=film_size, frame_skip=1, max_trs=1)
+    with caplog.at_level(logging.WARNING, "giblet.data.video"):
+        got = video_to_frames(path, size=out, frame_skip=1, max_trs=1)
+    np.testing.assert_array_equal(got, native[:, :, rows, cols])    # the middle, at the film's own scale
+    assert "centre-cropped, 25% of the picture cut" in caplog.text if film_size == (64, 48) else "centre-cropped" in caplog.text
+    pad = video_to_frames(path, size=out, frame_skip=1, max_trs=1, fit="pad")
+    assert pad[..., :4, :4, :].max() == 0                            # a black bar at the edge
+
+
+def test_corrupt_film_names_the_film_and_the_time(film, tmp_path):
+    path = film[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4000] = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{bad}: the film is corrupt: decoding its video stream failed at film time") as e:
+        video_to_frames(bad, size=(32, 18))
+    t = float(str(e.value).split("film time ")[1].split(" s")[0])
+    assert 2.0 < t < 14.0, t                                         # in the middle of the 16 s film, where the damage is
+    assert video_to_frames(bad, size=(32, 18), max_trs=1).shape[0] == 1   # the film before the damage still reads

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy.io import wavfile
 
+from .video import decode_stream
+
 logger = logging.getLogger(__name__)
 
 # %% auto #0
@@ -111,7 +113,7 @@ def load_audio(path:str|Path, # any film or audio file PyAV reads
         resampler = av.AudioResampler(format="fltp", rate=sr)
         need = None if stop is None else math.ceil(stop * sr)
         chunks, n, lead = [], 0, None                      # n: samples so far, counted from film time 0
-        for frame in c.decode(stream):
+        for frame in decode_stream(c, stream, path, t0):
             if lead is None:
                 lead = round(((frame.time if frame.time is not None else t0) - t0) * sr)
                 if lead > sr // 1000: logger.warning("%s: audio starts %.3f s after the film; silence before it", path, lead / sr)

@@ -10,6 +10,7 @@ import math
 import itertools
 import os
 import uuid
+from functools import lru_cache
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,7 +23,8 @@ from av.video.reformatter import Interpolation, VideoReformatter
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'VideoInfo', 'video_info', 'frames_per_tr', 'video_to_frames', 'frames_to_video', 'psnr']
+__all__ = ['logger', 'FITS', 'decode_stream', 'VideoInfo', 'video_info', 'frames_per_tr', 'video_to_frames', 'frames_to_video',
+           'psnr']
 
 # %% ../../nbs/01_data.video.ipynb #865fc1ab
 _NOT_FILMS = {"tty": "a text file", "image2": "a still image", "lavfi": "a filter graph"}
@@ -39,6 +41,26 @@ def _open_video(path):
         container.close()
         raise ValueError(f"{path}: expected a film with a video stream, found {kind or found}")
     return container, container.streams.video[0]
+
+def decode_stream(container, # an open PyAV container
+                  stream, # its stream to decode
+                  path, # the file, for messages
+                  t_zero=0, # film time 0 on the stream's clock (seconds)
+                 ): # yields decoded frames
+    "Decode `stream` packet by packet; a corrupt packet raises an error naming the film and the film time where decoding failed."
+    packets, at = container.demux(stream), None
+    while True:
+        try:
+            packet = next(packets)
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is not None and packet.time_base: at = ts * packet.time_base - t_zero
+            frames = packet.decode()
+        except StopIteration: return
+        except av.FFmpegError as e:
+            where = f"at film time {float(at):.2f} s" if at is not None else "before its first timestamp"
+            raise ValueError(f"{path}: the film is corrupt: decoding its {stream.type} stream failed {where} ({e}); "
+                             f"re-encode the film or replace the file") from e
+        yield from frames
 
 def _frame_rate(stream, path)->Fraction:
     "The stream's average frame rate (falling back to the guessed and base rates) as an exact fraction."
@@ -106,6 +128,39 @@ def frames_per_tr(fps, # frame rate in frames per second (float or Fraction)
     if int(frame_skip) != frame_skip or frame_skip < 1: raise ValueError(f"frame_skip must be an integer >= 1, got {frame_skip}")
     return math.ceil(fps * tr / int(frame_skip))
 
+# %% ../../nbs/01_data.video.ipynb #3fd7642a
+FITS = ("crop", "pad") # how a film of another aspect fills the output frame: centre-crop, or letter-box (black bars)
+
+@lru_cache(maxsize=256)
+def _say_once(level:int, msg:str): logger.log(level, msg)
+
+def _layout(frame, stream, size, fit:str, path)->tuple:
+    "How a decoded frame becomes an upright picture of `size`: (scaled size before turning, quarter turns, offset, crop?)."
+    w, h = size
+    rot = float(getattr(frame, "rotation", 0) or 0)     # the display matrix: degrees counter-clockwise
+    k = round(rot / 90) % 4
+    if abs(rot - 90 * round(rot / 90)) > 1:
+        _say_once(logging.WARNING, f"{path}: a display rotation of {rot:g} degrees is not a quarter turn; "
+                                   f"turned by {90 * k} degrees")
+    elif k: _say_once(logging.INFO, f"{path}: display rotation {rot:g} degrees: frames turned upright")
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
+    dw, dh = frame.width * sar, Fraction(frame.height)  # the displayed picture, before turning
+    if k % 2: dw, dh = dh, dw
+    aspect, want = dw / dh, Fraction(w, h)
+    if abs(aspect / want - 1) <= Fraction(1, 100): sw, sh = w, h          # the same aspect, to 1%: scaled as is
+    elif (aspect > want) == (fit == "crop"): sw, sh = round(h * aspect), h  # crop a wider film's sides / pad a taller's
+    else: sw, sh = w, round(w / aspect)                                    # crop a taller film's top and bottom / pad
+    sw, sh = (max(sw, w), max(sh, h)) if fit == "crop" else (max(1, min(sw, w)), max(1, min(sh, h)))
+    if (sw, sh) != (w, h):
+        lost = f"{100 * (1 - w * h / (sw * sh)):.0f}% of the picture cut" if fit == "crop" else \
+               f"{100 * (1 - sw * sh / (w * h)):.0f}% of the frame black"
+        _say_once(logging.WARNING, f"{path}: the film's display aspect {float(aspect):.3f} ({frame.width}x{frame.height}, "
+                  f"pixel aspect {sar}) differs from the output's {float(want):.3f} ({w}x{h}): "
+                  f"{'centre-cropped' if fit == 'crop' else 'letter-boxed'}, {lost}")
+    return ((sw, sh) if k % 2 == 0 else (sh, sw)), k, (abs(sw - w) // 2, abs(sh - h) // 2), fit == "crop"
+
+
 # %% ../../nbs/01_data.video.ipynb #3ed609e7
 # swscale flags: area averaging when shrinking; interpolated (not repeated) chroma and accurate rounding
 _TO_RGB = int(Interpolation.AREA) | int(Interpolation.FULL_CHR_H_INT) | int(Interpolation.ACCURATE_RND)
@@ -122,12 +177,14 @@ def video_to_frames(path, # path to a film PyAV can read
                     frame_skip:int=2, # keep every `frame_skip`-th frame of each TR window
                     max_trs:int|None=None, # decode only the first `max_trs` windows (error if the film has fewer)
                     start=0.0, # film time in seconds where TR 0 starts
+                    fit:str="crop", # a film of another aspect: "crop" (centre-crop) or "pad" (letter-box)
                    )->np.ndarray: # uint8 RGB frames, shape (n_trs, frames_per_tr, height, width, 3)
     "Decode the film at `path` into TR windows of RGB frames, placed by presentation timestamp."
     width, height = _check_size(size)
     tr_q, start_q = _exact(tr, "tr"), _exact(start, "start")
     if tr_q <= 0: raise ValueError(f"tr must be positive, got {tr}")
     if start_q < 0: raise ValueError(f"start must be >= 0 seconds, got {start}")
+    if fit not in FITS: raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     if max_trs is not None and (int(max_trs) != max_trs or max_trs < 1):
         raise ValueError(f"max_trs must be a positive integer or None, got {max_trs!r}")
     container, stream = _open_video(path)
@@ -146,8 +203,16 @@ def video_to_frames(path, # path to a film PyAV can read
         out = np.empty((cap, n_keep, height, width, 3), np.uint8)
 
         to_rgb = VideoReformatter()   # one scaler for the whole decode, not one per frame
+        layout = None                 # found on the first frame: its rotation and size
         def convert(frame, dest):
-            dest[...] = to_rgb.reformat(frame, width=width, height=height, format="rgb24", interpolation=_TO_RGB).to_ndarray()
+            nonlocal layout
+            if layout is None: layout = _layout(frame, stream, (width, height), fit, path)
+            (pw, ph), k, (x0, y0), crop = layout
+            img = to_rgb.reformat(frame, width=pw, height=ph, format="rgb24", interpolation=_TO_RGB).to_ndarray()
+            if k: img = np.rot90(img, k)
+            if img.shape[:2] == (height, width): dest[...] = img
+            elif crop: dest[...] = img[y0:y0 + height, x0:x0 + width]
+            else: dest[...] = 0; dest[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
 
         stream.thread_type = "AUTO"
         if start_q > 0: container.seek(math.floor((start_q + t_zero) / tb), stream=stream, backward=True)
@@ -168,7 +233,7 @@ def video_to_frames(path, # path to a film PyAV can read
                 convert(prev, out[i, 0]); n_converted += 1; first = 1
             out[i, first:] = out[i, first - 1]
 
-        for frame in container.decode(stream):
+        for frame in decode_stream(container, stream, path, t_zero):
             if frame.pts is None: raise ValueError(f"{path}: a decoded frame has no presentation timestamp")
             t = frame.pts * tb - t_zero
             if last_t is not None and t <= last_t:
