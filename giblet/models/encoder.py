@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..features import STREAM_PREFIX, stream_key
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class ModelConfig:
     n_subjects:int=0 # subjects with their own head (0: only the subject-average head, id -1)
     context_trs:int=8 # K, TRs per window
     tr:float=1.5 # seconds per TR
+    stream_dims:dict=field(default_factory=dict) # pretrained feature streams: name -> width d of its (n_trs, d) features
     # stimulus encoders
     video_channels:tuple=(8, 16) # conv stem widths; the first conv is a patchify conv, the rest stride 2
     video_patch:int=2 # kernel and stride of the first (patchify) conv
@@ -82,6 +85,15 @@ class ModelConfig:
         if self.video_dim % self.pool_heads: raise ValueError("ModelConfig: video_dim must be a multiple of pool_heads")
         if len(self.video_grid) != 2 or not self.decoder_video_channels or not self.video_channels or not self.audio_channels:
             raise ValueError("ModelConfig: video_grid needs 2 values, decoder_video_channels >= 1, video/audio_channels >= 1")
+        if not isinstance(self.stream_dims, dict) or any(not isinstance(n, str) or not n.isidentifier() or int(d) != d or d < 1
+                                                         for n, d in self.stream_dims.items()):
+            raise ValueError(f"ModelConfig.stream_dims must map stream names (letters, digits, _) to widths >= 1, got {self.stream_dims!r}")
+        self.stream_dims = {n: int(d) for n, d in self.stream_dims.items()}
+
+    @property
+    def stream_keys(self)->tuple:
+        "The batch keys of the feature streams (`giblet.features.stream_key` of each name)."
+        return tuple(stream_key(n) for n in self.stream_dims)
 
     @classmethod
     def preset(cls, name:str, # "tiny", "default" or "sherlock"
@@ -161,6 +173,10 @@ def example_batch(cfg:ModelConfig, # sizes of the batch
         y = np.einsum("bfk,fv->bkv", bold, mix)
         y = y + noise * y.std() * g.standard_normal(y.shape)
         out["fmri"] = torch.from_numpy(((y - y.mean((0, 1))) / (y.std((0, 1)) + 1e-6)).astype(np.float32))
+    for i, (name, d) in enumerate(cfg.stream_dims.items()):   # streams: noisy random mixtures of the per-TR factors
+        w = np.random.default_rng([truth_seed, 1, i]).standard_normal((4, d))
+        noise_s = np.random.default_rng([seed, 1, i]).standard_normal((B, K, d))
+        out[stream_key(name)] = torch.from_numpy((np.einsum("bfk,fd->bkd", zt, w) + 0.3 * noise_s).astype(np.float32))
     return out
 
 # %% ../../nbs/20_models.encoder.ipynb #08331b01
@@ -251,18 +267,21 @@ class Fusion(nn.Module):
                 ):
         super().__init__()
         dims = dict(video=cfg.video_dim, audio=cfg.audio_dim, text=cfg.text_hidden)
-        self.mode, self.p = cfg.fusion, cfg.modality_dropout
-        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(dims[m], cfg.d_model), nn.LayerNorm(cfg.d_model)) for m in MODALITIES})
-        self.absent = nn.ParameterDict({m: nn.Parameter(0.02 * torch.randn(cfg.d_model)) for m in MODALITIES})
-        self.mix = nn.Linear(len(MODALITIES) * cfg.d_model, cfg.d_model) if cfg.fusion == "concat" else nn.Identity()
+        self.mode, self.p, self.names = cfg.fusion, cfg.modality_dropout, MODALITIES + cfg.stream_keys
+        proj = {m: nn.Sequential(nn.Linear(dims[m], cfg.d_model), nn.LayerNorm(cfg.d_model)) for m in MODALITIES}
+        proj |= {stream_key(n): nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.d_model), nn.LayerNorm(cfg.d_model))
+                 for n, d in cfg.stream_dims.items()}   # a stream's scale is its backbone's: normalise it first
+        self.proj = nn.ModuleDict(proj)
+        self.absent = nn.ParameterDict({m: nn.Parameter(0.02 * torch.randn(cfg.d_model)) for m in self.names})
+        self.mix = nn.Linear(len(self.names) * cfg.d_model, cfg.d_model) if cfg.fusion == "concat" else nn.Identity()
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, feats:dict, # modality -> (B, K, dim) features, or None where absent
+    def forward(self, feats:dict, # modality or stream key -> (B, K, dim) features, or None where absent
                 B:int, # batch size
                 K:int, # TRs per window
                )->torch.Tensor: # (B, K, d_model)
         zs = []
-        for m in MODALITIES:
+        for m in self.names:
             absent = self.absent[m].expand(B, K, -1)
             if feats.get(m) is None: zs.append(absent); continue
             z = self.proj[m](feats[m])
@@ -417,17 +436,21 @@ class BrainHead(nn.Module):
 def batch_size_and_k(batch:dict, # a batch per the batch contract
                     )->tuple: # (B, K)
     "(B, K) of a batch, read from the first stream present."
-    for key in ("video", "audio", "text", "has_text", "fmri", "trs"):
+    for key in ("video", "audio", "text", "has_text", "fmri", "trs", *sorted(k for k in batch if k.startswith(STREAM_PREFIX))):
         if batch.get(key) is not None: return tuple(batch[key].shape[:2])
     raise ValueError(f"batch has none of video/audio/text/has_text/fmri/trs (keys: {sorted(batch)})")
 
 def check_modalities(batch:dict, # a batch per the batch contract
                      modalities:Sequence[str]|None=None, # subset to use; None: every modality in the batch
+                     streams:Sequence[str]=(), # the batch keys of the model's feature streams
                     )->tuple:
-    "The modalities to encode; asking for one the batch lacks is an error."
-    if modalities is None: return tuple(m for m in MODALITIES if batch.get(m) is not None)
-    unknown = set(modalities) - set(MODALITIES)
-    if unknown: raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {MODALITIES}")
+    "The modalities (and stream keys) to encode; asking for one the batch lacks, or a stream the model lacks, is an error."
+    extra = sorted(k for k in batch if k.startswith(STREAM_PREFIX) and k not in streams)
+    if extra: raise ValueError(f"the batch holds feature streams {extra} the model has no input for (its streams: {list(streams)})")
+    known = MODALITIES + tuple(streams)
+    if modalities is None: return tuple(m for m in known if batch.get(m) is not None)
+    unknown = set(modalities) - set(known)
+    if unknown: raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {known}")
     missing = [m for m in modalities if batch.get(m) is None]
     if missing: raise ValueError(f"modalities {missing} were asked for but the batch has no such key")
     return tuple(modalities)
@@ -445,9 +468,9 @@ class StimulusEncoder(nn.Module):
         self.head = BrainHead(cfg.d_model, cfg.n_voxels, cfg.brain_rank, cfg.n_subjects)
 
     def forward(self, batch:dict, # per the batch contract; tensors may be on the CPU
-                modalities:Sequence[str]|None=None, # subset of MODALITIES to use
+                modalities:Sequence[str]|None=None, # subset of MODALITIES and stream keys to use
                )->torch.Tensor: # (B, K, n_voxels)
-        mods = check_modalities(batch, modalities)
+        mods = check_modalities(batch, modalities, self.cfg.stream_keys)
         B, K = batch_size_and_k(batch)
         dev = self.head.basis.weight.device
         get = lambda k: batch[k].to(dev, non_blocking=True)
@@ -455,5 +478,11 @@ class StimulusEncoder(nn.Module):
         if "video" in mods: feats["video"] = self.video(get("video"))
         if "audio" in mods: feats["audio"] = self.audio(get("audio"))
         if "text" in mods: feats["text"] = self.text(get("text"), get("has_text") if batch.get("has_text") is not None else None)
+        for name, key in zip(self.cfg.stream_dims, self.cfg.stream_keys):
+            if key not in mods: continue
+            x = get(key)
+            if x.shape[:2] != (B, K) or x.shape[-1] != self.cfg.stream_dims[name]:
+                raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}; the model expects ({B}, {K}, {self.cfg.stream_dims[name]})")
+            feats[key] = x.to(self.fusion.proj[key][0].weight.dtype)
         h = self.temporal(self.mlp(self.fusion(feats, B, K)))
         return self.head(h, batch.get("subject"))
