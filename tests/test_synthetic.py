@@ -213,3 +213,40 @@ def test_bold_learnable_only_from_the_stimulus(study, truth):
         X = convolve_hrf(factors.astype(np.float64), TR)
         r = _r(RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(X[:n_fit], Y[:n_fit]).predict(X[test]), T[test])
         assert lo < r.mean() < hi, r.mean()
+
+
+def test_two_runs_in_both_layouts(tmp_path):
+    "Two runs: one NIfTI per subject and run, the same data in the Sherlock and the BIDS layout, parts with a clock restart."
+    import json
+    kw = dict(n_subjects=2, n_trs=60, n_runs=2, seed=2, shape=(10, 12, 10), size=(32, 18))
+    a, b = make_dataset(tmp_path / "a", **kw), make_dataset(tmp_path / "b", layout="bids", **kw)
+    assert [p.name for p in a.runs[1]["nii"]] == ["sherlock_movie_s1_run2.nii.gz", "sherlock_movie_s2_run2.nii.gz"]
+    assert [p.relative_to(b.root).as_posix() for p in b.runs[1]["nii"]] == [
+        f"sub-0{s}/func/sub-0{s}_task-movie_run-2_bold.nii.gz" for s in (1, 2)]
+    for ra, rb in zip(a.runs, b.runs):
+        assert {k: v for k, v in ra.items() if k != "nii"} == {k: v for k, v in rb.items() if k != "nii"}
+        for pa, pb in zip(ra["nii"], rb["nii"]):
+            np.testing.assert_array_equal(np.asarray(nib.load(pa).dataobj), np.asarray(nib.load(pb).dataobj))
+    (r1, r2), t = a.runs, load_truth(a)
+    assert (r1["scan_offset"], r2["scan_offset"], r1["film_stop"]) == (1, -2, r2["film_start"])
+    n1, n2 = (nib.load(r["nii"][0]).shape[3] for r in a.runs)
+    assert n1 + n2 == 60 and t["bold"].shape[0] == 60 and t["run"].tolist() == [0] * n1 + [1] * n2
+    assert t["volume"].tolist() == list(range(n1)) + list(range(n2))
+    assert not t["factors"][0].any() and t["factors"][n1].any()       # run 1's volume 0 is before its film; run 2's is not
+    assert video_info(a.film).duration >= r2["film_stop"]
+    raw = pd.read_excel(a.annotations)
+    back = np.flatnonzero(np.diff(raw["Start Time (s) "].to_numpy()) < 0)
+    assert len(back) == 1 and (np.diff(raw["Start TR"]) >= 0).all() and (np.diff(raw["Segment Number"]) >= 0).all()
+    part2 = raw.iloc[back[0] + 1:]
+    assert part2["Start Time (s) "].min() == 0 and part2["Start TR"].min() == int(r2["film_start"] // TR) + 1
+    side = json.loads((b.runs[0]["nii"][0].parent / "sub-01_task-movie_run-1_bold.json").read_text())
+    assert side["RepetitionTime"] == TR
+    ev = pd.read_csv(b.runs[1]["nii"][1].parent / "sub-02_task-movie_run-2_events.tsv", sep="\t")
+    assert ev[["onset", "duration", "stim_file", "film_start"]].values.tolist() == [
+        [-2 * TR, r2["film_stop"] - r2["film_start"], "film.m4v", r2["film_start"]]]
+    assert (b.root / "participants.tsv").read_text().split() == ["participant_id", "sub-01", "sub-02"]
+    lay = make_dataset(b.root, **{**kw, "n_subjects": 1}, layout="bids", overwrite=True)   # no stale subject left
+    assert sorted(p.name for p in b.root.glob("sub-*/func/*")) == sorted(
+        n for p in lay.runs[0]["nii"] + lay.runs[1]["nii"] for n in
+        (p.name, p.name.replace("_bold.nii.gz", "_bold.json"), p.name.replace("_bold.nii.gz", "_events.tsv")))
+    with pytest.raises(ValueError, match="layout"): make_dataset(tmp_path / "z", layout="bdis")

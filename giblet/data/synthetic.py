@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -198,8 +198,8 @@ def _segments(rng, duration:float)->list:
         if rng.random() < 0.5: topic = int(rng.choice([k for k in range(len(_TOPICS)) if k != topic]))
     return out
 
-def _annotation_table(rng, segments, tr:float)->pd.DataFrame:
-    "The spreadsheet rows for `segments`, with the Sherlock columns and quirks (duplicates, blanks)."
+def _annotation_table(rng, segments, tr:float, clock_start:float=0.0)->pd.DataFrame:
+    "The spreadsheet rows for `segments` (on a part's clock, 0 = film time `clock_start`), with the Sherlock columns and quirks."
     rows, scene = [], 0
     for i, (start, end, k) in enumerate(segments):
         spec = _TOPICS[TOPIC_NAMES[k]]
@@ -210,7 +210,7 @@ def _annotation_table(rng, segments, tr:float)->pd.DataFrame:
         text = spec["what"][int(rng.integers(len(spec["what"])))].format(a=cast[0], b=cast[1])
         nobody = rng.random() < 0.05
         rows.append({"Segment Number": i + 1, "Start Time (s) ": start, "End Time (s) ": end,
-                     "Start TR": int(start // tr) + 1, "End TR": int(end // tr) + 1,
+                     "Start TR": int((start + clock_start) // tr) + 1, "End TR": int((end + clock_start) // tr) + 1,
                      "Scene Segments": f"{scene}. {place}" if i == 0 or k != segments[i - 1][2] else None,
                      "Scene Details - A Level ": text[0].upper() + text[1:] + ".",
                      "Space-In/Outdoor": "Outdoor" if TOPIC_NAMES[k] == "street" else "Indoor",
@@ -327,10 +327,12 @@ def _soundtrack(tracks:dict, fps:float, sample_rate:int, rng)->np.ndarray:
 class SyntheticLayout:
     "Where `make_dataset` wrote each part of a synthetic study."
     root: Path          # the study folder
-    film: Path          # root/stimuli_Sherlock.m4v
-    annotations: Path   # root/annotations.xlsx
-    nii: list[Path]     # root/sherlock_nii/sherlock_movie_s{i}.nii.gz, in subject order
+    film: Path          # root/stimuli_Sherlock.m4v (BIDS: root/stimuli/film.m4v)
+    annotations: Path   # root/annotations.xlsx (BIDS: root/stimuli/annotations.xlsx)
+    nii: list[Path]     # the first run's NIfTIs in subject order (root/sherlock_nii/sherlock_movie_s{i}.nii.gz with one run)
     truth: Path         # root/truth.npz
+    runs: list = field(default_factory=list) # per run: dict(nii, film_start, film_stop, scan_offset (volumes), part)
+    layout: str = "sherlock" # "sherlock" or "bids"
 
 PRESETS = {
     "tiny": dict(n_subjects=2, n_trs=120, shape=(14, 17, 14)),
@@ -391,12 +393,68 @@ def _write_nii(path:Path, raw, mask, affine, tr:float):
     _atomic(path, lambda tmp: nib.save(img, tmp))
 
 # %% ../../nbs/04_data.synthetic.ipynb #4850aa6d
+def _run_plan(n_trs:int, n_runs:int)->list:
+    "Per run: (volumes, scan offset in volumes, first film TR of its segment, film TRs in the segment)."
+    if n_runs == 1: return [(n_trs, 0, 0, n_trs)]
+    plan, first = [], 0
+    for r in range(n_runs):
+        n_vol = n_trs // n_runs + (r < n_trs % n_runs)
+        offset = 1 if r == 0 else -2      # run 1: one volume before its film; later runs: volume 0 is 2 TRs into theirs
+        plan.append((n_vol, offset, first, n_vol - offset))
+        first += n_vol - offset
+    return plan
+
+def _scan_factors(film_factors, n_vol:int, offset:int, first:int)->np.ndarray:
+    "(n_vol - min(offset, 0), k) factors on a run's scan grid, from the TR `offset` (if negative) on: 0 outside the film."
+    out = np.zeros((n_vol - min(offset, 0), film_factors.shape[1]), np.float32)
+    i = np.arange(min(offset, 0), n_vol)                 # scan TRs (negative: before volume 0)
+    j = first + i - offset                               # the film TR each one shows
+    ok = j >= first
+    out[ok] = film_factors[j[ok]]
+    return out
+
+# %% ../../nbs/04_data.synthetic.ipynb #a3c9e1f0
 _DEFAULTS = dict(n_subjects=3, n_trs=300, tr=1.5, shape=(20, 24, 20), size=(160, 90), fps=25, sample_rate=16000,
                  tail=4.0, snr=1.0, noise_ar=0.5, progress=False)
+_TASK = "movie"
+
+def _paths(root:Path, layout:str, n_subjects:int, n_runs:int)->tuple:
+    "(film, annotations, NIfTIs per run [run][subject], the glob of every NIfTI this layout could hold)."
+    subs = range(1, n_subjects + 1)
+    if layout == "sherlock":
+        name = lambda s, r: f"sherlock_movie_s{s}.nii.gz" if n_runs == 1 else f"sherlock_movie_s{s}_run{r}.nii.gz"
+        return (root / "stimuli_Sherlock.m4v", root / "annotations.xlsx",
+                [[root / "sherlock_nii" / name(s, r) for s in subs] for r in range(1, n_runs + 1)], "sherlock_nii/sherlock_movie_s*.nii*")
+    run = lambda r: "" if n_runs == 1 else f"_run-{r}"
+    return (root / "stimuli" / "film.m4v", root / "stimuli" / "annotations.xlsx",
+            [[root / f"sub-{s:02d}" / "func" / f"sub-{s:02d}_task-{_TASK}{run(r)}_bold.nii.gz" for s in subs]
+             for r in range(1, n_runs + 1)], "sub-*/func/sub-*_task-*")
+
+def _write_bids_meta(layout:SyntheticLayout, tr:float):
+    "dataset_description.json, participants.tsv, a README, .bidsignore, and per run the bold JSON sidecars and events."
+    import json
+    root = layout.root
+    text = lambda path, s: _atomic(path, lambda tmp: Path(tmp).write_text(s))
+    text(root / "dataset_description.json", json.dumps({"Name": "giblet synthetic movie study", "BIDSVersion": "1.8.0",
+                                                         "DatasetType": "raw"}, indent=2))
+    text(root / "README", "A synthetic movie-watching study with a planted ground truth (truth.npz), written by giblet.\n")
+    text(root / ".bidsignore", "truth.npz\n")
+    subjects = sorted({p.name.split("_")[0] for p in layout.nii})
+    text(root / "participants.tsv", "participant_id\n" + "".join(s + "\n" for s in subjects))
+    text(root / f"task-{_TASK}_events.json", json.dumps({
+        "stim_file": {"Description": "the film, relative to stimuli/"},
+        "film_start": {"Description": "film time (s) at which this run's segment starts", "Units": "s"}}, indent=2))
+    for run in layout.runs:
+        for nii in run["nii"]:
+            stem = nii.name[:-len("_bold.nii.gz")]
+            text(nii.with_name(stem + "_bold.json"), json.dumps({"RepetitionTime": tr, "TaskName": _TASK}, indent=2))
+            events = pd.DataFrame({"onset": [run["scan_offset"] * tr], "duration": [run["film_stop"] - run["film_start"]],
+                                   "trial_type": ["film"], "stim_file": [layout.film.name], "film_start": [run["film_start"]]})
+            _atomic(nii.with_name(stem + "_events.tsv"), lambda tmp: events.to_csv(tmp, sep="\t", index=False))
 
 def make_dataset(root, # the study folder to write (created if needed)
                  n_subjects:int=3, # number of subjects (NIfTIs)
-                 n_trs:int=300, # number of TRs scanned
+                 n_trs:int=300, # number of TRs scanned, over all runs
                  tr:float=1.5, # repetition time in seconds
                  seed:int=0, # random seed: the same seed writes the same data
                  shape=(20, 24, 20), # (X, Y, Z) voxels of the volumes
@@ -409,8 +467,10 @@ def make_dataset(root, # the study folder to write (created if needed)
                  preset:str|None=None, # a name in PRESETS; it replaces every argument still at its default
                  progress:bool=False, # show a progress bar
                  overwrite:bool=False, # replace a dataset already in `root`
+                 n_runs:int=1, # runs: each its own film segment, NIfTI per subject and annotation part (clock restarts)
+                 layout:str="sherlock", # "sherlock" (the release's file layout) or "bids" (the same study as a BIDS dataset)
                 )->SyntheticLayout: # where everything was written
-    "Write a synthetic study in the Sherlock layout (film, annotations, one NIfTI per subject) and its planted truth."
+    "Write a synthetic study (film, annotations, one NIfTI per subject and run) and its planted truth."
     args = dict(n_subjects=n_subjects, n_trs=n_trs, tr=tr, shape=shape, size=size, fps=fps, sample_rate=sample_rate,
                 tail=tail, snr=snr, noise_ar=noise_ar, progress=progress)
     if preset is not None:
@@ -422,60 +482,81 @@ def make_dataset(root, # the study folder to write (created if needed)
     if not (tr > 0 and fps > 0 and args["tail"] >= 0 and args["snr"] > 0 and 0 <= args["noise_ar"] < 1):
         raise ValueError(f"need tr > 0, fps > 0, tail >= 0, snr > 0 and 0 <= noise_ar < 1, got {args}")
     if tr * fps < 1: raise ValueError(f"a TR of {tr} s holds no frame at {fps} fps")
+    if layout not in ("sherlock", "bids"): raise ValueError(f"layout must be 'sherlock' or 'bids', not {layout!r}")
+    if not 1 <= int(n_runs) <= n_trs // 20: raise ValueError(f"need 1 <= n_runs <= n_trs / 20, got n_runs={n_runs}")
+    n_runs = int(n_runs)
 
     root = Path(root)
-    layout = SyntheticLayout(root, root / "stimuli_Sherlock.m4v", root / "annotations.xlsx",
-                             [root / "sherlock_nii" / f"sherlock_movie_s{i}.nii.gz" for i in range(1, n_subjects + 1)],
-                             root / "truth.npz")
-    old = [p for p in (layout.film, layout.annotations, layout.truth) if p.exists()]
-    old += sorted((root / "sherlock_nii").glob("sherlock_movie_s*.nii*"))
+    plan = _run_plan(n_trs, n_runs)
+    film, annotations, nii, pattern = _paths(root, layout, n_subjects, n_runs)
+    runs = [dict(nii=paths, film_start=first * tr, film_stop=(first + n_film) * tr, scan_offset=offset, part=r + 1)
+            for r, (paths, (n_vol, offset, first, n_film)) in enumerate(zip(nii, plan))]
+    out = SyntheticLayout(root, film, annotations, nii[0], root / "truth.npz", runs, layout)
+    everything = {p for r in nii for p in r}
+    if layout == "bids": everything |= {p.with_name(p.name.replace("_bold.nii.gz", e)) for p in set(everything)
+                                         for e in ("_bold.json", "_events.tsv")}
+    old = [p for p in (film, annotations, out.truth) if p.exists()]
+    old += sorted(p for p in root.glob(pattern) if p.is_file())
     if old and not overwrite:
         raise FileExistsError(f"{root}: already holds a dataset ({', '.join(p.name for p in old[:4])}); "
                               "pass overwrite=True to replace it")
-    stale = [p for p in old if p.parent.name == "sherlock_nii" and p not in layout.nii]   # subjects beyond n_subjects
-    layout.nii[0].parent.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in old if p.match(pattern) and p not in everything]   # subjects or runs beyond these
+    for p in everything | {film, annotations}: p.parent.mkdir(parents=True, exist_ok=True)
 
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4 + n_subjects)]
-    n_frames = int(round((n_trs * tr + args["tail"]) * fps))
+    n_film_trs = sum(p[3] for p in plan)
+    n_frames = int(round((n_film_trs * tr + args["tail"]) * fps))
     n_chunks = -(-n_frames // _chunk_frames(args["size"]))
     bar = tqdm(total=n_subjects + n_chunks + 2, desc="synthetic dataset", unit="step", mininterval=1.0,
                disable=not args["progress"])
 
-    # stimulus factors, on film time
+    # stimulus factors, on film time; each run's annotation part on its own clock (0 = its segment's start)
     tracks = {name: _track(streams[0], n_frames, fps, *spec) for name, spec in _TRACKS.items()}
-    segments = _segments(streams[1], n_frames / fps)
+    part_ends = [r["film_stop"] for r in runs[:-1]] + [n_frames / fps]
+    parts = [_segments(streams[1], end - r["film_start"]) for r, end in zip(runs, part_ends)]
+    on_film = [(s + r["film_start"], e + r["film_start"], k) for r, part in zip(runs, parts) for s, e, k in part]
     frame_t = np.arange(n_frames) / fps
-    continuous = _per_tr(np.stack([tracks[n] for n in FACTOR_NAMES if n in tracks], 1), frame_t, n_trs, tr)
-    factors = np.concatenate([continuous, _topic_cover(segments, n_trs, tr)], axis=1)
+    continuous = _per_tr(np.stack([tracks[n] for n in FACTOR_NAMES if n in tracks], 1), frame_t, n_film_trs, tr)
+    film_factors = np.concatenate([continuous, _topic_cover(on_film, n_film_trs, tr)], axis=1)
 
-    # brain and planted truth
+    # brain and planted truth, run by run (a run's BOLD starts from rest: no HRF carries over between scans)
     mask, affine = brain_mask(args["shape"])
     roi, amp = plant_rois(mask, affine)
-    bold = plant_bold(factors, _loadings(streams[2], mask, affine, roi), amp, tr)
+    loadings = _loadings(streams[2], mask, affine, roi)
+    factors, bold = [], []
+    for n_vol, offset, first, _ in plan:
+        f = _scan_factors(film_factors, n_vol, offset, first)
+        factors.append(f[-n_vol:]); bold.append(plant_bold(f, loadings, amp, tr)[-n_vol:])
     bar.update(1)
 
-    for path, rng in zip(layout.nii, streams[4:]):
-        _write_nii(path, _subject_raw(rng, bold, mask, affine, args["snr"], args["noise_ar"]), mask, affine, tr)
+    for s, rng in enumerate(streams[4:]):
+        for r, b in enumerate(bold):
+            _write_nii(nii[r][s], _subject_raw(rng, b, mask, affine, args["snr"], args["noise_ar"]), mask, affine, tr)
         bar.update(1)
 
-    table = _annotation_table(streams[3], segments, tr)
-    _atomic(layout.annotations, lambda tmp: table.to_excel(tmp, index=False, engine="openpyxl"))
+    tables = [_annotation_table(streams[3], part, tr, r["film_start"]) for r, part in zip(runs, parts)]
+    for k in range(1, n_runs): tables[k]["Segment Number"] += sum(len(part) for part in parts[:k])   # numbers run on
+    table = pd.concat(tables, ignore_index=True)
+    _atomic(annotations, lambda tmp: table.to_excel(tmp, index=False, engine="openpyxl"))
     audio = _soundtrack(tracks, fps, sr, streams[1])
     frames_to_video(_frames(tracks, args["size"], fps, streams[0], on_chunk=lambda n: bar.update(1)),
-                    layout.film, fps, audio=audio, sample_rate=sr)
+                    film, fps, audio=audio, sample_rate=sr)
+    if layout == "bids": _write_bids_meta(out, tr)
 
+    extra = {} if n_runs == 1 else dict(run=np.concatenate([np.full(p[0], r) for r, p in enumerate(plan)]),
+                                        volume=np.concatenate([np.arange(p[0]) for p in plan]))
     def save_truth(tmp):
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, bold=bold, brain_mask=mask, roi=roi, roi_names=np.array(ROI_NAMES),
-                                factors=factors, factor_names=np.array(FACTOR_NAMES),
-                                factor_modality=np.array(FACTOR_MODALITY), tr=np.float64(tr), affine=affine)
-    _atomic(layout.truth, save_truth)
+            np.savez_compressed(fh, bold=np.concatenate(bold), brain_mask=mask, roi=roi, roi_names=np.array(ROI_NAMES),
+                                factors=np.concatenate(factors), factor_names=np.array(FACTOR_NAMES),
+                                factor_modality=np.array(FACTOR_MODALITY), tr=np.float64(tr), affine=affine, **extra)
+    _atomic(out.truth, save_truth)
     for p in stale: p.unlink()
     bar.update(1)
     bar.close()
-    logger.info("%s: %d subjects x %d TRs, %d brain voxels (%d responsive), film %d frames at %g fps",
-                root, n_subjects, n_trs, int(mask.sum()), int((roi > 0).sum()), n_frames, fps)
-    return layout
+    logger.info("%s: %d subjects x %d TRs in %d run(s), %d brain voxels (%d responsive), film %d frames at %g fps (%s layout)",
+                root, n_subjects, n_trs, n_runs, int(mask.sum()), int((roi > 0).sum()), n_frames, fps, layout)
+    return out
 
 # %% ../../nbs/04_data.synthetic.ipynb #bf78822c
 def load_truth(path, # truth.npz, a SyntheticLayout, or the study folder

@@ -1,0 +1,173 @@
+"""Study specs end to end: a two-run synthetic study through a spec file and through BIDS, annotation parts, errors."""
+import logging
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from giblet.alignment.sync import FeatureParams
+from giblet.data.synthetic import make_dataset
+from giblet.data.video import psnr
+from giblet.study import (SpecError, StudySpec, bids_spec, check_spec, load_spec, plan_subjects, read_spec,
+                          resolve_study, spec_to_dict, sherlock_spec, show_study, write_spec)
+
+KW = dict(n_subjects=2, n_trs=80, n_runs=2, seed=5, shape=(10, 12, 10), size=(32, 18))
+PARAMS = FeatureParams(size=(32, 18), n_mels=16, text_dim=32)
+
+
+@pytest.fixture(scope="module")
+def sherlock(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("study") / "sherlock", **KW)
+
+
+@pytest.fixture(scope="module")
+def bids(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("study") / "bids", layout="bids", **KW)
+
+
+def _spec_file(lay, path, **extra):
+    "A hand-written YAML spec of a synthetic study, paths relative to the spec's folder."
+    rel = lambda p: str(p.relative_to(lay.root))
+    runs = [dict(name=f"run-{i + 1}", film_start=r["film_start"], film_stop=r["film_stop"], scan_offset=r["scan_offset"],
+                 part=r["part"], nii={f"s{k + 1}": rel(p) for k, p in enumerate(r["nii"])}) for i, r in enumerate(lay.runs)]
+    path.write_text(yaml.safe_dump({"tr": 1.5, "film": rel(lay.film), "annotations": rel(lay.annotations), **extra,
+                                    "runs": runs}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(sherlock, bids, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    spec = _spec_file(sherlock, sherlock.root / "study.yaml")
+    return load_spec(spec, cache, PARAMS, show_progress=False), load_spec(bids.root, cache, PARAMS, show_progress=False)
+
+
+def test_spec_file_and_bids_give_the_same_study(loaded, sherlock):
+    a, b = loaded
+    for name in ("text", "has_text", "tr_start", "run", "volume", "audio"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(a.fmri[:]), np.asarray(b.fmri[:]))
+    assert a.texts == b.texts and a.tr == b.tr == 1.5
+    assert psnr(np.asarray(a.video), np.asarray(b.video)) > 40      # two separate encodes of the same frames
+    # run 1 scans one volume before its segment, run 2's volume 0 is 2 TRs into its segment
+    (v1, o1), (v2, o2) = [(len(r["nii"]) and nib.load(r["nii"][0]).shape[3], r["scan_offset"]) for r in sherlock.runs]
+    assert (o1, o2) == (1, -2)
+    np.testing.assert_array_equal(a.volume[a.run == 0], np.arange(1, v1))
+    np.testing.assert_array_equal(a.volume[a.run == 1], np.arange(v2))
+    np.testing.assert_allclose(a.tr_start[a.run == 1], (np.arange(v2) + 2) * 1.5)
+
+
+def test_bold_follows_the_planted_truth(loaded, sherlock):
+    "The loaded BOLD of each run lines up with the truth's volumes of that run (wrong offsets would decorrelate it)."
+    al = loaded[0]
+    truth = np.load(sherlock.truth)
+    bold, roi, t_run, t_vol = truth["bold"], truth["roi"], truth["run"], truth["volume"]
+    inside = np.asarray(al.mask.dataobj)[truth["brain_mask"] > 0] > 0
+    x = np.asarray(al.fmri[:]).mean(0)[:, (roi[inside] > 0)]
+    rows = [np.flatnonzero((t_run == r) & (t_vol == v))[0] for r, v in zip(al.run, al.volume)]
+    y = bold[rows][:, inside][:, roi[inside] > 0]
+    z = lambda m: (m - m.mean(0)) / m.std(0)
+    for run in (0, 1):                                   # each run's scan has its own baseline: z-score per run
+        r = (z(x[al.run == run]) * z(y[al.run == run])).mean(0)
+        shifted = (z(x[al.run == run][3:]) * z(y[al.run == run][:-3])).mean(0)
+        assert r.mean() > 0.5 and r.mean() > shifted.mean() + 0.2, (run, r.mean(), shifted.mean())
+
+
+def _part_rows(lay):
+    raw = pd.read_excel(lay.annotations)
+    restart = np.flatnonzero(np.diff(raw["Start Time (s) "].to_numpy()) < 0) + 1
+    assert len(restart) == 1
+    return raw.iloc[:restart[0]], raw.iloc[restart[0]:]
+
+
+def test_text_never_comes_from_the_other_part(loaded, sherlock):
+    al = loaded[0]
+    parts = _part_rows(sherlock)
+    details = [set(p["Scene Details - A Level "]) for p in parts]
+    for run, rows in enumerate(parts):
+        only_other = details[1 - run] - details[run]
+        assert only_other                                   # some sentences are unique to the other part
+        s, e, what = rows["Start Time (s) "].to_numpy(), rows["End Time (s) "].to_numpy(), rows["Scene Details - A Level "]
+        for t0, text in zip(al.tr_start[al.run == run], np.array(al.texts, dtype=object)[al.run == run]):
+            want = set(what[(s < t0 + 1.5) & (e > t0)])     # this part's rows overlapping the TR, on the part's clock
+            assert all(w in text for w in want), (run, t0, want, text)
+            assert not any(w in text for w in only_other), (run, t0, text)
+
+
+def test_spec_round_trip_and_show(bids, tmp_path):
+    spec = bids_spec(bids.root)
+    assert spec.subjects == ["sub-01", "sub-02"] and [r.part for r in spec.runs] == [1, 2]
+    assert [r.scan_offset for r in spec.runs] == [1.0, -2.0] and spec.film == bids.film
+    back = read_spec(write_spec(spec, tmp_path / "spec.yaml"))
+    assert back == StudySpec(**{**spec.__dict__, "source": str(tmp_path / "spec.yaml")})
+    assert read_spec(write_spec(spec, tmp_path / "spec.json")).runs == spec.runs
+    text = show_study(spec)
+    assert "run-2" in text and "volume 0 is 2 TRs into the segment" in text and "part 2" in text and "sub-02" in text
+
+
+def test_bids_ignores_unrelated_files_and_reads_derivatives(bids, tmp_path):
+    root = shutil.copytree(bids.root, tmp_path / "bids")
+    func = root / "sub-01" / "func"
+    (func / "sub-01_task-movie_run-1_desc-confounds_timeseries.tsv").write_text("csf\n1\n")
+    (func / "sub-01_task-movie_run-1_physio.json").write_text("{}")
+    (root / "sub-01" / "anat").mkdir()
+    (root / "sub-01" / "anat" / "sub-01_T1w.json").write_text("{}")
+    assert spec_to_dict(bids_spec(root), root) == spec_to_dict(bids_spec(bids.root), bids.root)
+    der = root / "derivatives" / "fmriprep"
+    der.mkdir(parents=True)
+    (der / "dataset_description.json").write_text('{"Name": "fmriprep", "BIDSVersion": "1.8.0", "DatasetType": "derivative",'
+                                                  ' "GeneratedBy": [{"Name": "fMRIPrep"}]}')
+    for p in root.glob("sub-*/func/*_bold.nii.gz"):
+        d = der / p.relative_to(root).parent
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / p.name.replace("_bold", "_space-MNI152NLin2009cAsym_desc-preproc_bold"))
+    spec = bids_spec(root, space="MNI152NLin2009cAsym")
+    assert all("derivatives" in str(p) and "space-MNI152NLin2009cAsym" in p.name for r in spec.runs for p in r.nii.values())
+    assert [r.scan_offset for r in spec.runs] == [1.0, -2.0] and check_spec(spec) == 1.5
+
+
+def test_errors_name_the_file_and_field(sherlock, tmp_path):
+    spec = _spec_file(sherlock, sherlock.root / "bad.yaml", tr=2.0)
+    with pytest.raises(ValueError, match=r"sherlock_movie_s1_run1.nii.gz: the NIfTI header says TR = 1.5 s, but .*bad.yaml says 2 s"):
+        check_spec(read_spec(spec))
+    d = yaml.safe_load(spec.read_text()); d["tr"] = 1.5
+    d["runs"][1]["nii"]["s2"] = "sherlock_nii/missing.nii.gz"
+    spec.write_text(yaml.safe_dump(d))
+    with pytest.raises(FileNotFoundError, match=r"bad.yaml: missing files:\n  - run-2.nii.s2: .*missing.nii.gz"):
+        check_spec(read_spec(spec))
+    d["runs"][0]["scan_ofset"] = 1
+    spec.write_text(yaml.safe_dump(d))
+    with pytest.raises(SpecError, match=r"bad.yaml: runs\[0\].scan_ofset: unknown field"): read_spec(spec)
+    spec.write_text("tr: [1.5\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"): read_spec(spec)
+    with pytest.raises(ValueError, match="look like runs"): sherlock_spec(sherlock.root)
+
+
+def test_short_subject_is_warned_or_dropped(sherlock, tmp_path, caplog):
+    spec = read_spec(_spec_file(sherlock, sherlock.root / "short.yaml"))
+    p = spec.runs[0].nii["s2"]
+    img = nib.load(p)
+    short = tmp_path / "s2_short.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :30], img.affine, img.header), short)
+    spec.runs[0].nii["s2"] = short
+    with caplog.at_level(logging.WARNING, logger="giblet.study"):
+        assert plan_subjects(spec, 1.5).subjects == ["s1", "s2"]
+    assert "s2 (run-1: 29 of 39 TRs)" in caplog.text and "drop_short=True" in caplog.text
+    dropped = plan_subjects(spec, 1.5, drop_short=True)
+    assert dropped.subjects == ["s1"] and all(list(r.nii) == ["s1"] for r in dropped.runs)
+
+
+def test_one_run_sherlock_layout_and_mask_file(tmp_path, caplog):
+    lay = make_dataset(tmp_path / "one", n_subjects=2, n_trs=40, seed=1, shape=(10, 12, 10), size=(32, 18))
+    with caplog.at_level(logging.INFO, logger="giblet.study"):
+        spec = resolve_study(lay.root)
+    assert "part 1" in caplog.text and len(spec.runs) == 1 and spec.runs[0].part == 1 and spec.subjects == [
+        "sherlock_movie_s1", "sherlock_movie_s2"]
+    mask = np.zeros((10, 12, 10), np.uint8); mask[3:6, 4:8, 3:6] = 1
+    nib.save(nib.Nifti1Image(mask, nib.load(lay.nii[0]).affine), tmp_path / "roi.nii.gz")
+    spec.mask = tmp_path / "roi.nii.gz"
+    al = load_spec(spec, tmp_path / "cache", PARAMS, show_progress=False)
+    assert al.n_voxels == int(mask.sum()) and al.n_subjects == 2 and (al.run == 0).all()
