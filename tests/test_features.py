@@ -21,7 +21,10 @@ WORDS = "sherlock watson walks into the room and says hello to a man who waits".
 
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch):
+    "Never reach for the hub (the models here are on disk): offline mode, also where huggingface_hub read the env before."
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
@@ -181,3 +184,25 @@ def test_load_streams_concatenates_runs(models, films, tmp_path):
     assert {k: v.shape for k, v in out.items()} == {"video": (7, 16), "lm": (7, 16)}
     alone = load_streams(specs[:1], runs[1:], TR, tmp_path, progress=False)["video"]
     np.testing.assert_array_equal(out["video"][3:], alone)
+
+
+def test_model_trains_on_extracted_streams(models, films, tmp_path):
+    from giblet.models.autoencoder import BrainAutoencoder, compute_losses
+    from giblet.models.encoder import ModelConfig, example_batch
+    words = pd.DataFrame({"onset": np.arange(len(WORDS)) * 0.6, "duration": 0.5, "word": WORDS})
+    times = np.arange(8) * TR
+    streams = load_streams([f"video={models['video']}:-1", f"text={models['text']}:-1:name=lm"],
+                           [StreamRun(films[0], times, words)], TR, tmp_path, progress=False)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", context_trs=8, stream_dims={k: v.shape[1] for k, v in streams.items()})
+    model = BrainAutoencoder(cfg)
+    batch = example_batch(cfg, 1)
+    batch.update({gf.stream_key(k): torch.from_numpy(v)[None] for k, v in streams.items()})
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    keys = [gf.stream_key(k) for k in streams]
+    losses = []
+    for _ in range(15):
+        loss = compute_losses(model(batch, modalities=keys, heads=[]), batch, {})["fmri"]
+        opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+        assert all(p.grad.abs().max() > 0 for k in keys for p in model.encoder.fusion.proj[k].parameters())
+    assert losses[-1] < 0.7 * losses[0], losses

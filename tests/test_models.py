@@ -239,3 +239,36 @@ def test_no_batchnorm_and_layering():
     for mod in (ae, de, en):
         src = open(mod.__file__).read()
         assert "giblet.training" not in src and "giblet.data.dataset" not in src, mod.__name__
+
+
+def test_feature_stream_trains_drops_out_and_round_trips(tmp_path):
+    model = make(seed=0, stream_dims={"lm": 24}, modality_dropout=0.5)
+    key = "stream_lm"
+    batch, held_out = example_batch(model.config, 16, seed=1), example_batch(model.config, 8, seed=2)
+    var = variances_of(batch)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fmri = lambda b: compute_losses(model(b, modalities=[key]), b, var)["fmri"]
+    with torch.no_grad(): before = fmri(held_out).item()
+    for step in range(40):
+        loss = compute_losses(model(batch, modalities=[key]), batch, var)["total"]
+        opt.zero_grad(); loss.backward()
+        if step == 0:   # the gradient reaches the stream's projector
+            assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.encoder.fusion.proj[key].parameters())
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = fmri(held_out).item()
+        shuffled = fmri(dict(held_out, **{key: held_out[key][torch.randperm(8)]})).item()
+    assert after < 0.85 * before and after < 0.9 * shuffled, (before, after, shuffled)   # the stream carries what it was mixed from
+    # modality dropout covers the stream: a dropped sample gets the stream's absent vector
+    model.train(); torch.manual_seed(0)
+    with torch.no_grad():
+        trained = model.encode(batch, modalities=[key])
+        absent = model.eval().encode({k: v for k, v in batch.items() if k != key}, modalities=[])
+    same = [torch.equal(trained[i], absent[i]) for i in range(16)]
+    assert 0 < sum(same) < 16, same
+    path = model.save(tmp_path / "stream.pt")
+    loaded = BrainAutoencoder.load(path).eval()
+    assert loaded.config.stream_dims == {"lm": 24}
+    with torch.no_grad(): assert torch.equal(loaded(batch)["brain"], model.eval()(batch)["brain"])
+    with pytest.raises(ValueError, match="no input for"): make().encode(batch)

@@ -33,7 +33,7 @@ class BrainAutoencoder(nn.Module):
         self.encoder, self.decoder = StimulusEncoder(config), BrainDecoder(config)
 
     def encode(self, batch:dict, # per the batch contract (tensors may be on the CPU)
-               modalities:Sequence[str]|None=None, # subset of ("video", "audio", "text"); None: all in the batch
+               modalities:Sequence[str]|None=None, # subset of ("video", "audio", "text") and stream keys; None: all in the batch
               )->torch.Tensor: # (B, K, n_voxels)
         "The brain layer: predicted z-scored BOLD of every unit at every TR."
         return self.encoder(batch, modalities)
