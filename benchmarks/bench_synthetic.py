@@ -3,6 +3,8 @@
     python benchmarks/bench_synthetic.py                 # the default study (3 subjects x 300 TRs), stage by stage
     python benchmarks/bench_synthetic.py --sherlock      # + Sherlock-scale parts timed, and the full preset estimated
     python benchmarks/bench_synthetic.py --full DIR      # write the whole `sherlock` preset into DIR (minutes, ~10 GB)
+    python benchmarks/bench_synthetic.py --layouts       # + the tiny study in 1 or 2 runs, Sherlock layout and BIDS,
+                                                         #   resolved (spec file / pybids) and loaded through the cache
 
 Prints wall and CPU seconds (CPU counts every thread of the process) and the peak resident memory.
 """
@@ -60,12 +62,37 @@ def subject_part(shape, n_trs, out, seed=0):
     return t_plant, t_sub
 
 
+def layouts():
+    "The tiny preset written in both layouts with 1 and 2 runs, its spec resolved, and loaded (cache built, then hit)."
+    from giblet.alignment.sync import FeatureParams
+    from giblet.study import load_spec, resolve_study, write_spec
+    params = FeatureParams(size=(80, 45), n_mels=32, text_dim=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("tiny preset (2 subjects x 120 TRs, 14x17x14, 160x90 film), feature frames 80x45")
+        for n_runs in (1, 2):
+            for layout in ("sherlock", "bids"):
+                root = tmp / f"{layout}{n_runs}"
+                with timer(f"make_dataset(n_runs={n_runs}, layout={layout!r})"):
+                    S.make_dataset(root, preset="tiny", n_runs=n_runs, layout=layout)
+                if layout == "sherlock" and n_runs == 2: continue   # per-run files in the Sherlock layout need a spec file
+                with timer(f"  resolve_study ({'pybids' if layout == 'bids' else 'discover'})"):
+                    spec = resolve_study(root)
+                source = write_spec(spec, root / "study.yaml")
+                for what in ("build", "hit"):
+                    with timer(f"  load_spec, cache {what}"):
+                        al = load_spec(source, tmp / "cache", params, show_progress=False)
+                print(f"  -> {al.n_subjects} subjects x {al.n_trs} TRs x {al.n_voxels} voxels in {len(set(al.run))} run(s)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sherlock", action="store_true", help="also time Sherlock-scale parts and estimate the full preset")
     ap.add_argument("--full", metavar="DIR", help="write the full sherlock preset into DIR")
+    ap.add_argument("--layouts", action="store_true", help="time the tiny study in both layouts, 1 and 2 runs, and loading it")
     ap.add_argument("--film-seconds", type=float, default=60.0, help="film seconds rendered for the Sherlock estimate")
     a = ap.parse_args()
+    if a.layouts: return layouts()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print("default study: make_dataset(root) = 3 subjects x 300 TRs, 20x24x20, 160x90 film of 454 s")

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from giblet.alignment.sync import FeatureParams
-from giblet.data.synthetic import make_dataset
+from giblet.data.synthetic import load_truth, make_dataset
 from giblet.data.video import psnr
 from giblet.study import (SpecError, StudySpec, bids_spec, check_spec, load_spec, plan_subjects, read_spec,
-                          resolve_study, spec_to_dict, sherlock_spec, show_study, write_spec)
+                          resolve_study, spec_to_dict, sherlock_spec, show_study, spec_mask, write_spec)
 
 KW = dict(n_subjects=2, n_trs=80, n_runs=2, seed=5, shape=(10, 12, 10), size=(32, 18))
 PARAMS = FeatureParams(size=(32, 18), n_mels=16, text_dim=32)
@@ -74,6 +74,13 @@ def test_bold_follows_the_planted_truth(loaded, sherlock):
         r = (z(x[al.run == run]) * z(y[al.run == run])).mean(0)
         shifted = (z(x[al.run == run][3:]) * z(y[al.run == run][:-3])).mean(0)
         assert r.mean() > 0.5 and r.mean() > shifted.mean() + 0.2, (run, r.mean(), shifted.mean())
+    # the film shown on each kept TR is the one the truth planted on that volume: brightness peaks at lag 0
+    light = np.asarray(al.video, np.float32).mean(axis=(1, 2, 3, 4))
+    planted = truth["factors"][rows, 0]
+    for run in (0, 1):
+        v, f = light[al.run == run], planted[al.run == run]
+        lag_r = {L: np.corrcoef(v[max(0, -L):len(v) - max(0, L)], f[max(0, L):len(f) - max(0, -L)])[0, 1] for L in range(-3, 4)}
+        assert max(lag_r, key=lag_r.get) == 0 and lag_r[0] > 0.95, (run, lag_r)
 
 
 def _part_rows(lay):
@@ -171,3 +178,5 @@ def test_one_run_sherlock_layout_and_mask_file(tmp_path, caplog):
     spec.mask = tmp_path / "roi.nii.gz"
     al = load_spec(spec, tmp_path / "cache", PARAMS, show_progress=False)
     assert al.n_voxels == int(mask.sum()) and al.n_subjects == 2 and (al.run == 0).all()
+    spec.mask = "nonzero"                                   # the synthetic scans are 0 exactly outside the brain
+    np.testing.assert_array_equal(np.asarray(spec_mask(spec).dataobj), load_truth(lay)["brain_mask"])
