@@ -281,6 +281,8 @@ def test_rotated_clip_reads_upright(tmp_path, degrees):
     with av.open(str(path)) as c:                                   # the file really is stored turned
         frame = next(c.decode(video=0))
         assert frame.rotation % 360 == degrees % 360 and (frame.width, frame.height) == ((36, 64) if degrees % 180 else (64, 36))
+    info = video_info(path)
+    assert (info.width, info.height, info.rotation) == (64, 36, degrees % 360)   # the upright picture
     got = video_to_frames(path, size=(64, 36), frame_skip=1, max_trs=1)[0, :30]
     scores = {k: psnr(got, np.rot90(up[:30], k, axes=(1, 2))) for k in (0, 2)}
     scores.update({k: psnr(got, np.rot90(up, k, axes=(1, 2))[:, 14:50:1, :][:, :, :64] if False else got * 0) for k in ()})

@@ -88,14 +88,23 @@ class VideoInfo:
     fps: float # average frame rate (frames per second)
     n_frames: int # number of video frames
     duration: float # duration of the video stream in seconds
-    width: int # frame width in pixels
-    height: int # frame height in pixels
+    width: int # frame width in pixels, upright (after the display rotation)
+    height: int # frame height in pixels, upright
     has_audio: bool # whether the file also holds an audio stream
     codec: str # name of the video codec
+    rotation: int = 0 # degrees (counter-clockwise, 0/90/180/270) by which the stored frames are turned upright
 
     def __getitem__(self, key):
         "Dict-style access, e.g. `info['fps']`."
         return getattr(self, key)
+
+def _rotation(path)->int:
+    "The display rotation of the film's first frame, in degrees counter-clockwise, as a quarter turn in 0..270."
+    container, stream = _open_video(path)
+    with container:
+        for frame in decode_stream(container, stream, path):
+            return 90 * round(float(getattr(frame, "rotation", 0) or 0) / 90) % 360
+    return 0
 
 def video_info(path, # path to a film PyAV can read
               )->VideoInfo: # its frame rate, frame count, duration, size and whether it has sound
@@ -106,8 +115,10 @@ def video_info(path, # path to a film PyAV can read
         n_frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
         duration = _stream_duration(container, stream)
         if duration is None: duration = Fraction(n_frames) / fps
-        return VideoInfo(Path(path), float(fps), int(n_frames), float(duration), stream.codec_context.width,
-                         stream.codec_context.height, bool(container.streams.audio), stream.codec_context.name)
+        w, h, rot = stream.codec_context.width, stream.codec_context.height, _rotation(path)
+        if rot % 180: w, h = h, w
+        return VideoInfo(Path(path), float(fps), int(n_frames), float(duration), w, h, bool(container.streams.audio),
+                         stream.codec_context.name, rot)
 
 # %% ../../nbs/01_data.video.ipynb #7c1b1f66
 def _exact(x, name:str, rate:bool=False)->Fraction:
