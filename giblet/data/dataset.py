@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'CACHE_VERSION', 'VERIFIED', 'StudyFiles', 'discover', 'Split',
            'block_split', 'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays',
            'cache_manifest', 'aligned_to_arrays', 'arrays_to_aligned', 'context_starts', 'StudyTensors',
-           'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'load_study', 'cache_main']
+           'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'cached_study', 'load_study', 'cache_main']
 
 # %% ../../nbs/12_data.dataset.ipynb #efe36119
 FILM_EXTS = (".m4v", ".mp4", ".mkv", ".avi")
@@ -45,8 +45,8 @@ class StudyFiles:
     nii: list[Path]
 
 def _visible(root:Path, pattern:str):
-    "Files under `root` matching `pattern`, skipping hidden and cache folders."
-    return sorted(p for p in root.rglob(pattern) if p.is_file()
+    "Files under `root` matching `pattern`, skipping hidden files (a killed writer's temporaries), hidden and cache folders."
+    return sorted(p for p in root.rglob(pattern) if p.is_file() and not p.name.startswith(".")
                   and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts[:-1]))
 
 def _one(kind:str, found:list, exts, problems:list):
@@ -405,6 +405,24 @@ def default_cache_dir()->Path:
     "Where feature caches go unless told otherwise: `$GIBLET_CACHE`, else `~/.cache/giblet`."
     return Path(os.environ.get("GIBLET_CACHE", Path.home() / ".cache" / "giblet"))
 
+def cached_study(folder:str|Path, # the cache folder (its parent is the cache root)
+                 build:Callable, # () -> `Aligned`, called only when the cache is missing or damaged
+                 inputs:Sequence[str|Path], # the files the study is built from (fingerprinted into the manifest)
+                 meta:dict|None=None, # JSON-serialisable extras kept in the manifest
+                 verify:bool|None=None, # checksum the cache files: None when due (see `load_arrays`), True always, False never
+                 show_progress:bool=True, # progress bars
+                )->Aligned:
+    "The study cached in `folder` if it is intact, else `build()` cached there; leftovers of killed builds are removed first."
+    folder = Path(folder)
+    clean_leftovers(folder.parent)
+    hit = load_arrays(folder, verify=verify, progress=show_progress)
+    if hit is not None:
+        logger.info("using cached features %s", folder); return arrays_to_aligned(*hit)
+    fingerprint = input_fingerprint(inputs)         # taken before reading: a file changed meanwhile shows up next time
+    arrays, m, shapes = aligned_to_arrays(build(), show_progress)
+    save_arrays(folder, arrays, {**m, **(meta or {})}, shapes, inputs=fingerprint); del arrays
+    return arrays_to_aligned(*load_arrays(folder, progress=show_progress))   # the first use checks every checksum
+
 def load_study(data_dir:str|Path, # the study folder (see `discover`)
                cache_dir:str|Path|None=None, # feature-cache root (default: `default_cache_dir()`)
                params:FeatureParams|None=None, # how the streams are cut
@@ -422,24 +440,20 @@ def load_study(data_dir:str|Path, # the study folder (see `discover`)
     runs = list(runs or [{}])
     inputs = [files.film, files.annotations, *files.nii]
     key = cache_key(inputs, dict(params=asdict(params), tr=tr, runs=runs, mask_threshold=mask_threshold))
-    root = Path(cache_dir or default_cache_dir()); folder = root / key
-    clean_leftovers(root)
-    hit = load_arrays(folder, verify=verify, progress=show_progress)
-    if hit is not None:
-        logger.info("%s: using cached features %s", data_dir, folder); return arrays_to_aligned(*hit)
-    logger.info("%s: building the feature cache in %s", data_dir, folder)
-    steps = tqdm(total=len(runs) + 2, desc="feature cache", disable=not show_progress)
-    mask = shared_mask(files.nii, threshold=mask_threshold); steps.update()
-    aligned = []
-    for i, r in enumerate(runs):
-        r = dict(r); sub = r.pop("subjects", slice(None))
-        spec = RunSpec(nii=files.nii[sub] if isinstance(sub, slice) else [files.nii[j] for j in sub], **r)
-        aligned.append(align_run(files.film, files.annotations, spec, mask, tr=tr, params=params, run_id=i)); steps.update()
-    al = concat_runs(aligned)
-    arrays, meta, shapes = aligned_to_arrays(al, show_progress)
-    meta["params"] = asdict(params)
-    save_arrays(folder, arrays, meta, shapes, inputs=input_fingerprint(inputs)); steps.update(); steps.close()
-    return arrays_to_aligned(*load_arrays(folder, progress=show_progress))   # the first use checks every checksum
+    folder = Path(cache_dir or default_cache_dir()) / key
+
+    def build()->Aligned:
+        logger.info("%s: building the feature cache in %s", data_dir, folder)
+        steps = tqdm(total=len(runs) + 1, desc="feature cache", disable=not show_progress)
+        mask = shared_mask(files.nii, threshold=mask_threshold); steps.update()
+        aligned = []
+        for i, r in enumerate(runs):
+            r = dict(r); sub = r.pop("subjects", slice(None))
+            spec = RunSpec(nii=files.nii[sub] if isinstance(sub, slice) else [files.nii[j] for j in sub], **r)
+            aligned.append(align_run(files.film, files.annotations, spec, mask, tr=tr, params=params, run_id=i)); steps.update()
+        steps.close()
+        return aligned[0] if len(aligned) == 1 else concat_runs(aligned)    # one run: no copy of its BOLD
+    return cached_study(folder, build, inputs, meta=dict(params=asdict(params)), verify=verify, show_progress=show_progress)
 
 # %% ../../nbs/12_data.dataset.ipynb #9097d47f
 def cache_main(data_dir:str|Path|None=None, # the study to cache (None with `verify`: only check the caches already there)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from ..alignment.hrf import convolve_hrf
 from .video import frames_to_video
+from ..io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -340,22 +340,6 @@ PRESETS = {
     "sherlock": dict(n_subjects=17, n_trs=946, shape=(61, 73, 61), size=(640, 360), sample_rate=44100, progress=True),
 }
 
-def _atomic(path:Path, write):
-    "Call `write(tmp)` on a hidden temporary file next to `path` (same suffixes), then move it into place."
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part" + suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                 # mkstemp makes owner-only files; use the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 # %% ../../nbs/04_data.synthetic.ipynb #655bd254
 def _subject_raw(rng, bold, mask, affine, snr:float, noise_ar:float)->np.ndarray:
     "(n_trs, n_voxels) int16 raw scanner values of one subject: baseline · (1 + gain · (bold + noise / snr))."
@@ -390,7 +374,7 @@ def _write_nii(path:Path, raw, mask, affine, tr:float):
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(affine, code=4)
     img.header.set_sform(affine, code=4)
-    _atomic(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp), as_path=True)
 
 # %% ../../nbs/04_data.synthetic.ipynb #4850aa6d
 def _run_plan(n_trs:int, n_runs:int)->list:
@@ -434,7 +418,7 @@ def _write_bids_meta(layout:SyntheticLayout, tr:float):
     "dataset_description.json, participants.tsv, a README, .bidsignore, and per run the bold JSON sidecars and events."
     import json
     root = layout.root
-    text = lambda path, s: _atomic(path, lambda tmp: Path(tmp).write_text(s))
+    text = lambda path, s: atomic_write(path, lambda tmp: Path(tmp).write_text(s), as_path=True)
     text(root / "dataset_description.json", json.dumps({"Name": "giblet synthetic movie study", "BIDSVersion": "1.8.0",
                                                          "DatasetType": "raw"}, indent=2))
     text(root / "README", "A synthetic movie-watching study with a planted ground truth (truth.npz), written by giblet.\n")
@@ -450,7 +434,7 @@ def _write_bids_meta(layout:SyntheticLayout, tr:float):
             text(nii.with_name(stem + "_bold.json"), json.dumps({"RepetitionTime": tr, "TaskName": _TASK}, indent=2))
             events = pd.DataFrame({"onset": [run["scan_offset"] * tr], "duration": [run["film_stop"] - run["film_start"]],
                                    "trial_type": ["film"], "stim_file": [layout.film.name], "film_start": [run["film_start"]]})
-            _atomic(nii.with_name(stem + "_events.tsv"), lambda tmp: events.to_csv(tmp, sep="\t", index=False))
+            atomic_write(nii.with_name(stem + "_events.tsv"), lambda tmp: events.to_csv(tmp, sep="\t", index=False), as_path=True)
 
 def make_dataset(root, # the study folder to write (created if needed)
                  n_subjects:int=3, # number of subjects (NIfTIs)
@@ -537,7 +521,7 @@ def make_dataset(root, # the study folder to write (created if needed)
     tables = [_annotation_table(streams[3], part, tr, r["film_start"]) for r, part in zip(runs, parts)]
     for k in range(1, n_runs): tables[k]["Segment Number"] += sum(len(part) for part in parts[:k])   # numbers run on
     table = pd.concat(tables, ignore_index=True)
-    _atomic(annotations, lambda tmp: table.to_excel(tmp, index=False, engine="openpyxl"))
+    atomic_write(annotations, lambda tmp: table.to_excel(tmp, index=False, engine="openpyxl"), as_path=True)
     audio = _soundtrack(tracks, fps, sr, streams[1])
     frames_to_video(_frames(tracks, args["size"], fps, streams[0], on_chunk=lambda n: bar.update(1)),
                     film, fps, audio=audio, sample_rate=sr)
@@ -550,7 +534,7 @@ def make_dataset(root, # the study folder to write (created if needed)
             np.savez_compressed(fh, bold=np.concatenate(bold), brain_mask=mask, roi=roi, roi_names=np.array(ROI_NAMES),
                                 factors=np.concatenate(factors), factor_names=np.array(FACTOR_NAMES),
                                 factor_modality=np.array(FACTOR_MODALITY), tr=np.float64(tr), affine=affine, **extra)
-    _atomic(out.truth, save_truth)
+    atomic_write(out.truth, save_truth, as_path=True)
     for p in stale: p.unlink()
     bar.update(1)
     bar.close()
