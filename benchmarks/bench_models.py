@@ -3,6 +3,7 @@ model FLOPs per TR and the share of the device's peak they reach; parameter coun
 
     python benchmarks/bench_models.py                   # CPU: tiny and default
     python benchmarks/bench_models.py --device cuda     # CUDA: sherlock with bf16 autocast and torch.compile
+    python benchmarks/bench_models.py --streams video=1024 audio=1024 text=3072   # with pretrained feature streams
 
 A TR is one TR of one window (a batch of B windows of K TRs is B*K TRs), processed as in training: encoder,
 decoder of the predicted brain layer and (with --decode-from both, the trainer's default) of the measured fMRI.
@@ -46,9 +47,9 @@ def flops_per_step(model, batch, var, decode_from, autocast) -> int:
 
 
 def bench(preset: str, device: str, batch_size: int, steps: int, warmup: int, compile_: bool, decode_from: str,
-          peak_tflops: float | None) -> dict:
+          peak_tflops: float | None, stream_dims: dict | None = None) -> dict:
     dev = torch.device(device)
-    cfg = ModelConfig.preset(preset)
+    cfg = ModelConfig.preset(preset, stream_dims=stream_dims or {})
     torch.manual_seed(0)
     model = BrainAutoencoder(cfg).to(dev).train()
     batch = example_batch(cfg, batch_size, seed=0, subjects=cfg.n_subjects > 0)
@@ -77,7 +78,7 @@ def bench(preset: str, device: str, batch_size: int, steps: int, warmup: int, co
     for _ in range(steps): loss = step()
     sync(); dt = time.perf_counter() - t0
     trs = batch_size * cfg.context_trs * steps
-    res = dict(preset=preset, device=str(dev), batch=batch_size, K=cfg.context_trs, steps=steps, decode_from=decode_from,
+    res = dict(preset=preset, streams=cfg.stream_dims, device=str(dev), batch=batch_size, K=cfg.context_trs, steps=steps, decode_from=decode_from,
                amp_bf16=use_amp, compiled=compile_, params=sum(p.numel() for p in model.parameters()),
                trs_per_s=round(trs / dt, 2), s_per_step=round(dt / steps, 4), warmup_s=round(warm_s, 2),
                gflop_per_tr=round(flops / (batch_size * cfg.context_trs) / 1e9, 3),
@@ -111,6 +112,7 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="cuda: skip torch.compile")
     p.add_argument("--decode-from", default="both", choices=["brain", "fmri", "both"])
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
+    p.add_argument("--streams", nargs="*", default=[], metavar="NAME=D", help="feature streams and their widths (ModelConfig.stream_dims)")
     p.add_argument("--json", action="store_true", help="print one JSON line per result")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -119,7 +121,7 @@ def main(argv=None):
     if a.threads: torch.set_num_threads(a.threads)
     kw = dict(device=a.device, batch_size=a.batch or (16 if cuda else 8), steps=a.steps or (20 if cuda else 5),
               warmup=a.warmup or (5 if cuda else 2), compile_=cuda and not a.no_compile, decode_from=a.decode_from,
-              peak_tflops=a.peak_tflops)
+              peak_tflops=a.peak_tflops, stream_dims={n: int(d) for n, d in (x.split("=") for x in a.streams)})
     if a._child:  # one CPU preset in this process
         print(json.dumps(bench(a._child, **kw))); return
     if not a.json:
@@ -133,7 +135,7 @@ def main(argv=None):
         if cuda: res = bench(name, **kw)
         else:
             args = [sys.executable, __file__, "--_child", name, "--batch", str(kw["batch_size"]), "--steps", str(kw["steps"]),
-                    "--warmup", str(kw["warmup"]), "--decode-from", a.decode_from] + (["--threads", str(a.threads)] if a.threads else [])
+                    "--warmup", str(kw["warmup"]), "--decode-from", a.decode_from, "--streams", *a.streams] + (["--threads", str(a.threads)] if a.threads else [])
             res = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(json.dumps(res) if a.json else "\n" + "\n".join(f"  {k:22s} {v}" for k, v in res.items()))
 
