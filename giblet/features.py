@@ -32,7 +32,7 @@ __all__ = ['logger', 'KINDS', 'POOLINGS', 'STREAM_PREFIX', 'CACHE_VERSION', 'str
            'words_from_annotations', 'text_contexts', 'embed', 'default_cache_dir', 'cache_key', 'extract_stream',
            'load_stream', 'StreamRun', 'runs_from_aligned', 'load_streams']
 
-# %% ../nbs/14_features.ipynb #3eb085fd
+# %% ../nbs/14_features.ipynb #f810289f
 KINDS = ("video", "audio", "text")
 POOLINGS = dict(video=("mean", "cls"), audio=("mean", "last"), text=("last", "mean"))
 STREAM_PREFIX = "stream_" # batch key of a stream: STREAM_PREFIX + its name
@@ -72,7 +72,7 @@ class StreamSpec:
         for k in ("frame_height", "sr", "max_words"):
             if int(getattr(self, k)) != getattr(self, k) or getattr(self, k) < 1: raise ValueError(f"{k} must be a positive whole number")
 
-# %% ../nbs/14_features.ipynb #65d1c5ee
+# %% ../nbs/14_features.ipynb #73a8c30d
 _LAYERS = re.compile(r"-?\d+(,-?\d+)*")
 
 def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]", e.g. "video=facebook/dinov2-small:-1:pooling=cls"
@@ -93,7 +93,7 @@ def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]
     typed = {k: v if known[k].type == "str" else int(v) for k, v in opts.items()}
     return StreamSpec(kind.strip(), model.strip(), layers or (-1,), **typed)
 
-# %% ../nbs/14_features.ipynb #47ca78b1
+# %% ../nbs/14_features.ipynb #e8e2ec6c
 def _from_pretrained(cls, name:str, what:str):
     "`cls.from_pretrained(name)`, or one clear line on how to pass a local folder when the name is neither local nor cached."
     try: return cls.from_pretrained(name)
@@ -162,7 +162,7 @@ def _pool(hidden:Sequence[torch.Tensor], # hidden states, each (B, T, d)
         out.append(p)
     return torch.cat(out, -1).cpu().numpy()
 
-# %% ../nbs/14_features.ipynb #5bfe4e2e
+# %% ../nbs/14_features.ipynb #d9b4016e
 def tiny_backbone(folder:str|Path, # where to save it
                   kind:str="image", # "image" (DINOv2), "video" (VideoMAE), "audio" (wav2vec 2.0) or "text" (GPT-2)
                   words:Sequence[str]=(), # text: the tokenizer's vocabulary (unknown words map to [UNK])
@@ -192,7 +192,7 @@ def tiny_backbone(folder:str|Path, # where to save it
     tf.AutoModel.from_config(model).save_pretrained(folder); proc.save_pretrained(folder)
     return folder
 
-# %% ../nbs/14_features.ipynb #4c65c07f
+# %% ../nbs/14_features.ipynb #9ffb66db
 def _runs_of(times:np.ndarray, tr:float)->list:
     "Split TR start times into runs of consecutive windows (each `tr` after the last): [(first index, length)]."
     breaks = np.flatnonzero(np.abs(np.diff(times) - tr) > 1e-6) + 1
@@ -247,7 +247,7 @@ def audio_clips(wave:np.ndarray, # float32 (n_samples,) mono waveform at `sr`; s
     idx = starts - min(0, int(starts.min()))
     return np.stack([padded[s:s + n] for s in idx])
 
-# %% ../nbs/14_features.ipynb #8685d76d
+# %% ../nbs/14_features.ipynb #1aad24a0
 def read_transcript(path:str|Path, # a TSV (or CSV) with columns onset, duration and word, times in film seconds
                    )->pd.DataFrame: # columns onset, duration, word, sorted by onset
     "A word-timed transcript, checked: every word has a finite onset and a non-negative duration."
@@ -283,7 +283,7 @@ def text_contexts(words:pd.DataFrame, # a transcript (onset, duration, word)
     w = words["word"].tolist()
     return [" ".join(w[max(0, k - max_words):k]) if k else None for k in n]
 
-# %% ../nbs/14_features.ipynb #553b0265
+# %% ../nbs/14_features.ipynb #1a5073ed
 def _hidden(bb:Backbone, inputs:dict)->tuple:
     "The model's hidden states for processor outputs (moved to its device and dtype)."
     dt = next(bb.model.parameters()).dtype
@@ -328,7 +328,7 @@ def embed(bb:Backbone, # a loaded backbone
         out[real] = feats
     return out
 
-# %% ../nbs/14_features.ipynb #e02b57d4
+# %% ../nbs/14_features.ipynb #28c4bdd3
 CACHE_VERSION = 1
 
 def default_cache_dir()->Path:
@@ -375,7 +375,7 @@ def _read_json(path:Path)->dict|None:
     try: return json.loads(path.read_text())
     except (OSError, ValueError): return None
 
-# %% ../nbs/14_features.ipynb #28c4bdd3
+# %% ../nbs/14_features.ipynb #dc1a715b
 def _rank_world(rank, world_size)->tuple:
     "This process's rank and the number of ranks: given, else torchrun's RANK / WORLD_SIZE, else (0, 1)."
     rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
@@ -442,7 +442,7 @@ def _compute_chunk(bb:Backbone, inputs:_Inputs, idx:np.ndarray, batch_size:int)-
                          f"{np.abs(feats).max():.3g}); choose another layer")
     return out
 
-# %% ../nbs/14_features.ipynb #dc1a715b
+# %% ../nbs/14_features.ipynb #31b93fe2
 def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS" form)
                    source, # video/audio: the film path (audio also (waveform, sr)); text: a transcript path or word table
                    times, # (n_trs,) film time (s) where each TR window starts
@@ -514,7 +514,7 @@ def load_stream(folder:str|Path, # a cache folder from `extract_stream`
     if m is None or not m.get("complete"): raise ValueError(f"{folder}: not a complete feature cache (no finished manifest.json)")
     return np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
 
-# %% ../nbs/14_features.ipynb #98f52b69
+# %% ../nbs/14_features.ipynb #56f89e85
 @dataclass
 class StreamRun:
     "One run's stimulus as the feature streams see it."
