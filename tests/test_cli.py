@@ -1,5 +1,5 @@
-"""The command line: giblet-train end to end (files, resume, bad input), the papermill training notebook,
-giblet-sweep and giblet-synth."""
+"""The command line: giblet-train end to end (the test-block report, resume, bad input), outer folds, one parser and
+one set of exit codes for every console script, the papermill training notebook, giblet-sweep and giblet-synth."""
 import json
 import shutil
 import subprocess
@@ -16,9 +16,9 @@ from giblet import cli
 from giblet.training import trainer as T
 from giblet.training.trainer import embedded_dataset
 
-SMALL = dict(n_subjects=2, n_trs=120, seed=0, shape=[14, 17, 14], size=[64, 36])
+SMALL = dict(n_subjects=2, n_trs=160, seed=0, shape=[14, 17, 14], size=[64, 36])
 FAST = dict(batch_size=8, recon_frac=0.5, patience=0, synthetic=SMALL, stride=3,
-            skip_first=3,
+            skip_first=3, val_frac=0.2, test_frac=0.3,
             model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,32 +51,45 @@ def run(tmp_path_factory, cache, study):
 def test_train_writes_the_report(run, study):
     out, m = run
     mf = json.loads((out / "metrics.json").read_text())
-    for k in ("val_voxel_r_mean", "ridge_val_voxel_r_mean", "noise_ceiling_mean", "val_trs", "n_voxels", "epochs",
-              "train_seconds", "report", "truth_r_responsive_mean"):
+    for k in ("test_voxel_r_selected", "test_voxel_r_mean", "banded_ridge_test_voxel_r_selected", "ridge_test_voxel_r_selected",
+              "noise_ceiling_test_selected", "test_trs", "val_trs", "n_voxels", "epochs", "train_seconds", "table", "roi_table",
+              "truth_r_responsive_mean", "banded_ridge_truth_r_responsive_mean", "verdict", "comparison", "headline"):
         assert k in mf, k
-    assert mf["epochs"] == 2 and mf["train_seconds"] > 0
-    assert np.isfinite([mf["val_voxel_r_mean"], mf["ridge_val_voxel_r_mean"], mf["noise_ceiling_mean"]]).all()
-    regions = [r["region"] for r in mf["report"]]
-    assert regions[0] == "all" and {"visual", "auditory", "language"} <= set(regions)
-    # validation TRs: one contiguous block at the end, after the gap
-    val = np.array(mf["val_trs"])
-    assert (np.diff(val) == 1).all() and val[-1] == SMALL["n_trs"] - 1
-    # val_pred: the input's space, one volume per validation TR, z-scored subject average
+    assert mf["block"] == "test" and mf["epochs"] == 2 and mf["train_seconds"] > 0
+    assert not any(k.startswith("val_voxel") for k in mf)                # no validation score is reported
+    assert np.isfinite([mf["test_voxel_r_selected"], mf["banded_ridge_test_voxel_r_selected"], mf["noise_ceiling_test_selected"]]).all()
+    assert [r["row"] for r in mf["table"]] == ["giblet model", "himalaya banded ridge", "himalaya ridge", "noise ceiling"]
+    assert mf["verdict"] in ("ahead", "level", "behind") and mf["baseline"]["delays_s"][-1] >= 12
+    d = mf["comparison"]["differences"]["banded_ridge"]
+    assert d["ci_low"] <= d["difference"] <= d["ci_high"] and mf["comparison"]["block_s"] >= 20
+    regions = [r["region"] for r in mf["roi_table"]]
+    assert regions[:2] == ["all", "selected"] and {"visual", "auditory", "language"} <= set(regions)
+    assert f">= {mf['headline']['ceiling_threshold']}" in mf["headline"]["voxels"]
+    # train | gap | val | gap | test: contiguous blocks, the test block at the end, gaps of at least 32 s
+    val, test = np.array(mf["val_trs"]), np.array(mf["test_trs"])
+    assert (np.diff(val) == 1).all() and (np.diff(test) == 1).all() and test[-1] == SMALL["n_trs"] - 1
+    assert (test[0] - val[-1] - 1) * 1.5 >= 32 and val[0] - 1 - mf["n_train_trs"] >= 21
+    # test_pred and val_pred: the input's space, one volume per TR of the block, z-scored subject average
     src = nib.load(sorted((study / "sherlock_nii").glob("*.nii.gz"))[0])
-    pred = nib.load(out / "val_pred.nii.gz")
-    assert pred.shape == src.shape[:3] + (len(val),)
-    np.testing.assert_allclose(pred.affine, src.affine)
     mask = np.asarray(nib.load(out / "mask.nii.gz").dataobj) > 0
     assert mask.sum() == mf["n_voxels"]
-    vox = np.asarray(pred.dataobj)[mask]
-    assert np.isfinite(vox).all() and vox.std() > 0 and not np.asarray(pred.dataobj)[~mask].any()
+    for name, block in (("test_pred", test), ("val_pred", val)):
+        pred = nib.load(out / f"{name}.nii.gz")
+        assert pred.shape == src.shape[:3] + (len(block),)
+        np.testing.assert_allclose(pred.affine, src.affine)
+        vox = np.asarray(pred.dataobj)[mask]
+        assert np.isfinite(vox).all() and vox.std() > 0 and not np.asarray(pred.dataobj)[~mask].any()
+    split = nib.load(out / "modality_r2.nii.gz")
+    assert split.shape == src.shape[:3] + (3,)                           # video, audio, text
+    report = (out / "report.md").read_text()
+    assert "test block" in report and "banded ridge" in report and d["verdict"] in report
     cfg = json.loads((out / "config.json").read_text())
     assert set(cfg) == {"train", "model", "features"} and cfg["model"]["n_voxels"] == mf["n_voxels"]
     assert cfg["train"]["data_dir"] is None
     assert (out / "checkpoints" / "config.json").is_file()
     assert {p.name for p in (out / "checkpoints").glob("*.pt")} == {"best.pt", "last.pt"}
     names = {p.stem for p in (out / "figures").glob("*.png")}
-    assert names == {"loss_curves", "voxel_r_hist", "voxel_r_glass_brain", "reconstructions"}
+    assert names == {"loss_curves", "voxel_r_hist", "voxel_r_glass_brain", "reconstructions", "modality_map"}
     log = pd.read_csv(out / "log.csv")
     assert len(log) == 2 and {"train_total", "val_total", "val_voxel_r_mean"} <= set(log.columns)
 
@@ -157,13 +170,13 @@ def test_papermill_notebook_and_sweep(tmp_path, cache, study):
                           str(tmp_path / "a"), *params, "--cwd", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert m["epochs"] == 2 and (tmp_path / "a" / "val_pred.nii.gz").is_file()
+    assert m["epochs"] == 2 and m["block"] == "test" and (tmp_path / "a" / "test_pred.nii.gz").is_file()
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"epochs: [1]\nseed: [0, 1]\ncache_dir: {cache}\n")
     df = cli.sweep_main(str(grid), str(tmp_path / "sweep"))
     assert list(df.status) == ["ok", "ok"] and list(df.seed) == [0, 1]
     summary = pd.read_csv(tmp_path / "sweep" / "summary.csv")
-    assert len(summary) == 2 and summary.val_voxel_r_mean.notna().all()
+    assert len(summary) == 2 and summary.test_voxel_r_selected.notna().all()
     assert (tmp_path / "sweep" / "run_001.ipynb").is_file() and (tmp_path / "sweep" / "run_001" / "metrics.json").is_file()
 
 
@@ -173,3 +186,74 @@ def test_synth(tmp_path):
     assert len(list((tmp_path / "syn" / "sherlock_nii").glob("*.nii.gz"))) == 2
     with pytest.raises(FileExistsError):
         cli.synth_main(out=str(tmp_path / "syn"), n_trs=40, preset="tiny")
+
+
+def test_outer_folds(tmp_path, cache, study):
+    "--n-folds 3: one run per fold, each testing on its own block, and a summary over the folds."
+    out = tmp_path / "cv"
+    m = train(out, cache, "--n-folds", "3", "--no-baseline", epochs=1)
+    assert m["n_folds"] == 3 and len(m["folds"]) == 4 and m["block"] == "test"
+    tests = [json.loads((out / f"fold_{k}" / "metrics.json").read_text())["test_trs"] for k in range(3)]
+    assert sorted(t for ts in tests for t in ts) == list(range(SMALL["n_trs"]))  # the folds' test blocks tile the series
+    assert (out / "folds.csv").is_file() and "outer cross-validation" in (out / "report.md").read_text()
+    cfg = json.loads((out / "fold_2" / "config.json").read_text())["train"]
+    assert (cfg["n_folds"], cfg["fold"]) == (3, 2)
+
+
+def test_every_option_is_reachable_and_user_errors_exit_2(tmp_path, cache, capsys):
+    args = cli.cli_args(cli.train_main, "giblet-train", ["--data-dir", "d", "--set", "gap=40", "--set=w_corr=0.5"])
+    assert args["data_dir"] == "d" and args["set"] == ["gap=40", "w_corr=0.5"]
+    cfg = cli.train_config(sets=args["set"])
+    assert (cfg.gap, cfg.w_corr) == (40, 0.5)
+    for argv, msg in ((["--set", "no_such_option=1"], "unknown keys"), (["--set", "gap"], "KEY=VALUE"),
+                      (["--set", "subjects=both"], "subjects")):
+        with pytest.raises(SystemExit) as e:
+            cli.giblet_train(["--out", str(tmp_path / "o"), "--cache-dir", str(cache), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
+    "A fault in giblet is not a user error: it propagates (the console script prints the traceback and exits 1)."
+    def broken(*a, **k): raise KeyError("a bug")
+    monkeypatch.setattr(cli, "run_training", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.giblet_train(["--out", str(tmp_path / "o")])
+
+
+def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
+    "giblet-lesion parses lesion_main's docments like every other script: 0 and the table, 2 and one line, 1 and the traceback."
+    from giblet import lesion
+    seen = {}
+
+    def fake_main(checkpoint:str, # a checkpoint
+                  data_dir:str=None, # the study folder
+                  n_boot:int=10, # replicates
+                 ):
+        seen.update(checkpoint=checkpoint, data_dir=data_dir, n_boot=n_boot)
+        if checkpoint == "missing": raise FileNotFoundError("no checkpoint at missing")
+        if checkpoint == "bug": raise ZeroDivisionError("a bug")
+        return pd.DataFrame({"region": ["visual"], "effect": [0.5]})
+
+    monkeypatch.setattr(lesion, "lesion_main", fake_main, raising=False)
+    assert cli.giblet_lesion(["ck.pt", "--data-dir", "d", "--n_boot", "5"]) is None
+    assert seen == dict(checkpoint="ck.pt", data_dir="d", n_boot=5) and "visual" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e: cli.giblet_lesion(["missing"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == "giblet-lesion: error: no checkpoint at missing"
+    with pytest.raises(ZeroDivisionError): cli.giblet_lesion(["bug"])
+    with pytest.raises(SystemExit) as e: cli.giblet_lesion(["ck.pt", "--no-such-option"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("script", ["giblet-train", "giblet-sweep", "giblet-synth"])
+def test_console_scripts_exit_0_and_2(script, tmp_path):
+    exe = Path(sys.executable).parent / script
+    assert subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120).returncode == 0
+    bad = {"giblet-train": ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+           "giblet-sweep": [str(tmp_path / "no.yaml"), str(tmp_path / "s")],
+           "giblet-synth": ["--out", str(tmp_path / "s"), "--preset", "no_such_preset"]}[script]
+    res = subprocess.run([str(exe), *bad], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len([l for l in res.stderr.splitlines() if l.startswith(script)]) == 1

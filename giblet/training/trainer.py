@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..alignment.hrf import hrf_kernel
 from ..alignment.sync import Aligned, FeatureParams
 from ..data.dataset import (ContextDataset, Normaliser, Split, StudyTensors, block_split, default_cache_dir, discover,
                             fit_normaliser, load_study)
@@ -33,13 +35,15 @@ from .metrics import noise_ceiling, voxel_r
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'EMBEDDED', 'RESUMABLE', 'PRESET_OVERRIDES', 'DATA_OPTIONS', 'TrainConfig', 'check_resumable', 'DistInfo',
-           'resolve_device', 'init_distributed', 'embedded_dataset', 'feature_params', 'RunData', 'SubjectRows',
-           'reliability_weights', 'run_data', 'model_config', 'prepare_data', 'ShardedLoader', 'lr_factor',
-           'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses', 'NonFiniteLoss', 'Trainer',
-           'write_log']
+__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PRESET_OVERRIDES', 'DATA_OPTIONS', 'TrainConfig', 'check_resumable',
+           'DistInfo', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'embedded_dataset', 'feature_params',
+           'RunData', 'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data', 'model_config',
+           'prepare_data', 'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep',
+           'step_losses', 'NonFiniteLoss', 'Trainer', 'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #9a14f557
+HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
+
 EMBEDDED = dict(n_subjects=10, n_trs=600, size=(64, 36), seed=0) # the embedded synthetic study: 15 min of film, 10 subjects
 
 @dataclass
@@ -51,9 +55,11 @@ class TrainConfig:
     synthetic: dict = field(default_factory=lambda: dict(EMBEDDED)) # `make_dataset` args of the embedded dataset
     text_model: str|None = None # sentence-transformers name or path (None: the hashing embedder)
     subjects: str = "average" # train on the subject average, or "each" subject with its own head
-    val_frac: float = 0.2 # share of TRs in the validation block (the end of the series)
-    test_frac: float = 0.0 # share of TRs in a test block after it
-    gap: float = 20.0 # seconds left out between training and held-out blocks
+    val_frac: float = 0.2 # share of TRs in the validation block (after the training block); it early-stops and picks the checkpoint
+    test_frac: float = 0.2 # share of TRs in the test block (the end of the series); it is only reported
+    gap: float = HRF_SECONDS # seconds left out between train, validation and test blocks (>= the HRF kernel's 32 s)
+    n_folds: int = 0 # blocked outer cross-validation over this many blocks (0: the fixed train | val | test blocks)
+    fold: int = 0 # with n_folds: the block this run tests on (its neighbour validates)
     # model
     preset: str = "tiny" # `ModelConfig` preset; data sizes come from the data
     model_overrides: dict|None = None # `ModelConfig` fields to change (None: `PRESET_OVERRIDES[preset]`)
@@ -98,6 +104,11 @@ class TrainConfig:
         if self.preset not in PRESETS: raise ValueError(f"unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
         if self.epochs < 1 or self.batch_size < 1 or self.stride < 1: raise ValueError("epochs, batch_size and stride must be >= 1")
         if not 0 < self.recon_frac <= 1: raise ValueError(f"TrainConfig.recon_frac must be in (0, 1], got {self.recon_frac}")
+        if self.n_folds and not (self.n_folds >= 3 and 0 <= self.fold < self.n_folds):
+            raise ValueError(f"TrainConfig.n_folds must be 0 or >= 3, and fold in 0..n_folds-1; got n_folds={self.n_folds}, fold={self.fold}")
+        if self.gap < HRF_SECONDS:
+            logger.warning("gap %.1f s is shorter than the HRF kernel (%.0f s): held-out BOLD shares responses with training stimuli",
+                           self.gap, HRF_SECONDS)
         if self.model_overrides is None: self.model_overrides = PRESET_OVERRIDES.get(self.preset, {})
         self.model_overrides = json.loads(json.dumps(dict(self.model_overrides)))  # tuples -> lists, as saved
         self.synthetic = json.loads(json.dumps(dict(self.synthetic)))
@@ -149,14 +160,17 @@ class DistInfo:
     @property
     def main(self)->bool: return self.rank == 0
 
+class DeviceUnavailable(RuntimeError):
+    "The device a run asks for is not there (a user error, not a fault)."
+
 def resolve_device(name:str, # "cpu", "cuda", "cuda:N" or "auto"
                    local_rank:int=0, # this process's GPU under torchrun
                   )->torch.device:
-    "The torch device a run asks for; asking for CUDA without a usable GPU is a RuntimeError."
+    "The torch device a run asks for; asking for CUDA without a usable GPU is a `DeviceUnavailable` error."
     if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu": return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available (torch {torch.__version__}, "
+        raise DeviceUnavailable(f"device {name!r} was asked for, but CUDA is not available (torch {torch.__version__}, "
                            f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu or install a CUDA build of torch")
     return torch.device(name if ":" in name else f"cuda:{local_rank}")
 
@@ -255,6 +269,35 @@ def reliability_weights(al:Aligned, # the study (every subject's BOLD)
         return None
     return (w / w.mean()).astype(np.float32)
 
+def outer_split(n_trs:int, # TRs in the (concatenated) series
+                tr:float, # seconds per TR
+                n_folds:int, # contiguous blocks (>= 3)
+                fold:int, # the block that tests
+                gap:float=HRF_SECONDS, # seconds left out between train, validation and test
+               )->Split:
+    "Blocked outer cross-validation: block `fold` tests, its neighbour validates (the block before it; for the first, the one after), the rest trains."
+    if n_folds < 3 or not 0 <= fold < n_folds: raise ValueError(f"need n_folds >= 3 and 0 <= fold < n_folds; got {n_folds}, {fold}")
+    g, idx = math.ceil(gap / tr - 1e-9), np.arange(n_trs)
+    e = np.round(np.linspace(0, n_trs, n_folds + 1)).astype(int)
+    v = fold - 1 if fold else 1
+    (t0, t1), (v0, v1) = e[fold:fold + 2], e[v:v + 2]
+    if v < fold: v1 -= g
+    else: v0 += g
+    lo, hi = min(t0, v0), max(t1, v1)
+    split = Split(idx[(idx < lo - g) | (idx >= hi + g)], idx[v0:max(v0, v1)], idx[t0:t1])
+    if min(len(split.train), len(split.val), len(split.test)) < 2:
+        raise ValueError(f"{n_trs} TRs are too few for {n_folds} outer folds with a {gap} s gap ({g} TRs): "
+                         f"{len(split.train)} train, {len(split.val)} validation, {len(split.test)} test TRs")
+    return split
+
+def run_split(n_trs:int, # TRs in the (concatenated) series
+              tr:float, # seconds per TR
+              cfg:TrainConfig, # val_frac, test_frac, gap, n_folds, fold
+             )->Split:
+    "The run's blocks: train | gap | val | gap | test, or outer fold `cfg.fold` of `cfg.n_folds`."
+    if cfg.n_folds: return outer_split(n_trs, tr, cfg.n_folds, cfg.fold, cfg.gap)
+    return block_split(n_trs, tr, cfg.val_frac, cfg.test_frac, cfg.gap)
+
 def run_data(al:Aligned, # the aligned study
              cfg:TrainConfig, # the run's options
              device:torch.device|str="cpu", # where the tensors go
@@ -262,7 +305,7 @@ def run_data(al:Aligned, # the aligned study
              data_dir:str|Path|None=None, # the study folder (recorded with the run)
             )->RunData:
     "Split a study into blocks, normalise it with training statistics and move it to the device."
-    split = block_split(al.n_trs, al.tr, cfg.val_frac, cfg.test_frac, cfg.gap)
+    split = run_split(al.n_trs, al.tr, cfg)
     norm = fit_normaliser(al.fmri, al.audio, split.train)
     tensors = StudyTensors(al, norm, device, cfg.subjects)
     tr_idx = split.train
@@ -273,7 +316,7 @@ def run_data(al:Aligned, # the aligned study
     return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
                    None if w is None else torch.as_tensor(w, device=tensors.device))
 
-DATA_OPTIONS = ("data_dir", "synthetic", "text_model", "subjects", "val_frac", "test_frac", "gap")
+DATA_OPTIONS = ("data_dir", "synthetic", "text_model", "subjects", "val_frac", "test_frac", "gap", "n_folds", "fold")
 
 def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                  data:RunData, # the data the model is for
@@ -379,7 +422,8 @@ def load_checkpoint(path:str|Path, # a file written by `Trainer.save`
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}")
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise ValueError(f"{path}: not a readable giblet checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # torch's own message may advise unsafe loading: never pass that on
+        raise ValueError(f"{path}: not a giblet checkpoint (it cannot be read as plain tensors: {type(e).__name__})") from None
     if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "config"} <= set(ck):
         raise ValueError(f"{path}: not a giblet training checkpoint (keys {sorted(ck) if isinstance(ck, dict) else type(ck)})")
     return ck
