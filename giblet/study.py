@@ -278,8 +278,9 @@ def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its t
     spec_runs, run_trs = [], []
     for i, k in enumerate(sorted(runs, key=lambda k: tuple("" if v is None else str(v).zfill(6) for v in k))):
         got = {s: f for s, _, f in runs[k]}
+        name = "_".join(f"{e}-{v}" for e, v in zip(("ses", "run"), k) if v is not None) or "run-1"
         lack = [s for s in subjects if s not in got]
-        if lack: raise FileNotFoundError(f"{root}: run {k} has no BOLD for subjects {lack}")
+        if lack: raise FileNotFoundError(f"{root}: {name} has no BOLD for subjects {lack}")
         tr, placement = {}, {}
         for s in subjects:
             src = raw_by.get((s, k), got[s])
@@ -291,13 +292,12 @@ def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its t
             if len(ev) != 1: raise FileNotFoundError(f"{src.path}: expected one events file (*_events.tsv) naming the film "
                                                      f"and its onset, found {len(ev)}")
             placement[s] = _film_event(Path(ev[0].path), root, films)
-        if len(set(tr.values())) > 1: raise ValueError(f"{root}: run {k}: the sidecars disagree on the TR: {tr}")
+        if len(set(tr.values())) > 1: raise ValueError(f"{root}: {name}: the sidecars disagree on the TR: {tr}")
         if len({(str(p[0]), *(round(x, 3) if x is not None else None for x in p[1:])) for p in placement.values()}) > 1:
-            raise ValueError(f"{root}: run {k}: subjects disagree on the film, its onset or its segment: {placement}; "
+            raise ValueError(f"{root}: {name}: subjects disagree on the film, its onset or its segment: {placement}; "
                              "giblet needs one placement per run")
         the_film, onset, duration, start = placement[subjects[0]]
         t = tr[subjects[0]]; run_trs.append(t)
-        name = "_".join(f"{e}-{v}" for e, v in zip(("ses", "run"), k) if v is not None) or "run-1"
         spec_runs.append(StudyRun(name, {f"sub-{s}": Path(got[s].path) for s in subjects}, film=the_film,
                                   film_start=start, film_stop=None if duration is None else start + duration,
                                   scan_offset=onset / t, part=i + 1))

@@ -131,6 +131,18 @@ def test_bids_ignores_unrelated_files_and_reads_derivatives(bids, tmp_path):
         d = der / p.relative_to(root).parent
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, d / p.name.replace("_bold", "_space-MNI152NLin2009cAsym_desc-preproc_bold"))
+    shutil.copy(root / "stimuli" / "film.m4v", root / "stimuli" / "part2.m4v")    # run 2 shows its own film file
+    for p in root.glob("sub-*/func/*_run-2_events.tsv"):
+        ev = pd.read_csv(p, sep="\t"); ev["stim_file"] = "part2.m4v"; ev.to_csv(p, sep="\t", index=False)
+    spec = bids_spec(root)
+    assert spec.film is None and [r.film.name for r in spec.runs] == ["film.m4v", "part2.m4v"]
+    p = next(root.glob("sub-02/func/*_run-2_events.tsv"))
+    kept = p.read_text()
+    ev = pd.read_csv(p, sep="\t"); ev["onset"] = 0.0; ev.to_csv(p, sep="\t", index=False)
+    with pytest.raises(ValueError, match="run-2: subjects disagree on the film, its onset"): bids_spec(root)
+    p.unlink()
+    with pytest.raises(FileNotFoundError, match="sub-02_task-movie_run-2_bold.nii.gz: expected one events file"): bids_spec(root)
+    p.write_text(kept)
     spec = bids_spec(root, space="MNI152NLin2009cAsym")
     assert all("derivatives" in str(p) and "space-MNI152NLin2009cAsym" in p.name for r in spec.runs for p in r.nii.values())
     assert [r.scan_offset for r in spec.runs] == [1.0, -2.0] and check_spec(spec) == 1.5
