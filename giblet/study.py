@@ -39,7 +39,7 @@ class StudyRun:
     name: str # e.g. "run-1"
     nii: dict # subject name -> NIfTI path
     film: Path|None = None # this run's film; None: the study's
-    film_start: float = 0.0 # film time (s) where the run's segment starts
+    film_start: float = 0.0 # film time (s) where the run's segment starts (< 0: the film begins that many seconds after it)
     film_stop: float|None = None # film time (s) where it stops; None: the film's end
     scan_offset: float = 0.0 # volumes scanned before the segment starts (negative: volume 0 is that many TRs into it)
     annotations: Path|None = None # this run's annotation table; None: the study's
@@ -120,7 +120,6 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                        film_stop=_number(r.get("film_stop"), f"{at}.film_stop", err, optional=True),
                        scan_offset=_number(r.get("scan_offset", 0.0), f"{at}.scan_offset", err),
                        annotations=_path(r.get("annotations"), base, f"{at}.annotations", err), part=part)
-        if run.film_start < 0: err(f"{at}.film_start", f"film time cannot be negative, got {run.film_start}")
         if run.film_stop is not None and run.film_stop <= run.film_start:
             err(f"{at}.film_stop", f"{run.film_stop} s is not after film_start {run.film_start} s")
         runs.append(run)
@@ -352,11 +351,10 @@ def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accept
         lines += [f"    {s}: {p} ({_volumes(p)})" for s, p in r.nii.items()]
     return "\n".join(lines)
 
-# %% ../nbs/13_study.ipynb #8813f974
-def _own_trs(spec:StudySpec, run:StudyRun, tr:float, n_volumes:int)->int:
+# %% ../nbs/13_study.ipynb #403b829a
+def _own_trs(run:StudyRun, tr:float, film_duration:float, n_volumes:int)->int:
     "TRs a scan of `n_volumes` would give `run` on its own (0 if none)."
-    try: return tr_grid(n_volumes, tr, video_info(spec.film_of(run)).duration, run.film_start, run.film_stop,
-                        run.scan_offset * tr).n_trs
+    try: return tr_grid(n_volumes, tr, film_duration, run.film_start, run.film_stop, run.scan_offset * tr).n_trs
     except ValueError: return 0
 
 def plan_subjects(spec:StudySpec, # the study
@@ -366,7 +364,8 @@ def plan_subjects(spec:StudySpec, # the study
     "Warn, with counts, of each subject that shortens a run; with `drop_short`, drop it from every run instead."
     short = {}
     for r in spec.runs:
-        own = {s: _own_trs(spec, r, tr, load_nifti(p, ndim=4).shape[3]) for s, p in r.nii.items()}
+        duration = video_info(spec.film_of(r)).duration
+        own = {s: _own_trs(r, tr, duration, load_nifti(p, ndim=4).shape[3]) for s, p in r.nii.items()}
         for s, n in own.items():
             if n < max(own.values()): short.setdefault(s, []).append(f"{r.name}: {n} of {max(own.values())} TRs")
     if not short: return spec

@@ -1,6 +1,7 @@
 """Study specs end to end: a two-run synthetic study through a spec file and through BIDS, annotation parts, errors."""
 import logging
 import shutil
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -190,5 +191,12 @@ def test_one_run_sherlock_layout_and_mask_file(tmp_path, caplog):
     spec.mask = tmp_path / "roi.nii.gz"
     al = load_spec(spec, tmp_path / "cache", PARAMS, show_progress=False)
     assert al.n_voxels == int(mask.sum()) and al.n_subjects == 2 and (al.run == 0).all()
+    # volume 0 before the film, said either way: a film start 1.5 s before stimulus time 0, or one volume of scan offset
+    early = load_spec(replace(spec, runs=[replace(spec.runs[0], film_start=-1.5)]), tmp_path / "cache", PARAMS, show_progress=False)
+    offset = load_spec(replace(spec, runs=[replace(spec.runs[0], scan_offset=1)]), tmp_path / "cache", PARAMS, show_progress=False)
+    assert early.volume[0] == offset.volume[0] == 1 and early.texts == offset.texts
+    np.testing.assert_array_equal(np.asarray(early.video), np.asarray(offset.video))
+    np.testing.assert_array_equal(np.asarray(early.fmri[:]), np.asarray(offset.fmri[:]))
+    np.testing.assert_allclose(early.tr_start, offset.tr_start + 1.5)   # each on its own stimulus clock
     spec.mask = "nonzero"                                   # the synthetic scans are 0 exactly outside the brain
     np.testing.assert_array_equal(np.asarray(spec_mask(spec).dataobj), load_truth(lay)["brain_mask"])
