@@ -22,7 +22,7 @@ import torch
 
 from .data.audio import load_audio
 from .data.video import video_info, video_to_frames
-from .io import atomic_write, clean_leftovers, file_checksum, input_fingerprint
+from .io import FolderLockedError, RunLock, atomic_write, clean_leftovers, file_checksum, input_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _pool(hidden:Sequence[torch.Tensor], # hidden states, each (B, T, d)
 
 # %% ../nbs/14_features.ipynb #d9b4016e
 def tiny_backbone(folder:str|Path, # where to save it
-                  kind:str="image", # "image" (DINOv2), "video" (VideoMAE), "audio" (wav2vec 2.0) or "text" (GPT-2)
+                  kind:str="image", # "image" (DINOv2), "video" (VideoMAE), "audio" (wav2vec 2.0), "whisper" or "text" (GPT-2)
                   words:Sequence[str]=(), # text: the tokenizer's vocabulary (unknown words map to [UNK])
                   seed:int=0, # weight seed
                  )->Path: # `folder`, loadable by path like any downloaded model
@@ -181,6 +181,11 @@ def tiny_backbone(folder:str|Path, # where to save it
         model = tf.Wav2Vec2Config(**small, conv_dim=(16, 16, 16), conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8), num_conv_pos_embeddings=8,
                                   num_conv_pos_embedding_groups=2)   # 320 samples per frame, 50 frames per second, as in the real one
         proc = tf.Wav2Vec2FeatureExtractor(sampling_rate=16000)
+    elif kind == "whisper":   # an encoder-decoder: the stream reads its encoder
+        model = tf.WhisperConfig(d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                 encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80, vocab_size=64, max_target_positions=32,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+        proc = tf.WhisperFeatureExtractor(feature_size=80)
     elif kind == "text":
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
         vocab = {w: i for i, w in enumerate(dict.fromkeys(["[UNK]", *(w.lower() for w in words)]))}
@@ -188,7 +193,7 @@ def tiny_backbone(folder:str|Path, # where to save it
         tok.pre_tokenizer, tok.normalizer = pre_tokenizers.Whitespace(), normalizers.Lowercase()
         proc = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
         model = tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=len(vocab), n_positions=512, bos_token_id=0, eos_token_id=0)
-    else: raise ValueError(f"kind must be 'image', 'video', 'audio' or 'text', got {kind!r}")
+    else: raise ValueError(f"kind must be 'image', 'video', 'audio', 'whisper' or 'text', got {kind!r}")
     tf.AutoModel.from_config(model).save_pretrained(folder); proc.save_pretrained(folder)
     return folder
 
@@ -486,21 +491,29 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
             _write_npy(path(c), _compute_chunk(bb, inputs, rows(c), batch_size))
     if world > 1 and wait: _wait_for(lambda: all(path(c).is_file() for c in range(n_chunks)) or _valid_entry(folder, key), timeout, folder)
     if (rank == 0 or world == 1) and not _valid_entry(folder, key):
-        chunks = [_load_chunk(path(c), len(rows(c))) for c in range(n_chunks)]
-        missing = [c for c, a in enumerate(chunks) if a is None]
-        if missing and wait: raise RuntimeError(f"{folder}: chunks {missing[:5]} went missing")
-        if not missing:
-            info = _write_npy(folder / "features.npy", np.concatenate(chunks))
-            _write_json(folder / "manifest.json", dict(key=key, chunk_trs=int(chunk_trs), complete=True, dim=int(chunks[0].shape[1]),
-                                                       bytes=info["bytes"], blake2b=info["blake2b"], name=spec.name))
-            for c in range(n_chunks): path(c).unlink(missing_ok=True)
-            logger.info("%s: %d TRs x %d features cached", folder, len(times), chunks[0].shape[1])
+        try: lock = RunLock(folder, ".finalize.lock").acquire()
+        except FolderLockedError:   # another job extracting the same stream is joining the chunks: wait for it
+            lock = None; _wait_for(lambda: _valid_entry(folder, key), timeout, folder, barrier=False)
+        if lock is not None:
+            with lock: _finalize(folder, key, spec, [_load_chunk(path(c), len(rows(c))) for c in range(n_chunks)], chunk_trs, wait)
     if world > 1 and wait: _wait_for(lambda: _valid_entry(folder, key), timeout, folder)
     return folder if _valid_entry(folder, key) else None
 
-def _wait_for(done, timeout:float, folder:Path):
+def _finalize(folder:Path, key:dict, spec:StreamSpec, chunks:list, chunk_trs:int, wait:bool):
+    "Join the chunks into features.npy, then write the complete manifest and remove the chunks."
+    if _valid_entry(folder, key): return
+    missing = [c for c, a in enumerate(chunks) if a is None]
+    if missing and wait: raise RuntimeError(f"{folder}: chunks {missing[:5]} went missing")
+    if missing: return
+    info = _write_npy(folder / "features.npy", np.concatenate(chunks))
+    _write_json(folder / "manifest.json", dict(key=key, chunk_trs=int(chunk_trs), complete=True, dim=int(chunks[0].shape[1]),
+                                               bytes=info["bytes"], blake2b=info["blake2b"], name=spec.name))
+    for f in folder.glob("chunk-*.npy"): f.unlink(missing_ok=True)
+    logger.info("%s: %d TRs x %d features cached", folder, sum(len(a) for a in chunks), chunks[0].shape[1])
+
+def _wait_for(done, timeout:float, folder:Path, barrier:bool=True):
     "Wait for other ranks: a barrier when torch.distributed is up, else poll `done()` until `timeout`."
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier(); return
+    if barrier and torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier(); return
     t0 = time.monotonic()
     while not done():
         if time.monotonic() - t0 > timeout: raise TimeoutError(f"{folder}: other ranks did not finish their chunks in {timeout:.0f} s")
@@ -514,7 +527,7 @@ def load_stream(folder:str|Path, # a cache folder from `extract_stream`
     if m is None or not m.get("complete"): raise ValueError(f"{folder}: not a complete feature cache (no finished manifest.json)")
     return np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
 
-# %% ../nbs/14_features.ipynb #56f89e85
+# %% ../nbs/14_features.ipynb #64313c35
 @dataclass
 class StreamRun:
     "One run's stimulus as the feature streams see it."

@@ -33,7 +33,7 @@ def quiet(monkeypatch):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {k: tiny_backbone(root / k, k, words=WORDS) for k in ("image", "video", "audio", "text")}
+    return {k: tiny_backbone(root / k, k, words=WORDS) for k in ("image", "video", "audio", "whisper", "text")}
 
 
 def film_frames(n_frames, seed=0, h=24, w=40):
@@ -73,12 +73,13 @@ def test_video_stream_shapes_and_causality(models, films, tmp_path, kind, contex
     assert not np.allclose(a[ends > 5.2], b[ends > 5.2], atol=1e-3)
 
 
-def test_audio_stream_shapes_causality_and_film(models, films, tmp_path, caplog):
+@pytest.mark.parametrize("kind", ["audio", "whisper"])
+def test_audio_stream_shapes_causality_and_film(models, films, tmp_path, caplog, kind):
     sr = 16000
     wave = demo_waveform(10.0, sr)
     later = wave.copy(); later[int(5.0 * sr):] = demo_waveform(5.0, sr, seed=3)
     times = np.arange(9) * TR
-    spec = StreamSpec("audio", str(models["audio"]), (-1,), context_trs=1)
+    spec = StreamSpec("audio", str(models[kind]), (-1,), context_trs=1)
     with caplog.at_level(logging.INFO, "giblet.features"):
         a = run(spec, (wave, sr), times, tmp_path)
     assert "1 clips reach before the film's start; silence there" in caplog.text
@@ -206,3 +207,19 @@ def test_model_trains_on_extracted_streams(models, films, tmp_path):
         opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
         assert all(p.grad.abs().max() > 0 for k in keys for p in model.encoder.fusion.proj[k].parameters())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_one_job_joins_the_chunks_while_another_waits(models, tmp_path):
+    from giblet.io import RunLock
+    sr, times = 16000, np.arange(4) * TR
+    wave = demo_waveform(5.0, sr)
+    spec = StreamSpec("audio", str(models["audio"]))
+    kw = dict(progress=False, chunk_trs=2)
+    assert extract_stream(spec, (wave, sr), times, TR, tmp_path, rank=1, world_size=2, wait=False, **kw) is None
+    folder = next(tmp_path.iterdir())
+    with RunLock(folder, ".finalize.lock"):   # another job is joining the chunks: this one waits for it, then gives up
+        with pytest.raises(TimeoutError, match="did not finish"):
+            extract_stream(spec, (wave, sr), times, TR, tmp_path, timeout=0.5, **kw)
+        assert not (folder / "features.npy").exists()
+    assert extract_stream(spec, (wave, sr), times, TR, tmp_path, **kw) == folder
+    assert load_stream(folder).shape == (4, 16)
