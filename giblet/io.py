@@ -24,10 +24,10 @@ from typing import Callable, Iterator, Sequence
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'HASH_BYTES', 'CHUNK', 'FINGERPRINT_BYTES', 'current_umask', 'usual_mode', 'temp_name', 'DiskFullError',
-           'is_disk_full', 'check_space', 'new_hash', 'HashingWriter', 'file_checksum', 'fsync_folder', 'write_file',
-           'atomic_write', 'atomic_folder', 'process_start', 'pid_alive', 'clean_leftovers', 'FolderLockedError',
-           'RunLock', 'input_fingerprint', 'fingerprint_changes']
+__all__ = ['logger', 'HASH_BYTES', 'CHUNK', 'FOREIGN_AGE', 'FINGERPRINT_BYTES', 'current_umask', 'usual_mode', 'host_tag',
+           'temp_name', 'DiskFullError', 'is_disk_full', 'check_space', 'new_hash', 'HashingWriter', 'file_checksum',
+           'fsync_folder', 'write_file', 'atomic_write', 'atomic_folder', 'process_start', 'pid_alive',
+           'clean_leftovers', 'FolderLockedError', 'RunLock', 'input_fingerprint', 'fingerprint_changes']
 
 # %% ../nbs/00_io.ipynb #b2d03d6a
 def current_umask()->int:
@@ -43,15 +43,19 @@ def usual_mode(folder:bool=False, # a folder (0o777 less the umask) rather than 
     "The mode `open()` or `mkdir` would give a new file or folder."
     return (0o777 if folder else 0o666) & ~current_umask()
 
-_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<token>[0-9a-f]{8})\.tmp(?P<ext>\..+)?$")
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{4}\.tmp(?P<ext>\..+)?$")
+
+def host_tag()->str:
+    "Four hex digits naming this machine, so cleaning a shared folder never judges another machine's process ids."
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=2).hexdigest()
 
 def temp_name(path:str|Path, # the file or folder the temporary one will replace
               keep_suffix:bool=False, # end the name with `path`'s suffixes (for writers that pick a format by suffix)
              )->Path:
-    "A hidden, unique temporary name beside `path` that records this process's id."
+    "A hidden, unique temporary name beside `path` that records this process's id and machine."
     path = Path(path)
     ext = "".join(path.suffixes) if keep_suffix else ""
-    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{ext}"
+    return path.parent / f".{path.name}.{os.getpid()}-{host_tag()}{secrets.token_hex(2)}.tmp{ext}"
 
 # %% ../nbs/00_io.ipynb #6362f27b
 def _human(n:float)->str:
@@ -206,6 +210,7 @@ def atomic_folder(folder:str|Path, # the folder to create or replace
 # %% ../nbs/00_io.ipynb #54622a6d
 _LEGACY_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|part(\..+)?)$")
 _LEGACY_DIR = re.compile(r"^\.[0-9a-f]{20}\.[a-z0-9_]{8}$")
+FOREIGN_AGE = 7 * 86400   # seconds after which another machine's temporary counts as abandoned
 
 def _boot_time()->float|None:
     try:
@@ -251,7 +256,7 @@ def clean_leftovers(folder:str|Path, # a run folder or cache root
         try: mtime = p.lstat().st_mtime
         except FileNotFoundError: continue
         m = _TMP.match(p.name)
-        if m: stale = _writer_gone(int(m["pid"]), mtime)
+        if m: stale = _writer_gone(int(m["pid"]), mtime) if m["host"] == host_tag() else time.time() - mtime > FOREIGN_AGE
         elif p.is_dir(): stale = bool(_LEGACY_DIR.match(p.name)) and mtime < me
         else: stale = bool(_LEGACY_FILE.match(p.name)) and mtime < me
         if not stale: continue

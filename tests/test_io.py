@@ -61,18 +61,20 @@ def test_a_full_disk_is_one_line_and_the_old_file_stays(tmp_path, monkeypatch, w
 
 def test_two_processes_racing_for_one_run_folder(tmp_path):
     code = f"""
-        import sys, time
+        import sys
         from giblet.io import RunLock, FolderLockedError
-        time.sleep(max(0, float(sys.argv[1]) - time.time()))
+        print("ready", flush=True); sys.stdin.readline()                  # both start together
         try:
-            lock = RunLock({str(tmp_path / 'run')!r}).acquire(); print("got", flush=True); time.sleep(3)
+            lock = RunLock({str(tmp_path / 'run')!r}).acquire(); print("got", flush=True)
         except FolderLockedError as e: print("refused", e, flush=True)
+        sys.stdin.readline()                                              # hold until told to exit
     """
-    import time
-    start = str(time.time() + 1.5)
-    kids = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), start], stdout=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    outs = [k.communicate(timeout=60)[0] for k in kids]
+    kids = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [k.stdout.readline().strip() for k in kids] == ["ready", "ready"]
+    for k in kids: k.stdin.write("go\n"); k.stdin.flush()
+    outs = [k.stdout.readline() for k in kids]
+    for k in kids: k.stdin.write("exit\n"); k.stdin.flush(); k.wait(timeout=60); k.stdin.close(); k.stdout.close()
     assert sorted(o.split()[0] for o in outs) == ["got", "refused"], outs
     winner = kids[[o.startswith("got") for o in outs].index(True)].pid
     assert f"in use by process {winner}" in [o for o in outs if o.startswith("refused")][0]
