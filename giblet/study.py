@@ -344,8 +344,8 @@ def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accept
     for r in spec.runs:
         stop = "the film's end" if r.film_stop is None else f"{r.film_stop:g} s"
         off = ("the scan and the segment start together" if r.scan_offset == 0 else
-               f"{r.scan_offset:g} volumes scanned before the segment" if r.scan_offset > 0 else
-               f"volume 0 is {-r.scan_offset:g} TRs into the segment")
+               f"{r.scan_offset:g} volume{'' if r.scan_offset == 1 else 's'} scanned before the segment" if r.scan_offset > 0
+               else f"volume 0 is {-r.scan_offset:g} TR{'' if r.scan_offset == -1 else 's'} into the segment")
         lines.append(f"  {r.name}: film {spec.film_of(r).name} from {r.film_start:g} s to {stop}; {off}; "
                      f"annotations {spec.annotations_of(r).name}, part {r.part or '(the only one)'}")
         lines += [f"    {s}: {p} ({_volumes(p)})" for s, p in r.nii.items()]
