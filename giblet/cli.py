@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from fastcore.script import anno_parser, store_true
 
+from .io import DiskFullError
 from .evaluation import _md_table, fold_summary, truth_columns, write_report
 from .training.trainer import (DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, write_json)
@@ -100,7 +101,7 @@ def run_training(cfg:TrainConfig, # the run's options
     return m
 
 # %% ../nbs/50_cli.ipynb #22ab2a3d
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, DeviceUnavailable)
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, DeviceUnavailable, DiskFullError)
 
 def _read_config(path:str)->str:
     "The text of a --config file; a missing one is an error naming it."

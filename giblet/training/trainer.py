@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..alignment.hrf import hrf_kernel
+from ..io import atomic_write as io_atomic_write
 from ..alignment.sync import Aligned, FeatureParams
 from ..data.dataset import (ContextDataset, Normaliser, Split, StudyTensors, block_split, default_cache_dir, discover,
                             fit_normaliser, load_study)
@@ -391,23 +392,12 @@ def lr_factor(step:int, # optimiser steps taken
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p))
 
 # %% ../../nbs/31_training.trainer.ipynb #70bb8cc4
-def _umask()->int:
-    m = os.umask(0); os.umask(m); return m
-
 def atomic_write(path:str|Path, # the file to (re)place
                  write:Callable, # write(binary file object)
                 )->Path:
-    "Write through a temporary file in the same folder, flushed to disk, then renamed over `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give, not mkstemp's owner-only 0600
-        with os.fdopen(fd, "wb") as f:
-            write(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
+    "Write through a temporary file in the same folder, flushed to disk, then renamed over `path` (`giblet.io.atomic_write`)."
+    io_atomic_write(path, write)
+    return Path(path)
 
 def write_json(path:str|Path, # the file
                obj, # JSON-serialisable
