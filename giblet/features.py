@@ -90,7 +90,10 @@ def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]
     bad = sorted(set(opts) - set(known) - {"kind", "model", "layers"}) + sorted(set(opts) & {"kind", "model", "layers"})
     if bad: raise ValueError(f"feature stream {text!r}: unknown or misplaced options {bad}; options are "
                              f"{sorted(set(known) - {'kind', 'model', 'layers'})}")
-    typed = {k: v if known[k].type == "str" else int(v) for k, v in opts.items()}
+    typed = {}
+    for k, v in opts.items():
+        try: typed[k] = v if known[k].type == "str" else int(v)
+        except ValueError: raise ValueError(f"feature stream {text!r}: option {k} takes a whole number, got {v!r}") from None
     return StreamSpec(kind.strip(), model.strip(), layers or (-1,), **typed)
 
 # %% ../nbs/14_features.ipynb #e8e2ec6c
