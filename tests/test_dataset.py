@@ -112,10 +112,13 @@ def test_bytes_changed_in_place_are_detected_and_rebuilt(study, tmp_path, caplog
 def test_damage_with_the_time_stamp_restored_is_caught_by_verify(study, tmp_path, caplog):
     root, _ = study
     al, folder = _build(root / "study", tmp_path / "cache"); del al
-    st = (folder / "fmri.npy").stat()
+    old = (folder / "fmri.npy").stat().st_mtime_ns - 3600 * 10**9
+    for p in folder.glob("*.npy"): os.utime(p, ns=(old, old))
+    _build(root / "study", tmp_path / "cache")                       # checked (time stamps changed) and recorded
+    assert (folder / "verified.json").exists()
     _overwrite(folder / "fmri.npy", 200, b"\x00\x3c" * 50)
-    os.utime(folder / "fmri.npy", ns=(st.st_atime_ns, st.st_mtime_ns))
-    _build(root / "study", tmp_path / "cache")                       # sizes and time stamps look right: not noticed
+    os.utime(folder / "fmri.npy", ns=(old, old))
+    with caplog.at_level(logging.WARNING): _build(root / "study", tmp_path / "cache")   # sizes and time stamps look right
     assert "checksum" not in caplog.text
     with caplog.at_level(logging.WARNING): _build(root / "study", tmp_path / "cache", verify=True)
     assert f"{folder / 'fmri.npy'} does not match its checksum" in caplog.text

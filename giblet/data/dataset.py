@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -28,9 +29,9 @@ from .fmri import sort_subjects, zscore_stats
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'CACHE_VERSION', 'VERIFIED', 'StudyFiles', 'discover', 'Split',
-           'block_split', 'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays',
-           'cache_manifest', 'aligned_to_arrays', 'arrays_to_aligned', 'context_starts', 'StudyTensors',
+__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'CACHE_VERSION', 'VERIFIED', 'RACY_SECONDS', 'StudyFiles', 'discover',
+           'Split', 'block_split', 'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray', 'save_arrays',
+           'load_arrays', 'cache_manifest', 'aligned_to_arrays', 'arrays_to_aligned', 'context_starts', 'StudyTensors',
            'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'cached_study', 'load_study', 'cache_main']
 
 # %% ../../nbs/12_data.dataset.ipynb #efe36119
@@ -156,6 +157,7 @@ def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (ma
 # %% ../../nbs/12_data.dataset.ipynb #6fc0fdc9
 CACHE_VERSION = 2
 VERIFIED = "verified.json"   # modification times of the files at their last checksum check
+RACY_SECONDS = 2.0           # files younger than this at a check are checked again next time (coarse time stamps)
 
 def cache_key(inputs:Sequence[str|Path], # files the features are computed from
               params:dict, # every parameter of the computation (JSON-serialisable)
@@ -241,6 +243,8 @@ def _damage(folder:Path, files:dict, verify:bool|None, progress:bool)->str|None:
         for n, rec in files.items():
             if file_checksum(folder / n, bar.update) != rec["blake2b"]:
                 return f"{folder / n} does not match its checksum (its bytes changed after the cache was built)"
+    if any(time.time() - (folder / n).stat().st_mtime < RACY_SECONDS for n in files):
+        return None     # written moments ago: a change within one time-stamp tick could hide, so check again next time
     try: atomic_write(folder / VERIFIED, lambda f: f.write(json.dumps(_mtimes(folder, files)).encode()))
     except OSError as e: logger.info("%s: checked, but cannot record it (%s); it will be checked again", folder, e)
     return None
