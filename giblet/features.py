@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .data.audio import load_audio
@@ -259,12 +258,14 @@ def audio_clips(wave:np.ndarray, # float32 (n_samples,) mono waveform at `sr`; s
 def read_transcript(path:str|Path, # a TSV (or CSV) with columns onset, duration and word, times in film seconds
                    )->pd.DataFrame: # columns onset, duration, word, sorted by onset
     "A word-timed transcript, checked: every word has a finite onset and a non-negative duration."
+    import pandas as pd   # imported on first use: the model side imports this module too
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such transcript file")
     df = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",")
     return _check_words(df, path)
 
 def _check_words(df:pd.DataFrame, name)->pd.DataFrame:
+    import pandas as pd
     missing = [c for c in ("onset", "duration", "word") if c not in df.columns]
     if missing: raise ValueError(f"{name}: a transcript needs columns onset, duration and word; missing {missing} (found {list(df.columns)})")
     onset, dur = pd.to_numeric(df["onset"], errors="coerce"), pd.to_numeric(df["duration"], errors="coerce")
@@ -278,6 +279,7 @@ def _check_words(df:pd.DataFrame, name)->pd.DataFrame:
 def words_from_annotations(df:pd.DataFrame, # segments with start, end and text, as from `giblet.data.text.load_annotations`
                           )->pd.DataFrame: # a transcript: every word of a segment with the segment's onset and duration
     "Annotation segments as a word table: a segment's words all become available when the segment starts."
+    import pandas as pd
     rows = [(s, e - s, w) for s, e, t in zip(df["start"], df["end"], df["text"]) if isinstance(t, str) for w in t.split()]
     return _check_words(pd.DataFrame(rows, columns=["onset", "duration", "word"]), "the annotations")
 
@@ -356,7 +358,7 @@ def _source_identity(source)->dict:
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).is_file(): raise FileNotFoundError(f"{source}: no such film or transcript file")
         fp = input_fingerprint([source])[0]; fp.pop("mtime_ns"); return fp
-    if isinstance(source, pd.DataFrame):
+    if hasattr(source, "to_csv"):   # a word table
         return {"words": hashlib.blake2b(source.to_csv(index=False).encode(), digest_size=16).hexdigest(), "n": len(source)}
     wave, sr = source
     return {"waveform": hashlib.blake2b(np.ascontiguousarray(wave, np.float32).tobytes(), digest_size=16).hexdigest(), "sr": sr}
