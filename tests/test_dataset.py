@@ -193,3 +193,26 @@ def test_cache_main_builds_and_verify_removes_damaged_caches(study, tmp_path, ca
     assert res["verified"] == [out["study"]] and res["removed"] == [other] and not other.exists()
     assert f"{other / 'audio.npy'} does not match its checksum" in caplog.text
     with pytest.raises(ValueError, match="give a study folder"): cache_main(None, cache)
+
+
+def test_a_build_killed_midway_leaves_nothing_that_survives_the_next_load(study, tmp_path):
+    root, _ = study
+    cache = tmp_path / "cache"
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+import giblet.data.dataset as ds
+from giblet.alignment.sync import FeatureParams
+real = ds.write_file
+def write_file(path, write, **kw):
+    if path.name == "fmri.npy": print("writing", flush=True); time.sleep(60)
+    return real(path, write, **kw)
+ds.write_file = write_file
+ds.load_study({str(root / 'study')!r}, cache_dir={str(cache)!r}, params=FeatureParams(size=(32, 18), n_mels=32, text_dim=64),
+              show_progress=False)
+"""], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.kill(); child.wait(); child.stdout.close()
+    (left,) = list(cache.iterdir())
+    assert left.name.startswith(".") and f".{child.pid}-" in left.name and (left / "video.npy").exists()
+    _, folder = _build(root / "study", cache)
+    assert list(cache.iterdir()) == [folder]
