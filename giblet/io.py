@@ -101,7 +101,9 @@ def check_space(folder:str|Path, # where the write goes
 HASH_BYTES = 16    # blake2b digest size: 32 hex digits
 CHUNK = 1 << 22    # bytes per read when checksumming a file
 
-def new_hash(): return hashlib.blake2b(digest_size=HASH_BYTES)
+def new_hash():
+    "The checksum giblet records: blake2b (from `hashlib`) with a `HASH_BYTES`-byte digest."
+    return hashlib.blake2b(digest_size=HASH_BYTES)
 
 class HashingWriter:
     "A write-only binary stream that hashes (blake2b) and counts every byte it passes on to `f`."
