@@ -100,7 +100,7 @@ def run_training(cfg:TrainConfig, # the run's options
     write_json(out / "metrics.json", m)
     return m
 
-# %% ../nbs/50_cli.ipynb #22ab2a3d
+# %% ../nbs/50_cli.ipynb #9388e917
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, DeviceUnavailable, DiskFullError)
 
 def _read_config(path:str)->str:
@@ -136,6 +136,7 @@ def train_config(data_dir:str|None=None, out:str|None=None, resume:bool=False, c
     try: return TrainConfig.from_dict(base)
     except TypeError as e: raise ValueError(f"bad training option: {e}") from None
 
+# %% ../nbs/50_cli.ipynb #b4d00f7c
 def train_main(data_dir:str=None, # the study folder (Sherlock layout); omit to train on the embedded synthetic dataset
                out:str="runs/demo", # the run folder
                epochs:int=None, # training epochs
@@ -158,6 +159,7 @@ def train_main(data_dir:str=None, # the study folder (Sherlock layout); omit to 
     m = run_training(cfg, out, resume=resume, baseline=not no_baseline)
     return {k: v for k, v in m.items() if k != "_eval"}
 
+# %% ../nbs/50_cli.ipynb #4e923edc
 def _norm(a:str)->str:
     "--a-b[=v] -> --a_b[=v]: both spellings name parameter a_b."
     name, sep, val = a[2:].partition("=")

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from ..alignment.hrf import hrf_kernel
@@ -467,7 +468,7 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
     total = terms.pop("total") + r.pop("total")
     return terms | {k: v for k, v in r.items() if k not in terms} | {"total": total}
 
-# %% ../../nbs/31_training.trainer.ipynb #55729764
+# %% ../../nbs/31_training.trainer.ipynb #42f89604
 class NonFiniteLoss(FloatingPointError):
     "A loss term or the gradient became NaN or infinite."
 
@@ -539,160 +540,175 @@ class Trainer:
                                 f"NaN or infinite at {where}; training stopped; {kept}")
         return vals
 
-    def train_epoch(self)->dict:
-        "One pass over the training windows; the mean of every loss term (over all processes) and the last lr."
-        self.net.train()
-        sums, n = None, 0
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=not (self.cfg.progress and self.di.main))
-        for i, batch in enumerate(bar):
-            terms = self._losses(batch, self.cfg.recon_frac)
-            vals = self._check(terms, f"epoch {self.epoch + 1}, batch {i + 1}")
-            self.opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if self.cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                if not torch.isfinite(norm): self._check({"gradient": norm}, f"epoch {self.epoch + 1}, batch {i + 1}")
-            self.opt.step(); self.sched.step()
-            if self.ema is not None:
-                with torch.no_grad():
-                    for k, v in self.model.state_dict().items(): self.ema[k].lerp_(v, 1 - self.cfg.ema)
-            sums = vals if sums is None else sums + vals; n += self.di.world_size
-            bar.set_postfix(loss=f"{vals[-1].item() / self.di.world_size:.3f}")
-        return {f"train_{k}": v / n for k, v in zip(terms, sums.tolist())} | {"lr": self.sched.get_last_lr()[0]}
+# %% ../../nbs/31_training.trainer.ipynb #964119fd
+@patch
+def train_epoch(self:Trainer)->dict:
+    "One pass over the training windows; the mean of every loss term (over all processes) and the last lr."
+    self.net.train()
+    sums, n = None, 0
+    bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
+               disable=not (self.cfg.progress and self.di.main))
+    for i, batch in enumerate(bar):
+        terms = self._losses(batch, self.cfg.recon_frac)
+        vals = self._check(terms, f"epoch {self.epoch + 1}, batch {i + 1}")
+        self.opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if not torch.isfinite(norm): self._check({"gradient": norm}, f"epoch {self.epoch + 1}, batch {i + 1}")
+        self.opt.step(); self.sched.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items(): self.ema[k].lerp_(v, 1 - self.cfg.ema)
+        sums = vals if sums is None else sums + vals; n += self.di.world_size
+        bar.set_postfix(loss=f"{vals[-1].item() / self.di.world_size:.3f}")
+    return {f"train_{k}": v / n for k, v in zip(terms, sums.tolist())} | {"lr": self.sched.get_last_lr()[0]}
 
-    def _shard(self, n:int)->np.ndarray: return np.arange(self.di.rank, n, self.di.world_size)
+@patch
+def _shard(self:Trainer, n:int)->np.ndarray: return np.arange(self.di.rank, n, self.di.world_size)
 
-    @torch.no_grad()
-    def predict(self, trs, # TR indices to predict (any order)
-                batch_size:int|None=None, # windows per forward pass
-               )->np.ndarray: # float32 (len(trs), n_voxels) predicted subject-average BOLD, z-scored
-        "Predicted subject-average BOLD at `trs`, each TR read from the window of `context_trs` that ends on it."
-        trs, run, k = np.asarray(trs, dtype=np.int64), self.data.tensors.run, self.k
-        starts = np.empty_like(trs)
-        for r in np.unique(run[trs]):
-            lo, hi = np.flatnonzero(run == r)[[0, -1]]
-            if hi - lo + 1 < k: raise ValueError(f"run {r} has {hi - lo + 1} TRs, fewer than the model's window of {k}")
-            sel = run[trs] == r
-            starts[sel] = np.clip(trs[sel] - k + 1, lo, hi - k + 1)
-        uniq, inv = np.unique(starts, return_inverse=True)
-        mine, bs = self._shard(len(uniq)), batch_size or self.cfg.batch_size
-        each = self.data.tensors.subjects == "each"
-        out = torch.zeros(len(trs), self.model_config.n_voxels, device=self.device)
-        self.model.eval()
-        for a in range(0, len(mine), bs):
-            u = mine[a:a + bs]
-            b = self.data.tensors.gather(uniq[u], k)
-            with self._autocast():
-                if each: brain = torch.stack([self.model.encode(b | {"subject": torch.full_like(b["subject"], s)})
-                                              for s in range(self.data.tensors.n_subjects)]).float().mean(0)
-                else: brain = self.model.encode(b | {"subject": torch.full_like(b["subject"], -1)})
-            rows = np.flatnonzero(np.isin(inv, u))
-            pos_in_batch = np.searchsorted(u, inv[rows])
-            out[torch.as_tensor(rows, device=self.device)] = brain.float()[pos_in_batch, trs[rows] - starts[rows]]
-        out = self._reduce(out).cpu().numpy()
-        if each: out = (out - self.data.norm.avg_mean) / self.data.norm.avg_std
-        return out.astype(np.float32)
+# %% ../../nbs/31_training.trainer.ipynb #dd211c13
+@patch
+@torch.no_grad()
+def predict(self:Trainer, trs, # TR indices to predict (any order)
+            batch_size:int|None=None, # windows per forward pass
+           )->np.ndarray: # float32 (len(trs), n_voxels) predicted subject-average BOLD, z-scored
+    "Predicted subject-average BOLD at `trs`, each TR read from the window of `context_trs` that ends on it."
+    trs, run, k = np.asarray(trs, dtype=np.int64), self.data.tensors.run, self.k
+    starts = np.empty_like(trs)
+    for r in np.unique(run[trs]):
+        lo, hi = np.flatnonzero(run == r)[[0, -1]]
+        if hi - lo + 1 < k: raise ValueError(f"run {r} has {hi - lo + 1} TRs, fewer than the model's window of {k}")
+        sel = run[trs] == r
+        starts[sel] = np.clip(trs[sel] - k + 1, lo, hi - k + 1)
+    uniq, inv = np.unique(starts, return_inverse=True)
+    mine, bs = self._shard(len(uniq)), batch_size or self.cfg.batch_size
+    each = self.data.tensors.subjects == "each"
+    out = torch.zeros(len(trs), self.model_config.n_voxels, device=self.device)
+    self.model.eval()
+    for a in range(0, len(mine), bs):
+        u = mine[a:a + bs]
+        b = self.data.tensors.gather(uniq[u], k)
+        with self._autocast():
+            if each: brain = torch.stack([self.model.encode(b | {"subject": torch.full_like(b["subject"], s)})
+                                          for s in range(self.data.tensors.n_subjects)]).float().mean(0)
+            else: brain = self.model.encode(b | {"subject": torch.full_like(b["subject"], -1)})
+        rows = np.flatnonzero(np.isin(inv, u))
+        pos_in_batch = np.searchsorted(u, inv[rows])
+        out[torch.as_tensor(rows, device=self.device)] = brain.float()[pos_in_batch, trs[rows] - starts[rows]]
+    out = self._reduce(out).cpu().numpy()
+    if each: out = (out - self.data.norm.avg_mean) / self.data.norm.avg_std
+    return out.astype(np.float32)
 
-    def evaluate(self)->dict:
-        "Validation loss terms (mean over windows) and the voxel r of the predicted subject-average BOLD."
-        with self.averaged(), torch.no_grad(): return self._evaluate()
+# %% ../../nbs/31_training.trainer.ipynb #18675d40
+@patch
+def evaluate(self:Trainer)->dict:
+    "Validation loss terms (mean over windows) and the voxel r of the predicted subject-average BOLD."
+    with self.averaged(), torch.no_grad(): return self._evaluate()
 
-    def _evaluate(self)->dict:
-        self.net.eval()
-        mine = np.array_split(np.arange(len(self.val_ds)), self.di.world_size)[self.di.rank]
-        weight = np.ones(len(mine))
-        if not len(mine): mine, weight = np.zeros(1, np.int64), np.zeros(1)  # keep in step with the other processes
-        sums = n = 0
-        for a in range(0, len(mine), self.cfg.batch_size):
-            j = mine[a:a + self.cfg.batch_size]
-            terms = self._losses(self.data.tensors.gather(self.val_ds.starts[j], self.k, self.val_ds.rows[j]))
-            w = float(weight[a:a + self.cfg.batch_size].sum())
-            sums = sums + torch.stack([v.detach().float() for v in terms.values()]) * w; n += w
-        vals = self._check(dict(zip(terms, sums)), "validation", reduce=True)
-        n = self._reduce(torch.tensor(float(n), device=self.device)).item()
-        r = voxel_r(self.predict(self.data.split.val), self.data.val_true())
-        return {f"val_{k}": v / n for k, v in zip(terms, vals.tolist())} | {
-            "val_voxel_r_mean": float(np.mean(r)), "val_voxel_r_median": float(np.median(r))}
+@patch
+def _evaluate(self:Trainer)->dict:
+    self.net.eval()
+    mine = np.array_split(np.arange(len(self.val_ds)), self.di.world_size)[self.di.rank]
+    weight = np.ones(len(mine))
+    if not len(mine): mine, weight = np.zeros(1, np.int64), np.zeros(1)  # keep in step with the other processes
+    sums = n = 0
+    for a in range(0, len(mine), self.cfg.batch_size):
+        j = mine[a:a + self.cfg.batch_size]
+        terms = self._losses(self.data.tensors.gather(self.val_ds.starts[j], self.k, self.val_ds.rows[j]))
+        w = float(weight[a:a + self.cfg.batch_size].sum())
+        sums = sums + torch.stack([v.detach().float() for v in terms.values()]) * w; n += w
+    vals = self._check(dict(zip(terms, sums)), "validation", reduce=True)
+    n = self._reduce(torch.tensor(float(n), device=self.device)).item()
+    r = voxel_r(self.predict(self.data.split.val), self.data.val_true())
+    return {f"val_{k}": v / n for k, v in zip(terms, vals.tolist())} | {
+        "val_voxel_r_mean": float(np.mean(r)), "val_voxel_r_median": float(np.median(r))}
 
-    def fit(self, until_epoch:int|None=None, # stop after this epoch (as if interrupted); None: run to the end
-           )->list: # the history: one dict per epoch
-        "Train to `cfg.epochs` (or early stop), validating, logging and checkpointing after every epoch."
-        stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
-        while self.epoch < stop and not self.stopped:
-            t0 = time.perf_counter()
-            row = self.train_epoch()
-            row |= self.evaluate()
-            self.epoch += 1
-            improved = row["val_voxel_r_mean"] > self.best_r
-            if improved: self.best_r, self.best_epoch, self.bad_epochs = row["val_voxel_r_mean"], self.epoch, 0
-            else: self.bad_epochs += 1
-            self.stopped = bool(self.cfg.patience) and self.bad_epochs >= self.cfg.patience
-            self.history.append({"epoch": self.epoch, **row, "seconds": time.perf_counter() - t0})
-            self.save(best=improved)
-            if self.di.main:
-                logger.info("epoch %d: train loss %.4f, val loss %.4f, val voxel r %.4f%s", self.epoch, row["train_total"],
-                            row["val_total"], row["val_voxel_r_mean"], " (best)" if improved else "")
-                if self.stopped: logger.info("early stop: no better validation r for %d epochs", self.bad_epochs)
-        return self.history
+@patch
+def fit(self:Trainer, until_epoch:int|None=None, # stop after this epoch (as if interrupted); None: run to the end
+       )->list: # the history: one dict per epoch
+    "Train to `cfg.epochs` (or early stop), validating, logging and checkpointing after every epoch."
+    stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
+    while self.epoch < stop and not self.stopped:
+        t0 = time.perf_counter()
+        row = self.train_epoch()
+        row |= self.evaluate()
+        self.epoch += 1
+        improved = row["val_voxel_r_mean"] > self.best_r
+        if improved: self.best_r, self.best_epoch, self.bad_epochs = row["val_voxel_r_mean"], self.epoch, 0
+        else: self.bad_epochs += 1
+        self.stopped = bool(self.cfg.patience) and self.bad_epochs >= self.cfg.patience
+        self.history.append({"epoch": self.epoch, **row, "seconds": time.perf_counter() - t0})
+        self.save(best=improved)
+        if self.di.main:
+            logger.info("epoch %d: train loss %.4f, val loss %.4f, val voxel r %.4f%s", self.epoch, row["train_total"],
+                        row["val_total"], row["val_voxel_r_mean"], " (best)" if improved else "")
+            if self.stopped: logger.info("early stop: no better validation r for %d epochs", self.bad_epochs)
+    return self.history
 
-    def config(self)->dict:
-        "The run's configuration: training options, model configuration, feature parameters."
-        return dict(train=self.cfg.to_dict(), model=self.model_config.to_dict(),
-                    features=None if self.data.features is None else json.loads(json.dumps(asdict(self.data.features))))
+# %% ../../nbs/31_training.trainer.ipynb #c3384f7e
+@patch
+def config(self:Trainer)->dict:
+    "The run's configuration: training options, model configuration, feature parameters."
+    return dict(train=self.cfg.to_dict(), model=self.model_config.to_dict(),
+                features=None if self.data.features is None else json.loads(json.dumps(asdict(self.data.features))))
 
-    def state_dict(self)->dict:
-        "Everything needed to continue the run exactly."
-        rng = _rng_state()
-        if self.di.world_size > 1:
-            rng = [None] * self.di.world_size; dist.all_gather_object(rng, _rng_state())
-        with self.averaged():  # the weights that were validated, copied before the training weights return
-            model = self.model.checkpoint()
-            model["state_dict"] = {k: v.detach().clone() for k, v in model["state_dict"].items()}
-        extra = {} if self.ema is None else {"train_weights": self.model.state_dict()}
-        return extra | dict(model=model, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                    rng=rng, epoch=self.epoch, loader_epoch=self.loader.epoch, best_r=self.best_r, best_epoch=self.best_epoch,
-                    bad_epochs=self.bad_epochs, stopped=self.stopped, history=self.history, config=self.config())
+@patch
+def state_dict(self:Trainer)->dict:
+    "Everything needed to continue the run exactly."
+    rng = _rng_state()
+    if self.di.world_size > 1:
+        rng = [None] * self.di.world_size; dist.all_gather_object(rng, _rng_state())
+    with self.averaged():  # the weights that were validated, copied before the training weights return
+        model = self.model.checkpoint()
+        model["state_dict"] = {k: v.detach().clone() for k, v in model["state_dict"].items()}
+    extra = {} if self.ema is None else {"train_weights": self.model.state_dict()}
+    return extra | dict(model=model, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                rng=rng, epoch=self.epoch, loader_epoch=self.loader.epoch, best_r=self.best_r, best_epoch=self.best_epoch,
+                bad_epochs=self.bad_epochs, stopped=self.stopped, history=self.history, config=self.config())
 
-    def load_state_dict(self, ck:dict, # from `state_dict` or `load_checkpoint`
-                        source:str="the checkpoint", # its name, for messages
-                       ):
-        "Continue from a saved state; a state from a different run configuration is refused."
-        check_resumable(ck["config"], self.config(), source)
-        self.model.load_state_dict(ck.get("train_weights", ck["model"]["state_dict"]))
-        if self.ema is not None: self.ema = {k: v.detach().clone() for k, v in ck["model"]["state_dict"].items()}
-        self.opt.load_state_dict(ck["optimizer"]); self.sched.load_state_dict(ck["scheduler"])
-        rng = ck["rng"]
-        if isinstance(rng, list):
-            if len(rng) != self.di.world_size: logger.warning("%s was saved by %d processes, resumed by %d", source, len(rng), self.di.world_size)
-            rng = rng[self.di.rank % len(rng)]
-        _set_rng_state(rng)
-        self.epoch, self.loader.epoch = ck["epoch"], ck["loader_epoch"]
-        self.best_r, self.best_epoch, self.bad_epochs = ck["best_r"], ck["best_epoch"], ck["bad_epochs"]
-        self.stopped, self.history = ck["stopped"], list(ck["history"])
-        if ck["config"]["train"]["epochs"] != self.cfg.epochs:
-            logger.warning("%s: epochs changed from %d to %d; the cosine schedule is stretched from here on",
-                           source, ck["config"]["train"]["epochs"], self.cfg.epochs)
+@patch
+def load_state_dict(self:Trainer, ck:dict, # from `state_dict` or `load_checkpoint`
+                    source:str="the checkpoint", # its name, for messages
+                   ):
+    "Continue from a saved state; a state from a different run configuration is refused."
+    check_resumable(ck["config"], self.config(), source)
+    self.model.load_state_dict(ck.get("train_weights", ck["model"]["state_dict"]))
+    if self.ema is not None: self.ema = {k: v.detach().clone() for k, v in ck["model"]["state_dict"].items()}
+    self.opt.load_state_dict(ck["optimizer"]); self.sched.load_state_dict(ck["scheduler"])
+    rng = ck["rng"]
+    if isinstance(rng, list):
+        if len(rng) != self.di.world_size: logger.warning("%s was saved by %d processes, resumed by %d", source, len(rng), self.di.world_size)
+        rng = rng[self.di.rank % len(rng)]
+    _set_rng_state(rng)
+    self.epoch, self.loader.epoch = ck["epoch"], ck["loader_epoch"]
+    self.best_r, self.best_epoch, self.bad_epochs = ck["best_r"], ck["best_epoch"], ck["bad_epochs"]
+    self.stopped, self.history = ck["stopped"], list(ck["history"])
+    if ck["config"]["train"]["epochs"] != self.cfg.epochs:
+        logger.warning("%s: epochs changed from %d to %d; the cosine schedule is stretched from here on",
+                       source, ck["config"]["train"]["epochs"], self.cfg.epochs)
 
-    def resume(self, path:str|Path|None=None, # a checkpoint (None: the run folder's checkpoints/last.pt)
-              )->Trainer:
-        "Load a checkpoint written by `save` and continue from it."
-        path = Path(path) if path else self.out / "checkpoints" / "last.pt"
-        self.load_state_dict(load_checkpoint(path, self.device), str(path))
-        logger.info("resumed %s at epoch %d", path, self.epoch)
-        return self
+@patch
+def resume(self:Trainer, path:str|Path|None=None, # a checkpoint (None: the run folder's checkpoints/last.pt)
+          )->Trainer:
+    "Load a checkpoint written by `save` and continue from it."
+    path = Path(path) if path else self.out / "checkpoints" / "last.pt"
+    self.load_state_dict(load_checkpoint(path, self.device), str(path))
+    logger.info("resumed %s at epoch %d", path, self.epoch)
+    return self
 
-    def save(self, best:bool=False, # also make this the best checkpoint
-            ):
-        "Write checkpoints/last.pt (and best.pt), config.json beside them, and log.csv/log.json (rank 0 only)."
-        if self.out is None: return
-        state = self.state_dict()  # every process takes part (its random state is gathered)
-        if not self.di.main: return
-        ck = self.out / "checkpoints"
-        write_json(ck / "config.json", self.config())
-        last = atomic_write(ck / "last.pt", lambda f: torch.save(state, f))
-        if best: _replace_copy(last, ck / "best.pt")
-        write_log(self.out, self.history)
+@patch
+def save(self:Trainer, best:bool=False, # also make this the best checkpoint
+        ):
+    "Write checkpoints/last.pt (and best.pt), config.json beside them, and log.csv/log.json (rank 0 only)."
+    if self.out is None: return
+    state = self.state_dict()  # every process takes part (its random state is gathered)
+    if not self.di.main: return
+    ck = self.out / "checkpoints"
+    write_json(ck / "config.json", self.config())
+    last = atomic_write(ck / "last.pt", lambda f: torch.save(state, f))
+    if best: _replace_copy(last, ck / "best.pt")
+    write_log(self.out, self.history)
 
 def _replace_copy(src:Path, dst:Path):
     "Make `dst` a copy of `src` atomically (a hard link when the file system allows)."
