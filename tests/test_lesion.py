@@ -1,5 +1,11 @@
-"""End-to-end lesion studies on a synthetic study with planted visual / auditory / language ROIs, on a tiny model trained here."""
+"""End-to-end lesion studies on a synthetic study with planted visual / auditory / language ROIs, on a tiny model trained here:
+effects against matched control blobs, a no-signal region that must show no effect, mean replacement, rendering and the CLI."""
+import os
+import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -8,8 +14,9 @@ import pytest
 import torch
 
 from giblet.data.synthetic import load_truth
-from giblet.lesion import giblet_lesion, lesion_data, lesion_effects, load_run, render
-from giblet.regions import atlas_regions, mask_region, parse_regions, sphere_region, synthetic_regions
+from giblet.io import usual_mode
+from giblet.lesion import giblet_lesion, lesion_data, lesion_effects, lesion_main, load_run, render
+from giblet.regions import UnitGrid, atlas_regions, blob_region, mask_region, parse_regions, sphere_region, synthetic_regions
 from giblet.training.trainer import Trainer, TrainConfig, prepare_data
 
 # Sherlock's length and subject count on a coarse grid and a small, slow film: the tiny model learns the planted mapping
@@ -18,6 +25,7 @@ SYNTHETIC = dict(n_subjects=17, n_trs=900, shape=[14, 17, 14], size=[64, 36], fp
 TRAIN = dict(preset="tiny", epochs=20, batch_size=8, lr=3e-3, stride=4, patience=0, device="cpu", progress=False)
 ROIS = ("visual", "auditory", "language")
 TARGET = dict(visual="video", auditory="audio", language="text")
+NULL = "no signal"  # the negative control: a contiguous blob of units with no planted signal
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +45,28 @@ def run(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+def no_signal_region(data_dir, mask, size):
+    "A contiguous blob of `size` units without planted signal, grown from the no-signal unit farthest from every planted ROI."
+    roi = np.asarray(load_truth(data_dir)["roi"])
+    grid = UnitGrid(mask)
+    dist = np.linalg.norm(grid.xyz[:, None] - grid.xyz[None, roi > 0], axis=-1).min(1)
+    far = grid.xyz[np.argmax(np.where(roi == 0, dist, -1))]
+    return blob_region(far, size, grid, NULL, allowed=roi == 0)
+
+
 @pytest.fixture(scope="module")
 def effects(run):
-    "Lesion and keep-only effect tables of the planted ROIs over the validation block, from measured fMRI and from the stimulus."
+    """Lesion and keep-only effect tables of the planted ROIs and the no-signal blob over the validation block, from measured
+    fMRI and from the stimulus, each against 20 requested matched control blobs."""
     data = lesion_data(run["data"], "val")
     regions = synthetic_regions(run["data"].data_dir, data.mask, ROIS)
+    regions.append(no_signal_region(run["data"].data_dir, data.mask, regions[-1].size))
     out = {(mode, source): lesion_effects(run["model"], data, regions, mode=mode, source=source)
            for mode in ("lesion", "keep") for source in ("fmri", "stimulus")}
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
         for k, t in out.items():
-            print(k, t[t.metric == "nmse"][["region", "modality", "intact", "value", "control", "effect", "specific",
-                                            "specific_lo", "specific_hi"]].round(4).to_string(index=False), sep="\n")
+            print(k, t[t.metric == "nmse"][["region", "modality", "intact", "value", "effect", "null_mean", "specific",
+                                            "specific_lo", "p", "rank", "n_null"]].round(4).to_string(index=False), sep="\n")
     return out
 
 
@@ -84,13 +103,24 @@ def test_regions_match_the_planted_truth(run):
     with pytest.raises(ValueError, match="does not overlap"):
         mask_region(run["root"] / "corner.nii.gz", mask)
     with pytest.raises(ValueError, match="unknown kind"):
-        parse_regions("blob:1", mask)
+        parse_regions("cube:1", mask)
+
+
+def _beats_its_null(t, roi, modality):
+    "The ROI's effect on its modality lies beyond every matched blob's, with a CI excluding the null mean; no null: no p at all."
+    r = _row(t, roi, modality)
+    assert r.n_null_requested == 20 and r.n_null <= 20 and r.n_null_drawn >= r.n_null
+    if r.n_null == 0:  # no blob of its size elsewhere reaches its decoder gain: said, not papered over
+        assert np.isnan(r.p) and np.isnan(r["rank"]) and np.isnan(r.specific), r
+        return
+    assert r["rank"] == 1 and r.p == pytest.approx(1 / (1 + r.n_null)), r
+    assert r.specific > 0 and r.specific_lo > 0, r
 
 
 @pytest.mark.parametrize("source", ["fmri", "stimulus"])
 def test_lesions_hit_their_modality(effects, source):
     """Decoding measured fMRI, and decoding the brain layer predicted from the stimulus: visual ROI -> video (>= 3x audio),
-    auditory -> audio (>= 3x video), language -> text most; each beats its random-region control, CI excluding 0."""
+    auditory -> audio (>= 3x video), language -> text most; each beyond its matched null where one exists."""
     t = effects["lesion", source]
     v, a = _row(t, "visual", "video").effect, _row(t, "visual", "audio").effect
     assert v > 0 and v >= 3 * a, (v, a)
@@ -98,20 +128,47 @@ def test_lesions_hit_their_modality(effects, source):
     assert a > 0 and a >= 3 * v, (a, v)
     lang = {m: _row(t, "language", m).effect for m in ("video", "audio", "text")}
     assert lang["text"] > max(lang["video"], lang["audio"]), lang
-    for roi, modality in TARGET.items():
-        r = _row(t, roi, modality)
-        assert r.specific > 0 and r.specific_lo > 0, r  # more than a random region of the same size, CI excluding 0
+    for roi, modality in TARGET.items(): _beats_its_null(t, roi, modality)
+    assert _row(t, "auditory", "audio").n_null > 0 and _row(t, "language", "text").n_null > 0
+    # the null can say no: blobs as strongly read as the auditory ROI hurt the video more than the auditory ROI does
+    assert _row(t, "auditory", "video")["rank"] > 1 and _row(t, "auditory", "video").specific < 0
+
+
+@pytest.mark.parametrize("source", ["fmri", "stimulus"])
+def test_no_signal_region_has_no_effect(effects, source):
+    """Negative control: a region without planted signal has its 20 matched blobs; lesioned, it is not beyond all of them on
+    any modality (p > 0.05); lesioned or kept alone, its specific effect is under a tenth of the planted regions' smallest."""
+    for mode in ("lesion", "keep"):
+        t = effects[mode, source]
+        planted = min(_row(t, roi, modality).specific for roi, modality in TARGET.items() if _row(t, roi, modality).n_null)
+        rows = [_row(t, NULL, modality) for modality in ("video", "audio", "text")]
+        assert all(r.n_null == 20 for r in rows)
+        assert np.mean([abs(r.specific) for r in rows]) < 0.1 * planted, (mode, planted, [r.specific for r in rows])
+        if mode == "lesion":
+            for r in rows: assert r.p > 0.05 and r["rank"] > 1, r
 
 
 @pytest.mark.parametrize("source", ["fmri", "stimulus"])
 def test_keep_only_visual_carries_the_video(effects, source):
-    "Keeping only the visual ROI reconstructs video better than keeping only the auditory ROI, and each ROI beats random units."
+    "Keeping only the visual ROI reconstructs video better than keeping only the auditory ROI; each ROI beats its matched null."
     t = effects["keep", source]
     assert set(t.source) == {source}
     assert _row(t, "visual", "video").value < _row(t, "auditory", "video").value
-    for roi, modality in TARGET.items():
-        r = _row(t, roi, modality)
-        assert r.specific > 0 and r.specific_lo > 0, r
+    for roi, modality in TARGET.items(): _beats_its_null(t, roi, modality)
+
+
+def test_mean_replacement(run, effects):
+    """Lesioned units held at their training mean: the planted ROIs still hit their own modality, and the brain layer the
+    model predicts has means that differ from 0, so the table differs from zeroing."""
+    data = lesion_data(run["data"], "val")
+    regions = synthetic_regions(run["data"].data_dir, data.mask, ROIS)
+    t = lesion_effects(run["model"], data, regions, source="stimulus", replace="mean", n_null=5, n_boot=200)
+    assert set(t["replace"]) == {"mean"}
+    assert _row(t, "visual", "video").effect >= 3 * max(_row(t, "visual", "audio").effect, 0)
+    assert _row(t, "auditory", "audio").effect >= 3 * max(_row(t, "auditory", "video").effect, 0)
+    assert _row(t, "language", "text").effect > 0
+    zero = effects["lesion", "stimulus"]
+    assert not np.allclose(t.value, zero[zero.region != NULL].value)
 
 
 def test_render_writes_viewable_media(run, tmp_path):
@@ -131,27 +188,70 @@ def test_render_writes_viewable_media(run, tmp_path):
     for path in r.audio.values():
         sr, wave = wavfile.read(path)
         assert sr == 16000 and len(wave) == int(8 * rd.aligned.tr * sr) and np.abs(wave).max() > 0
+        assert path.stat().st_mode & 0o777 == usual_mode()  # the usual mode, not owner-only
     tl = pd.read_csv(r.timeline)
     assert len(tl) == 8 and list(tl.tr) == list(data.trs[:8])
     assert tl["original"].fillna("").tolist() == [rd.aligned.texts[i] for i in data.trs[:8]]
     assert r.markdown.read_text().startswith("| tr | time_s | original | intact | lesion: visual |")
 
 
-def test_cli_from_checkpoint(run, tmp_path):
-    "giblet-lesion on the run's checkpoint rebuilds its data and writes the table, the figure and the media."
+def test_cli_from_checkpoint(run, tmp_path, capsys):
+    """lesion_main on the run's checkpoint rebuilds its data and writes the table, the figure and the media (usual file
+    modes); a second run into the same folder is refused, and replaces it as a whole with overwrite."""
     model, rd = load_run(run["checkpoint"])
     assert rd.aligned.n_voxels == model.config.n_voxels
     np.testing.assert_array_equal(rd.split.val, run["data"].split.val)
-    table = giblet_lesion(str(run["checkpoint"]), regions="synthetic:visual;sphere:54,-22,8,9:A1r", out=str(tmp_path),
-                          n_boot=200, render_trs=4)
-    assert set(table.region) == {"visual", "A1r"}
-    saved = pd.read_csv(tmp_path / "effects.csv")
-    assert len(saved) == len(table) and (tmp_path / "effects.png").stat().st_size > 0
+    out = tmp_path / "out"
+    table = lesion_main(str(run["checkpoint"]), str(out), regions="synthetic:visual;sphere:54,-22,8,9:A1r", n_null=5, n_boot=200,
+                        render_trs=4)
+    assert set(table.region) == {"visual", "A1r"} and (table.n_null_requested == 5).all()
+    saved = pd.read_csv(out / "effects.csv")
+    assert len(saved) == len(table) and (out / "effects.png").stat().st_size > 0
     for name in ("visual", "A1r"):
-        assert (tmp_path / name / f"{name}_lesion.mp4").is_file() and (tmp_path / name / f"{name}_lesion_text.csv").is_file()
-    import subprocess, sys
-    cli = subprocess.run([sys.executable, "-m", "giblet.lesion", "--help"], capture_output=True, text=True, check=True)
-    assert "--regions" in cli.stdout and "checkpoint" in cli.stdout
+        assert (out / name / f"{name}_lesion.mp4").is_file() and (out / name / f"{name}_lesion_text.csv").is_file()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".csv", ".png", ".mp4", ".wav", ".md"}
+    assert all(p.stat().st_mode & 0o777 == usual_mode() for p in files), {p.name: oct(p.stat().st_mode) for p in files}
+    assert all(p.stat().st_mode & 0o777 == usual_mode(folder=True) for p in [out, *[d for d in out.rglob("*") if d.is_dir()]])
+    with pytest.raises(FileExistsError, match="already holds a lesion run"):
+        lesion_main(str(run["checkpoint"]), str(out), regions="synthetic:auditory", n_null=2, n_boot=50, render_trs=0)
+    lesion_main(str(run["checkpoint"]), str(out), regions="synthetic:auditory", n_null=2, n_boot=50, render_trs=0, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["effects.csv", "effects.png"]  # the old renders went with the old run
+    assert set(pd.read_csv(out / "effects.csv").region) == {"auditory"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_cli_user_errors(run, tmp_path, capsys):
+    "User errors exit 2 with one line (no traceback); a hostile pickle or random bytes are 'not a giblet checkpoint'."
+    hostile, junk = tmp_path / "hostile.pt", tmp_path / "junk.pt"
+    hostile.write_bytes(pickle.dumps(os.system))  # unpickling it unsafely would hand over a shell
+    junk.write_bytes(np.random.default_rng(0).bytes(10000))
+    cases = {(str(tmp_path / "missing.pt"),): "no checkpoint here", (str(hostile),): f"{hostile} is not a giblet checkpoint",
+             (str(junk),): f"{junk} is not a giblet checkpoint",
+             (str(run["checkpoint"]), "--regions", "synthetic:hippocampus"): "no label named 'hippocampus'",
+             (str(run["checkpoint"]), "--mode", "cut"): "--mode must be lesion or keep"}
+    for args, message in cases.items():
+        assert giblet_lesion([*args, "--out", str(tmp_path / "o"), "--render_trs", "0"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err and "weights_only" not in err, err
+    cli = subprocess.run([sys.executable, "-m", "giblet.lesion", str(hostile), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 2 and cli.stderr.strip() == f"giblet-lesion: error: {hostile} is not a giblet checkpoint", cli.stderr
+    help_ = subprocess.run([sys.executable, "-m", "giblet.lesion", "--help"], capture_output=True, text=True, check=True)
+    assert "--regions" in help_.stdout and "--overwrite" in help_.stdout and "--replace" in help_.stdout and "checkpoint" in help_.stdout
+
+
+def test_relative_paths_in_the_run_config(run, tmp_path, monkeypatch):
+    "A run whose options hold a relative cache folder loads from any working folder: resolved against the run folder."
+    ck = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
+    cache = Path(ck["config"]["train"]["cache_dir"])
+    ck["config"]["train"]["cache_dir"] = os.path.relpath(cache, run["root"] / "run")
+    assert not Path(ck["config"]["train"]["cache_dir"]).is_absolute()
+    moved = run["root"] / "run" / "checkpoints" / "relative.pt"
+    torch.save(ck, moved)
+    monkeypatch.chdir(tmp_path)
+    _, rd = load_run(moved)
+    assert rd.cfg.cache_dir == str(cache.resolve()) and Path(rd.cfg.cache_dir).is_absolute()
 
 
 def test_papermill_notebook(run, tmp_path, repo_root, monkeypatch):
@@ -160,7 +260,7 @@ def test_papermill_notebook(run, tmp_path, repo_root, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch: tiny ops, no busy-waiting threads
     pm.execute_notebook(str(repo_root / "nbs" / "tutorials" / "lesion.ipynb"), str(tmp_path / "lesion.ipynb"),
                         parameters=dict(checkpoint=str(run["checkpoint"]), regions="synthetic:auditory", out_dir=str(tmp_path / "out"),
-                                        render_trs=4, n_boot=200, source="fmri"), cwd=str(tmp_path), progress_bar=False)
+                                        render_trs=4, n_boot=200, n_null=5, source="fmri"), cwd=str(tmp_path), progress_bar=False)
     table = pd.read_csv(tmp_path / "out" / "effects.csv")
     assert set(table.region) == {"auditory"} and set(table.source) == {"fmri"}
     assert (tmp_path / "out" / "effects.png").is_file() and (tmp_path / "out" / "auditory" / "auditory_lesion.mp4").is_file()
