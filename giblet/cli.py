@@ -48,7 +48,12 @@ def check_out_dir(out:str|Path, # the run folder
     return out
 
 # %% ../nbs/50_cli.ipynb #8a44d9b4
-def _train_one(cfg:TrainConfig, out_dir:str|Path, resume:bool, baseline:bool, figures:bool)->dict:
+def _train_one(cfg:TrainConfig, # the run's options
+               out_dir:str|Path, # the run folder
+               resume:bool, # continue the run in it
+               baseline:bool, # fit the himalaya baselines
+               figures:bool, # write the figures
+              )->dict: # the metrics
     "One training run and its report (see `run_training`)."
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     di = init_distributed(device)
@@ -119,8 +124,13 @@ def parse_sets(items:list|None, # KEY=VALUE strings from --set
         except json.JSONDecodeError: out[k.strip()] = v
     return out
 
-def train_config(data_dir:str|None=None, out:str|None=None, resume:bool=False, config:str|None=None, sets:list|None=None,
-                 **options)->TrainConfig:
+def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, else the embedded study)
+                 out:str|None=None, # the run folder (its config.json is the base when resuming)
+                 resume:bool=False, # start from the saved run's options
+                 config:str|None=None, # --config: a JSON file or a JSON object
+                 sets:list|None=None, # --set KEY=VALUE strings
+                 **options, # named options (None: not given)
+                )->TrainConfig:
     "The run's TrainConfig: the saved one when resuming, else the defaults, updated by `config` (JSON), `sets` and `options`."
     base = {}
     if resume and out and (Path(out) / "config.json").is_file():

@@ -192,7 +192,9 @@ class ZScoredSubjects(SubjectRows):
                  std:np.ndarray, # (n_subjects, n_voxels) training std per subject (`Normaliser.fmri_std`)
                  trs:np.ndarray, # the TRs to read
                 ): super().__init__(fmri, trs); self.mean, self.std = mean, std
-    def __getitem__(self, i:int)->np.ndarray: return (super().__getitem__(i) - self.mean[i]) / self.std[i]
+    def __getitem__(self, i:int, # the subject
+                   )->np.ndarray: # float32 (len(trs), n_voxels)
+        return (super().__getitem__(i) - self.mean[i]) / self.std[i]
 
 def run_ceiling(data:RunData, # the run's data
                 trs:np.ndarray, # the TRs the ceiling is measured on
