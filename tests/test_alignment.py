@@ -193,3 +193,18 @@ def test_a_film_holding_both_parts_puts_each_part_on_its_segment(study):
     # a release with its first 3 s of volumes cropped: volume 0 is 3 s into part 2, whose clock stays put
     c = align_run(film, ann, RunSpec([scan], film_start=15.0, scan_offset=-3.0), mask, params=PARAMS, run_id=1)
     assert c.texts == ["p2 a"] * 2 + ["p2 b"] * 6 and c.volume[0] == 0
+
+
+def test_streamed_bold_reads_subjects_on_demand_and_equals_the_array(study):
+    from giblet.data.fmri import SubjectBold
+    d, film, ann, mask = study
+    scans = [[write_scan(d / f"st{r}_{s}.nii.gz", 12 + s, seed=10 * r + s) for s in range(2)] for r in range(2)]
+    spec = lambda r: RunSpec(scans[r], film_start=15.0 * r)
+    eager = [align_run(film, ann, spec(r), mask, params=PARAMS, run_id=r) for r in range(2)]
+    lazy = [align_run(film, ann, spec(r), mask, params=PARAMS, run_id=r, stream_fmri=True) for r in range(2)]
+    assert isinstance(lazy[0].fmri, SubjectBold) and lazy[0].fmri.shape == eager[0].fmri.shape
+    np.testing.assert_array_equal(lazy[1].fmri[1], eager[1].fmri[1])
+    both, whole = concat_runs(lazy), concat_runs(eager)
+    assert isinstance(both.fmri, SubjectBold) and both.n_trs == whole.n_trs == 12 + 10
+    np.testing.assert_array_equal(np.asarray(both.fmri), whole.fmri)
+    np.testing.assert_array_equal(both.video, whole.video)

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from ..data.audio import audio_to_mel
-from ..data.fmri import load_nifti, load_subjects, read_tr
+from ..data.fmri import SubjectBold, load_nifti, load_subjects, read_tr
 from ..data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
 from ..data.video import video_info, video_to_frames
 
@@ -181,6 +181,7 @@ def align_run(film:str|Path, # the film file
               run_id:int=0, # the id stored for every TR of this run
               embedder:Callable|None=None, # text embedder (default: `params.embedder()`)
               min_trs:int|None=None, # drop subjects giving fewer TRs than this; None: cut all to the shortest (warned)
+              stream_fmri:bool=False, # BOLD as a `SubjectBold` read subject by subject when indexed, instead of one array
              )->Aligned:
     "Every stream of one run on one TR grid."
     tr = _check_tr(run.nii, tr)
@@ -200,7 +201,8 @@ def align_run(film:str|Path, # the film file
     texts, has_text = annotations_to_trs(df, n, tr, start=g.film_time - part_start, part=part)
     text = embed_trs(texts, has_text, embedder or params.embedder())
     idx = [k for k, p in enumerate(map(str, run.nii)) if p in keep]
-    fmri = load_subjects([run.nii[k] for k in idx], mask, start=g.first_volume, stop=g.first_volume + n)
+    nii, vols = [run.nii[k] for k in idx], (g.first_volume, g.first_volume + n)
+    fmri = SubjectBold([(nii, *vols)], mask) if stream_fmri else load_subjects(nii, mask, *vols)
     return Aligned(video=video[:n], audio=audio[:n], text=text, has_text=np.asarray(has_text), fmri=fmri, tr=tr,
                    tr_start=g.tr_start[:n], run=np.full(n, run_id), volume=g.first_volume + np.arange(n),
                    texts=list(texts), mask=mask, subjects=None if len(idx) == len(run.nii) else idx)
@@ -216,6 +218,7 @@ def concat_runs(runs:Sequence[Aligned])->Aligned:
     if any(abs(r.tr - first.tr) > 1e-6 or r.fmri.shape[::2] != first.fmri.shape[::2] for r in runs):
         raise ValueError("runs must share the TR, the subjects and the voxels")
     cat = lambda name, axis=0: np.concatenate([np.asarray(getattr(r, name)) for r in runs], axis)
+    lazy = all(isinstance(r.fmri, SubjectBold) for r in runs)     # streamed runs stay unread
     return Aligned(video=cat("video"), audio=cat("audio"), text=cat("text"), has_text=cat("has_text"),
-                   fmri=cat("fmri", 1), tr=first.tr, tr_start=cat("tr_start"), run=cat("run"), volume=cat("volume"),
+                   fmri=SubjectBold.concat([r.fmri for r in runs]) if lazy else cat("fmri", 1), tr=first.tr, tr_start=cat("tr_start"), run=cat("run"), volume=cat("volume"),
                    texts=[t for r in runs for t in r.texts], mask=first.mask, subjects=first.subjects)

@@ -29,10 +29,11 @@ from .fmri import sort_subjects, zscore_stats
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'CACHE_VERSION', 'VERIFIED', 'RACY_SECONDS', 'StudyFiles', 'discover',
-           'Split', 'block_split', 'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray', 'save_arrays',
-           'load_arrays', 'cache_manifest', 'aligned_to_arrays', 'arrays_to_aligned', 'context_starts', 'StudyTensors',
-           'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'cached_study', 'load_study', 'cache_main']
+__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NO_TRAIN_RUN', 'CACHE_VERSION', 'VERIFIED', 'RACY_SECONDS', 'StudyFiles',
+           'discover', 'Split', 'block_split', 'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray',
+           'save_arrays', 'load_arrays', 'cache_manifest', 'aligned_to_arrays', 'arrays_to_aligned', 'context_starts',
+           'StudyTensors', 'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'cached_study', 'load_study',
+           'cache_main']
 
 # %% ../../nbs/12_data.dataset.ipynb #efe36119
 FILM_EXTS = (".m4v", ".mp4", ".mkv", ".avi")
@@ -116,15 +117,20 @@ def block_split(n_trs:int, # number of TRs in the (concatenated) data
     return Split(train, val, test)
 
 # %% ../../nbs/12_data.dataset.ipynb #f6919975
+NO_TRAIN_RUN = ("pooled", "error") # what `fit_normaliser` does with a run that has no training TRs
+
 @dataclass
 class Normaliser:
-    "Training-block statistics: fMRI mean/std per subject and voxel, and mel mean/std per band."
-    fmri_mean: np.ndarray # (n_subjects, n_voxels) float32
-    fmri_std: np.ndarray # (n_subjects, n_voxels) float32
+    "Training-block statistics: fMRI mean/std per subject, run and voxel, the subject average's, and mel mean/std per band."
+    fmri_mean: np.ndarray # (n_subjects, n_voxels) float32, over all of a subject's training TRs (every run pooled)
+    fmri_std: np.ndarray # (n_subjects, n_voxels) float32, likewise
     avg_mean: np.ndarray # (n_voxels,) mean of the subject-average of z-scores
     avg_std: np.ndarray # (n_voxels,) its std
     audio_mean: np.ndarray # (n_mels,) float32
     audio_std: np.ndarray # (n_mels,) float32
+    run_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64)) # (n_runs,) run id of each row of `run_mean`; empty: pooled only
+    run_mean: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.float32)) # (n_subjects, n_runs, n_voxels) float32
+    run_std: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.float32)) # (n_subjects, n_runs, n_voxels) float32
 
     def save(self, path:str|Path):
         "Write the statistics to an `.npz` file, atomically."
@@ -132,27 +138,82 @@ class Normaliser:
 
     @classmethod
     def load(cls, path:str|Path)->Normaliser:
-        "Read statistics written by `save`."
+        "Read statistics written by `save` (files without per-run statistics load as pooled ones)."
         with np.load(path, allow_pickle=False) as z: return cls(**{k: z[k] for k in z.files})
+
+    def zscore(self, s:int, # the subject (row of `fmri_mean`)
+               x:np.ndarray, # (n, n_voxels) raw BOLD of that subject at some TRs
+               run:np.ndarray|None=None, # (n,) run id of each row; None: the rows are of the one fitted run
+              )->np.ndarray: # float32 (n, n_voxels) z-scores
+        "Subject `s`'s BOLD rows z-scored with the training statistics of each row's run."
+        x = np.asarray(x, np.float32)
+        if not len(self.run_ids): return (x - self.fmri_mean[s]) / self.fmri_std[s]
+        if run is None:
+            if len(self.run_ids) > 1: raise ValueError(f"the statistics are per run ({len(self.run_ids)} runs): pass each row's run")
+            run = np.full(len(x), self.run_ids[0])
+        run = np.asarray(run)
+        if len(run) != len(x): raise ValueError(f"{len(x)} rows of BOLD but {len(run)} run ids")
+        if unknown := sorted(set(np.unique(run).tolist()) - set(self.run_ids.tolist())):
+            raise ValueError(f"runs {unknown} have no statistics (fitted on runs {self.run_ids.tolist()})")
+        if len(self.run_ids) == 1: return (x - self.run_mean[s, 0]) / self.run_std[s, 0]
+        out = np.empty_like(x)
+        for k, r in enumerate(self.run_ids):
+            sel = run == r
+            if sel.any(): out[sel] = (x[sel] - self.run_mean[s, k]) / self.run_std[s, k]
+        return out
 
 def _safe_std(x, axis):
     "Standard deviation along `axis` (float64 sums), with 1 where it is 0 so constant inputs scale to 0."
     sd = x.std(axis=axis, dtype=np.float64).astype(np.float32)
     return np.where(sd > 0, sd, 1.0).astype(np.float32)
 
+def _f32_stats(st)->tuple[np.ndarray, np.ndarray]:
+    "float32 mean and std of `zscore_stats`, with std 1 where it is 0."
+    return st.mean.astype(np.float32), np.where(st.std > 0, st.std, 1.0).astype(np.float32)
+
+def _run_stats(fmri, train, run, pooled, no_train_run):
+    "Per-run (ids, mean, std): each run's from its own training TRs, or `pooled` (warned) for a run with fewer than 2."
+    ids = np.unique(run)
+    if len(ids) == 1: return ids, pooled[0][:, None], pooled[1][:, None]
+    means, stds = [], []
+    for r in ids:
+        own = train[run[train] == r]
+        if len(own) >= 2: m, sd = _f32_stats(zscore_stats(fmri, own))
+        elif no_train_run == "error":
+            raise ValueError(f"run {r} has {len(own)} training TRs, too few for its own z-score statistics "
+                             f"(its {int((run == r).sum())} TRs are all held out); choose blocks that train on every run, "
+                             f"or no_train_run='pooled'")
+        else:
+            logger.warning("run %s has %d training TRs (all %d of its TRs are held out): its BOLD is z-scored with each "
+                           "subject's statistics over the training TRs of the other runs, which may sit at another scanner "
+                           "baseline; no held-out TR enters any statistic", r, len(own), int((run == r).sum()))
+            m, sd = pooled
+        means.append(m); stds.append(sd)
+    return ids, np.stack(means, 1), np.stack(stds, 1)
+
 def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (may be a memmap)
                    audio:np.ndarray, # (n_trs, n_mels, frames_per_tr) log-mel
                    train:np.ndarray, # training TR indices
+                   run:np.ndarray|None=None, # (n_trs,) run id of each TR; None: `fmri.run` when the BOLD carries it (a cached study's does), else one run
+                   no_train_run:str="pooled", # a run with no training TRs: "pooled" (the subject's statistics over the other runs' training TRs, warned) or "error"
                   )->Normaliser:
-    "Statistics from the training TRs only; constant voxels get std 1 so they z-score to 0."
+    "Statistics from the training TRs only, BOLD per subject, run and voxel; constant voxels get std 1 so they z-score to 0."
+    if no_train_run not in NO_TRAIN_RUN: raise ValueError(f"no_train_run must be one of {NO_TRAIN_RUN}, not {no_train_run!r}")
     train = np.sort(np.asarray(train))
-    st = zscore_stats(fmri, train)
-    mean, std = st.mean.astype(np.float32), np.where(st.std > 0, st.std, 1.0).astype(np.float32)
-    avg = sum((np.asarray(fmri[s][train], np.float32) - mean[s]) / std[s] for s in range(len(mean))) / len(mean)
+    pooled = _f32_stats(zscore_stats(fmri, train))
+    run = getattr(fmri, "run", None) if run is None else run
+    nz = Normaliser(*pooled, *(np.zeros(0, np.float32),) * 4)
+    if run is not None:
+        run = np.asarray(run)
+        if run.shape != (fmri.shape[1],): raise ValueError(f"run ids must be ({fmri.shape[1]},), one per TR; got {run.shape}")
+        nz.run_ids, nz.run_mean, nz.run_std = _run_stats(fmri, train, run, pooled, no_train_run)
+    r = None if run is None else run[train]
+    avg = sum(nz.zscore(s, np.asarray(fmri[s][train], np.float32), r) for s in range(len(pooled[0]))) / len(pooled[0])
     a = np.asarray(audio[train], dtype=np.float32)
-    return Normaliser(mean, std, avg.mean(0, dtype=np.float64).astype(np.float32), _safe_std(avg, 0),
-                      a.mean((0, 2), dtype=np.float64).astype(np.float32),
-                      _safe_std(a.transpose(1, 0, 2).reshape(a.shape[1], -1), 1))
+    nz.avg_mean, nz.avg_std = avg.mean(0, dtype=np.float64).astype(np.float32), _safe_std(avg, 0)
+    nz.audio_mean = a.mean((0, 2), dtype=np.float64).astype(np.float32)
+    nz.audio_std = _safe_std(a.transpose(1, 0, 2).reshape(a.shape[1], -1), 1)
+    return nz
 
 # %% ../../nbs/12_data.dataset.ipynb #6fc0fdc9
 CACHE_VERSION = 2
@@ -296,8 +357,8 @@ def aligned_to_arrays(al:Aligned, show_progress:bool=True)->tuple[dict, dict, di
     return arrays, dict(tr=al.tr, texts=list(al.texts)), {}
 
 class _DecodedBold:
-    "A lazy `(n_subjects, n_trs, n_voxels)` float32 view of float16 cache BOLD: subjects decode when indexed."
-    def __init__(self, codes, center, scale): self.codes, self.center, self.scale = codes, center, scale
+    "A lazy `(n_subjects, n_trs, n_voxels)` float32 view of float16 cache BOLD: subjects decode when indexed; `run` is each TR's run."
+    def __init__(self, codes, center, scale, run=None): self.codes, self.center, self.scale, self.run = codes, center, scale, run
     shape = property(lambda self: self.codes.shape)
     dtype, ndim = np.dtype(np.float32), 3
     def __len__(self): return self.shape[0]
@@ -313,7 +374,7 @@ def arrays_to_aligned(arrays:dict, meta:dict)->Aligned:
     "An `Aligned` study over the (memory-mapped) cache arrays."
     import nibabel as nib
     mask = nib.Nifti1Image(np.asarray(arrays["mask"]), np.asarray(arrays["affine"]))
-    fmri = _DecodedBold(arrays["fmri"], arrays["fmri_center"], arrays["fmri_scale"])
+    fmri = _DecodedBold(arrays["fmri"], arrays["fmri_center"], arrays["fmri_scale"], np.asarray(arrays["run"]))
     return Aligned(arrays["video"], arrays["audio"], arrays["text"], np.asarray(arrays["has_text"]), fmri,
                    float(meta["tr"]), np.asarray(arrays["tr_start"]), np.asarray(arrays["run"]),
                    np.asarray(arrays["volume"]), list(meta["texts"]), mask)
@@ -346,7 +407,7 @@ class StudyTensors:
         self.audio = (t(al.audio, torch.float32) - t(norm.audio_mean)[:, None]) / t(norm.audio_std)[:, None]
         self.text, self.has_text = t(al.text, torch.float32), t(al.has_text, torch.bool)
         if subjects not in ("average", "each"): raise ValueError(f"subjects must be 'average' or 'each', not {subjects!r}")
-        z = lambda s: (np.asarray(al.fmri[s], np.float32) - norm.fmri_mean[s]) / norm.fmri_std[s]
+        z = lambda s: norm.zscore(s, al.fmri[s], self.run)    # per run when the statistics are
         if subjects == "each": self.fmri = torch.stack([t(z(s)) for s in range(al.n_subjects)])
         else:
             avg = sum(z(s) for s in range(al.n_subjects)) / al.n_subjects

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'TR_RANGE', 'NIFTI_SUFFIXES', 'STANDARDISED_SPREAD', 'load_nifti', 'read_tr', 'natural_key', 'sort_subjects',
            'find_niftis', 'iter_volumes', 'temporal_std', 'shared_mask', 'nii_to_features', 'features_to_nii',
-           'load_subjects', 'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'average_subjects']
+           'load_subjects', 'SubjectBold', 'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'average_subjects']
 
 # %% ../../nbs/00_data.fmri.ipynb #dcb23ab0
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError)
@@ -347,6 +347,51 @@ def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a fold
         if os.path.exists(tmp): os.unlink(tmp)
         raise
     return np.load(dest, mmap_mode="r")
+
+# %% ../../nbs/00_data.fmri.ipynb #b1c2d302
+class SubjectBold:
+    "A lazy float32 `(n_subjects, n_trs, n_voxels)` BOLD: indexing a subject reads its NIfTIs then, run after run."
+    dtype, ndim = np.dtype(np.float32), 3
+    def __init__(self, parts:Sequence, # per run `(nii_paths, start, stop)`: one NIfTI per subject (same order in every run) and its volumes
+                 mask, # the shared mask: a 3-D NIfTI image or its path
+                ):
+        self.parts = [([Path(p) for p in paths], int(a), int(b)) for paths, a, b in parts]
+        if not self.parts: raise ValueError("SubjectBold needs at least one run")
+        if len({len(p) for p, _, _ in self.parts}) > 1:
+            raise ValueError(f"runs list different numbers of subjects: {[len(p) for p, _, _ in self.parts]}")
+        self.mask = load_nifti(mask, ndim=3) if isinstance(mask, (str, os.PathLike)) else mask
+        for paths, a, b in self.parts:
+            for p in paths:
+                n = load_nifti(p, ndim=4).shape[3]
+                if not 0 <= a < b <= n: raise ValueError(f"{p}: volumes {a}..{b} requested, the file has {n}")
+        self.shape = (len(self.parts[0][0]), sum(b - a for _, a, b in self.parts), int(_mask_array(self.mask).sum()))
+
+    def __len__(self): return self.shape[0]
+    def read(self, s:int, # the subject
+             out:np.ndarray|None=None, # float32 (n_trs, n_voxels) to fill; None: a new array
+            )->np.ndarray: # subject `s`'s float32 (n_trs, n_voxels), every run in order
+        "Read one subject from its files."
+        out = np.empty(self.shape[1:], np.float32) if out is None else out
+        t = 0
+        for paths, a, b in self.parts:
+            nii_to_features(paths[s], self.mask, a, b, out=out[t:t + b - a]); t += b - a
+        return out
+    def __getitem__(self, s):
+        if isinstance(s, tuple): return self[s[0]][s[1:]] if len(s) > 1 else self[s[0]]
+        if isinstance(s, (int, np.integer)):
+            if not -len(self) <= s < len(self): raise IndexError(f"subject {s} of {len(self)}")
+            return self.read(int(s) % len(self))
+        return np.stack([self.read(i) for i in range(len(self))[s]])
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]; return a if dtype is None else a.astype(dtype)
+
+    @classmethod
+    def concat(cls, bolds:Sequence[SubjectBold], # runs of the same subjects in one mask
+              )->SubjectBold: # the runs one after the other in time, still unread
+        "Runs joined in time without reading them."
+        m = [np.asarray(b.mask.dataobj) for b in bolds]
+        if any(x.shape != m[0].shape or (x != m[0]).any() for x in m): raise ValueError("runs differ in their mask")
+        return cls([p for b in bolds for p in b.parts], bolds[0].mask)
 
 # %% ../../nbs/00_data.fmri.ipynb #8a3c514e
 _BLOCK = 4_000_000  # float64 elements per working block (32 MB)
