@@ -5,6 +5,9 @@
     python benchmarks/bench_synthetic.py --full DIR      # write the whole `sherlock` preset into DIR (minutes, ~10 GB)
     python benchmarks/bench_synthetic.py --layouts       # + the tiny study in 1 or 2 runs, Sherlock layout and BIDS,
                                                          #   resolved (spec file / pybids) and loaded through the cache
+    python benchmarks/bench_synthetic.py --factors       # per factor, the R² of the ridge baseline's cheap features
+                                                         #   (held out and in-sample), on the film of the `realistic` preset
+    python benchmarks/bench_synthetic.py --realistic     # time make_dataset(preset="realistic") and measure its reliability
 
 Prints wall and CPU seconds (CPU counts every thread of the process) and the peak resident memory.
 """
@@ -85,14 +88,89 @@ def layouts():
                 print(f"  -> {al.n_subjects} subjects x {al.n_trs} TRs x {al.n_voxels} voxels in {len(set(al.run))} run(s)")
 
 
+def cheap_r2(seeds=(0, 1, 2), n_trs=946):
+    "Per factor: R² of a RidgeCV on stimulus_features (colour/motion grids, mel mean/std, text) at lag 0, in-sample and held out."
+    import warnings
+    from sklearn.linear_model import RidgeCV
+    from giblet.data.audio import audio_to_mel
+    from giblet.data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
+    from giblet.data.video import video_to_frames
+    from giblet.training.metrics import delay_features, stimulus_features
+    p = S.PRESETS["realistic"]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            with timer(f"film of the realistic preset, seed {seed} ({n_trs} TRs, 1 subject)"):
+                lay = S.make_dataset(Path(tmp) / f"s{seed}", preset="realistic", n_subjects=1, n_trs=n_trs, seed=seed)
+            t = S.load_truth(lay)
+            video = video_to_frames(lay.film, tr=1.5, size=p["size"], frame_skip=1, max_trs=n_trs)
+            mel = audio_to_mel(lay.film, tr=1.5, n_mels=32, max_trs=n_trs)
+            texts, has = annotations_to_trs(load_annotations(lay.annotations), n_trs, 1.5)
+            X = stimulus_features(video=video, audio=mel, text=embed_trs(texts, has, HashingEmbedder(dim=64)))
+            X = (X - X.mean(0)) / (X.std(0) + 1e-6)
+            fir = delay_features(X, (0, 1, 2))                   # the factor's TR and the two after it
+            n_fit = int(0.7 * n_trs)
+            test = slice(n_fit + 22, n_trs)                       # a 33 s gap
+            for k, name in enumerate(t["factor_names"]):
+                y = t["factors"][:, k]
+                out = []
+                for Z in (X, fir):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        fit = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(Z[:n_fit], y[:n_fit])
+                        out.append(fit.score(Z[test], y[test]))
+                    if Z is X: out.insert(0, RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(Z, y).score(Z, y))
+                rows.setdefault(name, []).append(out)
+    print(f"\nR² of the cheap per-TR features ({X.shape[1]} columns) for each factor; mean over seeds {tuple(seeds)}")
+    print(f"{'factor':<14s} {'in-sample':>10s} {'held out':>10s} {'held out, 3 lags':>17s}")
+    for name, v in rows.items():
+        m = np.mean(v, axis=0)
+        print(f"{name:<14s} {m[0]:10.3f} {m[1]:10.3f} {m[2]:17.3f}")
+
+
+def realistic():
+    "Time the full realistic preset and measure each subject's r with the planted signal, in the ROIs and elsewhere."
+    import nibabel as nib
+    with tempfile.TemporaryDirectory() as tmp:
+        with timer("make_dataset(preset='realistic') (total)"):
+            lay = S.make_dataset(Path(tmp) / "r", preset="realistic")
+        t = S.load_truth(lay)
+        mask, roi, bold = t["brain_mask"] > 0, t["roi"], t["bold"].astype(np.float64)
+        b = (bold - bold.mean(0)) / bold.std(0)
+        r = []
+        for path in lay.nii:
+            x = np.asarray(nib.load(path).dataobj)[mask].T.astype(np.float64)
+            r.append((x * b).mean(0))                              # both z-scored: r per voxel
+        r = np.array(r)
+        loo = []                                                   # leave-one-out inter-subject r (no truth needed)
+        for s in range(len(r)):
+            x = np.asarray(nib.load(lay.nii[s]).dataobj)[mask].T.astype(np.float64)
+            rest = np.mean([np.asarray(nib.load(p).dataobj)[mask].T for j, p in enumerate(lay.nii) if j != s], axis=0)
+            rest = (rest - rest.mean(0)) / rest.std(0)
+            loo.append((x * rest).mean(0))
+        loo = np.array(loo)
+        print(f"{len(lay.nii)} subjects x {bold.shape[0]} TRs, {mask.sum()} voxels")
+        print(f"{'ROI':<12s} {'voxels':>6s} {'r(subject, truth)':>18s} {'leave-one-out ISC':>18s}")
+        for label, name in enumerate(t["roi_names"]):
+            v = roi == label
+            print(f"{name:<12s} {v.sum():6d} {r[:, v].mean():18.3f} {loo[:, v].mean():18.3f}")
+        x = np.asarray(nib.load(lay.nii[0]).dataobj)[mask].T
+        lag1 = np.mean([np.corrcoef(x[1:, j], x[:-1, j])[0, 1] for j in np.flatnonzero(roi == 0)])
+        print(f"lag-1 autocorrelation of the weak voxels (subject 1): {lag1:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sherlock", action="store_true", help="also time Sherlock-scale parts and estimate the full preset")
     ap.add_argument("--full", metavar="DIR", help="write the full sherlock preset into DIR")
     ap.add_argument("--layouts", action="store_true", help="time the tiny study in both layouts, 1 and 2 runs, and loading it")
+    ap.add_argument("--factors", action="store_true", help="R² of the cheap features for each planted factor")
+    ap.add_argument("--realistic", action="store_true", help="time the realistic preset and measure its reliability")
     ap.add_argument("--film-seconds", type=float, default=60.0, help="film seconds rendered for the Sherlock estimate")
     a = ap.parse_args()
     if a.layouts: return layouts()
+    if a.factors: return cheap_r2()
+    if a.realistic: return realistic()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print("default study: make_dataset(root) = 3 subjects x 300 TRs, 20x24x20, 160x90 film of 454 s")

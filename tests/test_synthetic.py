@@ -50,7 +50,8 @@ def test_layout(study):
 
 def test_truth_contract(truth):
     assert set(truth) == {"bold", "brain_mask", "roi", "roi_names", "factors", "factor_names", "factor_modality",
-                          "tr", "affine"}
+                          "factor_roi", "amplitude", "tr", "affine"}
+    assert truth["factor_roi"].tolist() == [{"video": 1, "audio": 2, "text": 3}[m] for m in FACTOR_MODALITY]
     mask = truth["brain_mask"]
     n_vox = int(mask.sum())
     assert mask.dtype == np.uint8 and mask.shape == (20, 24, 20) and set(np.unique(mask)) == {0, 1}
@@ -250,3 +251,118 @@ def test_two_runs_in_both_layouts(tmp_path):
         n for p in lay.runs[0]["nii"] + lay.runs[1]["nii"] for n in
         (p.name, p.name.replace("_bold.nii.gz", "_bold.json"), p.name.replace("_bold.nii.gz", "_events.tsv")))
     with pytest.raises(ValueError, match="layout"): make_dataset(tmp_path / "z", layout="bdis")
+
+
+# ---- nonlinear factors and the realistic preset ----
+
+NL = dict(n_subjects=1, n_trs=300, shape=(10, 12, 10), size=(64, 36), fps=10, seed=0, factors="nonlinear")
+NEW = ("texture", "motion_dir", "glide_dir", "av_product")
+
+
+@pytest.fixture(scope="module")
+def nl_study(tmp_path_factory):
+    "A one-subject study with the nonlinear factors, its film read back as the trainer reads it (64x36 frames, 32 mels)."
+    lay = make_dataset(tmp_path_factory.mktemp("nonlinear") / "s", **NL)
+    n = NL["n_trs"]
+    video = video_to_frames(lay.film, tr=TR, size=(64, 36), frame_skip=1, max_trs=n)
+    mel = audio_to_mel(lay.film, tr=TR, n_mels=32, max_trs=n)
+    texts, has = annotations_to_trs(load_annotations(lay.annotations), n, TR)
+    return lay, load_truth(lay), video, mel, embed_trs(texts, has, HashingEmbedder(dim=64))
+
+
+def _held_out_r2(X, y, n_fit):
+    "R² on the TRs after a 20-TR gap, of a RidgeCV fitted on the first n_fit TRs."
+    X = (X - X[:n_fit].mean(0)) / (X[:n_fit].std(0) + 1e-6)
+    test = slice(n_fit + 20, len(X))
+    pred = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(X[:n_fit], y[:n_fit]).predict(X[test])
+    return 1 - ((y[test] - pred) ** 2).sum() / ((y[test] - y[test].mean()) ** 2).sum()
+
+
+def test_nonlinear_truth(nl_study):
+    "Linear factors and planted truth unchanged by the opt-in; each new factor drives only its own ROI."
+    lay, t, *_ = nl_study
+    base = load_truth(make_dataset(lay.root.parent / "linear", **{**NL, "factors": "linear"}))
+    np.testing.assert_array_equal(t["factors"][:, :len(FACTOR_NAMES)], base["factors"])
+    linear = np.isin(base["roi"], (1, 2, 3))
+    np.testing.assert_array_equal(t["roi"][linear], base["roi"][linear])       # the linear ROIs are grown first
+    np.testing.assert_array_equal(t["bold"][:, linear], base["bold"][:, linear])
+    assert t["factor_names"] == FACTOR_NAMES + NEW and t["roi_names"] == ROI_NAMES + NEW
+    conv = convolve_hrf(t["factors"].astype(np.float64), TR)
+    for k, name in enumerate(t["factor_names"]):
+        label = t["factor_roi"][k]
+        assert t["roi_names"][label] == (name if name in NEW else {"video": "visual", "audio": "auditory", "text": "language"}[
+            t["factor_modality"][k]])
+        if name in NEW:
+            Y = t["bold"][:, t["roi"] == label]
+            assert Y.shape[1] >= 4 and np.all([_r(Y[:, :1], Y[:, j:j + 1])[0] > 0.9999 for j in range(Y.shape[1])])
+            assert abs(_r(Y[:, :1], conv[:, k:k + 1])[0]) > 0.9999, name       # the HRF-convolved factor, nothing else
+
+
+def test_cheap_features_miss_the_nonlinear_factors(nl_study):
+    "The ridge baseline's cheap per-TR features predict each linear factor on held-out TRs, and none of the new ones."
+    from giblet.training.metrics import stimulus_features
+    lay, t, video, mel, text = nl_study
+    X = stimulus_features(video=video, audio=mel, text=text)
+    r2 = {name: _held_out_r2(X, t["factors"][:, k], 200) for k, name in enumerate(t["factor_names"])}
+    for name in ("brightness", "red_left", "blue_right", "tone_low", "tone_high", "voice"):
+        assert r2[name] > 0.7, (name, r2)
+    for name in NEW: assert r2[name] < 0.1, (name, r2)
+
+
+def test_nonlinear_factors_are_in_the_film(nl_study):
+    "Each new factor is read from the decoded film by a rule that looks at order or pattern (no fitting)."
+    lay, t, video, mel, text = nl_study
+    F = dict(zip(t["factor_names"], t["factors"].T))
+    g = video.astype(np.float32).mean(-1)                                   # (n_trs, frames, 36, 64) grey
+    patch = g[:, :, 1:13, 36:61]                                            # the grating
+    vertical = np.abs(np.diff(patch, axis=3)).mean((1, 2, 3)) > np.abs(np.diff(patch, axis=2)).mean((1, 2, 3))
+    assert (np.where(vertical, 1, -1) == F["texture"]).mean() > 0.97
+    strip = g[:, :, 24:34, 3:29]                                            # the bar's strip
+    x = (np.clip(strip - 110, 0, None).sum(2) * np.arange(26)).sum(2) / (np.clip(strip - 110, 0, None).sum((2, 3)) + 1e-6)
+    seen = np.clip(strip - 110, 0, None).sum((2, 3)) > 50                   # frames that show the bar
+    early, late = [np.array([x[i, s][seen[i, s]].mean() if seen[i, s].any() else np.nan for i in range(len(x))])
+                   for s in (slice(0, 7), slice(8, 15))]
+    on = F["motion_dir"] != 0
+    assert (np.sign(late - early)[on] == F["motion_dir"][on]).mean() > 0.97
+    assert seen[on][:, 3:12].mean() > 0.95 and seen[~on].mean() < 0.05          # the bar only where planted (discs may cross)
+    bands = 10 ** (mel[:, 24:32] / 10)                                      # power in the mel bands of the glide's range
+    centroid = (bands * np.arange(8)[None, :, None]).sum(1) / bands.sum(1)  # (n_trs, mel frames)
+    on = F["glide_dir"] != 0
+    slope = np.sign(centroid[:, 40:56].mean(1) - centroid[:, 8:24].mean(1))
+    assert (slope[on] == F["glide_dir"][on]).mean() > 0.97
+    box = video[:, :, 3:10, 28:33].astype(np.float32)
+    flash = (box[..., 0] - box[..., 2]).mean((1, 2, 3)) > 95               # yellow: much red, little blue
+    buzz = mel[:, 16:19].mean((1, 2))
+    buzz = buzz > (buzz.max() + buzz.min()) / 2
+    product = 4 * (flash - flash.mean()) * (buzz - buzz.mean())
+    assert _r(product[:, None], F["av_product"][:, None])[0] > 0.95
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    "The realistic preset at a third of its length (the full 946 TRs is timed in the benchmark)."
+    return make_dataset(tmp_path_factory.mktemp("realistic") / "r", preset="realistic", n_trs=320, n_subjects=6)
+
+
+def test_realistic_preset(realistic):
+    "z-scored float volumes per run; single-subject r with the planted signal 0.2-0.6 in the ROIs, low elsewhere."
+    t = load_truth(realistic)
+    p = PRESETS["realistic"]
+    assert (p["n_trs"], p["size"], p["fps"], p["shape"], p["factors"], p["zscore"]) == (946, (64, 36), 10, (14, 17, 14), "nonlinear", True)
+    assert 10 <= p["n_subjects"] <= 17 and p["noise_ar"] >= 0.8
+    mask, roi = t["brain_mask"] > 0, t["roi"]
+    r_in, r_out = [], []
+    for path in realistic.nii:
+        img = nib.load(path)
+        assert img.get_data_dtype() == np.float32 and img.shape[:3] == (14, 17, 14)
+        x = np.asarray(img.dataobj)[mask].T.astype(np.float64)
+        np.testing.assert_allclose(x.mean(0), 0, atol=1e-4); np.testing.assert_allclose(x.std(0), 1, atol=1e-4)
+        r = _r(x, t["bold"].astype(np.float64))
+        r_in.append(r[roi > 0]); r_out.append(r[roi == 0])
+    r_in, r_out = np.mean(r_in, 0), np.mean(r_out, 0)
+    for label, name in enumerate(t["roi_names"][1:], 1):
+        assert 0.2 < r_in[roi[roi > 0] == label].mean() < 0.6, (name, r_in[roi[roi > 0] == label].mean())
+    assert 0 < r_out.mean() < 0.12                                          # weak voxels: some signal, little
+    lag1 = np.mean([np.corrcoef(x[1:, j], x[:-1, j])[0, 1] for j in np.flatnonzero(roi == 0)])   # weak voxels: mostly noise
+    assert lag1 > 0.6, lag1                                                 # strongly autocorrelated
+    with pytest.raises(ValueError, match="factors"): make_dataset(realistic.root.parent / "x", factors="quadratic")

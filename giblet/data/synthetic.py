@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from ..alignment.hrf import convolve_hrf
 from .video import frames_to_video
+from .synthetic_nonlinear import (NONLINEAR_FACTORS, NONLINEAR_ROI_NAMES, NONLINEAR_ROI_SEEDS,
+                                             nonlinear_factors, nonlinear_painter, nonlinear_sound, nonlinear_states)
 from ..io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -77,14 +79,15 @@ def brain_mask(shape=(20, 24, 20), # (X, Y, Z) voxels of the grid
 # %% ../../nbs/04_data.synthetic.ipynb #dfabfd2f
 def plant_rois(mask, # (X, Y, Z) brain mask (nonzero = brain)
                affine, # (4, 4) voxel -> MNI mm
+               seeds=None, # (label, MNI centre mm, fraction of the brain) per blob, grown in order; None: the linear ROIs
               )->tuple: # (roi int8 (n_voxels,), amplitude float32 (n_voxels,)), both in the mask's C order
-    "ROI label of every brain voxel (0 none, 1 visual, 2 auditory, 3 language) and its signal amplitude (1 centre .. 0.5 edge)."
+    "ROI label of every brain voxel (0 none, 1 visual, 2 auditory, 3 language, then any `seeds` beyond) and its signal amplitude (1 centre .. 0.5 edge)."
     mask = np.asarray(mask) != 0
     ijk = np.argwhere(mask)                       # C order
     xyz = ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
     n = len(ijk)
     roi, amp = np.zeros(n, np.int8), np.zeros(n, np.float32)
-    for label, centre, frac in _ROI_SEEDS:
+    for label, centre, frac in (_ROI_SEEDS if seeds is None else seeds):
         free = np.flatnonzero(roi == 0)
         dist = np.linalg.norm(xyz[free] - np.asarray(centre), axis=1)
         take = np.argsort(dist, kind="stable")[:max(4, int(round(frac * n)))]
@@ -244,8 +247,8 @@ def _chunk_frames(size)->int:
     "Frames rendered at once: about a megabyte of float32 pixels."
     return max(1, (1 << 18) // (int(size[0]) * int(size[1])))
 
-def _frames(tracks:dict, size, fps:float, rng, on_chunk=None):
-    "Yield the film's (H, W, 3) uint8 frames, rendered chunk by chunk from the per-frame `tracks`."
+def _frames(tracks:dict, size, fps:float, rng, on_chunk=None, paint=None):
+    "Yield the film's (H, W, 3) uint8 frames, rendered chunk by chunk from the per-frame `tracks`; `paint(img, first)` adds elements under the discs."
     W, H = size
     n = len(tracks["brightness"])
     v, u = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
@@ -275,6 +278,7 @@ def _frames(tracks:dict, size, fps:float, rng, on_chunk=None):
         for level, box, shape, colour in regions:
             sub = img[:, box[0], box[1]]
             sub += (level[a:b, None, None, None] * shape) * (colour - sub)
+        if paint is not None: paint(img, a)
         on = np.flatnonzero(objects[a:b] > 0)
         for cx, cy in discs:                         # a fixed-size patch around each disc, gathered for all frames
             x, y = cx[a + on], cy[a + on]
@@ -338,6 +342,8 @@ PRESETS = {
     "tiny": dict(n_subjects=2, n_trs=120, shape=(14, 17, 14)),
     "small": dict(),   # the defaults
     "sherlock": dict(n_subjects=17, n_trs=946, shape=(61, 73, 61), size=(640, 360), sample_rate=44100, progress=True),
+    "realistic": dict(n_subjects=12, n_trs=946, shape=(14, 17, 14), size=(64, 36), fps=10, snr=0.5, noise_ar=0.8,
+                      factors="nonlinear", zscore=True, weak=0.15),
 }
 
 # %% ../../nbs/04_data.synthetic.ipynb #655bd254
@@ -364,12 +370,19 @@ def _subject_raw(rng, bold, mask, affine, snr:float, noise_ar:float)->np.ndarray
     noise *= base.astype(np.float32)
     return np.rint(noise).astype(np.int16)
 
+def _zscore_run(raw)->np.ndarray:
+    "(n_trs, n_voxels) float32: each voxel z-scored over the run, as in the Sherlock release."
+    x = raw.astype(np.float64)
+    sd = x.std(axis=0)
+    if (sd == 0).any(): raise ValueError(f"{int((sd == 0).sum())} brain voxels are constant over the run; cannot z-score them")
+    return ((x - x.mean(axis=0)) / sd).astype(np.float32)
+
 def _write_nii(path:Path, raw, mask, affine, tr:float):
-    "Write (n_trs, n_voxels) int16 values into a 4-D int16 NIfTI of the mask's grid, TR in the header."
-    vol = np.zeros(mask.shape + (raw.shape[0],), np.int16)
+    "Write (n_trs, n_voxels) values (int16 raw, or float32 z-scores) into a 4-D NIfTI of that dtype on the mask's grid, TR in the header."
+    vol = np.zeros(mask.shape + (raw.shape[0],), raw.dtype)
     vol[mask > 0] = raw.T
     img = nib.Nifti1Image(vol, affine)
-    img.header.set_data_dtype(np.int16)
+    img.header.set_data_dtype(raw.dtype)
     img.header.set_zooms(tuple(np.abs(np.diag(affine)[:3])) + (float(tr),))
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(affine, code=4)
@@ -399,7 +412,8 @@ def _scan_factors(film_factors, n_vol:int, offset:int, first:int)->np.ndarray:
 
 # %% ../../nbs/04_data.synthetic.ipynb #a3c9e1f0
 _DEFAULTS = dict(n_subjects=3, n_trs=300, tr=1.5, shape=(20, 24, 20), size=(160, 90), fps=25, sample_rate=16000,
-                 tail=4.0, snr=1.0, noise_ar=0.5, progress=False)
+                 tail=4.0, snr=1.0, noise_ar=0.5, progress=False, factors="linear", zscore=False, weak=0.0)
+_OPT_IN = ("factors", "zscore", "weak")   # None = the preset's value, else the default; an explicit value always wins
 _TASK = "movie"
 
 def _paths(root:Path, layout:str, n_subjects:int, n_runs:int)->tuple:
@@ -453,19 +467,26 @@ def make_dataset(root, # the study folder to write (created if needed)
                  overwrite:bool=False, # replace a dataset already in `root`
                  n_runs:int=1, # runs: each its own film segment, NIfTI per subject and annotation part (clock restarts)
                  layout:str="sherlock", # "sherlock" (the release's file layout) or "bids" (the same study as a BIDS dataset)
+                 factors:str|None=None, # "linear" (None) or "nonlinear": also plant `NONLINEAR_FACTORS`, each in its own ROI
+                 zscore:bool|None=None, # write float32 volumes z-scored per voxel and run (as the Sherlock release); None: int16 raw
+                 weak:float|None=None, # signal amplitude of every voxel outside the ROIs (a weak mix of the linear factors); None: 0
                 )->SyntheticLayout: # where everything was written
     "Write a synthetic study (film, annotations, one NIfTI per subject and run) and its planted truth."
     args = dict(n_subjects=n_subjects, n_trs=n_trs, tr=tr, shape=shape, size=size, fps=fps, sample_rate=sample_rate,
-                tail=tail, snr=snr, noise_ar=noise_ar, progress=progress)
+                tail=tail, snr=snr, noise_ar=noise_ar, progress=progress, factors=factors, zscore=zscore, weak=weak)
     if preset is not None:
         if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        args.update({k: v for k, v in PRESETS[preset].items() if args[k] == _DEFAULTS[k]})
+        args.update({k: v for k, v in PRESETS[preset].items() if args[k] is None or args[k] == _DEFAULTS[k] and k not in _OPT_IN})
+    args.update({k: _DEFAULTS[k] for k in _OPT_IN if args[k] is None})
     n_subjects, n_trs, tr, fps, sr = (int(args["n_subjects"]), int(args["n_trs"]), float(args["tr"]),
                                       float(args["fps"]), int(args["sample_rate"]))
     if n_subjects < 1 or n_trs < 20: raise ValueError(f"need n_subjects >= 1 and n_trs >= 20, got {n_subjects}, {n_trs}")
     if not (tr > 0 and fps > 0 and args["tail"] >= 0 and args["snr"] > 0 and 0 <= args["noise_ar"] < 1):
         raise ValueError(f"need tr > 0, fps > 0, tail >= 0, snr > 0 and 0 <= noise_ar < 1, got {args}")
     if tr * fps < 1: raise ValueError(f"a TR of {tr} s holds no frame at {fps} fps")
+    if args["factors"] not in ("linear", "nonlinear"): raise ValueError(f"factors must be 'linear' or 'nonlinear', not {args['factors']!r}")
+    if not 0 <= args["weak"] < 0.5: raise ValueError(f"weak must be in [0, 0.5) (ROI voxels have 0.5 .. 1), got {args['weak']}")
+    nonlinear = args["factors"] == "nonlinear"
     if layout not in ("sherlock", "bids"): raise ValueError(f"layout must be 'sherlock' or 'bids', not {layout!r}")
     if not 1 <= int(n_runs) <= n_trs // 20: raise ValueError(f"need 1 <= n_runs <= n_trs / 20, got n_runs={n_runs}")
     n_runs = int(n_runs)
@@ -487,7 +508,9 @@ def make_dataset(root, # the study folder to write (created if needed)
     stale = [p for p in old if p.match(pattern) and p not in everything]   # subjects or runs beyond these
     for p in everything | {film, annotations}: p.parent.mkdir(parents=True, exist_ok=True)
 
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4 + n_subjects)]
+    seq = np.random.SeedSequence(seed)
+    streams = [np.random.default_rng(s) for s in seq.spawn(4 + n_subjects)]
+    opt = [np.random.default_rng(s) for s in seq.spawn(1)[0].spawn(3)]   # the opt-in parts: the streams above stay as they were
     n_film_trs = sum(p[3] for p in plan)
     n_frames = int(round((n_film_trs * tr + args["tail"]) * fps))
     n_chunks = -(-n_frames // _chunk_frames(args["size"]))
@@ -502,11 +525,25 @@ def make_dataset(root, # the study folder to write (created if needed)
     frame_t = np.arange(n_frames) / fps
     continuous = _per_tr(np.stack([tracks[n] for n in FACTOR_NAMES if n in tracks], 1), frame_t, n_film_trs, tr)
     film_factors = np.concatenate([continuous, _topic_cover(on_film, n_film_trs, tr)], axis=1)
+    names, modality, roi_names, seeds = FACTOR_NAMES, FACTOR_MODALITY, ROI_NAMES, _ROI_SEEDS
+    if nonlinear:
+        states = nonlinear_states(opt[0], int(np.ceil(n_frames / fps / tr)), tr)
+        film_factors = np.concatenate([film_factors, nonlinear_factors(states, n_film_trs)], axis=1)
+        names, modality = names + tuple(n for n, _ in NONLINEAR_FACTORS), modality + tuple(m for _, m in NONLINEAR_FACTORS)
+        roi_names, seeds = roi_names + NONLINEAR_ROI_NAMES, seeds + NONLINEAR_ROI_SEEDS
+    modality_roi = {m: lab for lab, m in ROI_MODALITY.items()}
+    factor_roi = np.array([modality_roi.get(m, 0) for m in modality[:len(FACTORS)]] + list(range(4, 4 + len(names) - len(FACTORS))), np.int8)
 
     # brain and planted truth, run by run (a run's BOLD starts from rest: no HRF carries over between scans)
     mask, affine = brain_mask(args["shape"])
-    roi, amp = plant_rois(mask, affine)
+    roi, amp = plant_rois(mask, affine, seeds)
     loadings = _loadings(streams[2], mask, affine, roi)
+    if args["weak"] > 0:                    # every other voxel: a weak random mix of all the linear factors
+        none = roi == 0
+        mix = np.exp(0.75 * np.stack([_smooth_field(opt[1], mask, affine)[none] for _ in FACTORS]))
+        loadings[:, none] = mix / mix.sum(axis=0)
+        amp[none] = args["weak"]
+    if nonlinear: loadings = np.concatenate([loadings, (roi[None] == factor_roi[len(FACTORS):, None]).astype(np.float32)])
     factors, bold = [], []
     for n_vol, offset, first, _ in plan:
         f = _scan_factors(film_factors, n_vol, offset, first)
@@ -515,7 +552,8 @@ def make_dataset(root, # the study folder to write (created if needed)
 
     for s, rng in enumerate(streams[4:]):
         for r, b in enumerate(bold):
-            _write_nii(nii[r][s], _subject_raw(rng, b, mask, affine, args["snr"], args["noise_ar"]), mask, affine, tr)
+            raw = _subject_raw(rng, b, mask, affine, args["snr"], args["noise_ar"])
+            _write_nii(nii[r][s], _zscore_run(raw) if args["zscore"] else raw, mask, affine, tr)
         bar.update(1)
 
     tables = [_annotation_table(streams[3], part, tr, r["film_start"]) for r, part in zip(runs, parts)]
@@ -523,7 +561,9 @@ def make_dataset(root, # the study folder to write (created if needed)
     table = pd.concat(tables, ignore_index=True)
     atomic_write(annotations, lambda tmp: table.to_excel(tmp, index=False, engine="openpyxl"), as_path=True)
     audio = _soundtrack(tracks, fps, sr, streams[1])
-    frames_to_video(_frames(tracks, args["size"], fps, streams[0], on_chunk=lambda n: bar.update(1)),
+    if nonlinear: audio = np.clip(audio + nonlinear_sound(states, tr, sr, len(audio)), -1.0, 1.0)
+    paint = nonlinear_painter(states, args["size"], fps, tr, opt[2]) if nonlinear else None
+    frames_to_video(_frames(tracks, args["size"], fps, streams[0], on_chunk=lambda n: bar.update(1), paint=paint),
                     film, fps, audio=audio, sample_rate=sr)
     if layout == "bids": _write_bids_meta(out, tr)
 
@@ -531,15 +571,15 @@ def make_dataset(root, # the study folder to write (created if needed)
                                         volume=np.concatenate([np.arange(p[0]) for p in plan]))
     def save_truth(tmp):
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, bold=np.concatenate(bold), brain_mask=mask, roi=roi, roi_names=np.array(ROI_NAMES),
-                                factors=np.concatenate(factors), factor_names=np.array(FACTOR_NAMES),
-                                factor_modality=np.array(FACTOR_MODALITY), tr=np.float64(tr), affine=affine, **extra)
+            np.savez_compressed(fh, bold=np.concatenate(bold), brain_mask=mask, roi=roi, roi_names=np.array(roi_names),
+                                factors=np.concatenate(factors), factor_names=np.array(names), factor_roi=factor_roi,
+                                factor_modality=np.array(modality), amplitude=amp, tr=np.float64(tr), affine=affine, **extra)
     atomic_write(out.truth, save_truth, as_path=True)
     for p in stale: p.unlink()
     bar.update(1)
     bar.close()
-    logger.info("%s: %d subjects x %d TRs in %d run(s), %d brain voxels (%d responsive), film %d frames at %g fps (%s layout)",
-                root, n_subjects, n_trs, n_runs, int(mask.sum()), int((roi > 0).sum()), n_frames, fps, layout)
+    logger.info("%s: %d subjects x %d TRs in %d run(s), %d brain voxels (%d in ROIs), %d factors, film %d frames at %g fps "
+                "(%s layout)", root, n_subjects, n_trs, n_runs, int(mask.sum()), int((roi > 0).sum()), len(names), n_frames, fps, layout)
     return out
 
 # %% ../../nbs/04_data.synthetic.ipynb #bf78822c
