@@ -5,11 +5,9 @@
 # %% ../nbs/41_lesion.ipynb #bee78318
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass, replace as replace_field
 from fractions import Fraction
@@ -32,7 +30,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'METRICS', 'RUN_MARKER', 'LesionData', 'predict_brain', 'unit_means', 'reconstruct', 'collect_errors',
            'lesion_effects', 'plot_effects', 'Rendering', 'render', 'read_checkpoint', 'load_run', 'lesion_data',
-           'lesion_main', 'giblet_lesion']
+           'lesion_main']
 
 # %% ../nbs/41_lesion.ipynb #00833145
 @dataclass
@@ -599,31 +597,3 @@ def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or
                              "n_null"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     logger.info("effect table: %s", out / RUN_MARKER)
     return table
-
-# %% ../nbs/41_lesion.ipynb #f448b713
-def _parser(func)->argparse.ArgumentParser:
-    "An argparse parser from a function's signature and docments: required parameters positional, the rest --options."
-    import inspect
-    from fastcore.docments import docments
-    docs = docments(func)
-    p = argparse.ArgumentParser(prog=func.__name__.replace("_main", "").replace("_", "-").join(("giblet-", "")),
-                                description=func.__doc__)
-    for name, par in inspect.signature(func).parameters.items():
-        kind = {"int": int, "float": float}.get(str(par.annotation).split("|")[0], str)
-        if par.default is inspect.Parameter.empty: p.add_argument(name, help=docs[name])
-        elif par.default is False: p.add_argument(f"--{name}", action="store_true", help=docs[name])
-        else: p.add_argument(f"--{name}", type=kind, default=par.default, help=f"{docs[name]} (default: {par.default})")
-    return p
-
-def giblet_lesion(argv:Sequence[str]|None=None, # the arguments (None: the command line)
-                 )->int: # the exit status
-    "Run `lesion_main` from the command line: exit 0 on success, 2 on a user error (one line), 1 on a bug (traceback)."
-    args = vars(_parser(lesion_main).parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try: lesion_main(**args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"giblet-lesion: error: {e}", file=sys.stderr); return 2
-    print(Path(args["out"]).absolute() / RUN_MARKER)
-    return 0
-
-if __name__ == "__main__" and "__file__" in globals(): sys.exit(giblet_lesion())  # python -m giblet.lesion (not a notebook)
