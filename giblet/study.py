@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .alignment.sync import Aligned, FeatureParams, RunSpec, align_run, concat_runs, tr_grid
-from .data.dataset import (ANNOTATION_EXTS, FILM_EXTS, aligned_to_arrays, arrays_to_aligned, cache_key,
-                                 default_cache_dir, discover, load_arrays, save_arrays)
+from .alignment.sync import Aligned, FeatureParams, RunSpec, tr_grid
+from .data.dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
 from .data.fmri import iter_volumes, load_nifti, read_tr, shared_mask
 from .data.video import video_info
 
@@ -417,8 +416,9 @@ def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
               drop_short:bool=False, # drop subjects shorter than the others instead of cutting every subject
               mask_threshold:float=0.5, # for the shared mask: share of scans a voxel must pass
               show_progress:bool=True, # progress bars while building the cache
+              verify:bool|None=None, # checksum the cache files: None when due (see `load_arrays`), True always, False never
              )->Aligned:
-    "The aligned study of `spec`, run by run, from the feature cache when it is current, else built and cached."
+    "The aligned study of `spec`, run by run, from the feature cache when it is current and intact, else built and cached."
     if not isinstance(spec, StudySpec): spec = resolve_study(spec)
     params = params or FeatureParams()
     tr = check_spec(spec)
@@ -426,19 +426,11 @@ def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
     inputs = sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values())}
                     | ({str(spec.mask)} if spec.mask not in (None, "nonzero") else set()))
     key = cache_key(inputs, dict(spec=spec_to_dict(spec), params=asdict(params), tr=tr, mask_threshold=mask_threshold))
-    folder = Path(cache_dir or default_cache_dir()) / f"study-{key}"
-    hit = load_arrays(folder)
-    if hit is not None:
-        logger.info("%s: using cached features %s", spec.source, folder); return arrays_to_aligned(*hit)
-    logger.info("%s: building the feature cache in %s", spec.source, folder)
-    mask = spec_mask(spec, mask_threshold)
-    runs = [align_run(spec.film_of(r), spec.annotations_of(r), _run_spec(spec, r, tr), mask, tr=tr, params=params, run_id=i)
-            for i, r in enumerate(spec.runs)]
-    al = concat_runs(runs); del runs
-    arrays, meta, shapes = aligned_to_arrays(al, show_progress)
-    meta.update(params=asdict(params), subjects=list(spec.subjects), runs=[r.name for r in spec.runs])
-    save_arrays(folder, arrays, meta, shapes)
-    return arrays_to_aligned(*load_arrays(folder))
+    logger.info("%s: %d subjects x %d runs", spec.source, len(spec.subjects), len(spec.runs))
+    runs = [(spec.film_of(r), spec.annotations_of(r), _run_spec(spec, r, tr)) for r in spec.runs]
+    return align_study(runs, lambda: spec_mask(spec, mask_threshold), Path(cache_dir or default_cache_dir()) / f"study-{key}",
+                       inputs, tr=tr, params=params, meta=dict(subjects=list(spec.subjects), runs=[r.name for r in spec.runs]),
+                       verify=verify, show_progress=show_progress)
 
 def study_rates(spec:StudySpec, # the study
                )->tuple: # (film frames per second, TR in seconds)

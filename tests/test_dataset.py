@@ -216,3 +216,18 @@ ds.load_study({str(root / 'study')!r}, cache_dir={str(cache)!r}, params=FeatureP
     assert left.name.startswith(".") and f".{child.pid}-" in left.name and (left / "video.npy").exists()
     _, folder = _build(root / "study", cache)
     assert list(cache.iterdir()) == [folder]
+
+
+def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
+    root, layout = study
+    d = tmp_path / "cluttered"; shutil.copytree(root / "study", d)
+    side = ["participants.tsv", "sub-01_task-movie_events.tsv", "sub-01_desc-confounds_timeseries.tsv",
+            "sub-01_desc-confounds_regressors.tsv"]
+    for name in side: (d / name).write_text("onset\tduration\n0\t1\n")
+    brain = [f"sub-01_{w}.nii.gz" for w in ("space-MNI_desc-brain_mask", "dseg", "label-GM_probseg", "boldref", "T1w")]
+    for name in brain: shutil.copy(layout.nii[0], d / "sherlock_nii" / name)
+    with caplog.at_level(logging.INFO, logger="giblet.data.dataset"): f = discover(d)
+    assert f.annotations == d / layout.annotations.name and [p.name for p in f.nii] == [p.name for p in layout.nii]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "ignored 4 file(s) that are not annotation tables" in said and "ignored 5 file(s) that are not subjects' BOLD" in said
+    assert all(n in said for n in side + brain)

@@ -2,6 +2,7 @@
 import logging
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -200,3 +201,26 @@ def test_one_run_sherlock_layout_and_mask_file(tmp_path, caplog):
     np.testing.assert_allclose(early.tr_start, offset.tr_start + 1.5)   # each on its own stimulus clock
     spec.mask = "nonzero"                                   # the synthetic scans are 0 exactly outside the brain
     np.testing.assert_array_equal(np.asarray(spec_mask(spec).dataobj), load_truth(lay)["brain_mask"])
+
+
+def test_spec_loading_shares_the_cache_path_and_bold_is_normalised_per_run(loaded, sherlock, caplog):
+    from giblet.data.dataset import block_split, cache_manifest, fit_normaliser
+    a, _ = loaded
+    folder = Path(a.video.filename).parent
+    man = cache_manifest(folder)
+    assert man["inputs"] and all("blake2b" in f for f in man["files"].values())     # fingerprint and checksums
+    assert man["meta"]["runs"] == ["run-1", "run-2"]
+    before = np.asarray(a.fmri[:])
+    with open(folder / "fmri.npy", "r+b") as f: f.seek(-8, 2); f.write(b"\x00" * 8)  # damage in place
+    with caplog.at_level(logging.WARNING):
+        again = load_spec(sherlock.root / "study.yaml", folder.parent, PARAMS, show_progress=False, verify=True)
+    assert "does not match its checksum" in caplog.text
+    np.testing.assert_array_equal(np.asarray(again.fmri[:]), before)
+    a = again
+    split = block_split(a.n_trs, a.tr, val_frac=0.25, gap=6)
+    nz = fit_normaliser(a.fmri, a.audio, split.train)                # the cached BOLD carries its runs
+    assert nz.run_ids.tolist() == [0, 1] and nz.run_mean.shape == (2, 2, a.n_voxels)
+    for r in (0, 1):
+        tr = split.train[a.run[split.train] == r]
+        z = nz.zscore(1, a.fmri[1][tr], a.run[tr])
+        np.testing.assert_allclose(z.mean(0), 0, atol=1e-3); np.testing.assert_allclose(z.std(0), 1, atol=1e-3)

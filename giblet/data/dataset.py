@@ -24,20 +24,23 @@ from tqdm.auto import tqdm
 from ..io import (atomic_folder, atomic_write, clean_leftovers, file_checksum, input_fingerprint, usual_mode,
                        write_file)
 from ..alignment.sync import Aligned, FeatureParams, RunSpec, align_run, concat_runs
-from .fmri import sort_subjects, zscore_stats
+from .fmri import shared_mask, sort_subjects, zscore_stats
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NO_TRAIN_RUN', 'CACHE_VERSION', 'VERIFIED', 'RACY_SECONDS', 'StudyFiles',
-           'discover', 'Split', 'block_split', 'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray',
-           'save_arrays', 'load_arrays', 'cache_manifest', 'aligned_to_arrays', 'arrays_to_aligned', 'context_starts',
-           'StudyTensors', 'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'cached_study', 'load_study',
-           'cache_main']
+__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NOT_ANNOTATIONS', 'NOT_SUBJECTS', 'NO_TRAIN_RUN', 'CACHE_VERSION',
+           'VERIFIED', 'RACY_SECONDS', 'StudyFiles', 'discover', 'Split', 'block_split', 'Normaliser', 'fit_normaliser',
+           'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays', 'cache_manifest', 'aligned_to_arrays',
+           'arrays_to_aligned', 'context_starts', 'StudyTensors', 'ContextDataset', 'DeviceLoader', 'default_cache_dir',
+           'cached_study', 'align_study', 'load_study', 'cache_main']
 
 # %% ../../nbs/12_data.dataset.ipynb #efe36119
 FILM_EXTS = (".m4v", ".mp4", ".mkv", ".avi")
 ANNOTATION_EXTS = (".xlsx", ".csv", ".tsv")
+NOT_ANNOTATIONS = ("participants", "_events", "_timeseries", "_regressors", "_confounds", "_physio", "_scans",
+                   "_sessions") # tables that end their name (before the suffix) with one of these are BIDS/fMRIPrep side files
+NOT_SUBJECTS = ("mask", "dseg", "probseg", "boldref", "t1w", "t2w") # NIfTIs whose name holds one of these are no subject's BOLD
 
 @dataclass
 class StudyFiles:
@@ -57,6 +60,16 @@ def _one(kind:str, found:list, exts, problems:list):
     if not found: problems.append(f"no {kind} file ({'|'.join('*' + e for e in exts)})")
     else: problems.append(f"{len(found)} {kind} files, expected one: " + ", ".join(str(p) for p in found))
 
+def _drop(found:list, is_other:Callable, kind:str)->list:
+    "`found` without the files `is_other` flags, logging how many were ignored and which."
+    other = [p for p in found if is_other(p.name.lower())]
+    if other: logger.info("ignored %d file(s) that are not %s: %s%s", len(other), kind,
+                          ", ".join(p.name for p in other[:5]), ", ..." if len(other) > 5 else "")
+    return [p for p in found if p not in other]
+
+def _side_table(name:str)->bool: return name.rsplit(".", 1)[0].endswith(NOT_ANNOTATIONS)
+def _not_bold(name:str)->bool: return any(w in name for w in NOT_SUBJECTS)
+
 def discover(data_dir:str|Path, # the study folder (the real release or the synthetic generator's)
              film:str|Path|None=None, # use this film instead of searching
              annotations:str|Path|None=None, # use this spreadsheet instead of searching
@@ -66,13 +79,13 @@ def discover(data_dir:str|Path, # the study folder (the real release or the synt
     if not root.is_dir(): raise FileNotFoundError(f"{root}: the data folder does not exist")
     problems = []
     films = [Path(film)] if film else [p for e in FILM_EXTS for p in _visible(root, "*" + e)]
-    anns = [Path(annotations)] if annotations else [p for e in ANNOTATION_EXTS for p in _visible(root, "*" + e)
-                                                   if not p.name.startswith("~$")]
+    anns = [Path(annotations)] if annotations else _drop(
+        [p for e in ANNOTATION_EXTS for p in _visible(root, "*" + e) if not p.name.startswith("~$")], _side_table, "annotation tables")
     film, annotations = _one("film", films, FILM_EXTS, problems), _one("annotation", anns, ANNOTATION_EXTS, problems)
     nii_dir = root / "sherlock_nii"
-    nii = _visible(nii_dir, "*.nii.gz") if nii_dir.is_dir() else []
-    if not nii: nii = [p for p in _visible(root, "*.nii*") if p.name.endswith((".nii", ".nii.gz"))
-                       and "mask" not in p.name.lower()]
+    nii = _drop(_visible(nii_dir, "*.nii.gz"), _not_bold, "subjects' BOLD") if nii_dir.is_dir() else []
+    if not nii: nii = _drop([p for p in _visible(root, "*.nii*") if p.name.endswith((".nii", ".nii.gz"))],
+                            _not_bold, "subjects' BOLD")
     if not nii: problems.append("no fMRI (sherlock_nii/*.nii.gz, or *.nii / *.nii.gz anywhere below)")
     if problems: raise FileNotFoundError(f"{root}: not a complete study folder:\n  - " + "\n  - ".join(problems))
     return StudyFiles(film, annotations, sort_subjects(nii))
@@ -339,11 +352,14 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
     "Per-voxel centre and scale (float32, filled as the stream is written) and the float16 BOLD as a stream of subjects."
     n_sub, n_trs, n_vox = fmri.shape
     center, scale = np.zeros((n_sub, n_vox), np.float32), np.ones((n_sub, n_vox), np.float32)
+    step = max(1, 2**22 // max(n_trs, 1))   # voxels per statistics block: float64 temporaries of 32 MB, not a subject's
     def subjects():
         for s in tqdm(range(n_sub), desc="cache fMRI", disable=not show_progress):
-            x = np.asarray(fmri[s], dtype=np.float32)
-            center[s] = x.mean(0); scale[s] = _safe_std(x, 0)
-            yield ((x - center[s]) / scale[s]).astype(np.float16)[None]
+            x = np.array(fmri[s], dtype=np.float32)    # one subject (read now if `fmri` is a `SubjectBold`), scaled in place
+            for v in range(0, n_vox, step):
+                center[s, v:v + step] = x[:, v:v + step].mean(0); scale[s, v:v + step] = _safe_std(x[:, v:v + step], 0)
+            x -= center[s]; x /= scale[s]
+            yield x.astype(np.float16)[None]
     return center, scale, StreamedArray((n_sub, n_trs, n_vox), np.float16, subjects())
 
 def aligned_to_arrays(al:Aligned, show_progress:bool=True)->tuple[dict, dict, dict]:
@@ -488,6 +504,31 @@ def cached_study(folder:str|Path, # the cache folder (its parent is the cache ro
     save_arrays(folder, arrays, {**m, **(meta or {})}, shapes, inputs=fingerprint); del arrays
     return arrays_to_aligned(*load_arrays(folder, progress=show_progress))   # the first use checks every checksum
 
+def align_study(runs:Sequence[tuple], # `(film, annotations, RunSpec)` of each run, in order
+                mask:Callable, # () -> the voxel mask (a NIfTI image), called only when the cache is built
+                folder:str|Path, # the cache folder
+                inputs:Sequence[str|Path], # every file the study is built from (fingerprinted into the manifest)
+                tr:float|None=None, # expected TR (s); None trusts the NIfTI headers
+                params:FeatureParams|None=None, # how the streams are cut
+                meta:dict|None=None, # JSON-serialisable extras kept in the manifest
+                verify:bool|None=None, # checksum the cache files: None when due (see `load_arrays`), True always, False never
+                show_progress:bool=True, # progress bars while building the cache
+               )->Aligned:
+    "The one loading body: every run aligned with its BOLD left unread, joined, and written to `cached_study` one subject at a time."
+    params = params or FeatureParams()
+    def build()->Aligned:
+        logger.info("building the feature cache in %s", folder)
+        steps = tqdm(total=len(runs) + 1, desc="feature cache", disable=not show_progress)
+        m = mask(); steps.update()
+        aligned = []
+        for i, (film, annotations, spec) in enumerate(runs):
+            aligned.append(align_run(film, annotations, spec, m, tr=tr, params=params, run_id=i, stream_fmri=True))
+            steps.update()
+        steps.close()
+        return aligned[0] if len(aligned) == 1 else concat_runs(aligned)    # one run: no copy of its streams
+    return cached_study(folder, build, inputs, meta={**(meta or {}), "params": asdict(params)}, verify=verify,
+                        show_progress=show_progress)
+
 def load_study(data_dir:str|Path, # the study folder (see `discover`)
                cache_dir:str|Path|None=None, # feature-cache root (default: `default_cache_dir()`)
                params:FeatureParams|None=None, # how the streams are cut
@@ -498,27 +539,20 @@ def load_study(data_dir:str|Path, # the study folder (see `discover`)
                show_progress:bool=True, # progress bars while building the cache
                verify:bool|None=None, # checksum the cache files: None when due (see `load_arrays`), True always, False never
               )->Aligned:
-    "The aligned study in `data_dir`, from the cache when it is current and intact, else built and cached."
-    from giblet.data.fmri import shared_mask
+    "The aligned study in a Sherlock-layout `data_dir`, from the cache when it is current and intact, else built and cached."
     params = params or FeatureParams()
     files = discover(data_dir)
     runs = list(runs or [{}])
     inputs = [files.film, files.annotations, *files.nii]
     key = cache_key(inputs, dict(params=asdict(params), tr=tr, runs=runs, mask_threshold=mask_threshold))
-    folder = Path(cache_dir or default_cache_dir()) / key
-
-    def build()->Aligned:
-        logger.info("%s: building the feature cache in %s", data_dir, folder)
-        steps = tqdm(total=len(runs) + 1, desc="feature cache", disable=not show_progress)
-        mask = shared_mask(files.nii, threshold=mask_threshold); steps.update()
-        aligned = []
-        for i, r in enumerate(runs):
-            r = dict(r); sub = r.pop("subjects", slice(None))
-            spec = RunSpec(nii=files.nii[sub] if isinstance(sub, slice) else [files.nii[j] for j in sub], **r)
-            aligned.append(align_run(files.film, files.annotations, spec, mask, tr=tr, params=params, run_id=i)); steps.update()
-        steps.close()
-        return aligned[0] if len(aligned) == 1 else concat_runs(aligned)    # one run: no copy of its BOLD
-    return cached_study(folder, build, inputs, meta=dict(params=asdict(params)), verify=verify, show_progress=show_progress)
+    specs = []
+    for r in runs:
+        r = dict(r); sub = r.pop("subjects", slice(None))
+        specs.append((files.film, files.annotations,
+                       RunSpec(nii=files.nii[sub] if isinstance(sub, slice) else [files.nii[j] for j in sub], **r)))
+    return align_study(specs, lambda: shared_mask(files.nii, threshold=mask_threshold),
+                       Path(cache_dir or default_cache_dir()) / key, inputs, tr=tr, params=params, verify=verify,
+                       show_progress=show_progress)
 
 # %% ../../nbs/12_data.dataset.ipynb #9097d47f
 def cache_main(data_dir:str|Path|None=None, # the study to cache (None with `verify`: only check the caches already there)
