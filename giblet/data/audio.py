@@ -9,7 +9,6 @@ import functools
 import logging
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from scipy.io import wavfile
 
 from .video import decode_stream
+from ..io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -331,11 +331,5 @@ def write_wav(path:str|Path, # destination .wav file (its folder is created)
     over = int((np.abs(a) > 1).sum())
     if over: logger.warning("%s: %d samples (%.3f%%) beyond [-1, 1] clipped", path, over, 100 * over / a.size)
     pcm = np.round(np.clip(a, -1, 1) * 32767).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh: wavfile.write(fh, int(sr), pcm.T if pcm.ndim == 2 else pcm)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    atomic_write(path, lambda tmp: wavfile.write(tmp, int(sr), pcm.T if pcm.ndim == 2 else pcm), as_path=True)  # wavfile seeks back
     return path
