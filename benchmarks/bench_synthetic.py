@@ -106,26 +106,26 @@ def cheap_r2(seeds=(0, 1, 2), n_trs=946):
             video = video_to_frames(lay.film, tr=1.5, size=p["size"], frame_skip=1, max_trs=n_trs)
             mel = audio_to_mel(lay.film, tr=1.5, n_mels=32, max_trs=n_trs)
             texts, has = annotations_to_trs(load_annotations(lay.annotations), n_trs, 1.5)
-            X = stimulus_features(video=video, audio=mel, text=embed_trs(texts, has, HashingEmbedder(dim=64)))
-            X = (X - X.mean(0)) / (X.std(0) + 1e-6)
-            fir = delay_features(X, (0, 1, 2))                   # the factor's TR and the two after it
+            text = embed_trs(texts, has, HashingEmbedder(dim=64))
+            z = lambda X: (X - X.mean(0)) / (X.std(0) + 1e-6)
+            X = z(stimulus_features(video=video, audio=mel, text=text))
+            X4 = z(stimulus_features(video=np.ascontiguousarray(video[:, ::4]), audio=mel, text=text))  # the tiny model's frames
+            fir = delay_features(X, (0, 1, 2))                   # the factor's TR and the two before it
             n_fit = int(0.7 * n_trs)
             test = slice(n_fit + 22, n_trs)                       # a 33 s gap
             for k, name in enumerate(t["factor_names"]):
                 y = t["factors"][:, k]
-                out = []
-                for Z in (X, fir):
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        fit = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(Z[:n_fit], y[:n_fit])
-                        out.append(fit.score(Z[test], y[test]))
-                    if Z is X: out.insert(0, RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(Z, y).score(Z, y))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = [RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(X, y).score(X, y)]
+                    out += [RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(Z[:n_fit], y[:n_fit]).score(Z[test], y[test])
+                            for Z in (X, X4, fir)]
                 rows.setdefault(name, []).append(out)
     print(f"\nR² of the cheap per-TR features ({X.shape[1]} columns) for each factor; mean over seeds {tuple(seeds)}")
-    print(f"{'factor':<14s} {'in-sample':>10s} {'held out':>10s} {'held out, 3 lags':>17s}")
+    print(f"{'factor':<14s} {'in-sample':>10s} {'held out':>10s} {'4 frames/TR':>12s} {'3 lags':>8s}")
     for name, v in rows.items():
         m = np.mean(v, axis=0)
-        print(f"{name:<14s} {m[0]:10.3f} {m[1]:10.3f} {m[2]:17.3f}")
+        print(f"{name:<14s} {m[0]:10.3f} {m[1]:10.3f} {m[2]:12.3f} {m[3]:8.3f}")
 
 
 def realistic():

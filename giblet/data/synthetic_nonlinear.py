@@ -67,7 +67,7 @@ def nonlinear_painter(states:dict, # from `nonlinear_states`
     cols = np.arange(tx.stop - tx.start, dtype=np.float32)[None, :] / period
     xs = np.arange(sx.start, sx.stop, dtype=np.float32) + 0.5
     half, last = max(1.0, 0.04 * W), len(states["texture"]) - 1
-    centre = 0.5 - 0.5 / (fps * tr)              # the middle of a TR window's frame times, as a fraction of the TR
+    start = rng.uniform(size=last + 1)           # where the bar is at each TR's start, as a fraction of the strip
     def paint(img, first:int):
         n = len(img)
         t = (first + np.arange(n)) / fps
@@ -77,13 +77,14 @@ def nonlinear_painter(states:dict, # from `nonlinear_states`
         ph = rng.uniform(size=(n, 1, 1)).astype(np.float32)
         grating = np.where((states["texture"][i] > 0)[:, None, None], np.sin(2 * np.pi * (cols + ph)), np.sin(2 * np.pi * (rows + ph)))
         img[:, ty, tx] = (128.5 + 80.0 * grating)[..., None]
-        # motion: a bar crossing a grey strip within the TR window, left to right or back (time-reversed, same frames)
+        # motion: a bar crossing a grey strip once per TR, to the right or to the left, wrapping round from a random place:
+        # every place is as likely in either direction, whichever frames of the TR are sampled
         img[:, sy, sx] = 100.5
         d = states["motion_dir"][i]
-        p = (np.where(d < 0, 2 * centre - u, u) - 0.1) / 0.8
-        x = xs[0] + p * (xs[-1] - xs[0])
-        for k in np.flatnonzero((d != 0) & (p >= 0) & (p <= 1)):
-            alpha = np.clip(half + 0.5 - np.abs(xs - x[k]), 0.0, 1.0)[None, :, None]
+        x = xs[0] + (start[i] + d * u) % 1.0 * len(xs)
+        for k in np.flatnonzero(d != 0):
+            gap = np.abs(xs - x[k])
+            alpha = np.clip(half + 0.5 - np.minimum(gap, len(xs) - gap), 0.0, 1.0)[None, :, None]
             img[k, sy, sx] += alpha * (230.5 - img[k, sy, sx])
         # the visual half of the audiovisual product: a yellow flash
         img[np.flatnonzero(states["flash"][i] > 0), fy, fx] = np.array([230.5, 210.5, 40.5], np.float32)
