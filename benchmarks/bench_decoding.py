@@ -25,6 +25,8 @@ def main():
     ap.add_argument("--model", nargs="*", default=[], help="model_overrides KEY=VALUE, added to the preset's overrides")
     ap.add_argument("--json", help="write the tables here")
     ap.add_argument("--n-shifts", type=int, default=20)
+    ap.add_argument("--truth", action="store_true", help="also the test-block r with the planted signal per ROI (no baselines)")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decoding scores")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logging.basicConfig(level=logging.WARNING)
@@ -38,19 +40,27 @@ def main():
     fit_s = time.perf_counter() - t0
     from giblet.training.metrics import voxel_r
     test = data.split.test
-    r = voxel_r(tr.predict(test), data.average_bold(test))
+    with tr.averaged(): r = voxel_r(tr.predict(test), data.average_bold(test))  # the moving-average weights, as saved
     out = dict(set=sets, model=parse(a.model), fit_s=fit_s, test_voxel_r=float(np.mean(r)), best_epoch=tr.best_epoch, tables={})
     true = true_block(data.tensors, test)
     print(f"fit {fit_s:.0f} s, best epoch {tr.best_epoch}, test voxel r {np.mean(r):.3f}, {len(test)} test TRs")
+    if a.truth:
+        from giblet.evaluation import evaluate_run
+        with tr.averaged(): m = evaluate_run(tr, baseline=False, n_boot=10)["metrics"]
+        out["truth"] = {k: v for k, v in m.items() if k.startswith("truth_r") or k.startswith("test_voxel_r")}
+        print(json.dumps(out["truth"], indent=1))
     with tr.averaged():
-        for source in ("brain", "fmri"):
-            dec, null = decode_block(tr.model, data.tensors, test, source, tr=float(data.aligned.tr), n_shifts=a.n_shifts)
+        k = tr.model.config.context_trs
+        # the middle of the window (what giblet.decoding does), and its last TR (where the report figure reads each TR)
+        for source, pos in () if a.no_decode else (("brain", None), ("fmri", None), ("brain", k - 1)):
+            dec, null = decode_block(tr.model, data.tensors, test, source, tr=float(data.aligned.tr), n_shifts=a.n_shifts, position=pos)
             t = decoding_scores(dec, true, float(data.aligned.tr), null)
             # how much the decoded output varies over TRs, relative to the truth's variation (1: as much; 0: constant)
             t["spread"] = [np.std(dec[m].astype(np.float64), 0).mean() / np.std(np.asarray(true[m], np.float64) / (255.0 if m == "video" else 1), 0).mean()
                            for m, _ in t.index]
-            print(f"\n== decoded from {source}\n" + t.round(3).to_string())
-            out["tables"][source] = t.reset_index().to_dict("records")
+            name = source if pos is None else f"{source}, TR at position {pos} of {k}"
+            print(f"\n== decoded from {name}\n" + t.round(3).to_string())
+            out["tables"][name] = t.reset_index().to_dict("records")
     if a.json:
         with open(a.json + ".tmp", "w") as f: json.dump(out, f, indent=1, default=float)
         os.replace(a.json + ".tmp", a.json)

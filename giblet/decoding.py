@@ -217,12 +217,15 @@ def brain_series(model, # a `giblet.models.autoencoder.BrainAutoencoder`
 @torch.no_grad()
 def decode_series(model, # a `giblet.models.autoencoder.BrainAutoencoder`
                   series:torch.Tensor, # (n_trs, n_voxels) a brain series
+                  position:int|None=None, # where in its window each TR sits (None: the middle, K // 2)
                   batch_size:int=16, # windows per forward pass
                  )->dict: # modality -> numpy (n_trs, ...)
-    "Each TR decoded from the window of the series centred on it (clipped at the ends)."
+    "Each TR decoded from the window of the series in which it sits at `position` (clipped at the ends)."
     k, n = model.config.context_trs, len(series)
     if n < k: raise ValueError(f"decode_series: {n} TRs are fewer than the model's window of {k}")
-    starts = np.clip(np.arange(n) - k // 2, 0, n - k)
+    position = k // 2 if position is None else position
+    if not 0 <= position < k: raise ValueError(f"decode_series: position {position} is outside a window of {k} TRs")
+    starts = np.clip(np.arange(n) - position, 0, n - k)
     model.eval(); out = {}
     for a in range(0, n, batch_size):
         s = starts[a:a + batch_size]
@@ -239,8 +242,9 @@ def decode_block(model, # a `giblet.models.autoencoder.BrainAutoencoder`
                  tr:float=1.5, # seconds per TR
                  min_shift_s:float=30.0, # least shift of the null, seconds
                  n_shifts:int=20, # shifts of the null
+                 position:int|None=None, # where in its window each TR sits (None: the middle)
                 )->tuple: # (decoded dict, list of decodings of the shifted series)
     "A block decoded from its brain series, and from that series circularly shifted by each of `null_shifts`."
     series = brain_series(model, tensors, trs, source)
-    null = [decode_series(model, torch.roll(series, int(s), 0)) for s in null_shifts(len(trs), tr, min_shift_s, n_shifts)]
-    return decode_series(model, series), null
+    null = [decode_series(model, torch.roll(series, int(s), 0), position) for s in null_shifts(len(trs), tr, min_shift_s, n_shifts)]
+    return decode_series(model, series, position), null
