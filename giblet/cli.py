@@ -239,11 +239,11 @@ def sweep_main(grid:str, # YAML or JSON file: parameter -> list of values
                kernel:str=None, # Jupyter kernel name (default: the notebook's)
               )->pd.DataFrame: # the summary table
     "Run the training notebook over a parameter grid with papermill; write summary.csv."
-    import papermill as pm, yaml
-    from tqdm.auto import tqdm
     gpath, nb = Path(grid), Path(notebook) if notebook else default_notebook()
     if not gpath.is_file(): raise FileNotFoundError(f"{gpath}: no such grid file")
     if not nb.is_file(): raise FileNotFoundError(f"{nb}: no training notebook (pass --notebook)")
+    import papermill as pm, yaml  # slow to import: after the checks
+    from tqdm.auto import tqdm
     spec = yaml.safe_load(gpath.read_text())
     if not isinstance(spec, dict) or not spec: raise ValueError(f"{gpath}: expected a mapping of parameter names to lists of values")
     if "out_dir" in spec: raise ValueError(f"{gpath}: out_dir is set by the sweep, per run")

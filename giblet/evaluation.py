@@ -634,6 +634,6 @@ def fold_summary(metrics:list, # metrics.json of each fold, in fold order
                                  banded_ridge=m.get("banded_ridge_test_voxel_r_selected", np.nan), ridge=m.get("ridge_test_voxel_r_selected", np.nan),
                                  noise_ceiling=m.get("noise_ceiling_test_selected") or np.nan, difference=d.get("difference", np.nan),
                                  ci_low=d.get("ci_low", np.nan), ci_high=d.get("ci_high", np.nan), verdict=d.get("verdict", ""))
-    df = pd.DataFrame.from_dict(rows, orient="index")
+    df = pd.DataFrame.from_dict(rows, orient="index").astype({"n_test_trs": float})
     df.loc["mean"] = df.drop(columns="verdict").mean().to_dict() | {"verdict": ""}
     return df.rename_axis("fold")
