@@ -315,7 +315,7 @@ def test_nonlinear_factors_are_in_the_film(nl_study):
     lay, t, video, mel, text = nl_study
     F = dict(zip(t["factor_names"], t["factors"].T))
     g = video.astype(np.float32).mean(-1)                                   # (n_trs, frames, 36, 64) grey
-    patch = g[:, :, 1:13, 36:61]                                            # the grating
+    patch = g[:, :, 1:13, 49:61]                                            # the grating
     vertical = np.abs(np.diff(patch, axis=3)).mean((1, 2, 3)) > np.abs(np.diff(patch, axis=2)).mean((1, 2, 3))
     assert (np.where(vertical, 1, -1) == F["texture"]).mean() > 0.97
     bar = np.clip(g[:, :, 24:34, 3:29] - 110, 0, None).sum(2)               # (n_trs, frames, 26): the bar's strip

@@ -62,21 +62,27 @@ def nonlinear_painter(states:dict, # from `nonlinear_states`
     "A function `paint(img, first)` drawing the elements of the nonlinear factors into float frames `img` (n, H, W, 3) from film frame `first` on."
     W, H = size
     (ty, tx), (sy, sx), (fy, fx) = (_box(b, W, H) for b in (_TEXTURE_BOX, _SWEEP_BOX, _FLASH_BOX))
+    side = min(ty.stop - ty.start, tx.stop - tx.start)   # a square patch: one orientation is the other turned by 90°
+    ty, tx = slice(ty.start, ty.start + side), slice(tx.stop - side, tx.stop)
     period = max(3.0, 0.2 * H)
     rows = np.arange(ty.stop - ty.start, dtype=np.float32)[:, None] / period
     cols = np.arange(tx.stop - tx.start, dtype=np.float32)[None, :] / period
     xs = np.arange(sx.start, sx.stop, dtype=np.float32) + 0.5
     half, last = max(1.0, 0.04 * W), len(states["texture"]) - 1
     start = rng.uniform(size=last + 1)           # where the bar is at each TR's start, as a fraction of the strip
+    phase0 = rng.uniform(size=last + 1)          # the grating's phase at each TR's start
+    taper = lambda n: np.clip(np.minimum(np.arange(n) + 0.5, n - 0.5 - np.arange(n)) / max(2.0, 0.04 * H), 0.0, 1.0)
+    aperture = 70.0 * np.sin(0.5 * np.pi * taper(ty.stop - ty.start))[:, None] * np.sin(0.5 * np.pi * taper(tx.stop - tx.start))[None]
     def paint(img, first:int):
         n = len(img)
         t = (first + np.arange(n)) / fps
         i = np.minimum(np.floor(t / tr + 1e-9).astype(np.int64), last)
         u = t / tr - i
-        # texture: a grey grating, vertical or horizontal, its phase new every frame (same mean and contrast either way)
-        ph = rng.uniform(size=(n, 1, 1)).astype(np.float32)
-        grating = np.where((states["texture"][i] > 0)[:, None, None], np.sin(2 * np.pi * (cols + ph)), np.sin(2 * np.pi * (rows + ph)))
-        img[:, ty, tx] = (128.5 + 80.0 * grating)[..., None]
+        # texture: a grey grating in a soft aperture, vertical or horizontal, drifting one period per TR from a random phase
+        # (every pixel has the same mean and the same change between frames either way)
+        ph = (phase0[i] + u).astype(np.float32)[:, None, None]
+        grating = np.where((states["texture"][i] > 0)[:, None, None], np.sin(2 * np.pi * (cols - ph)), np.sin(2 * np.pi * (rows - ph)))
+        img[:, ty, tx] = (128.5 + aperture * grating)[..., None]
         # motion: a bar crossing a grey strip once per TR, to the right or to the left, wrapping round from a random place:
         # every place is as likely in either direction, whichever frames of the TR are sampled
         img[:, sy, sx] = 100.5
