@@ -48,6 +48,7 @@ class ModelConfig:
     video_grid:tuple=(2, 2) # spatial grid (h, w) kept after the stem, then flattened
     video_dim:int=32 # frame feature size
     pool_heads:int=2 # heads of the attention pooling over frames
+    frame_kernel:int=0 # video: frames seen by a residual signed conv over frames before the pooling (0: none; see the video notes)
     audio_channels:tuple=(16, 16) # widths of the stride-2 1-D convs over mel time
     audio_dim:int=32 # audio feature size
     text_hidden:int=32 # hidden size of the text MLP (and of the text decoder head)
@@ -74,7 +75,7 @@ class ModelConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, list): setattr(self, f.name, tuple(v))
-        bad = [f.name for f in fields(self) if f.type == "int" and f.name not in ("n_subjects", "mlp_layers", "brain_rank", "decoder_rank")
+        bad = [f.name for f in fields(self) if f.type == "int" and f.name not in ("n_subjects", "mlp_layers", "brain_rank", "decoder_rank", "frame_kernel")
                and getattr(self, f.name) < 1]
         if bad: raise ValueError(f"ModelConfig: {bad} must be positive integers")
         if self.fusion not in ("concat", "sum"): raise ValueError(f"ModelConfig.fusion must be 'concat' or 'sum', got {self.fusion!r}")
@@ -205,7 +206,7 @@ class AttentionPool(nn.Module):
         return (w.unsqueeze(-1) * xs).sum(-3).flatten(-2)
 
 class VideoEncoder(nn.Module):
-    "Frames of each TR -> one feature vector per TR: shared conv stem, attention pooling over frames, motion energy."
+    "Frames of each TR -> one feature vector per TR: shared conv stem, a signed conv over frames, attention pooling, motion energy."
     def __init__(self, cfg:ModelConfig, # every size of the model
                 ):
         super().__init__()
@@ -215,6 +216,8 @@ class VideoEncoder(nn.Module):
         self.stem = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(tuple(cfg.video_grid)), nn.Flatten())
         self.frame = nn.Linear(ch[-1] * cfg.video_grid[0] * cfg.video_grid[1], cfg.video_dim)
         self.frame_pos = nn.Parameter(torch.zeros(cfg.frames_per_tr, cfg.video_dim))
+        k = cfg.frame_kernel  # a residual conv over the frames: signed changes, so the order (a motion's direction) survives the pooling
+        self.order = nn.Conv1d(cfg.video_dim, cfg.video_dim, k, padding=k // 2, padding_mode="replicate") if k > 1 else None
         self.pool = AttentionPool(cfg.video_dim, cfg.pool_heads)
         self.out = nn.Linear(2 * cfg.video_dim, cfg.video_dim)
 
@@ -225,6 +228,7 @@ class VideoEncoder(nn.Module):
         dt = _compute_dtype(x.device.type, self.frame.weight.dtype)
         x = x.to(dt, copy=True).mul_(1 / 127.5).sub_(1.0)  # uint8 -> [-1, 1] on the device, one new tensor
         f = self.frame(self.stem(x)).reshape(B, K, Fr, -1)
+        if self.order is not None: f = f + self.order(f.flatten(0, 1).transpose(1, 2))[..., :Fr].transpose(1, 2).reshape(f.shape)
         motion = (f[:, :, 1:] - f[:, :, :-1]).abs().mean(2) if Fr > 1 else torch.zeros_like(f[:, :, 0])
         return self.out(torch.cat([self.pool(f + self.frame_pos), motion], -1))
 
