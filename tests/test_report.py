@@ -1,0 +1,84 @@
+"""The run's report: decoding scores from the predicted brain and from measured fMRI beside their shifted null, the planted
+truth per factor with a CI against the banded ridge, and the truth of a multi-run study read at the right rows."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from giblet.data.synthetic import load_truth, make_dataset
+from giblet.evaluation import factor_table, truth_rows, truth_scores
+from giblet.report import write_report
+from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data
+from test_evaluation import FAST, SMALL
+
+
+def test_multi_run_truth_reads_each_runs_own_rows(tmp_path):
+    "Run 1's volume v is row (run 0's length + v) of the truth: scoring the planted signal itself there gives r = 1."
+    truth = load_truth(make_dataset(tmp_path / "s", n_subjects=1, n_trs=60, n_runs=2, seed=2, shape=(10, 12, 10), size=(32, 18)))
+    n0 = int((truth["run"] == 0).sum())
+    assert set(np.unique(truth["run"])) == {0, 1} and 0 < n0 < len(truth["bold"])
+    vols = np.arange(5, int((truth["run"] == 1).sum()))
+    runs = np.ones_like(vols)
+    np.testing.assert_array_equal(truth_rows(truth, vols, runs), n0 + vols)
+    mask = nib.Nifti1Image(np.asarray(truth["brain_mask"], np.uint8), truth["affine"])
+    pred = np.asarray(truth["bold"])[n0 + vols][:, :]  # the noise-free signal of run 1, one column per brain voxel
+    s = truth_scores(pred, vols, truth, mask, runs)
+    assert s["truth_r_responsive_mean"] > 0.999
+    wrong = truth_scores(np.asarray(truth["bold"])[vols], vols, truth, mask, runs)  # run 0's rows: what per-run indices read
+    assert wrong["truth_r_responsive_mean"] < 0.9
+    with pytest.raises(ValueError, match="several runs"): truth_scores(pred, vols, truth, mask)
+    with pytest.raises(ValueError, match="no row"): truth_rows(truth, vols + 1000, runs)
+
+
+def test_factor_table_ci_follows_the_difference():
+    "Model minus banded ridge per factor: ahead where the model carries the factor's signal, behind where only the baseline does."
+    rng = np.random.default_rng(1)
+    sig = np.cumsum(rng.standard_normal((240, 4)), 0)
+    truth = dict(brain_mask=np.ones((4, 1, 1), np.uint8), affine=np.eye(4), roi=np.array([1, 1, 2, 2]), roi_names=("none", "a", "b"),
+                 bold=sig, factor_names=("f1", "f2"), factor_roi=np.array([1, 2]))
+    mask = nib.Nifti1Image(np.ones((4, 1, 1), np.uint8), np.eye(4))
+    noise = 3 * rng.standard_normal((2, 240, 4))
+    model, ridge = noise[0].copy(), noise[1].copy()
+    model[:, :2] += sig[:, :2]; ridge[:, 2:] += sig[:, 2:]
+    t = factor_table({"model": model, "banded_ridge": ridge}, truth, mask, np.arange(240), tr=1.5, n_boot=300)
+    assert list(t.index) == ["f1", "f2"] and t.loc["f1", "verdict"] == "ahead" and t.loc["f2", "verdict"] == "behind"
+    assert (t.ci_low <= t.difference).all() and (t.difference <= t.ci_high).all()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "giblet-cache"
+    study = embedded_dataset(cache, **(SMALL | dict(n_trs=240)))  # a test block long enough for a 30 s null
+    cfg = TrainConfig(**(FAST | dict(subjects="each", test_frac=0.35)), data_dir=str(study), cache_dir=str(cache))
+    tr = Trainer(prepare_data(cfg), cfg)
+    tr.fit()
+    out = tmp_path_factory.mktemp("run")
+    m = write_report(tr, out, n_boot=200)
+    return out, m, tr
+
+
+def test_report_writes_decoding_scores_beside_their_null(report):
+    "metrics.json holds every modality's decoding score from both brain series, each with its CI and shifted null; so do report.md and a figure."
+    out, m, tr = report
+    d = json.loads((out / "metrics.json").read_text())["decoding"]
+    assert d["block"] == "test" and d["min_shift_s"] >= 30 and d["n_trs"] == len(tr.data.split.test)
+    keys = {(r["source"], r["modality"], r["score"]) for r in d["scores"]}
+    assert keys == {(s, mod, sc) for s in ("brain", "fmri") for mod, sc in
+                    [("video", "frame_r"), ("video", "top1"), ("audio", "band_r"), ("audio", "top1"), ("text", "top1"), ("text", "top5")]}
+    for r in d["scores"]:
+        assert r["ci_lo"] <= r["value"] <= r["ci_hi"] and r["null_mean"] is not None and 0 < r["p"] <= 1
+    assert "Decoding on the test block" in (out / "report.md").read_text()
+    assert (out / "figures" / "decoding.png").stat().st_size > 1000
+
+
+def test_report_gives_the_planted_truth_per_factor(report):
+    "Each planted ROI has the model's and both baselines' r with the noise-free signal and a CI of model minus banded ridge."
+    out, m, tr = report
+    f = json.loads((out / "metrics.json").read_text())["truth_factors"]
+    truth = load_truth(tr.data.data_dir)
+    assert len(f) == len(np.unique(truth["roi"][truth["roi"] > 0]))
+    for r in f:
+        assert {"model", "banded_ridge", "ridge"} <= set(r) and r["ci_low"] <= r["difference"] <= r["ci_high"]
+        assert r["verdict"] in ("ahead", "level", "behind")
+    assert "Planted truth per factor" in (out / "report.md").read_text()
