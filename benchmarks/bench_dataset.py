@@ -3,10 +3,12 @@
 The study is stood in for by arrays of the real shapes (946 TRs, 19 frames/TR at 160x90, 128 mels x 64 frames,
 17 subjects x 85k voxels) whose BOLD is produced one subject at a time, so the benchmark needs no 5.5 GB input.
 With --study, it instead builds the cache of a real study folder (e.g. a `giblet-synth` preset) with `load_study`
-and reports the build time, peak RSS and cache size.
-usage: python benchmarks/bench_dataset.py [--subjects 17] [--voxels 85000] [--dir /tmp] [--study FOLDER]
+and reports the build time, peak RSS (and the RSS after imports, before the build) and cache size. With --subsets
+2,5 it builds, each in a fresh process, the study of the first 2 and of the first 5 subjects (a folder of links),
+so the memory a subject adds can be read off.
+usage: python benchmarks/bench_dataset.py [--subjects 17] [--voxels 85000] [--dir /tmp] [--study FOLDER [--subsets 2,5]]
 """
-import argparse, resource, shutil, tempfile, time
+import argparse, os, resource, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import nibabel as nib
@@ -75,16 +77,36 @@ def main(n_sub, n_vox, where):
     shutil.rmtree(root)
 
 
+def rss_now_gb()->float:
+    "Resident memory of this process now (Linux)."
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
 def build_study(study, where):
-    "Build the cache of a study folder with `load_study`: time, peak RSS, size."
+    "Build the cache of a study folder with `load_study`: time, RSS before, peak RSS, size."
     root = Path(tempfile.mkdtemp(dir=where))
+    before = rss_now_gb()
     t0 = time.perf_counter()
     al = load_study(study, cache_dir=root, show_progress=False)
     dt = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in Path(al.video.filename).parent.iterdir())
     print(f"{study}: {al.n_subjects} subjects x {al.n_trs} TRs x {al.n_voxels} voxels; cache built in {dt:.0f} s, "
-          f"{size / 1e9:.2f} GB on disk, peak RSS {peak_rss_gb():.2f} GB")
+          f"{size / 1e9:.2f} GB on disk, RSS {before:.2f} GB after imports, peak RSS {peak_rss_gb():.2f} GB", flush=True)
     shutil.rmtree(root)
+
+
+def build_subsets(study, subsets, where):
+    "Build the study of the first k subjects, for each k, each in a fresh process (peak RSS is per process)."
+    study = Path(study)
+    for k in subsets:
+        d = Path(tempfile.mkdtemp(dir=where)) / f"first{k}"
+        (d / "sherlock_nii").mkdir(parents=True)
+        for p in study.iterdir():
+            if p.is_file(): os.symlink(p.resolve(), d / p.name)
+        for p in sorted((study / "sherlock_nii").iterdir(), key=lambda p: p.name)[:k]:
+            os.symlink(p.resolve(), d / "sherlock_nii" / p.name)
+        subprocess.run([sys.executable, __file__, "--study", str(d)] + (["--dir", where] if where else []), check=True)
+        shutil.rmtree(d.parent)
 
 
 if __name__ == "__main__":
@@ -93,6 +115,8 @@ if __name__ == "__main__":
     ap.add_argument("--voxels", type=int, default=85_000)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--study", default=None)
+    ap.add_argument("--subsets", default=None)
     a = ap.parse_args()
-    if a.study: build_study(a.study, a.dir)
+    if a.study and a.subsets: build_subsets(a.study, [int(k) for k in a.subsets.split(",")], a.dir)
+    elif a.study: build_study(a.study, a.dir)
     else: main(a.subjects, a.voxels, a.dir)

@@ -355,17 +355,20 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
     step = max(1, 2**22 // max(n_trs, 1))   # voxels per statistics block: float64 temporaries of 32 MB, not a subject's
     def subjects():
         for s in tqdm(range(n_sub), desc="cache fMRI", disable=not show_progress):
-            x = np.array(fmri[s], dtype=np.float32)    # one subject (read now if `fmri` is a `SubjectBold`), scaled in place
+            x = np.asarray(fmri[s], dtype=np.float32)  # one subject (read now if `fmri` is a `SubjectBold`), scaled in place
+            if not (x.flags.owndata and x.flags.writeable): x = x.copy()    # never scale the caller's array
             for v in range(0, n_vox, step):
                 center[s, v:v + step] = x[:, v:v + step].mean(0); scale[s, v:v + step] = _safe_std(x[:, v:v + step], 0)
             x -= center[s]; x /= scale[s]
-            yield x.astype(np.float16)[None]
+            codes = x.astype(np.float16)[None]; del x     # one subject's float32 at a time
+            yield codes; del codes
     return center, scale, StreamedArray((n_sub, n_trs, n_vox), np.float16, subjects())
 
 def aligned_to_arrays(al:Aligned, show_progress:bool=True)->tuple[dict, dict, dict]:
-    "The cache arrays (BOLD streamed subject by subject), metadata and preallocated shapes (none now) of an `Aligned` study."
+    "The cache arrays (BOLD streamed subject by subject, the frames let go once written), metadata and preallocated shapes (none now) of an `Aligned` study."
     center, scale, bold = _encode_fmri(al.fmri, show_progress)
-    arrays = dict(video=al.video, audio=al.audio.astype(np.float16), text=al.text.astype(np.float32),
+    video = np.asarray(al.video)   # written first; the one-shot stream then holds the only reference, so it is freed before the BOLD
+    arrays = dict(video=StreamedArray(video.shape, video.dtype, iter([video])), audio=al.audio.astype(np.float16), text=al.text.astype(np.float32),
                   has_text=al.has_text, tr_start=al.tr_start, run=al.run, volume=al.volume,
                   mask=np.asarray(al.mask.dataobj, dtype=np.uint8), affine=al.mask.affine, fmri=bold,
                   fmri_center=StreamedArray(center.shape, np.float32, iter([center])),   # filled while `bold` is written
