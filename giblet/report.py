@@ -89,8 +89,8 @@ def plot_decoding(table:pd.DataFrame, # from `run_decoding` (index: source, moda
     for j, src in enumerate(sources):
         t = table.loc[src].reindex(keys)
         xs = x + (j - (len(sources) - 1) / 2) * w
-        ax.bar(xs, t.value, w * 0.9, yerr=[t.value - t.ci_lo, t.ci_hi - t.value], capsize=2, label=f"from {src}")
-        ax.scatter(xs, t.null_hi, marker="_", s=200, color="k", zorder=3, label="null, 95th percentile" if j == 0 else None)
+        ax.bar(xs, t.value, w * 0.9, yerr=[t.value - t.ci_lo, t.ci_hi - t.value], capsize=2, ecolor="0.4", label=f"from {src}")
+        ax.scatter(xs, t.null_hi, marker="v", s=30, color="k", zorder=3, label="null, 95th percentile" if j == 0 else None)
     ch = table.groupby(level=[1, 2]).chance.first().reindex(keys)
     ax.scatter(x, ch, marker="x", color="r", zorder=3, label="chance")
     ax.set_xticks(x); ax.set_xticklabels([f"{m}\n{s}" for m, s in keys], fontsize=8); ax.axhline(0, color="k", lw=0.5)
