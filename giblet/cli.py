@@ -19,16 +19,20 @@ import torch
 from fastcore.script import anno_parser, store_true
 
 from .io import DiskFullError
-from .evaluation import _md_table, fold_summary, truth_columns, write_report
+from .evaluation import _md_table, fold_summary, stimulus_bands, truth_columns, write_report
+from .features import stream_key
+from .study import show_study as describe_study
 from .training.trainer import (DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
-                                     init_distributed, load_checkpoint, prepare_data, resolve_device, write_json)
+                                     init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_spec,
+                                     write_json)
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'RUN_FILES', 'USER_ERRORS', 'HEADLINE', 'check_out_dir', 'run_training', 'parse_sets', 'train_config',
-           'train_main', 'cli_args', 'giblet_train', 'giblet_lesion', 'expand_grid', 'default_notebook', 'sweep_main',
-           'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
+__all__ = ['logger', 'RUN_FILES', 'USER_ERRORS', 'MANY', 'HEADLINE', 'check_out_dir', 'run_training', 'parse_sets',
+           'train_config', 'train_main', 'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache',
+           'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main',
+           'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #39d54600
 RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
@@ -71,7 +75,11 @@ def _train_one(cfg:TrainConfig, # the run's options
     if not di.main:  # the report's predictions are all-reduced: take part in the same order, write nothing
         trainer.predict(data.split.test); trainer.predict(data.split.val)
         return {}
-    m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size})
+    al = data.aligned   # each feature stream is one more band of the banded ridge
+    bands = (stimulus_bands(al.video, al.audio, al.text, al.has_text, extra={stream_key(n): a for n, a in data.streams.items()})
+             if data.streams else None)
+    m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size},
+                     bands=bands)
     logger.info("test voxel r %.4f over %s; banded ridge %s; %s", m["test_voxel_r_selected"], m["headline"]["voxels"],
                 m.get("banded_ridge_test_voxel_r_selected"), m["verdict"] or "no baseline")
     return m
@@ -147,8 +155,14 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
     except TypeError as e: raise ValueError(f"bad training option: {e}") from None
 
 # %% ../nbs/50_cli.ipynb #b4d00f7c
-def train_main(data_dir:str=None, # the study folder (Sherlock layout); omit to train on the embedded synthetic dataset
+def train_main(data_dir:str=None, # the study folder (Sherlock layout or BIDS); omit to train on the embedded synthetic dataset
                out:str="runs/demo", # the run folder
+               study:str=None, # a study spec file (.yaml/.json), a BIDS dataset or a study folder (instead of --data-dir)
+               show_study:store_true=False, # print the resolved study (subjects, runs, films, offsets, NIfTIs) and exit
+               film:str=None, # the film of every run, overriding the study's
+               annotations:str=None, # the annotation table of every run, overriding the study's
+               film_start:float=None, # film time (s) at the start of each run's segment (negative: the film starts after volume 0)
+               features:str=None, # pretrained feature streams, e.g. --features video=PATH:-1 audio=PATH:-1 text=PATH:-1
                epochs:int=None, # training epochs
                device:str=None, # cpu, cuda or auto
                seed:int=None, # random seed
@@ -165,7 +179,12 @@ def train_main(data_dir:str=None, # the study folder (Sherlock layout); omit to 
     "Train a giblet model and write OUT/metrics.json, report.md, test_pred.nii.gz, val_pred.nii.gz, config.json, checkpoints/ and figures/."
     sets = set if isinstance(set, list) else None if set is None else [set]
     cfg = train_config(data_dir, out, resume, config, sets, epochs=epochs, device=device, seed=seed, preset=preset,
-                       batch_size=batch_size, lr=lr, cache_dir=cache_dir, n_folds=n_folds)
+                       batch_size=batch_size, lr=lr, cache_dir=cache_dir, n_folds=n_folds, study=study, film=film,
+                       annotations=annotations, film_start=film_start,
+                       features=[features] if isinstance(features, str) else features)
+    if show_study:
+        print(describe_study(study_spec(cfg)))
+        return {}
     m = run_training(cfg, out, resume=resume, baseline=not no_baseline)
     return {k: v for k, v in m.items() if k != "_eval"}
 
@@ -175,24 +194,26 @@ def _norm(a:str)->str:
     name, sep, val = a[2:].partition("=")
     return "--" + name.replace("-", "_") + sep + val
 
+MANY = ("set", "features") # options that take several values: `--set` repeats, `--features` takes every value up to the next option
+
 def cli_args(func, # a function documented with docments (its parameters are the options)
              prog:str, # the command's name
              argv:list|None=None, # the arguments (default: sys.argv[1:])
             )->dict: # keyword arguments for `func`
-    "Parse command-line arguments with the parser `fastcore.script.anno_parser` builds for `func`; a `set` option may repeat."
+    "Parse command-line arguments with the parser `fastcore.script.anno_parser` builds for `func`; `MANY` options gather lists."
     argv = [_norm(a) if a.startswith("--") else a for a in (sys.argv[1:] if argv is None else argv)]
-    sets, rest, i = [], [], 0
-    while "set" in inspect.signature(func).parameters and i < len(argv):
-        a = argv[i]
-        if a == "--set" and i + 1 < len(argv): sets.append(argv[i + 1]); i += 2; continue
-        if a.startswith("--set="): sets.append(a[6:])
-        else: rest.append(a)
-        i += 1
-    rest = rest if "set" in inspect.signature(func).parameters else argv
+    many = [n for n in MANY if n in inspect.signature(func).parameters]
+    got, rest, i = {}, [], 0
+    while i < len(argv):
+        a = argv[i]; name, eq, val = a[2:].partition("=")
+        if not a.startswith("--") or name not in many: rest.append(a); i += 1; continue
+        vals, i = ([val] if eq else []), i + 1
+        while i < len(argv) and not argv[i].startswith("--") and (name != "set" or not vals): vals.append(argv[i]); i += 1
+        if not vals: raise SystemExit(f"{prog}: error: --{name} needs a value")
+        got.setdefault(name, []).extend(vals)
     args = vars(anno_parser(func, prog).parse_args(rest))
     args.pop("pdb", None); args.pop("xtra", None)
-    if sets: args["set"] = sets
-    return args
+    return args | got
 
 def _entry(func, prog:str, argv=None):
     "Run `func` on parsed arguments: a user error is one line on stderr and exit 2, a NaN loss one line and exit 1."
@@ -220,6 +241,41 @@ def giblet_lesion(argv:list|None=None, # command-line arguments (default: sys.ar
     from giblet import lesion
     table = _entry(lesion.lesion_main, "giblet-lesion", argv)
     if table is not None: print(table.to_string(index=False) if hasattr(table, "to_string") else table)
+
+# %% ../nbs/50_cli.ipynb #94d22447
+def cache_cli(data_dir:str=None, # the study folder (Sherlock layout or BIDS); omit (without --study) for the embedded synthetic study
+              study:str=None, # a study spec file (.yaml/.json), a BIDS dataset or a study folder (instead of --data-dir)
+              film:str=None, # the film of every run, overriding the study's
+              annotations:str=None, # the annotation table of every run, overriding the study's
+              film_start:float=None, # film time (s) at the start of each run's segment
+              features:str=None, # pretrained feature streams to extract, as for giblet-train
+              preset:str=None, # the model preset the study cache is cut for (frame size, frames per TR, mel bands)
+              cache_dir:str=None, # the cache root (default: $GIBLET_CACHE or ~/.cache/giblet)
+              config:str=None, # more TrainConfig fields (as for giblet-train): a JSON file or a JSON object
+              set:str=None, # one TrainConfig field as KEY=VALUE; repeat for more
+              verify:store_true=False, # also checksum every cache under --cache-dir, removing damaged ones
+              only_verify:store_true=False, # only check the caches already there (build nothing)
+             )->dict: # what was built and checked
+    "Build the study cache and feature-stream caches a `giblet-train` run with these options will read."
+    from giblet.data.dataset import cache_main
+    sets = set if isinstance(set, list) else None if set is None else [set]
+    cfg = train_config(data_dir, None, False, config, sets, preset=preset, cache_dir=cache_dir, study=study, film=film,
+                       annotations=annotations, film_start=film_start, features=[features] if isinstance(features, str) else features)
+    out = {}
+    if not only_verify:
+        spec, fp, al, streams = study_data(cfg, verify=True if verify else None)
+        out = dict(study=spec.source, subjects=len(spec.subjects), runs=len(spec.runs), n_trs=int(al.n_trs),
+                   cache=str(Path(al.video.filename).parent) if hasattr(al.video, "filename") else None,
+                   streams={n: list(np.shape(a)) for n, a in (streams or {}).items()})
+    if verify or only_verify:
+        r = cache_main(None, cfg.cache_dir, verify=True, show_progress=cfg.progress)
+        out |= dict(verified=len(r["verified"]), removed=[str(p) for p in r["removed"]])
+    return out
+
+def giblet_cache(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
+                ):
+    "Console script `giblet-cache`."
+    print(json.dumps(_entry(cache_cli, "giblet-cache", argv)))
 
 # %% ../nbs/50_cli.ipynb #c19aefb8
 def expand_grid(grid:dict, # parameter -> list of values (a scalar is one value)

@@ -15,11 +15,12 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
@@ -28,20 +29,23 @@ from tqdm.auto import tqdm
 from ..alignment.hrf import hrf_kernel
 from ..io import atomic_write as io_atomic_write
 from ..alignment.sync import Aligned, FeatureParams
-from ..data.dataset import (ContextDataset, Normaliser, Split, StudyTensors, block_split, default_cache_dir, discover,
-                            fit_normaliser, load_study)
+from ..data.dataset import ContextDataset, Normaliser, Split, StudyTensors, block_split, default_cache_dir, fit_normaliser
 from ..models.autoencoder import BrainAutoencoder, compute_losses, target_variances
 from ..models.encoder import PRESETS, ModelConfig
+from ..data.text import load_annotations
+from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key, words_from_annotations
+from ..study import StudySpec, load_spec, resolve_study, study_rates
 from .metrics import noise_ceiling, voxel_r
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PRESET_OVERRIDES', 'DATA_OPTIONS', 'TrainConfig', 'check_resumable',
-           'DistInfo', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'embedded_dataset', 'feature_params',
-           'RunData', 'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data', 'model_config',
-           'prepare_data', 'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep',
-           'step_losses', 'NonFiniteLoss', 'Trainer', 'write_log']
+__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'DATA_OPTIONS', 'TrainConfig',
+           'check_resumable', 'DistInfo', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'embedded_dataset',
+           'feature_params', 'RunData', 'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data',
+           'model_config', 'study_spec', 'study_data', 'prepare_data', 'study_streams', 'StreamTensors',
+           'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses',
+           'NonFiniteLoss', 'Trainer', 'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #9a14f557
 HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
@@ -52,10 +56,16 @@ EMBEDDED = dict(n_subjects=10, n_trs=600, size=(64, 36), seed=0) # the embedded 
 class TrainConfig:
     "Every option of a training run."
     # data
-    data_dir: str|None = None # study folder (Sherlock layout); None: the embedded synthetic dataset
+    data_dir: str|None = None # study folder (Sherlock layout or BIDS); None: the embedded synthetic dataset
+    study: str|None = None # a study spec file (.yaml/.json), a BIDS dataset or a study folder; None: `data_dir`
+    film: str|None = None # the film of every run, overriding the study's
+    annotations: str|None = None # the annotation table of every run, overriding the study's
+    film_start: float|None = None # film time (s) at each run's segment start, overriding the study's (None: keep it)
+    drop_short: bool = False # drop subjects shorter than the others instead of cutting every subject to the shortest
     cache_dir: str|None = None # root of the feature and synthetic-data caches (None: `default_cache_dir()`)
     synthetic: dict = field(default_factory=lambda: dict(EMBEDDED)) # `make_dataset` args of the embedded dataset
     text_model: str|None = None # sentence-transformers name or path (None: the hashing embedder)
+    features: list = field(default_factory=list) # pretrained feature streams, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
     subjects: str = "average" # train on the subject average, or "each" subject with its own head
     val_frac: float = 0.2 # share of TRs in the validation block (after the training block); it early-stops and picks the checkpoint
     test_frac: float = 0.2 # share of TRs in the test block (the end of the series); it is only reported
@@ -111,6 +121,10 @@ class TrainConfig:
         if self.gap < HRF_SECONDS:
             logger.warning("gap %.1f s is shorter than the HRF kernel (%.0f s): held-out BOLD shares responses with training stimuli",
                            self.gap, HRF_SECONDS)
+        for k in PATH_OPTIONS:  # stored absolute: a run resumes (and is lesioned) from any working folder
+            if getattr(self, k) is not None: setattr(self, k, os.path.abspath(os.path.expanduser(str(getattr(self, k)))))
+        self.features = [str(s) for s in ([self.features] if isinstance(self.features, str) else self.features or [])]
+        for s in self.features: parse_stream_spec(s)   # a malformed stream is an error now, not after the cache is built
         if self.model_overrides is None: self.model_overrides = PRESET_OVERRIDES.get(self.preset, {})
         self.model_overrides = json.loads(json.dumps(dict(self.model_overrides)))  # tuples -> lists, as saved
         self.synthetic = json.loads(json.dumps(dict(self.synthetic)))
@@ -128,6 +142,7 @@ class TrainConfig:
         return cls(**d)
 
 RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir")
+PATH_OPTIONS = ("data_dir", "study", "film", "annotations", "cache_dir") # TrainConfig fields that name files or folders
 
 PRESET_OVERRIDES = { # what a run changes in each `ModelConfig` preset unless told otherwise (see "Choosing the defaults")
     "tiny": dict(context_trs=16, temporal_kernel=12, brain_rank=16, dropout=0.2, modality_dropout=0.2, text_dim=64, n_mels=32,
@@ -142,9 +157,10 @@ def check_resumable(saved:dict, # the saved run's config.json ({'train', 'model'
                     source:str="the checkpoint", # where `saved` came from, for the message
                    ):
     "Raise a ValueError naming every option that differs between two runs, except those in `RESUMABLE`."
-    diffs = []
+    diffs, defaults = [], TrainConfig().to_dict()
     for part in ("train", "model", "features"):
         a, b = saved.get(part) or {}, new.get(part) or {}
+        if part == "train": a, b = defaults | a, defaults | b   # an option newer than the saved run counts at its default
         for k in sorted(set(a) | set(b)):
             if part == "train" and k in RESUMABLE: continue
             if a.get(k) != b.get(k): diffs.append(f"{part}.{k}: {a.get(k)!r} (saved) != {b.get(k)!r} (now)")
@@ -234,6 +250,8 @@ class RunData:
     data_dir: Path|None = None # the study folder
     cfg: TrainConfig|None = None # the options it was built with
     voxel_weights: torch.Tensor|None = None # (n_voxels,) weights of the BOLD loss, mean 1, on the device (None: uniform)
+    spec: StudySpec|None = None # the resolved study it was loaded from
+    streams: dict = field(default_factory=dict) # pretrained feature streams: name -> float32 (n_trs, d) on the study's TR grid
 
     def val_true(self)->np.ndarray:
         "(n_val, n_voxels) measured, z-scored subject-average BOLD of the validation TRs."
@@ -305,20 +323,23 @@ def run_data(al:Aligned, # the aligned study
              device:torch.device|str="cpu", # where the tensors go
              features:FeatureParams|None=None, # how the streams were cut (recorded with the run)
              data_dir:str|Path|None=None, # the study folder (recorded with the run)
+             spec:StudySpec|None=None, # the resolved study (recorded with the run)
+             streams:dict|None=None, # pretrained feature streams: name -> (n_trs, d), batched under `stream_key(name)`
             )->RunData:
     "Split a study into blocks, normalise it with training statistics and move it to the device."
     split = run_split(al.n_trs, al.tr, cfg)
     norm = fit_normaliser(al.fmri, al.audio, split.train)
-    tensors = StudyTensors(al, norm, device, cfg.subjects)
+    tensors = StreamTensors(al, norm, device, cfg.subjects, streams) if streams else StudyTensors(al, norm, device, cfg.subjects)
     tr_idx = split.train
     variances = target_variances(video=_rows(al.video, tr_idx),
                                  audio=tensors.audio[torch.as_tensor(tr_idx, device=tensors.device)].cpu().numpy(),
                                  text=_rows(al.text, tr_idx), has_text=_rows(al.has_text, tr_idx))
     w = reliability_weights(al, split.train) if cfg.voxel_weights == "reliability" else None
     return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
-                   None if w is None else torch.as_tensor(w, device=tensors.device))
+                   None if w is None else torch.as_tensor(w, device=tensors.device), spec, dict(streams or {}))
 
-DATA_OPTIONS = ("data_dir", "synthetic", "text_model", "subjects", "val_frac", "test_frac", "gap", "n_folds", "fold")
+DATA_OPTIONS = ("data_dir", "study", "film", "annotations", "film_start", "drop_short", "synthetic", "text_model", "features", "subjects",
+                "val_frac", "test_frac", "gap", "n_folds", "fold")
 
 def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                  data:RunData, # the data the model is for
@@ -330,31 +351,100 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
     al = data.aligned
     sizes = dict(frame_height=al.video.shape[2], frame_width=al.video.shape[3], frames_per_tr=al.video.shape[1],
                  n_mels=al.audio.shape[1], mel_frames=al.audio.shape[2], text_dim=al.text.shape[1], n_voxels=al.n_voxels,
-                 n_subjects=al.n_subjects if cfg.subjects == "each" else 0, tr=float(al.tr))
+                 n_subjects=al.n_subjects if cfg.subjects == "each" else 0, tr=float(al.tr),
+                 stream_dims={n: int(np.shape(a)[1]) for n, a in data.streams.items()})
     clash = {k: v for k, v in cfg.model_overrides.items() if k in sizes and v != sizes[k]}
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
     return ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
+
+def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, annotations, film_start)
+               di:DistInfo|None=None, # under torchrun, rank 0 generates the embedded study while the others wait
+              )->StudySpec:
+    "The run's resolved study: its spec file, BIDS dataset or study folder (else the embedded synthetic study), with the run's overrides."
+    source = cfg.study or cfg.data_dir
+    if source is None:
+        if di is None or di.main: embedded_dataset(cfg.cache_dir, progress=cfg.progress, **cfg.synthetic)
+        _barrier(di)
+        source = embedded_dataset(cfg.cache_dir, **cfg.synthetic)
+    spec = resolve_study(source, film=cfg.film, annotations=cfg.annotations)
+    if cfg.film_start is not None: spec = replace(spec, runs=[replace(r, film_start=float(cfg.film_start)) for r in spec.runs])
+    return spec
+
+def study_data(cfg:TrainConfig, # the run's options
+               di:DistInfo|None=None, # under torchrun, rank 0 builds the caches while the others wait
+               verify:bool|None=None, # checksum the study cache: None when due, True always (`giblet-cache --verify`)
+              )->tuple: # (StudySpec, FeatureParams, Aligned, streams: name -> (n_trs, d) or None)
+    "The run's study read through the caches (built where missing): what `prepare_data` and `giblet-cache` share."
+    main = di is None or di.main
+    spec = study_spec(cfg, di)
+    fp = feature_params(cfg, *study_rates(spec))
+    load = lambda: load_spec(spec, cfg.cache_dir, params=fp, drop_short=cfg.drop_short, show_progress=cfg.progress and main,
+                             verify=verify)
+    if main: al = load()
+    _barrier(di)
+    if not main: al = load()
+    streams = None
+    if cfg.features:
+        get = lambda: study_streams(cfg.features, spec, al, cfg.cache_dir, progress=cfg.progress and main)
+        if main: streams = get()
+        _barrier(di)
+        if not main: streams = get()
+    return spec, fp, al, streams
 
 def prepare_data(cfg:TrainConfig, # the run's options
                  device:torch.device|str="cpu", # where the tensors go
                  di:DistInfo|None=None, # under torchrun, rank 0 builds the caches while the others wait
                 )->RunData:
-    "The run's data: the study folder (or the embedded synthetic one) read through the feature cache."
-    from giblet.data.fmri import read_tr
-    from giblet.data.video import video_info
-    main = di is None or di.main
-    if cfg.data_dir is None:
-        if main: embedded_dataset(cfg.cache_dir, progress=cfg.progress, **cfg.synthetic)
-        _barrier(di)
-        data_dir = embedded_dataset(cfg.cache_dir, **cfg.synthetic)
-    else: data_dir = Path(cfg.data_dir)
-    files = discover(data_dir)
-    fp = feature_params(cfg, float(video_info(files.film).fps), read_tr(files.nii[0]))
-    load = lambda: load_study(data_dir, cfg.cache_dir, params=fp, show_progress=cfg.progress and main)
-    if main: al = load()
-    _barrier(di)
-    if not main: al = load()
-    return run_data(al, cfg, device, fp, data_dir)
+    "The run's data: its study (`study_spec`) read through the feature cache, cut for the run's model."
+    spec, fp, al, streams = study_data(cfg, di)
+    src = Path(cfg.study or cfg.data_dir or spec.source)
+    return run_data(al, cfg, device, fp, src if src.is_dir() else src.parent, spec, streams)
+
+
+# %% ../../nbs/31_training.trainer.ipynb #e5514c57
+def _run_words(spec:StudySpec, i:int, run)->pd.DataFrame:
+    "The words of run `i`'s annotation part on its film clock (a multi-part table's clock restarts where the run's segment starts)."
+    df = load_annotations(spec.annotations_of(run))
+    n_parts = int(df.attrs.get("n_parts", 1))
+    part = run.part or (i + 1 if n_parts > 1 else 1)
+    if "part" in df.columns: df = df.loc[df["part"] == part]
+    words = words_from_annotations(df)
+    if n_parts > 1: words["onset"] += max(run.film_start, 0.0)
+    return words
+
+def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
+                  spec:StudySpec, # the study
+                  al:Aligned, # the study aligned on its TR grid (from `load_spec(spec)`)
+                  cache_dir:str|Path|None=None, # the run's cache root: streams go to its features/ folder (None: the features' default)
+                  progress:bool=False, # progress bars while extracting
+                 )->dict: # stream name -> float32 (n_trs, d) on `al`'s TR grid
+    "Each feature stream over every run of the study, extracted into the cache where missing."
+    specs = [parse_stream_spec(s) for s in features]
+    words = [_run_words(spec, i, r) for i, r in enumerate(spec.runs)] if any(s.kind == "text" for s in specs) else None
+    runs = runs_from_aligned(al, [spec.film_of(r) for r in spec.runs], [r.film_start for r in spec.runs], words)
+    out = load_streams(specs, runs, al.tr, None if cache_dir is None else Path(cache_dir) / "features", progress=progress)
+    bad = {n: a.shape for n, a in out.items() if a.shape[0] != al.n_trs}
+    if bad: raise ValueError(f"feature streams {bad} do not cover the study's {al.n_trs} TRs")
+    return out
+
+class StreamTensors(StudyTensors):
+    "`StudyTensors` whose batches also carry each feature stream under `stream_key(name)`, (B, K, d) float32."
+    def __init__(self, al:Aligned, # the aligned study
+                 norm:Normaliser, # training-block statistics
+                 device:str|torch.device="cpu", # where the tensors live
+                 subjects:str="average", # "average" or "each" (see `StudyTensors`)
+                 streams:dict|None=None, # name -> (n_trs, d) features on the study's TR grid
+                ):
+        super().__init__(al, norm, device, subjects)
+        self.streams = {stream_key(n): torch.as_tensor(np.asarray(a, np.float32)).to(self.device) for n, a in (streams or {}).items()}
+
+    def gather(self, starts:torch.Tensor, # (B,) window start TRs
+               k:int, # context length in TRs
+               subject:torch.Tensor|None=None, # (B,) rows of `fmri` (0 for the average)
+              )->dict:
+        "`StudyTensors.gather`, plus every stream's (B, K, d) window."
+        b = super().gather(starts, k, subject)
+        return b | {key: s[b["trs"]] for key, s in self.streams.items()}
 
 # %% ../../nbs/31_training.trainer.ipynb #af9fc0d0
 class ShardedLoader:

@@ -1,0 +1,91 @@
+"""Real-study paths end to end: a two-run synthetic study trains through a study spec file and through BIDS from the command line."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import pytest
+import yaml
+
+from giblet import cli
+from giblet.data.synthetic import make_dataset
+
+KW = dict(n_subjects=2, n_trs=160, n_runs=2, seed=3, shape=(10, 12, 10), size=(32, 18))
+FAST = dict(batch_size=8, recon_frac=0.5, patience=0, stride=4, skip_first=3, val_frac=0.2, test_frac=0.3, progress=False,
+            model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4, frame_width=32, frame_height=18))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory): return tmp_path_factory.mktemp("cache")
+
+
+def train(out, cache, *extra, epochs=1, config=FAST):
+    "giblet-train in this process, on arguments parsed as its console script parses them."
+    argv = ["--out", str(out), "--cache-dir", str(cache), "--epochs", str(epochs), "--device", "cpu", "--no-baseline",
+            "--config", json.dumps(config), *extra]
+    return cli.train_main(**cli.cli_args(cli.train_main, "giblet-train", argv))
+
+
+def spec_file(lay, path):
+    "A hand-written YAML spec of a synthetic study, its paths relative to the spec's folder."
+    rel = lambda p: str(Path(p).relative_to(lay.root))
+    runs = [dict(name=f"run-{i + 1}", film_start=r["film_start"], film_stop=r["film_stop"], scan_offset=r["scan_offset"],
+                 part=r["part"], nii={f"s{k + 1}": rel(p) for k, p in enumerate(r["nii"])}) for i, r in enumerate(lay.runs)]
+    path.write_text(yaml.safe_dump({"tr": 1.5, "film": rel(lay.film), "annotations": rel(lay.annotations), "runs": runs}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sherlock(tmp_path_factory): return make_dataset(tmp_path_factory.mktemp("study") / "sherlock", **KW)
+
+
+def test_two_runs_train_through_a_spec_file(sherlock, cache, tmp_path, monkeypatch, capsys):
+    spec = spec_file(sherlock, sherlock.root / "study.yaml")
+    monkeypatch.chdir(sherlock.root)                         # relative paths on the command line are stored absolute
+    cli.giblet_train(["--study", "study.yaml", "--show-study"])
+    shown = capsys.readouterr().out
+    assert "2 subjects x 2 runs" in shown and "run-2" in shown and not (Path("runs") / "demo").exists()
+    m = train(tmp_path / "run", cache, "--study", "study.yaml")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["study"] == str(spec) and saved["data_dir"] is None and saved["cache_dir"] == str(cache)
+    assert m["epochs"] == 1 and np.isfinite(m["test_voxel_r_selected"])
+    n_trs = len(m["test_trs"]) + len(m["val_trs"]) + m["n_train_trs"]
+    assert 140 <= n_trs + 2 * 22 <= 160                      # both runs (two runs of ~80 TRs), less the two 32 s gaps
+    # --film-start moves every run's segment: another study, so resuming with it is refused by name
+    with pytest.raises(ValueError, match="film_start"): train(tmp_path / "run", cache, "--study", "study.yaml", "--resume", "--film-start", "2")
+
+
+def test_two_runs_train_through_bids(cache, tmp_path_factory, tmp_path):
+    bids = make_dataset(tmp_path_factory.mktemp("study") / "bids", layout="bids", **KW)
+    m = train(tmp_path / "run", cache, "--data-dir", str(bids.root))
+    assert m["epochs"] == 1 and np.isfinite(m["test_voxel_r_selected"])
+    n_trs = len(m["test_trs"]) + len(m["val_trs"]) + m["n_train_trs"]
+    assert 140 <= n_trs + 2 * 22 <= 160
+
+
+def test_one_stream_of_each_kind_trains_from_the_command_line(sherlock, cache, tmp_path):
+    from giblet.data.text import load_annotations
+    from giblet.features import tiny_backbone
+    words = sorted({w for t in load_annotations(sherlock.annotations)["text"].dropna() for w in str(t).split()})
+    models = {k: tiny_backbone(tmp_path / k, k, words=words) for k in ("image", "audio", "text")}
+    spec = spec_file(sherlock, sherlock.root / "study.yaml")
+    out = tmp_path / "run"
+    feats = [f"video={models['image']}:-1:n_frames=2", f"audio={models['audio']}:1", f"text={models['text']}:-1"]
+    cache = tmp_path / "cache"   # giblet-cache builds every cache the run reads, ahead of it
+    common = ["--cache-dir", str(cache), "--study", str(spec), "--config", json.dumps(FAST), "--features", *feats]
+    built = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", common))
+    assert built["runs"] == 2 and built["streams"] == {k: [built["n_trs"], 16] for k in ("video", "audio", "text")}
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*") if "manifest" in p.name)
+    argv = ["--out", str(out), "--epochs", "1", "--device", "cpu", *common]
+    m = cli.train_main(**cli.cli_args(cli.train_main, "giblet-train", argv))
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*") if "manifest" in p.name) == before and before
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["features"] == feats and saved["model"]["stream_dims"] == {"video": 16, "audio": 16, "text": 16}
+    assert np.isfinite(m["test_voxel_r_selected"])
+    # the baseline gains one band per stream
+    assert {"video", "audio", "text", "stream_video", "stream_audio", "stream_text"} <= set(m["baseline"]["bands"])
+    # the model reads the streams: its checkpoint holds a projector per stream
+    sd = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]["state_dict"]
+    assert all(any(f".{n}." in k for k in sd) for n in ("stream_video", "stream_audio", "stream_text"))
+    checked = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", ["--cache-dir", str(cache), "--only-verify"]))
+    assert checked["verified"] >= 1 and checked["removed"] == []
