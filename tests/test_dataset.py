@@ -231,3 +231,32 @@ def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "ignored 4 file(s) that are not annotation tables" in said and "ignored 5 file(s) that are not subjects' BOLD" in said
     assert all(n in said for n in side + brain)
+
+
+def test_cache_writer_lets_each_lazy_subject_go_and_never_scales_the_callers_array(tmp_path):
+    import weakref
+    import nibabel as nib
+    from giblet.alignment.sync import Aligned
+    from giblet.data.dataset import aligned_to_arrays, arrays_to_aligned, save_arrays
+    alive, most = [], [0]
+    bold = lambda s: np.random.default_rng(s).normal(100 + 50 * s, 5, (40, 30)).astype(np.float32)
+
+    class Lazy:        # a BOLD that makes a subject when indexed and counts how many are still alive then
+        shape, ndim, dtype = (4, 40, 30), 3, np.dtype(np.float32)
+        def __len__(self): return 4
+        def __getitem__(self, s):
+            alive[:] = [r for r in alive if r() is not None]; most[0] = max(most[0], len(alive))
+            x = bold(s); alive.append(weakref.ref(x)); return x
+
+    n = 40
+    al = Aligned(video=np.zeros((n, 2, 4, 6, 3), np.uint8), audio=np.zeros((n, 5, 3), np.float32),
+                 text=np.zeros((n, 8), np.float32), has_text=np.zeros(n, bool), fmri=Lazy(), tr=1.5,
+                 tr_start=np.arange(n) * 1.5, run=np.zeros(n, int), volume=np.arange(n), texts=[""] * n,
+                 mask=nib.Nifti1Image(np.ones((30, 1, 1), np.uint8), np.eye(4)))
+    save_arrays(tmp_path / "c", *aligned_to_arrays(al, show_progress=False))
+    assert most[0] == 0                     # no subject handed over outlives the reading of the next
+    back = arrays_to_aligned(*load_arrays(tmp_path / "c"))
+    for s in range(4): np.testing.assert_allclose(back.fmri[s], bold(s), rtol=2e-3)
+    plain = np.stack([bold(s) for s in range(2)]); keep = plain.copy()
+    aligned_to_arrays(Aligned(**{**al.__dict__, "fmri": plain}), show_progress=False)[0]["fmri"].blocks.__next__()
+    np.testing.assert_array_equal(plain, keep)   # an in-memory BOLD is never scaled in place
