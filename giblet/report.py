@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .decoding import decode_block, decoding_scores, true_block
+from .decoding import brain_series, decode_block, decode_series, decoding_scores, true_block
 from .evaluation import ROW_NAMES, _records, _roi_name_map, evaluate_run
 from .training.trainer import Trainer, atomic_write, write_json
 
@@ -170,28 +170,30 @@ def plot_reconstructions(trainer:Trainer, # a trained trainer
     "TRs of a held-out block decoded from the predicted brain layer (the mean of the subject heads): frames, mel windows and the nearest annotation text."
     import matplotlib.pyplot as plt
     from giblet.data.text import nearest_text
-    data, k, trs = trainer.data, trainer.k, np.asarray(trs)
-    ends = trs[np.linspace(min(k - 1, len(trs) - 1), len(trs) - 1, n).astype(int)]
-    starts = np.maximum(ends - k + 1, trs[0])
-    model = trainer.model.eval()
-    b = data.tensors.gather(starts, k)
-    rec = model.decode(MeanHeads(model).encode(b))  # the trained heads' mean, not the untrained average head
-    pos, i = torch.as_tensor(ends - starts), torch.arange(n)
-    frames_true, frames_rec = b["video"][i, pos].cpu(), rec["video"][i, pos].float().cpu()
-    mel_true, mel_rec = b["audio"][i, pos].cpu(), rec["audio"][i, pos].float().cpu()
+    data = trainer.data
+    seg = longest_stretch(np.asarray(trs), data.tensors.run)
+    sel = np.linspace(0, len(seg) - 1, n + 2).astype(int)[1:-1]; ends = seg[sel]
+    model = MeanHeads(trainer.model).eval()  # the trained heads' mean, not the untrained average head
+    # each TR decoded in the middle of its window, as the decoding scores are: at a window's end the BOLD that the
+    # TR's stimulus evokes 4-8 s later is not yet in the window, and the decoder falls back to the training mean
+    rec = decode_series(model, brain_series(model, data.tensors, seg, "brain"))
+    true = true_block(data.tensors, ends)
+    frames_true, mel_true = torch.from_numpy(true["video"]), torch.from_numpy(true["audio"])
+    frames_rec, mel_rec = (torch.from_numpy(np.asarray(rec[m][sel], np.float32)) for m in ("video", "audio"))
     texts = data.aligned.texts
     bank = sorted({t for t in texts if t})
     first = {t: j for j, t in reversed(list(enumerate(texts)))}
-    guess = nearest_text(rec["text"][i, pos].float().cpu().numpy(), bank, np.asarray(data.aligned.text)[[first[t] for t in bank]]) if bank else [""] * n
+    guess = nearest_text(np.asarray(rec["text"][sel], np.float32), bank, np.asarray(data.aligned.text)[[first[t] for t in bank]]) if bank else [""] * n
     F = frames_true.shape[1]
     fig, axs = plt.subplots(n, 4, figsize=(12, 2.3 * n), squeeze=False)
     wrap = lambda s: "\n".join(s[j:j + 48] for j in range(0, min(len(s), 144), 48))
     for r in range(n):
         axs[r, 0].imshow(frames_true[r, F // 2].numpy()); axs[r, 0].set_title(f"test TR {int(ends[r])}: frame", fontsize=8)
         axs[r, 1].imshow(frames_rec[r, F // 2].clamp(0, 1).numpy()); axs[r, 1].set_title("decoded from predicted brain", fontsize=8)
-        lim = float(mel_true[r].abs().max())
-        axs[r, 2].imshow(torch.cat([mel_true[r], mel_rec[r]], 1).numpy(), aspect="auto", origin="lower", cmap="magma", vmin=-lim, vmax=lim)
-        axs[r, 2].set_title("mel: measured | decoded", fontsize=8)
+        # each half on its own colour scale: a decoder trained with MSE varies less than the truth
+        scaled = [m / max(float(m.abs().max()), 1e-6) for m in (mel_true[r], mel_rec[r])]
+        axs[r, 2].imshow(torch.cat(scaled, 1).numpy(), aspect="auto", origin="lower", cmap="magma", vmin=-1, vmax=1)
+        axs[r, 2].set_title("mel: measured | decoded (each scaled to its peak)", fontsize=8)
         axs[r, 3].axis("off")
         axs[r, 3].text(0, 0.95, "annotation:\n" + wrap(texts[int(ends[r])] or "(none)") + "\n\nnearest to decoded:\n" + wrap(guess[r] or "(none)"),
                        va="top", fontsize=7, transform=axs[r, 3].transAxes)
