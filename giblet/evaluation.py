@@ -185,15 +185,15 @@ def fit_baselines(bands:Mapping, # name -> (n_trs, p) features of the whole seri
 
 # %% ../nbs/33_evaluation.ipynb #51c9baf8
 class ZScoredSubjects(SubjectRows):
-    "Each subject's BOLD at some TRs, z-scored with its training-block statistics (the scaling of the scored target)."
+    "Each subject's BOLD at some TRs, z-scored with its training-block statistics per run (the scaling of the scored target)."
     def __init__(self, fmri, # (n_subjects, n_trs, n_voxels) raw BOLD, array or memory map
-                 mean:np.ndarray, # (n_subjects, n_voxels) training mean per subject (`Normaliser.fmri_mean`)
-                 std:np.ndarray, # (n_subjects, n_voxels) training std per subject (`Normaliser.fmri_std`)
+                 norm, # the run's `Normaliser` (training statistics per subject and run)
                  trs:np.ndarray, # the TRs to read
-                ): super().__init__(fmri, trs); self.mean, self.std = mean, std
+                 run:np.ndarray|None=None, # (n_trs,) run id of every TR of the series (None: one run)
+                ): super().__init__(fmri, trs); self.norm, self.run = norm, None if run is None else np.asarray(run)
     def __getitem__(self, i:int, # the subject
                    )->np.ndarray: # float32 (len(trs), n_voxels)
-        return (super().__getitem__(i) - self.mean[i]) / self.std[i]
+        return self.norm.zscore(i, super().__getitem__(i), None if self.run is None else self.run[self.trs])
 
 def run_ceiling(data:RunData, # the run's data
                 trs:np.ndarray, # the TRs the ceiling is measured on
@@ -201,7 +201,7 @@ def run_ceiling(data:RunData, # the run's data
     "Noise ceiling of the run's target (the mean of the z-scored subjects) on some TRs."
     al, norm = data.aligned, data.norm
     if al.n_subjects < 2: return None
-    return noise_ceiling(ZScoredSubjects(al.fmri, norm.fmri_mean, norm.fmri_std, trs), target="mean")
+    return noise_ceiling(ZScoredSubjects(al.fmri, norm, trs, al.run), target="mean")
 
 # %% ../nbs/33_evaluation.ipynb #6490a2ec
 def block_bootstrap(preds:Mapping, # name -> (n_trs, n_voxels) predictions of the same TRs
