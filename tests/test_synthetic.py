@@ -365,3 +365,10 @@ def test_realistic_preset(realistic):
     lag1 = np.mean([np.corrcoef(x[1:, j], x[:-1, j])[0, 1] for j in np.flatnonzero(roi == 0)])   # weak voxels: mostly noise
     assert lag1 > 0.6, lag1                                                 # strongly autocorrelated
     with pytest.raises(ValueError, match="factors"): make_dataset(realistic.root.parent / "x", factors="quadratic")
+
+
+def test_explicit_values_beat_the_preset(tmp_path):
+    "A value passed to make_dataset wins over the preset even where it equals the generator's own default (3 subjects)."
+    lay = make_dataset(tmp_path / "s", preset="tiny", n_subjects=3, n_trs=40, size=(32, 18), fps=10)
+    assert len(lay.nii) == 3, lay.nii
+    assert load_truth(lay)["bold"].shape[0] == 40

@@ -413,7 +413,6 @@ def _scan_factors(film_factors, n_vol:int, offset:int, first:int)->np.ndarray:
 # %% ../../nbs/04_data.synthetic.ipynb #a3c9e1f0
 _DEFAULTS = dict(n_subjects=3, n_trs=300, tr=1.5, shape=(20, 24, 20), size=(160, 90), fps=25, sample_rate=16000,
                  tail=4.0, snr=1.0, noise_ar=0.5, progress=False, factors="linear", zscore=False, weak=0.0)
-_OPT_IN = ("factors", "zscore", "weak")   # None = the preset's value, else the default; an explicit value always wins
 _TASK = "movie"
 
 def _paths(root:Path, layout:str, n_subjects:int, n_runs:int)->tuple:
@@ -451,19 +450,19 @@ def _write_bids_meta(layout:SyntheticLayout, tr:float):
             atomic_write(nii.with_name(stem + "_events.tsv"), lambda tmp: events.to_csv(tmp, sep="\t", index=False), as_path=True)
 
 def make_dataset(root, # the study folder to write (created if needed)
-                 n_subjects:int=3, # number of subjects (NIfTIs)
-                 n_trs:int=300, # number of TRs scanned, over all runs
-                 tr:float=1.5, # repetition time in seconds
+                 n_subjects:int|None=None, # number of subjects (NIfTIs); None: the preset's, else 3
+                 n_trs:int|None=None, # number of TRs scanned, over all runs; None: the preset's, else 300
+                 tr:float|None=None, # repetition time in seconds; None: the preset's, else 1.5
                  seed:int=0, # random seed: the same seed writes the same data
-                 shape=(20, 24, 20), # (X, Y, Z) voxels of the volumes
-                 size=(160, 90), # (width, height) of the film in pixels
-                 fps:float=25, # film frame rate
-                 sample_rate:int=16000, # film sound sample rate in Hz
-                 tail:float=4.0, # seconds the film runs past the end of the scan
-                 snr:float=1.0, # signal sd / noise sd in a full-amplitude voxel of one subject
-                 noise_ar:float=0.5, # AR(1) coefficient of the noise, per TR
-                 preset:str|None=None, # a name in PRESETS; it replaces every argument still at its default
-                 progress:bool=False, # show a progress bar
+                 shape=None, # (X, Y, Z) voxels of the volumes; None: the preset's, else (20, 24, 20)
+                 size=None, # (width, height) of the film in pixels; None: the preset's, else (160, 90)
+                 fps:float|None=None, # film frame rate; None: the preset's, else 25
+                 sample_rate:int|None=None, # film sound sample rate in Hz; None: the preset's, else 16000
+                 tail:float|None=None, # seconds the film runs past the end of the scan; None: the preset's, else 4
+                 snr:float|None=None, # signal sd / noise sd in a full-amplitude voxel of one subject; None: the preset's, else 1
+                 noise_ar:float|None=None, # AR(1) coefficient of the noise, per TR; None: the preset's, else 0.5
+                 preset:str|None=None, # a name in PRESETS; it fills every argument left at None (a value you pass always wins)
+                 progress:bool|None=None, # show a progress bar; None: the preset's, else no
                  overwrite:bool=False, # replace a dataset already in `root`
                  n_runs:int=1, # runs: each its own film segment, NIfTI per subject and annotation part (clock restarts)
                  layout:str="sherlock", # "sherlock" (the release's file layout) or "bids" (the same study as a BIDS dataset)
@@ -476,8 +475,8 @@ def make_dataset(root, # the study folder to write (created if needed)
                 tail=tail, snr=snr, noise_ar=noise_ar, progress=progress, factors=factors, zscore=zscore, weak=weak)
     if preset is not None:
         if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        args.update({k: v for k, v in PRESETS[preset].items() if args[k] is None or args[k] == _DEFAULTS[k] and k not in _OPT_IN})
-    args.update({k: _DEFAULTS[k] for k in _OPT_IN if args[k] is None})
+        args.update({k: v for k, v in PRESETS[preset].items() if args[k] is None})
+    args.update({k: v for k, v in _DEFAULTS.items() if args[k] is None})
     n_subjects, n_trs, tr, fps, sr = (int(args["n_subjects"]), int(args["n_trs"]), float(args["tr"]),
                                       float(args["fps"]), int(args["sample_rate"]))
     if n_subjects < 1 or n_trs < 20: raise ValueError(f"need n_subjects >= 1 and n_trs >= 20, got {n_subjects}, {n_trs}")
