@@ -18,32 +18,61 @@ import pandas as pd
 import torch
 from fastcore.script import anno_parser, store_true
 
-from .io import DiskFullError
+from contextlib import contextmanager
+
+from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fingerprint_changes, input_fingerprint
 from .evaluation import _md_table, fold_summary, stimulus_bands, truth_columns, write_report
 from .features import stream_key
 from .study import show_study as describe_study
 from .training.trainer import (DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
-                                     init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_spec,
+                                     init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
                                      write_json)
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'RUN_FILES', 'USER_ERRORS', 'MANY', 'HEADLINE', 'check_out_dir', 'run_training', 'parse_sets',
-           'train_config', 'train_main', 'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache',
-           'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main',
-           'giblet_synth']
+__all__ = ['logger', 'RUN_FILES', 'INPUTS', 'USER_ERRORS', 'MANY', 'HEADLINE', 'run_folder', 'check_inputs', 'check_out_dir',
+           'run_training', 'parse_sets', 'train_config', 'train_main', 'cli_args', 'giblet_train', 'giblet_lesion',
+           'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep',
+           'plot_synthetic', 'synth_main', 'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #39d54600
 RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
+INPUTS = "inputs.json" # the run folder's fingerprint of the study's files (`giblet.io.input_fingerprint`)
+
+@contextmanager
+def run_folder(out:Path, # the run folder
+               main:bool=True, # this process writes the folder (rank 0)
+              ):
+    "Hold the folder's `RunLock` for the run and clean temporary leftovers of killed runs; a folder created here and left empty goes again."
+    if not main: yield out; return
+    created = not out.exists()
+    lock = RunLock(out).acquire()
+    try:
+        clean_leftovers(out); clean_leftovers(out / "checkpoints")
+        yield out
+    finally:
+        lock.release()
+        if created and out.is_dir() and not any(out.iterdir()): out.rmdir()
+
+def check_inputs(out:Path, # the run folder
+                 now:list, # `input_fingerprint` of the study's files now
+                ):
+    "Refuse to resume a run whose study files changed since it began, naming each change."
+    if not (out / INPUTS).is_file(): return
+    changes = fingerprint_changes(json.loads((out / INPUTS).read_text()), now)
+    if changes: raise ValueError(f"cannot resume {out}: the study's files changed since the run began: " + "; ".join(changes)
+                                 + ". Restore them, or start a new run in another --out folder")
 
 def check_out_dir(out:str|Path, # the run folder
                   resume:bool=False, # continue the run in it
                  )->Path:
-    "The run folder, after checking that it may be used: empty or new for a fresh run, holding a run to resume."
+    "The run folder, after checking that it may be used: new, empty or never checkpointed for a fresh run, holding a run to resume."
     out = Path(out)
     found = [n for n in RUN_FILES if (out / n).exists()]
-    if not resume and found:
+    if not resume and found and not (out / "checkpoints" / "last.pt").is_file() and not (out / "metrics.json").is_file():
+        logger.warning("%s holds a run that ended before its first checkpoint (%s): starting it afresh", out, ", ".join(found))
+    elif not resume and found:
         raise FileExistsError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                               "or choose another --out folder")
     if resume and not (out / "checkpoints" / "last.pt").is_file():
@@ -61,14 +90,33 @@ def _train_one(cfg:TrainConfig, # the run's options
     "One training run and its report (see `run_training`)."
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     di = init_distributed(device)
-    out = check_out_dir(out_dir, resume)
+    with run_folder(Path(out_dir), di.main) as out:
+        return _train_in(cfg, out, resume, baseline, figures, device, di)
+
+def _train_in(cfg:TrainConfig, # the run's options
+              out:Path, # the run folder (locked by `run_folder`)
+              resume:bool, # continue the run in it
+              baseline:bool, # fit the himalaya baselines
+              figures:bool, # write the figures
+              device:torch.device, # this process's device
+              di, # this process among the run's (`DistInfo`)
+             )->dict: # the metrics
+    "`_train_one` inside its locked run folder."
+    if resume and not (out / "checkpoints" / "last.pt").is_file() and (out / "config.json").is_file():
+        logger.warning("%s: the run ended before its first checkpoint; starting it from scratch", out)
+        resume = False
+    out = check_out_dir(out, resume)
     if resume:
         saved = json.loads((out / "config.json").read_text())
         check_resumable({"train": saved["train"]}, {"train": cfg.to_dict()}, str(out / "config.json"))
+    inputs = input_fingerprint(study_inputs(study_spec(cfg))) if di.main else None
+    if resume and di.main: check_inputs(out, inputs)
     data = prepare_data(cfg, device, di)
     trainer = Trainer(data, cfg, out, di)
     if resume: trainer.resume()
-    if di.main: write_json(out / "config.json", trainer.config())
+    if di.main:
+        if not resume or not (out / INPUTS).is_file(): write_json(out / INPUTS, inputs)
+        write_json(out / "config.json", trainer.config())
     trainer.fit()
     best = out / "checkpoints" / ("best.pt" if (out / "checkpoints" / "best.pt").is_file() else "last.pt")
     trainer.model.load_state_dict(load_checkpoint(best, device)["model"]["state_dict"])
@@ -114,7 +162,7 @@ def run_training(cfg:TrainConfig, # the run's options
     return m
 
 # %% ../nbs/50_cli.ipynb #9388e917
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, DeviceUnavailable, DiskFullError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, DeviceUnavailable, DiskFullError, FolderLockedError)
 
 def _read_config(path:str)->str:
     "The text of a --config file; a missing one is an error naming it."
@@ -382,8 +430,12 @@ def synth_main(out:str="runs/synthetic", # the study folder to write
     "Write a synthetic Sherlock-layout study with planted truth, and OUT/synthetic_summary.png."
     import matplotlib.pyplot as plt
     from giblet.data.synthetic import make_dataset
+    from giblet.data.synthetic import PRESETS as SYNTH_PRESETS
     kw = {k: v for k, v in dict(n_subjects=n_subjects, n_trs=n_trs).items() if v is not None}
-    make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, **kw)
+    if preset is not None:   # the preset fills what was not typed: a typed value wins even where it equals the default
+        if preset not in SYNTH_PRESETS: raise ValueError(f"unknown --preset {preset!r}; choose from {sorted(SYNTH_PRESETS)}")
+        kw = {k: v for k, v in SYNTH_PRESETS[preset].items() if k != "progress"} | kw
+    make_dataset(out, seed=seed, overwrite=overwrite, progress=True, **kw)
     fig = plot_synthetic(out)
     path = atomic_write(Path(out) / "synthetic_summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

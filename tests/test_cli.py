@@ -181,9 +181,9 @@ def test_papermill_notebook_and_sweep(tmp_path, cache, study):
 
 
 def test_synth(tmp_path):
-    png = cli.synth_main(out=str(tmp_path / "syn"), n_subjects=2, n_trs=40, seed=3, preset="tiny")
+    png = cli.synth_main(out=str(tmp_path / "syn"), n_subjects=3, n_trs=40, seed=3, preset="tiny")
     assert png.is_file() and png.stat().st_size > 10_000
-    assert len(list((tmp_path / "syn" / "sherlock_nii").glob("*.nii.gz"))) == 2
+    assert len(list((tmp_path / "syn" / "sherlock_nii").glob("*.nii.gz"))) == 3   # typed, though it equals the default: it wins
     with pytest.raises(FileExistsError):
         cli.synth_main(out=str(tmp_path / "syn"), n_trs=40, preset="tiny")
 
@@ -257,3 +257,32 @@ def test_console_scripts_exit_0_and_2(script, tmp_path):
     res = subprocess.run([str(exe), *bad], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert len([l for l in res.stderr.splitlines() if l.startswith(script)]) == 1
+
+
+def test_a_locked_run_folder_is_refused(tmp_path, cache, capsys):
+    from giblet.io import RunLock
+    out = tmp_path / "busy"
+    with RunLock(out):                       # another giblet-train holds the folder
+        with pytest.raises(SystemExit) as e: cli.giblet_train(["--out", str(out), "--cache-dir", str(cache), "--device", "cpu"])
+    assert e.value.code == 2 and "in use by process" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+
+
+def test_changed_inputs_refuse_resume_and_a_run_without_checkpoint_restarts(tmp_path, cache, study, capsys):
+    src = tmp_path / "study"; shutil.copytree(study, src)
+    out = tmp_path / "run"
+    cfg = dict(FAST); cfg.pop("synthetic")
+    train(out, cache, "--data-dir", str(src), "--no-baseline", epochs=1, config=cfg)
+    saved = json.loads((out / "inputs.json").read_text())
+    nii = sorted((src / "sherlock_nii").glob("*.nii.gz"))[0]
+    assert str(nii.resolve()) in [f["path"] for f in saved]
+    img = nib.load(nii); data = np.asarray(img.dataobj).copy(); data[..., -1] += 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), nii)      # one subject's scan replaced
+    with pytest.raises(SystemExit) as e:
+        cli.giblet_train(["--out", str(out), "--resume", "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "changed since the run began" in err and nii.name in err
+    # a run killed before its first checkpoint: --resume starts it from scratch (a fresh start reuses the folder alike)
+    fresh = tmp_path / "early"; fresh.mkdir(); shutil.copy(out / "config.json", fresh / "config.json")
+    m = train(fresh, cache, "--resume", "--no-baseline", epochs=1, config=cfg)
+    assert m["epochs"] == 1 and (fresh / "checkpoints" / "last.pt").is_file() and (fresh / "inputs.json").is_file()

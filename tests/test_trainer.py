@@ -198,3 +198,17 @@ def test_planted_truth(tmp_path, cache):
     assert m["truth_r_responsive_mean"] >= 0.8, m
     assert m["block"] == "test" and m["headline"]["n_selected"] > 50
     assert m["test_voxel_r_selected"] > m["ridge_test_voxel_r_selected"], m
+
+
+def test_kill_between_last_and_best_is_repaired_on_resume(tmp_path, cache, study, data, monkeypatch):
+    "Killed after last.pt (the best epoch) was written but before best.pt and the log: resume makes both agree with last.pt."
+    cfg = cfg_for(cache, study, epochs=2)
+    def killed(src, dst): raise KeyboardInterrupt("killed before best.pt")
+    monkeypatch.setattr(T, "_replace_copy", killed)
+    with pytest.raises(KeyboardInterrupt): Trainer(data, cfg, tmp_path).fit(until_epoch=1)
+    ck = tmp_path / "checkpoints"
+    assert load_checkpoint(ck / "last.pt")["best_epoch"] == 1 and not (ck / "best.pt").exists() and not (tmp_path / "log.csv").exists()
+    monkeypatch.undo()
+    tr = Trainer(data, cfg, tmp_path).resume()
+    assert load_checkpoint(ck / "best.pt")["epoch"] == tr.best_epoch == 1
+    assert len(json.loads((tmp_path / "log.json").read_text())) == 1

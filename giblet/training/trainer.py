@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'DATA_OPTIONS', 'TrainConfig',
            'check_resumable', 'DistInfo', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'embedded_dataset',
            'feature_params', 'RunData', 'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data',
-           'model_config', 'study_spec', 'study_data', 'prepare_data', 'study_streams', 'StreamTensors',
+           'model_config', 'study_inputs', 'study_spec', 'study_data', 'prepare_data', 'study_streams', 'StreamTensors',
            'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses',
            'NonFiniteLoss', 'Trainer', 'write_log']
 
@@ -124,7 +124,7 @@ class TrainConfig:
         for k in PATH_OPTIONS:  # stored absolute: a run resumes (and is lesioned) from any working folder
             if getattr(self, k) is not None: setattr(self, k, os.path.abspath(os.path.expanduser(str(getattr(self, k)))))
         self.features = [str(s) for s in ([self.features] if isinstance(self.features, str) else self.features or [])]
-        for s in self.features: parse_stream_spec(s)   # a malformed stream is an error now, not after the cache is built
+        self.features = [_absolute_model(s) for s in self.features]   # a malformed stream is an error now, not after the cache is built
         if self.model_overrides is None: self.model_overrides = PRESET_OVERRIDES.get(self.preset, {})
         self.model_overrides = json.loads(json.dumps(dict(self.model_overrides)))  # tuples -> lists, as saved
         self.synthetic = json.loads(json.dumps(dict(self.synthetic)))
@@ -142,6 +142,13 @@ class TrainConfig:
         return cls(**d)
 
 RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir")
+
+def _absolute_model(text:str)->str:
+    "A stream spec string with its model made an absolute path when it names a local folder (a hub name stays as it is)."
+    model, (kind, _, rest) = parse_stream_spec(text).model, text.partition("=")
+    rest = rest.strip()
+    if os.path.isabs(model) or not os.path.exists(os.path.expanduser(model)) or not rest.startswith(model): return text
+    return f"{kind.strip()}={os.path.abspath(os.path.expanduser(model))}{rest[len(model):]}"
 PATH_OPTIONS = ("data_dir", "study", "film", "annotations", "cache_dir") # TrainConfig fields that name files or folders
 
 PRESET_OVERRIDES = { # what a run changes in each `ModelConfig` preset unless told otherwise (see "Choosing the defaults")
@@ -197,6 +204,7 @@ def init_distributed(device:torch.device|str="cpu", # the device this process tr
     "Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if ws <= 1: return DistInfo()
+    if torch.device(device).type == "cuda": torch.cuda.set_device(torch.device(device))   # this rank's GPU, before NCCL starts
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -357,6 +365,12 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
     return ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
 
+def study_inputs(spec:StudySpec, # the study
+                )->list: # sorted paths: films, annotation tables, NIfTIs and the mask file
+    "The files a study is read from: what a run fingerprints to refuse resuming on changed data."
+    return sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values())}
+                  | ({str(spec.mask)} if spec.mask not in (None, "nonzero") else set()))
+
 def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, annotations, film_start)
                di:DistInfo|None=None, # under torchrun, rank 0 generates the embedded study while the others wait
               )->StudySpec:
@@ -402,7 +416,10 @@ def prepare_data(cfg:TrainConfig, # the run's options
 
 
 # %% ../../nbs/31_training.trainer.ipynb #e5514c57
-def _run_words(spec:StudySpec, i:int, run)->pd.DataFrame:
+def _run_words(spec:StudySpec, # the study
+               i:int, # the run's position in `spec.runs`
+               run, # the `StudyRun`
+              )->pd.DataFrame: # onset, duration, word
     "The words of run `i`'s annotation part on its film clock (a multi-part table's clock restarts where the run's segment starts)."
     df = load_annotations(spec.annotations_of(run))
     n_parts = int(df.attrs.get("n_parts", 1))
@@ -781,11 +798,25 @@ def load_state_dict(self:Trainer, ck:dict, # from `state_dict` or `load_checkpoi
 @patch
 def resume(self:Trainer, path:str|Path|None=None, # a checkpoint (None: the run folder's checkpoints/last.pt)
           )->Trainer:
-    "Load a checkpoint written by `save` and continue from it."
+    "Load a checkpoint written by `save` and continue from it; a run folder killed mid-`save` is brought back in line with it."
     path = Path(path) if path else self.out / "checkpoints" / "last.pt"
     self.load_state_dict(load_checkpoint(path, self.device), str(path))
     logger.info("resumed %s at epoch %d", path, self.epoch)
+    if self.out is not None and self.di.main and path == self.out / "checkpoints" / "last.pt": self._repair(path)
     return self
+
+@patch
+def _repair(self:Trainer, last:Path, # the run folder's checkpoints/last.pt, just resumed from
+           ):
+    "After a kill between `save`'s writes: best.pt made from last.pt when last.pt is the best epoch, the log rewritten from its history."
+    best = last.with_name("best.pt")
+    if self.best_epoch == self.epoch and self.epoch > 0:
+        try: stale = load_checkpoint(best, "cpu")["epoch"] != self.epoch
+        except (FileNotFoundError, ValueError): stale = True   # missing or damaged
+        if stale:
+            logger.warning("%s: best.pt was not yet made from epoch %d, the best; making it now", best.parent, self.epoch)
+            _replace_copy(last, best)
+    write_log(self.out, self.history)
 
 @patch
 def save(self:Trainer, best:bool=False, # also make this the best checkpoint
