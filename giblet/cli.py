@@ -430,12 +430,8 @@ def synth_main(out:str="runs/synthetic", # the study folder to write
     "Write a synthetic Sherlock-layout study with planted truth, and OUT/synthetic_summary.png."
     import matplotlib.pyplot as plt
     from giblet.data.synthetic import make_dataset
-    from giblet.data.synthetic import PRESETS as SYNTH_PRESETS
-    kw = {k: v for k, v in dict(n_subjects=n_subjects, n_trs=n_trs).items() if v is not None}
-    if preset is not None:   # the preset fills what was not typed: a typed value wins even where it equals the default
-        if preset not in SYNTH_PRESETS: raise ValueError(f"unknown --preset {preset!r}; choose from {sorted(SYNTH_PRESETS)}")
-        kw = {k: v for k, v in SYNTH_PRESETS[preset].items() if k != "progress"} | kw
-    make_dataset(out, seed=seed, overwrite=overwrite, progress=True, **kw)
+    kw = {k: v for k, v in dict(n_subjects=n_subjects, n_trs=n_trs).items() if v is not None}   # only what was typed: it wins over the preset
+    make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, **kw)
     fig = plot_synthetic(out)
     path = atomic_write(Path(out) / "synthetic_summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
