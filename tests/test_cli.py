@@ -247,13 +247,14 @@ def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("script", ["giblet-train", "giblet-sweep", "giblet-synth"])
+@pytest.mark.parametrize("script", ["giblet-train", "giblet-sweep", "giblet-synth", "giblet-cache"])
 def test_console_scripts_exit_0_and_2(script, tmp_path):
     exe = Path(sys.executable).parent / script
     assert subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120).returncode == 0
     bad = {"giblet-train": ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
            "giblet-sweep": [str(tmp_path / "no.yaml"), str(tmp_path / "s")],
-           "giblet-synth": ["--out", str(tmp_path / "s"), "--preset", "no_such_preset"]}[script]
+           "giblet-synth": ["--out", str(tmp_path / "s"), "--preset", "no_such_preset"],
+           "giblet-cache": ["--study", str(tmp_path / "no.yaml"), "--cache-dir", str(tmp_path / "c")]}[script]
     res = subprocess.run([str(exe), *bad], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert len([l for l in res.stderr.splitlines() if l.startswith(script)]) == 1
