@@ -563,7 +563,7 @@ def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or
                 mode:str="lesion", # lesion (silence the region) or keep (silence the rest)
                 replace:str="zero", # silenced units at 0 (zero) or at their training mean (mean)
                 source:str="stimulus", # decode the predicted brain layer (stimulus) or measured fMRI (fmri)
-                split:str="val", # TRs to evaluate: val, test, train or all
+                split:str="test", # TRs to evaluate: test (the block no choice was made on), val, train or all
                 device:str="cpu", # cpu or cuda
                 n_null:int=20, # matched control blobs per region
                 gain_tolerance:float=0.1, # a control blob matches when its summed decoder gain is within this share of the region's
