@@ -212,3 +212,33 @@ def test_kill_between_last_and_best_is_repaired_on_resume(tmp_path, cache, study
     tr = Trainer(data, cfg, tmp_path).resume()
     assert load_checkpoint(ck / "best.pt")["epoch"] == tr.best_epoch == 1
     assert len(json.loads((tmp_path / "log.json").read_text())) == 1
+
+
+def test_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path):
+    "Two gloo processes with a 3 s collective timeout: rank 0 builds for 6 s while rank 1 waits, and neither times out."
+    import socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    script = textwrap.dedent("""
+        import os, sys, time
+        from datetime import timedelta
+        import torch.distributed as dist
+        from giblet.training import trainer as T
+        dist.init_process_group("gloo", timeout=timedelta(seconds=3))
+        di = T.DistInfo(dist.get_rank(), dist.get_world_size(), dist.get_rank())
+        order = []
+        def build():
+            if di.main: time.sleep(6)          # a cache build longer than the collective timeout
+            order.append(time.time()); return di.rank
+        assert T.main_first(di, build) == di.rank
+        dist.barrier()                          # both are here: the group still works
+        print("done", di.rank, order[0], flush=True)
+        dist.destroy_process_group()
+    """)
+    env = lambda r: dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                         OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outs]
+    t = {int(o.split()[1]): float(o.split()[2]) for o, _ in outs}
+    assert t[1] >= t[0]                         # rank 1 read only after rank 0 had built

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -40,12 +42,12 @@ from .metrics import noise_ceiling, voxel_r
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'DATA_OPTIONS', 'TrainConfig',
-           'check_resumable', 'DistInfo', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'embedded_dataset',
-           'feature_params', 'RunData', 'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data',
-           'model_config', 'study_inputs', 'study_spec', 'study_data', 'prepare_data', 'study_streams', 'StreamTensors',
-           'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses',
-           'NonFiniteLoss', 'Trainer', 'write_log']
+__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'WAIT_HOURS', 'DATA_OPTIONS',
+           'TrainConfig', 'check_resumable', 'DistInfo', 'DeviceUnavailable', 'resolve_device', 'init_distributed',
+           'main_first', 'embedded_dataset', 'feature_params', 'RunData', 'SubjectRows', 'reliability_weights',
+           'outer_split', 'run_split', 'run_data', 'model_config', 'study_inputs', 'study_spec', 'study_data',
+           'prepare_data', 'study_streams', 'StreamTensors', 'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json',
+           'load_checkpoint', 'TrainStep', 'step_losses', 'NonFiniteLoss', 'Trainer', 'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #9a14f557
 HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
@@ -212,6 +214,26 @@ def init_distributed(device:torch.device|str="cpu", # the device this process tr
 def _barrier(di:DistInfo|None):
     if di is not None and di.world_size > 1: dist.barrier()
 
+WAIT_HOURS = 48.0 # how long the other ranks wait for rank 0 to build the caches
+_main_first_calls = itertools.count()
+
+def main_first(di:DistInfo|None, # this process among the run's (None: alone)
+               work:Callable, # builds what every rank needs (on rank 0), or reads it (on the others)
+              ):
+    "Rank 0 runs `work` while the others wait on the process group's key-value store, not in a collective (which would time out during a long cache build); then they run it."
+    if di is None or di.world_size <= 1 or not dist.is_initialized(): return work()
+    store, key = dist.distributed_c10d._get_default_store(), f"giblet/main_first/{next(_main_first_calls)}"
+    if di.main:
+        try: out = work()
+        except BaseException as e:
+            store.set(key, f"{type(e).__name__}: {e}"); raise
+        store.set(key, "ok")
+        return out
+    store.wait([key], timedelta(hours=WAIT_HOURS))
+    msg = store.get(key).decode()
+    if msg != "ok": raise RuntimeError(f"rank 0 could not prepare the data: {msg}")
+    return work()
+
 # %% ../../nbs/31_training.trainer.ipynb #5ae2c7c8
 def embedded_dataset(cache_dir:str|Path|None=None, # cache root (None: `default_cache_dir()`)
                      progress:bool=False, # show the generator's progress bar
@@ -377,9 +399,7 @@ def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, an
     "The run's resolved study: its spec file, BIDS dataset or study folder (else the embedded synthetic study), with the run's overrides."
     source = cfg.study or cfg.data_dir
     if source is None:
-        if di is None or di.main: embedded_dataset(cfg.cache_dir, progress=cfg.progress, **cfg.synthetic)
-        _barrier(di)
-        source = embedded_dataset(cfg.cache_dir, **cfg.synthetic)
+        source = main_first(di, lambda: embedded_dataset(cfg.cache_dir, progress=cfg.progress and (di is None or di.main), **cfg.synthetic))
     spec = resolve_study(source, film=cfg.film, annotations=cfg.annotations)
     if cfg.film_start is not None: spec = replace(spec, runs=[replace(r, film_start=float(cfg.film_start)) for r in spec.runs])
     return spec
@@ -394,16 +414,9 @@ def study_data(cfg:TrainConfig, # the run's options
     fp = feature_params(cfg, *study_rates(spec))
     load = lambda: load_spec(spec, cfg.cache_dir, params=fp, drop_short=cfg.drop_short, show_progress=cfg.progress and main,
                              verify=verify)
-    if main: al = load()
-    _barrier(di)
-    if not main: al = load()
-    streams = None
-    if cfg.features:
-        get = lambda: study_streams(cfg.features, spec, al, cfg.cache_dir, progress=cfg.progress and main)
-        if main: streams = get()
-        _barrier(di)
-        if not main: streams = get()
-    return spec, fp, al, streams
+    al = main_first(di, load)
+    get = lambda: study_streams(cfg.features, spec, al, cfg.cache_dir, progress=cfg.progress and main)
+    return spec, fp, al, main_first(di, get) if cfg.features else None
 
 def prepare_data(cfg:TrainConfig, # the run's options
                  device:torch.device|str="cpu", # where the tensors go
