@@ -21,7 +21,8 @@ from fastcore.script import anno_parser, store_true
 from contextlib import contextmanager
 
 from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fingerprint_changes, input_fingerprint
-from .evaluation import _md_table, fold_summary, stimulus_bands, truth_columns, write_report
+from .evaluation import stimulus_bands, truth_columns
+from .report import _md_table, fold_summary, write_report
 from .features import stream_key
 from .study import show_study as describe_study
 from .training.trainer import (DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,

@@ -514,15 +514,3 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
     return dict(preds=preds, scores=scores, ceiling=ceiling, ceiling_train=ceil_train, selected=selected, roi=roi, roi_names=names,
                 split_r2=None if base is None else base.split_r2(test, true), bands=[] if base is None else list(base.design.bands),
                 table=table, roi_table=rois, factors=factors, metrics=m)
-
-# %% ../nbs/33_evaluation.ipynb #4aaa32d2
-_MOVED = ("write_report", "report_markdown", "fold_summary", "_md_table", "plot_history", "plot_r_hist", "plot_r_brain",
-          "plot_modality", "plot_reconstructions")
-
-def __getattr__(name:str, # an attribute looked up on this module
-               ):
-    "The report's names moved to `giblet.report`; callers that still import them from here get them from there."
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module("giblet.report"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
