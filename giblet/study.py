@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import yaml
+from .io import atomic_write
 
 from .alignment.sync import Aligned, FeatureParams, RunSpec, tr_grid
 from .data.dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
@@ -163,12 +164,7 @@ def write_spec(spec:StudySpec, # the spec to write
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     d = spec_to_dict(spec, path.parent.resolve())
     text = json.dumps(d, indent=2) if path.suffix.lower() == ".json" else yaml.safe_dump(d, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f: f.write(text)
-        os.chmod(tmp, 0o644); os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 # %% ../nbs/13_study.ipynb #d953064a

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from ..io import atomic_write
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
@@ -333,8 +334,7 @@ def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a fold
     # a .npy written to a temporary name, one subject mapped at a time (the memory it touches is then released),
     # renamed into place only when complete
     dest = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"); os.close(fd)
-    try:
+    def write(tmp):
         head = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         offset, size = head.offset, shape[1] * shape[2] * 4
         del head
@@ -342,10 +342,7 @@ def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a fold
             sub = np.memmap(tmp, np.float32, mode="r+", offset=offset + i * size, shape=shape[1:])
             nii_to_features(img, mask, start, stop, out=sub)
             sub.flush(); del sub
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
+    atomic_write(dest, write, as_path=True, need=int(np.prod(shape)) * 4)
     return np.load(dest, mmap_mode="r")
 
 # %% ../../nbs/00_data.fmri.ipynb #b1c2d302
@@ -406,13 +403,7 @@ class ZScoreStats:
     def save(self, path): # a .npz path, written atomically
         "Save to a .npz file."
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh: np.savez(fh, mean=self.mean, std=self.std, trs=self.trs)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp): os.unlink(tmp)
-            raise
+        atomic_write(path, lambda fh: np.savez(fh, mean=self.mean, std=self.std, trs=self.trs))
 
     @classmethod
     def load(cls, path): # a .npz written by `save`

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from ..io import atomic_write
 import torch.nn as nn
 
 from .decoder import BrainDecoder
@@ -86,12 +87,7 @@ class BrainAutoencoder(nn.Module):
             )->Path:
         "Write the config and weights with `torch.save`, atomically (a temporary file, then a rename)."
         path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f: torch.save(self.checkpoint(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True); raise
+        atomic_write(path, lambda f: torch.save(self.checkpoint(), f))
         return path
 
     @classmethod
