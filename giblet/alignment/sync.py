@@ -97,6 +97,8 @@ class FeatureParams:
     n_mels: int = 128 # mel bands
     text_dim: int = 256 # hashing-embedder width
     text_model: str | None = None # a sentence-transformers name or path, instead of the hashing embedder
+    allow_silence: bool = False # a film without sound gives silence instead of an error
+    text_columns: tuple | None = None # annotation column(s) joined into each segment's text (None: the Sherlock trio)
 
     def embedder(self)->Callable:
         "The text embedder these parameters name."
@@ -124,9 +126,9 @@ def _check_tr(paths, tr):
         raise ValueError(f"{paths[0]}: the header says TR = {hdr} s, but TR = {tr} s was asked for")
     return hdr
 
-def _run_part(annotations, run:RunSpec, run_id:int)->tuple[int, float]:
+def _run_part(annotations, run:RunSpec, run_id:int, text_columns=None)->tuple[int, float]:
     "The annotation part of a run (`run.part`, or part `run_id + 1`, said in the log) and the film time its clock starts."
-    n_parts = load_annotations(annotations).attrs.get("n_parts", 1)
+    n_parts = load_annotations(annotations, text_columns=text_columns).attrs.get("n_parts", 1)
     start = run.part_start if run.part_start is not None else max(run.film_start, 0.0) if n_parts > 1 else 0.0
     if run.part is not None: return int(run.part), start
     part = run_id + 1 if n_parts > 1 else 1
@@ -192,9 +194,10 @@ def align_run(film:str|Path, # the film file
     g = tr_grid(n_vols, tr, info.duration, run.film_start, run.film_stop, run.scan_offset)
     _log_cuts(g, n_vols, info, run, run_id)
     video = video_to_frames(film, tr=tr, size=params.size, frame_skip=params.frame_skip, max_trs=g.n_trs, start=g.film_time)
-    audio = audio_to_mel(film, tr=tr, sr=params.sr, n_mels=params.n_mels, max_trs=g.n_trs, start=g.film_time)
-    part, part_start = _run_part(annotations, run, run_id)
-    df = load_annotations(annotations, film_duration=info.duration - part_start, part=part)
+    audio = audio_to_mel(film, tr=tr, sr=params.sr, n_mels=params.n_mels, max_trs=g.n_trs, start=g.film_time,
+                         allow_silence=params.allow_silence)
+    part, part_start = _run_part(annotations, run, run_id, params.text_columns)
+    df = load_annotations(annotations, film_duration=info.duration - part_start, part=part, text_columns=params.text_columns)
     n = min(g.n_trs, len(video), len(audio))
     if n < g.n_trs: logger.warning("%s: only %d of %d TR windows are complete in every stream; %d TRs dropped",
                                    film, n, g.n_trs, g.n_trs - n)

@@ -106,7 +106,7 @@ def load_audio(path:str|Path, # any film or audio file PyAV reads
         if not c.streams.audio:
             found = ", ".join(f"{s.type}:{s.codec_context.name}" for s in c.streams) or "no streams"
             raise NoAudioStreamError(f"{path}: no audio stream (found {found}); pass allow_silence=True to "
-                                     "audio_to_mel to read it as silence")
+                                     "audio_to_mel to read it as silence (giblet-train: --set allow_silence=true)")
         stream = c.streams.audio[0]
         stream.thread_type = "AUTO"
         t0 = c.start_time / av.time_base if c.start_time is not None else 0.0

@@ -243,7 +243,7 @@ def load_annotations(
             text_cols = [c for c in (_find_column(cols, n, path, "text") for n in _FALLBACK_TEXT) if c is not None][:1]
         if not text_cols:
             raise ValueError(f"{path}: no text columns: expected {list(SHERLOCK_TEXT_COLUMNS)} or 'text', "
-                             f"or name them with text_columns=[...]; columns found: {found}")
+                             f"or name them with text_columns=[...] (giblet-train: --set text_columns='[\"COLUMN\"]'); columns found: {found}")
     else:
         names = [text_columns] if isinstance(text_columns, str) else list(text_columns)
         if not names: raise ValueError(f"{path}: text_columns is empty; name at least one column")

@@ -60,6 +60,8 @@ class TrainConfig:
     cache_dir: str|None = None # root of the feature and synthetic-data caches (None: `default_cache_dir()`)
     synthetic: dict = field(default_factory=lambda: dict(EMBEDDED)) # `make_dataset` args of the embedded dataset
     text_model: str|None = None # sentence-transformers name or path (None: the hashing embedder)
+    text_columns: list|None = None # annotation column(s) joined into each segment's text (None: the Sherlock trio)
+    allow_silence: bool = False # a film without sound gives silence instead of an error
     features: list = field(default_factory=list) # pretrained feature streams, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
     subjects: str = "average" # train on the subject average, or "each" subject with its own head
     val_frac: float = 0.2 # share of TRs in the validation block (after the training block); it early-stops and picks the checkpoint
@@ -231,7 +233,8 @@ def feature_params(cfg:TrainConfig, # the run's options (preset, overrides, text
     p = {f.name: f.default for f in fields(ModelConfig)} | PRESETS[cfg.preset] | cfg.model_overrides
     skip = max(1, math.ceil(fps * tr / p["frames_per_tr"] - 1e-6))
     return FeatureParams(size=(int(p["frame_width"]), int(p["frame_height"])), frame_skip=skip, n_mels=int(p["n_mels"]),
-                         text_dim=int(p["text_dim"]), text_model=cfg.text_model)
+                         text_dim=int(p["text_dim"]), text_model=cfg.text_model, allow_silence=bool(cfg.allow_silence),
+                         text_columns=None if cfg.text_columns is None else tuple([cfg.text_columns] if isinstance(cfg.text_columns, str) else cfg.text_columns))
 
 # %% ../../nbs/31_training.data.ipynb #f9b2c253
 @dataclass
@@ -334,7 +337,7 @@ def run_data(al:Aligned, # the aligned study
     return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
                    None if w is None else torch.as_tensor(w, device=tensors.device), spec, dict(streams or {}))
 
-DATA_OPTIONS = ("data_dir", "study", "film", "annotations", "film_start", "drop_short", "synthetic", "text_model", "features", "subjects",
+DATA_OPTIONS = ("data_dir", "study", "film", "annotations", "film_start", "drop_short", "synthetic", "text_model", "text_columns", "allow_silence", "features", "subjects",
                 "val_frac", "test_frac", "gap", "n_folds", "fold")
 
 def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
