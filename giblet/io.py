@@ -294,6 +294,9 @@ class RunLock:
             try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd); h = self._holder()
+                for _ in range(40):   # the holder writes who it is just after taking the lock: give it a moment
+                    if "pid" in h: break
+                    time.sleep(0.05); h = self._holder()
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["time"])) if "time" in h else "?"
                 raise FolderLockedError(f"{self.folder} is in use by process {h.get('pid', '?')} on "
                                         f"{h.get('host', '?')} (since {since}); wait for it to end or choose another folder") from None
