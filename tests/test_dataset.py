@@ -1,5 +1,6 @@
-"""load_study end to end on the synthetic study: discovery, a cache that is reused, and rebuilt when stale or damaged
-(truncated, bytes changed in place, NaN written in); leftovers of killed builds, file modes and a full disk."""
+"""load_study end to end on the synthetic study: discovery, per-stream caches that are reused, and rebuilt alone when
+stale or damaged (truncated, bytes changed in place, NaN written in); each scan read once; leftovers of killed builds,
+file modes and a full disk."""
 import errno
 import logging
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from giblet.alignment.sync import FeatureParams
 import giblet.io as gio
-from giblet.data.dataset import cache_main, cache_manifest, discover, load_arrays, load_study
+from giblet.data.dataset import cache_main, cache_manifest, discover, load_arrays, load_study, stream_folders
 from giblet.io import DiskFullError, fingerprint_changes, input_fingerprint
 from giblet.data.synthetic import make_dataset
 
@@ -49,26 +50,25 @@ def test_cache_is_reused_then_rebuilt_when_stale_or_damaged(study, tmp_path):
     al = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
     assert al.video.dtype == np.uint8 and al.video.shape[1:] == (19, 18, 32, 3)
     assert al.fmri.shape[:2] == (2, al.n_trs) and al.n_trs <= 60
-    (folder,) = list(cache.iterdir())
+    streams = stream_folders(al.cache)
+    assert sorted(cache.iterdir()) == sorted([al.cache, *streams.values()]) and sorted(streams) == ["audio", "fmri", "text", "video"]
     assert isinstance(al.video, np.memmap) and not list(cache.glob(".*"))      # no temporary leftovers
+    folder = al.cache
     mtime = (folder / "manifest.json").stat().st_mtime_ns
     al2 = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
     assert (folder / "manifest.json").stat().st_mtime_ns == mtime          # reused, not rebuilt
     np.testing.assert_array_equal(al2.fmri[1], al.fmri[1])
     # damaged: a truncated array is detected and the cache rebuilt with the same content
     video = np.array(al.video); del al, al2                                # drop the maps before damaging the file
-    with open(folder / "video.npy", "r+b") as f: f.truncate(1000)
-    assert load_arrays(folder) is None
+    with open(streams["video"] / "video.npy", "r+b") as f: f.truncate(1000)
+    assert load_arrays(streams["video"]) is None
     al3 = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
     np.testing.assert_array_equal(al3.video, video)
-    # stale: a changed input gives a new key (and a new cache folder)
+    # stale: a changed scan gives new keys to the study and its BOLD alone
     os.utime(layout.nii[0], ns=(mtime + 10**9, mtime + 10**9))
-    load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
-    assert len(list(cache.iterdir())) == 2
-    # a different parameter also gives a new key
-    load_study(root / "study", cache_dir=cache, params=FeatureParams(size=(32, 18), n_mels=16, text_dim=64),
-               show_progress=False)
-    assert len(list(cache.iterdir())) == 3
+    al4 = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
+    new = stream_folders(al4.cache)
+    assert al4.cache != folder and {s for s in new if new[s] != streams[s]} == {"fmri"} and len(list(cache.iterdir())) == 7
 
 
 def test_cached_bold_matches_the_raw_bold_closely(study, tmp_path):
@@ -83,9 +83,10 @@ def test_cached_bold_matches_the_raw_bold_closely(study, tmp_path):
 # --- content-checked caches -------------------------------------------------------------------------------------
 
 
-def _build(study_dir, cache, **kw):
+def _build(study_dir, cache, stream="fmri", **kw):
+    "The study and the cache folder of one of its streams."
     al = load_study(study_dir, cache_dir=cache, params=PARAMS, show_progress=False, **kw)
-    return al, Path(al.video.filename).parent
+    return al, stream_folders(al.cache)[stream]
 
 
 def _overwrite(path, offset, data):
@@ -95,15 +96,15 @@ def _overwrite(path, offset, data):
 @pytest.mark.parametrize("damage", ["fmri_plausible", "fmri_nan", "video_plausible"])
 def test_bytes_changed_in_place_are_detected_and_rebuilt(study, tmp_path, caplog, damage):
     root, _ = study
-    al, folder = _build(root / "study", tmp_path / "cache")
-    fmri, video = np.array(al.fmri[:]), np.array(al.video)
     name = damage.split("_")[0] + ".npy"
+    al, folder = _build(root / "study", tmp_path / "cache", name[:-4])
+    fmri, video = np.array(al.fmri[:]), np.array(al.video)
     arr = np.load(folder / name, mmap_mode="r"); off = arr.offset; n = arr.nbytes; del arr, al
     if damage == "fmri_nan": data = np.full(200, np.nan, np.float16).tobytes()
     else: data = (folder / name).read_bytes()[off + n // 2: off + n // 2 + 4000]    # real data from elsewhere in the file
     _overwrite(folder / name, off + 64, data)
     with caplog.at_level(logging.WARNING):
-        al2, folder2 = _build(root / "study", tmp_path / "cache")
+        al2, folder2 = _build(root / "study", tmp_path / "cache", name[:-4])
     assert folder2 == folder
     assert any(str(folder / name) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
     np.testing.assert_array_equal(al2.fmri[:], fmri); np.testing.assert_array_equal(al2.video, video)
@@ -126,11 +127,14 @@ def test_damage_with_the_time_stamp_restored_is_caught_by_verify(study, tmp_path
 
 def test_manifest_holds_checksums_and_the_input_fingerprint(study, tmp_path):
     root, layout = study
-    _, folder = _build(root / "study", tmp_path / "cache")
+    al, folder = _build(root / "study", tmp_path / "cache")
     man = cache_manifest(folder)
     assert man["files"]["fmri.npy"]["blake2b"] == gio.file_checksum(folder / "fmri.npy")
-    assert {f["path"] for f in man["inputs"]} == {str(p.resolve()) for p in (layout.film, layout.annotations, *layout.nii)}
-    assert fingerprint_changes(man["inputs"], input_fingerprint([layout.film, layout.annotations, *layout.nii])) == []
+    assert {f["path"] for f in man["inputs"]} == {str(p.resolve()) for p in layout.nii}       # the BOLD's own inputs
+    study = cache_manifest(al.cache)                                                          # the study's: all of them
+    assert {f["path"] for f in study["inputs"]} == {str(p.resolve()) for p in (layout.film, layout.annotations, *layout.nii)}
+    assert fingerprint_changes(study["inputs"], input_fingerprint([layout.film, layout.annotations, *layout.nii])) == []
+    assert {f["path"] for f in cache_manifest(stream_folders(al.cache)["video"])["inputs"]} == {str(layout.film.resolve())}
 
 
 def test_leftovers_of_a_killed_build_are_removed_on_the_next_load(study, tmp_path):
@@ -147,10 +151,11 @@ def test_leftovers_of_a_killed_build_are_removed_on_the_next_load(study, tmp_pat
 def test_cache_files_get_umask_derived_modes(study, tmp_path):
     root, _ = study
     old = os.umask(0o027)
-    try: _, folder = _build(root / "study", tmp_path / "cache")
+    try: _build(root / "study", tmp_path / "cache")
     finally: os.umask(old)
-    assert folder.stat().st_mode & 0o777 == 0o750
-    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o640}
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 5 and {f.stat().st_mode & 0o777 for f in folders} == {0o750}
+    assert {p.stat().st_mode & 0o777 for f in folders for p in f.iterdir()} == {0o640}
 
 
 def test_full_disk_at_the_cache_is_one_line_naming_the_folder(study, tmp_path, monkeypatch):
@@ -175,7 +180,7 @@ def test_full_disk_at_the_cache_is_one_line_naming_the_folder(study, tmp_path, m
     shutil.rmtree(folder)
     with pytest.raises(DiskFullError) as e: load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
     assert "\n" not in str(e.value) and f"no space left in {cache} for {folder.name}" in str(e.value)
-    assert list(cache.iterdir()) == []                                             # no half-built folder
+    assert not folder.exists() and not [p for p in cache.iterdir() if p.name.startswith(".")]   # no half-built folder
     monkeypatch.undo()
     _, folder = _build(root / "study", cache)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "verified.json"} == \
@@ -188,10 +193,12 @@ def test_cache_main_builds_and_verify_removes_damaged_caches(study, tmp_path, ca
     out = cache_main(root / "study", cache, show_progress=False, params=PARAMS)
     other = cache_main(root / "study", cache, show_progress=False,
                        params=FeatureParams(size=(16, 9), n_mels=32, text_dim=64))["study"]
-    _overwrite(other / "audio.npy", 300, b"\x01" * 64)
+    frames = stream_folders(other)["video"]                 # the one stream the two studies do not share
+    _overwrite(frames / "video.npy", 300, b"\x01" * 64)
     with caplog.at_level(logging.WARNING): res = cache_main(None, cache, verify=True, show_progress=False)
-    assert res["verified"] == [out["study"]] and res["removed"] == [other] and not other.exists()
-    assert f"{other / 'audio.npy'} does not match its checksum" in caplog.text
+    assert res["removed"] == [frames] and not frames.exists()
+    assert set(res["verified"]) == {out["study"], other, *stream_folders(out["study"]).values()} and len(res["verified"]) == 6
+    assert f"{frames / 'video.npy'} does not match its checksum" in caplog.text
     with pytest.raises(ValueError, match="give a study folder"): cache_main(None, cache)
 
 
@@ -212,10 +219,11 @@ ds.load_study({str(root / 'study')!r}, cache_dir={str(cache)!r}, params=FeatureP
 """], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "writing"
     child.kill(); child.wait(); child.stdout.close()
-    (left,) = list(cache.iterdir())
-    assert left.name.startswith(".") and f".{child.pid}-" in left.name and (left / "video.npy").exists()
-    _, folder = _build(root / "study", cache)
-    assert list(cache.iterdir()) == [folder]
+    left = [p for p in cache.iterdir() if p.name.startswith(".")]   # the BOLD's half-built folder and its scans' local copies
+    assert left and all(f".{child.pid}-" in p.name for p in left) and any(p.name.startswith(".bold-") for p in left)
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir() if not p.name.startswith(".")) == ["audio", "text", "video"]
+    al, _ = _build(root / "study", cache)
+    assert sorted(cache.iterdir()) == sorted([al.cache, *stream_folders(al.cache).values()])
 
 
 def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
@@ -236,8 +244,7 @@ def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
 def test_cache_writer_lets_each_lazy_subject_go_and_never_scales_the_callers_array(tmp_path):
     import weakref
     import nibabel as nib
-    from giblet.alignment.sync import Aligned
-    from giblet.data.dataset import aligned_to_arrays, arrays_to_aligned, save_arrays
+    from giblet.data.dataset import _DecodedBold, _encode_fmri, save_arrays
     alive, most = [], [0]
     bold = lambda s: np.random.default_rng(s).normal(100 + 50 * s, 5, (40, 30)).astype(np.float32)
 
@@ -248,15 +255,83 @@ def test_cache_writer_lets_each_lazy_subject_go_and_never_scales_the_callers_arr
             alive[:] = [r for r in alive if r() is not None]; most[0] = max(most[0], len(alive))
             x = bold(s); alive.append(weakref.ref(x)); return x
 
-    n = 40
-    al = Aligned(video=np.zeros((n, 2, 4, 6, 3), np.uint8), audio=np.zeros((n, 5, 3), np.float32),
-                 text=np.zeros((n, 8), np.float32), has_text=np.zeros(n, bool), fmri=Lazy(), tr=1.5,
-                 tr_start=np.arange(n) * 1.5, run=np.zeros(n, int), volume=np.arange(n), texts=[""] * n,
-                 mask=nib.Nifti1Image(np.ones((30, 1, 1), np.uint8), np.eye(4)))
-    save_arrays(tmp_path / "c", *aligned_to_arrays(al, show_progress=False))
+    center, scale, codes = _encode_fmri(Lazy(), show_progress=False)
+    save_arrays(tmp_path / "c", dict(fmri=codes))
     assert most[0] == 0                     # no subject handed over outlives the reading of the next
-    back = arrays_to_aligned(*load_arrays(tmp_path / "c"))
-    for s in range(4): np.testing.assert_allclose(back.fmri[s], bold(s), rtol=2e-3)
+    back = _DecodedBold(load_arrays(tmp_path / "c")[0]["fmri"], center, scale)
+    for s in range(4): np.testing.assert_allclose(back[s], bold(s), rtol=2e-3)
     plain = np.stack([bold(s) for s in range(2)]); keep = plain.copy()
-    aligned_to_arrays(Aligned(**{**al.__dict__, "fmri": plain}), show_progress=False)[0]["fmri"].blocks.__next__()
+    _encode_fmri(plain, show_progress=False)[2].blocks.__next__()
     np.testing.assert_array_equal(plain, keep)   # an in-memory BOLD is never scaled in place
+
+
+# --- caches per stream ------------------------------------------------------------------------------------------
+
+
+def _files(cache):
+    "(inode, mtime) of every file of every cache folder, by folder and name."
+    return {(f.name, p.name): (p.stat().st_ino, p.stat().st_mtime_ns) for f in cache.iterdir() if not f.name.startswith(".")
+            for p in f.iterdir()}
+
+
+@pytest.mark.parametrize("change,stream", [(dict(params=FeatureParams(size=(16, 9), n_mels=32, text_dim=64)), "video"),
+                                           (dict(params=FeatureParams(size=(32, 18), n_mels=16, text_dim=64)), "audio"),
+                                           (dict(params=FeatureParams(size=(32, 18), n_mels=32, text_dim=32)), "text"),
+                                           (dict(mask_threshold=1.0), "fmri")])
+def test_a_change_rebuilds_its_own_stream_alone(study, tmp_path, change, stream):
+    root, _ = study
+    cache = tmp_path / "cache"
+    al = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
+    before, old = _files(cache), stream_folders(al.cache)
+    kw = {"params": PARAMS, **change}
+    al2 = load_study(root / "study", cache_dir=cache, show_progress=False, **kw)
+    new = stream_folders(al2.cache)
+    assert {s for s in new if new[s] != old[s]} == {stream} and al2.cache != al.cache
+    after = _files(cache)
+    assert {k: v for k, v in after.items() if k in before} == before           # every file of every old cache untouched
+    assert {f for f, _ in set(after) - set(before)} == {al2.cache.name, new[stream].name}
+    if stream == "video": assert al2.video.shape[2:4] == (9, 16)
+    if stream == "audio": assert al2.audio.shape[1] == 16
+    if stream == "text": assert al2.text.shape[1] == 32
+    if stream == "fmri": assert 0 < al2.n_voxels < al.n_voxels
+    for s in {"video", "audio", "text"} - {stream}: np.testing.assert_array_equal(getattr(al2, s), getattr(al, s))
+    if stream != "fmri": np.testing.assert_array_equal(al2.fmri[:], al.fmri[:])
+
+
+def test_a_damaged_stream_is_rebuilt_alone(study, tmp_path, caplog):
+    root, _ = study
+    cache = tmp_path / "cache"
+    al = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
+    audio, text = np.array(al.audio), np.array(al.text); del al
+    before = _files(cache)
+    folder = next(f for f in cache.iterdir() if f.name.startswith("audio-"))
+    _overwrite(folder / "audio.npy", 200, b"\x07" * 32)
+    with caplog.at_level(logging.WARNING): al = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False, verify=True)
+    assert f"{folder / 'audio.npy'} does not match its checksum" in caplog.text
+    after = _files(cache)
+    changed = {f for f in {f for f, _ in before} if any(after.get(k) != v for k, v in before.items() if k[0] == f and k[1] != "verified.json")}
+    assert changed == {folder.name}
+    np.testing.assert_array_equal(al.audio, audio); np.testing.assert_array_equal(al.text, text)
+
+
+def test_each_scan_is_read_once_and_the_bold_is_as_before(study, tmp_path, monkeypatch):
+    import giblet.data.fmri as fmri
+    from giblet.data.dataset import _encode_fmri
+    from giblet.data.fmri import SubjectBold, shared_mask
+    root, layout = study
+    reads, real = [], fmri.iter_volumes
+    def iter_volumes(img, *a, **k):
+        reads.append(fmri._name(img)); return real(img, *a, **k)
+    monkeypatch.setattr(fmri, "iter_volumes", iter_volumes)
+    monkeypatch.setattr(fmri, "nii_to_features", lambda *a, **k: pytest.fail("a scan was read a second time"))
+    al = load_study(root / "study", cache_dir=tmp_path / "cache", params=PARAMS, show_progress=False)
+    monkeypatch.undo()
+    assert sorted(reads) == sorted(str(p) for p in layout.nii)              # one decompression per scan
+    # the cached BOLD is byte for byte what the mask and a second read of each scan gave
+    mask = shared_mask(layout.nii)
+    center, scale, codes = _encode_fmri(SubjectBold([(layout.nii, int(al.volume[0]), int(al.volume[-1]) + 1)], mask), False)
+    arrays = load_arrays(stream_folders(al.cache)["fmri"])[0]
+    np.testing.assert_array_equal(arrays["mask"], np.asarray(mask.dataobj))
+    np.testing.assert_array_equal(arrays["fmri"], np.concatenate(list(codes.blocks)))
+    np.testing.assert_array_equal(arrays["fmri_center"], center); np.testing.assert_array_equal(arrays["fmri_scale"], scale)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]       # the local copies are gone

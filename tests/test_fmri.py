@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from giblet.data.fmri import (ZScoreStats, apply_zscore, average_subjects, features_to_nii, find_niftis, iter_volumes,
-                              load_nifti, load_subjects, nii_to_features, read_tr, shared_mask, sort_subjects,
-                              temporal_std, zscore, zscore_stats)
+import giblet.data.fmri as fmri
+from giblet.data.fmri import (MaskRule, OnePassBold, SubjectBold, ZScoreStats, apply_zscore, average_subjects,
+                              features_to_nii, find_niftis, iter_volumes, load_nifti, load_subjects, nii_to_features,
+                              read_tr, shared_mask, sort_subjects, temporal_std, zscore, zscore_stats)
 
 NIBDATA = Path(nib.__file__).parent / "tests" / "data"
 REAL = ["functional.nii", "example4d.nii.gz", "example_nifti2.nii.gz"]
@@ -424,3 +425,60 @@ def test_shared_mask_from_a_mask_file_an_atlas_or_nonzero(tmp_path, caplog):
     assert nonzero.sum() == 120
     with pytest.raises(ValueError, match="does not match the mask"):
         shared_mask(paths, brain_mask=np.ones((8, 7, 5), bool))
+
+
+# --- each scan read once ----------------------------------------------------------------------------------------
+
+
+def awkward_scan(seed, late=True, n_trs=40):
+    "A scaled int16 scan with a voxel that is 0 in the first volumes and varies later, and one that is 0 at a used volume."
+    img = scan(n_trs=n_trs, seed=seed, slope=0.5, inter=3.0)
+    raw = np.asarray(img.dataobj).astype(np.float64)            # the scaled values
+    raw[0, 0, 0, 10:] = np.random.default_rng(seed).normal(500, 40, n_trs - 10) if late else 0   # outside the box: 0 early
+    raw[2, 2, 2, 12] = 0.0                                                              # 0 at one used volume
+    out = nib.Nifti1Image(np.round((raw - 3.0) / 0.5).astype(np.int16), img.affine, img.header)
+    out.header.set_slope_inter(0.5, 3.0)
+    return out
+
+
+def counting_reads(monkeypatch):
+    reads, real = [], fmri.iter_volumes
+    def iter_volumes(img, *a, **k):
+        reads.append(fmri._name(img)); return real(img, *a, **k)
+    monkeypatch.setattr(fmri, "iter_volumes", iter_volumes)
+    monkeypatch.setattr(fmri, "nii_to_features", lambda *a, **k: pytest.fail("a scan was read a second time"))
+    return reads
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0])
+def test_one_pass_reads_each_scan_once_and_equals_shared_mask_then_reading(tmp_path, monkeypatch, threshold):
+    paths = [write(awkward_scan(s, late=s != 2), tmp_path / f"s{s}.nii.gz") for s in range(3)]
+    parts = [(paths[:2], 5, 25), (paths[:2], 12, 40)]     # a scan used twice, one used only by the mask
+    reads = counting_reads(monkeypatch)
+    with OnePassBold(parts, MaskRule(paths, threshold=threshold), workdir=tmp_path / "work") as once:
+        copies = sorted(p.name for p in (tmp_path / "work").iterdir())
+        assert len(copies) == 4 and all(c.startswith(".bold-") for c in copies)   # a dense and a sparse file per used scan
+        monkeypatch.undo()
+        assert sorted(reads) == sorted(map(str, paths))                      # one decompression per scan
+        ref_mask = shared_mask(paths, threshold=threshold)
+        m = np.asarray(ref_mask.dataobj)
+        assert m[0, 0, 0] == (threshold < 1)           # the late voxel (0 in volume 5 of both used scans) is in the mask
+        np.testing.assert_array_equal(np.asarray(once.mask.dataobj), m)
+        np.testing.assert_array_equal(once[1], SubjectBold(parts, ref_mask)[1])      # bit-identical
+        np.testing.assert_array_equal(np.asarray(once), np.asarray(SubjectBold(parts, ref_mask)))
+    assert list((tmp_path / "work").iterdir()) == []                          # close removes the copies
+
+
+def test_one_pass_errors_leave_no_copies(tmp_path):
+    good = write(scan(shape=(16, 16, 16), n_trs=20), tmp_path / "good.nii.gz")
+    raw = bytearray(good.read_bytes()); raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+    bad = tmp_path / "damaged.nii.gz"; bad.write_bytes(bytes(raw))
+    work = tmp_path / "work"
+    with pytest.raises(ValueError, match=r"damaged\.nii\.gz: .*corrupt"):
+        OnePassBold([([good, bad], 0, 20)], MaskRule([good, bad]), workdir=work)
+    assert list(work.iterdir()) == []
+    nan = scan(shape=(16, 16, 16), n_trs=20, dtype=np.float32); d = np.asarray(nan.dataobj).copy(); d[5, 5, 5, 3] = np.nan
+    odd = write(nib.Nifti1Image(d, nan.affine, nan.header), tmp_path / "nan.nii.gz")
+    with OnePassBold([([odd], 0, 20)], MaskRule([good]), workdir=work) as once:      # a scan the rule did not see
+        with pytest.raises(ValueError, match=r"nan\.nii\.gz: in-mask voxels are NaN"): once[0]
+    with pytest.raises(ValueError, match="threshold must be in"): OnePassBold([([good], 0, 20)], MaskRule([good], threshold=0))

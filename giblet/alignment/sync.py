@@ -22,7 +22,8 @@ from ..data.video import video_info, video_to_frames
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'Aligned', 'Grid', 'tr_grid', 'FeatureParams', 'RunSpec', 'align_run', 'concat_runs']
+__all__ = ['logger', 'Aligned', 'Grid', 'tr_grid', 'FeatureParams', 'RunSpec', 'RunPlan', 'plan_run', 'run_video', 'run_audio',
+           'run_text', 'complete_trs', 'align_run', 'concat_runs']
 
 # %% ../../nbs/11_alignment.sync.ipynb #abf64e82
 @dataclass
@@ -40,6 +41,7 @@ class Aligned:
     texts: list = field(default_factory=list) # the annotation text of each TR ("" where none)
     mask: object = None # the Nifti1Image whose in-mask voxels are the columns of `fmri`
     subjects: list | None = None # positions (in the run's NIfTI list) of the subjects in `fmri`; None: all of them
+    cache: Path | None = None # the study folder of the cache it was loaded from (None: built in memory)
 
     @property
     def n_trs(self)->int: return len(self.run)
@@ -174,6 +176,72 @@ def _log_cuts(g:Grid, n_vols:int, info, run:RunSpec, run_id:int):
                                     "dropped", run_id, left, int(left // g.tr))
     elif left > 1e-6: logger.info("run %d: the film segment's last %.3f s do not fill a TR and are dropped", run_id, left)
 
+@dataclass
+class RunPlan:
+    "One run's TR grid and what each stream is cut from, found from the headers and the film's length alone."
+    film: Path # the film file
+    annotations: Path # the annotation table
+    grid: Grid # the TR windows
+    nii: list # the kept subjects' NIfTIs, in subject order
+    subjects: list | None # their positions in the run's NIfTI list; None: all of them
+    run_id: int # the id stored for every TR of this run
+    part: int # the annotation part shown
+    part_start: float # film time (s) where that part's clock reads 0
+    film_duration: float # seconds
+
+    def grid_key(self)->dict:
+        "The grid as JSON: what every stream cut on it depends on."
+        g = self.grid
+        return dict(tr=g.tr, film_time=g.film_time, first_volume=g.first_volume, n_trs=g.n_trs)
+
+def plan_run(film:str|Path, # the film file
+             annotations:str|Path, # the annotation spreadsheet (film times)
+             run:RunSpec, # the run's NIfTIs and segment
+             tr:float|None=None, # expected TR (s); None trusts the header
+             run_id:int=0, # the id stored for every TR of this run
+             min_trs:int|None=None, # drop subjects giving fewer TRs than this; None: cut all to the shortest (warned)
+             text_columns:tuple|None=None, # annotation columns (they decide how the table splits into parts)
+            )->RunPlan:
+    "The grid of one run from the NIfTI headers and the film's length (nothing decoded), every cut logged with counts."
+    tr = _check_tr(run.nii, tr)
+    vols = {str(p): load_nifti(p, ndim=4).shape[3] for p in run.nii}
+    info = video_info(film)
+    keep = _subject_trs(vols, tr, info, run, run_id, min_trs)
+    n_vols = min(vols[p] for p in keep)
+    g = tr_grid(n_vols, tr, info.duration, run.film_start, run.film_stop, run.scan_offset)
+    _log_cuts(g, n_vols, info, run, run_id)
+    part, part_start = _run_part(annotations, run, run_id, text_columns)
+    idx = [k for k, p in enumerate(map(str, run.nii)) if p in keep]
+    return RunPlan(Path(film), Path(annotations), g, [run.nii[k] for k in idx], None if len(idx) == len(run.nii) else idx,
+                   run_id, part, part_start, info.duration)
+
+def run_video(plan:RunPlan, params:FeatureParams)->np.ndarray:
+    "The run's frames on its grid: `(<= n_trs, frames_per_tr, H, W, 3)` uint8 (fewer TRs when the film ends early)."
+    g = plan.grid
+    return video_to_frames(plan.film, tr=g.tr, size=params.size, frame_skip=params.frame_skip, max_trs=g.n_trs,
+                           start=g.film_time)
+
+def run_audio(plan:RunPlan, params:FeatureParams)->np.ndarray:
+    "The run's log-mel windows on its grid: `(<= n_trs, n_mels, A)` float32."
+    g = plan.grid
+    return audio_to_mel(plan.film, tr=g.tr, sr=params.sr, n_mels=params.n_mels, max_trs=g.n_trs, start=g.film_time,
+                        allow_silence=params.allow_silence)
+
+def run_text(plan:RunPlan, params:FeatureParams, embedder:Callable|None=None)->tuple[np.ndarray, np.ndarray, list]:
+    "The run's annotation text on every TR of its grid, only from its own part: `(embeddings, has_text, texts)`."
+    g = plan.grid
+    df = load_annotations(plan.annotations, film_duration=plan.film_duration - plan.part_start, part=plan.part,
+                          text_columns=params.text_columns)
+    texts, has_text = annotations_to_trs(df, g.n_trs, g.tr, start=g.film_time - plan.part_start, part=plan.part)
+    return embed_trs(texts, has_text, embedder or params.embedder()), np.asarray(has_text), list(texts)
+
+def complete_trs(plan:RunPlan, *lengths:int)->int:
+    "TRs of the run complete in every stream (each stream's own length), warning with counts when a stream ends early."
+    n = min(plan.grid.n_trs, *lengths)
+    if n < plan.grid.n_trs: logger.warning("%s: only %d of %d TR windows are complete in every stream; %d TRs dropped",
+                                           plan.film, n, plan.grid.n_trs, plan.grid.n_trs - n)
+    return n
+
 def align_run(film:str|Path, # the film file
               annotations:str|Path, # the annotation spreadsheet (film times)
               run:RunSpec, # the run's NIfTIs and segment
@@ -185,30 +253,17 @@ def align_run(film:str|Path, # the film file
               min_trs:int|None=None, # drop subjects giving fewer TRs than this; None: cut all to the shortest (warned)
               stream_fmri:bool=False, # BOLD as a `SubjectBold` read subject by subject when indexed, instead of one array
              )->Aligned:
-    "Every stream of one run on one TR grid."
-    tr = _check_tr(run.nii, tr)
-    vols = {str(p): load_nifti(p, ndim=4).shape[3] for p in run.nii}
-    info = video_info(film)
-    keep = _subject_trs(vols, tr, info, run, run_id, min_trs)
-    n_vols = min(vols[p] for p in keep)
-    g = tr_grid(n_vols, tr, info.duration, run.film_start, run.film_stop, run.scan_offset)
-    _log_cuts(g, n_vols, info, run, run_id)
-    video = video_to_frames(film, tr=tr, size=params.size, frame_skip=params.frame_skip, max_trs=g.n_trs, start=g.film_time)
-    audio = audio_to_mel(film, tr=tr, sr=params.sr, n_mels=params.n_mels, max_trs=g.n_trs, start=g.film_time,
-                         allow_silence=params.allow_silence)
-    part, part_start = _run_part(annotations, run, run_id, params.text_columns)
-    df = load_annotations(annotations, film_duration=info.duration - part_start, part=part, text_columns=params.text_columns)
-    n = min(g.n_trs, len(video), len(audio))
-    if n < g.n_trs: logger.warning("%s: only %d of %d TR windows are complete in every stream; %d TRs dropped",
-                                   film, n, g.n_trs, g.n_trs - n)
-    texts, has_text = annotations_to_trs(df, n, tr, start=g.film_time - part_start, part=part)
-    text = embed_trs(texts, has_text, embedder or params.embedder())
-    idx = [k for k, p in enumerate(map(str, run.nii)) if p in keep]
-    nii, vols = [run.nii[k] for k in idx], (g.first_volume, g.first_volume + n)
-    fmri = SubjectBold([(nii, *vols)], mask) if stream_fmri else load_subjects(nii, mask, *vols)
-    return Aligned(video=video[:n], audio=audio[:n], text=text, has_text=np.asarray(has_text), fmri=fmri, tr=tr,
+    "Every stream of one run on one TR grid: `plan_run`, then each stream cut on the grid, then cut to the shortest."
+    p = plan_run(film, annotations, run, tr, run_id, min_trs, params.text_columns)
+    g = p.grid
+    video, audio = run_video(p, params), run_audio(p, params)
+    n = complete_trs(p, len(video), len(audio))
+    text, has_text, texts = run_text(p, params, embedder)
+    vols = (g.first_volume, g.first_volume + n)
+    fmri = SubjectBold([(p.nii, *vols)], mask) if stream_fmri else load_subjects(p.nii, mask, *vols)
+    return Aligned(video=video[:n], audio=audio[:n], text=text[:n], has_text=has_text[:n], fmri=fmri, tr=g.tr,
                    tr_start=g.tr_start[:n], run=np.full(n, run_id), volume=g.first_volume + np.arange(n),
-                   texts=list(texts), mask=mask, subjects=None if len(idx) == len(run.nii) else idx)
+                   texts=texts[:n], mask=mask, subjects=p.subjects)
 
 # %% ../../nbs/11_alignment.sync.ipynb #1d6c9534
 def concat_runs(runs:Sequence[Aligned])->Aligned:

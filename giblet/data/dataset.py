@@ -23,17 +23,18 @@ from tqdm.auto import tqdm
 
 from ..io import (atomic_folder, atomic_write, clean_leftovers, file_checksum, input_fingerprint, usual_mode,
                        write_file)
-from ..alignment.sync import Aligned, FeatureParams, RunSpec, align_run, concat_runs
-from .fmri import shared_mask, sort_subjects, zscore_stats
+from ..alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, complete_trs, plan_run, run_audio, run_text,
+                                   run_video)
+from .fmri import MaskRule, OnePassBold, SubjectBold, sort_subjects, zscore_stats
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NOT_ANNOTATIONS', 'NOT_SUBJECTS', 'NO_TRAIN_RUN', 'CACHE_VERSION',
-           'VERIFIED', 'RACY_SECONDS', 'StudyFiles', 'discover', 'Split', 'block_split', 'Normaliser', 'fit_normaliser',
-           'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays', 'cache_manifest', 'aligned_to_arrays',
-           'arrays_to_aligned', 'context_starts', 'StudyTensors', 'ContextDataset', 'DeviceLoader', 'default_cache_dir',
-           'cached_study', 'align_study', 'load_study', 'cache_main']
+           'VERIFIED', 'RACY_SECONDS', 'STREAMS', 'STREAM_PARAMS', 'StudyFiles', 'discover', 'Split', 'block_split',
+           'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays', 'cache_manifest',
+           'stream_keys', 'cached_stream', 'stream_folders', 'context_starts', 'StudyTensors', 'ContextDataset',
+           'DeviceLoader', 'default_cache_dir', 'align_study', 'load_study', 'cache_main']
 
 # %% ../../nbs/12_data.dataset.ipynb #efe36119
 FILM_EXTS = (".m4v", ".mp4", ".mkv", ".avi")
@@ -355,7 +356,7 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
     step = max(1, 2**22 // max(n_trs, 1))   # voxels per statistics block: float64 temporaries of 32 MB, not a subject's
     def subjects():
         for s in tqdm(range(n_sub), desc="cache fMRI", disable=not show_progress):
-            x = np.asarray(fmri[s], dtype=np.float32)  # one subject (read now if `fmri` is a `SubjectBold`), scaled in place
+            x = np.asarray(fmri[s], dtype=np.float32)  # one subject (read now if `fmri` is lazy), scaled in place
             if not (x.flags.owndata and x.flags.writeable): x = x.copy()    # never scale the caller's array
             for v in range(0, n_vox, step):
                 center[s, v:v + step] = x[:, v:v + step].mean(0); scale[s, v:v + step] = _safe_std(x[:, v:v + step], 0)
@@ -364,39 +365,123 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
             yield codes; del codes
     return center, scale, StreamedArray((n_sub, n_trs, n_vox), np.float16, subjects())
 
-def aligned_to_arrays(al:Aligned, show_progress:bool=True)->tuple[dict, dict, dict]:
-    "The cache arrays (BOLD streamed subject by subject, the frames let go once written), metadata and preallocated shapes (none now) of an `Aligned` study."
-    center, scale, bold = _encode_fmri(al.fmri, show_progress)
-    video = np.asarray(al.video)   # written first; the one-shot stream then holds the only reference, so it is freed before the BOLD
-    arrays = dict(video=StreamedArray(video.shape, video.dtype, iter([video])), audio=al.audio.astype(np.float16), text=al.text.astype(np.float32),
-                  has_text=al.has_text, tr_start=al.tr_start, run=al.run, volume=al.volume,
-                  mask=np.asarray(al.mask.dataobj, dtype=np.uint8), affine=al.mask.affine, fmri=bold,
-                  fmri_center=StreamedArray(center.shape, np.float32, iter([center])),   # filled while `bold` is written
-                  fmri_scale=StreamedArray(scale.shape, np.float32, iter([scale])))
-    return arrays, dict(tr=al.tr, texts=list(al.texts)), {}
-
 class _DecodedBold:
-    "A lazy `(n_subjects, n_trs, n_voxels)` float32 view of float16 cache BOLD: subjects decode when indexed; `run` is each TR's run."
-    def __init__(self, codes, center, scale, run=None): self.codes, self.center, self.scale, self.run = codes, center, scale, run
-    shape = property(lambda self: self.codes.shape)
+    "A lazy `(n_subjects, n_trs, n_voxels)` float32 view of float16 cache BOLD: subjects decode when indexed; `run` is each TR's run; `rows` the cache rows of the study's TRs (None: all)."
+    def __init__(self, codes, center, scale, run=None, rows=None):
+        self.codes, self.center, self.scale, self.run, self.rows = codes, center, scale, run, rows
+    shape = property(lambda self: self.codes.shape if self.rows is None else (self.codes.shape[0], len(self.rows), self.codes.shape[2]))
     dtype, ndim = np.dtype(np.float32), 3
     def __len__(self): return self.shape[0]
     def __getitem__(self, s):
         if isinstance(s, tuple): return self[s[0]][s[1:]] if len(s) > 1 else self[s[0]]
         if isinstance(s, (int, np.integer)):
-            return self.codes[s].astype(np.float32) * self.scale[s] + self.center[s]
+            x = self.codes[s] if self.rows is None else self.codes[s][self.rows]
+            return x.astype(np.float32) * self.scale[s] + self.center[s]
         return np.stack([self[i] for i in range(self.shape[0])[s]])
-    def __array__(self, dtype=None, copy=None): 
+    def __array__(self, dtype=None, copy=None):
         a = self[:]; return a if dtype is None else a.astype(dtype)
 
-def arrays_to_aligned(arrays:dict, meta:dict)->Aligned:
-    "An `Aligned` study over the (memory-mapped) cache arrays."
+# %% ../../nbs/12_data.dataset.ipynb #470b989d
+STREAMS = ("video", "audio", "text", "fmri") # the stream caches a study joins
+STREAM_PARAMS = dict(video=("size", "frame_skip"), audio=("sr", "n_mels", "allow_silence"),
+                     text=("text_dim", "text_model", "text_columns"), fmri=()) # the `FeatureParams` fields that key each stream
+
+def stream_keys(plans:Sequence[RunPlan], # the study's runs, planned
+                params:FeatureParams, # how the streams are cut
+                mask:MaskRule|Callable, # the mask rule, or a callable making the mask
+                mask_key:dict|None=None, # with a callable mask: what decides the mask (JSON); None: `fallback`
+                fallback:str="", # with a callable mask and no `mask_key`: a key for the mask (e.g. the study's)
+                extra_inputs:Sequence=(), # files besides films, tables and scans (a mask file): they key the BOLD
+               )->dict: # stream -> (key, inputs)
+    "Each stream's cache key: its inputs' paths, sizes and times, its own parameters, and the grid it is cut on."
+    p = asdict(params)
+    own = lambda s: {k: p[k] for k in STREAM_PARAMS[s]}
+    film = lambda r: dict(film=str(r.film), tr=r.grid.tr, film_time=r.grid.film_time, n_trs=r.grid.n_trs)
+    text = lambda r: dict(film(r), annotations=str(r.annotations), part=r.part, part_start=r.part_start,
+                          film_duration=r.film_duration)
+    bold = lambda r: dict(nii=[str(n) for n in r.nii], first_volume=r.grid.first_volume, n_trs=r.grid.n_trs)
+    if isinstance(mask, MaskRule): how, scans = dict(rule=mask.params()), [str(s) for s in mask.scans]
+    else: how, scans = dict(callable=mask_key if mask_key is not None else fallback), []
+    files = lambda xs: sorted({str(x) for x in xs})
+    inputs = dict(video=files(r.film for r in plans), audio=files(r.film for r in plans),
+                  text=files(r.annotations for r in plans),
+                  fmri=files([*scans, *extra_inputs, *(n for r in plans for n in r.nii)]
+                             + ([mask.brain_mask] if isinstance(mask, MaskRule) and mask.brain_mask not in (None, "nonzero") else [])))
+    grids = dict(video=[film(r) for r in plans], audio=[film(r) for r in plans], text=[text(r) for r in plans],
+                 fmri=[dict(bold(r), subjects=r.subjects) for r in plans])
+    extra = dict(fmri=how)
+    return {s: (cache_key(inputs[s], dict(stream=s, params=own(s), runs=grids[s], **extra.get(s, {}))), inputs[s])
+            for s in STREAMS}
+
+def _build_stream(name:str, plans, params, mask, root:Path, progress:bool):
+    "The arrays and metadata of one stream over every run, and a callable that frees what the build held."
+    if name == "fmri":
+        parts = [(r.nii, r.grid.first_volume, r.grid.first_volume + r.grid.n_trs) for r in plans]
+        bold = OnePassBold(parts, mask, workdir=root, progress=progress) if isinstance(mask, MaskRule) else SubjectBold(parts, mask())
+        center, scale, codes = _encode_fmri(bold, progress)
+        arrays = dict(fmri=codes, fmri_center=StreamedArray(center.shape, np.float32, iter([center])),   # filled while `codes` is written
+                      fmri_scale=StreamedArray(scale.shape, np.float32, iter([scale])),
+                      mask=np.asarray(bold.mask.dataobj, dtype=np.uint8), affine=bold.mask.affine)
+        return arrays, dict(lengths=[r.grid.n_trs for r in plans], subjects=plans[0].subjects), getattr(bold, "close", lambda: None)
+    if name == "text":
+        runs = [run_text(r, params) for r in plans]
+        return (dict(text=np.concatenate([t for t, _, _ in runs]).astype(np.float32), has_text=np.concatenate([h for _, h, _ in runs])),
+                dict(lengths=[len(t) for t, _, _ in runs], texts=[s for _, _, x in runs for s in x]), lambda: None)
+    cut = run_video if name == "video" else run_audio
+    runs = [cut(r, params) for r in tqdm(plans, desc=name, disable=not progress or len(plans) == 1)]
+    lengths = [len(a) for a in runs]
+    a = runs[0] if len(runs) == 1 else np.concatenate(runs); del runs
+    if name == "audio": a = a.astype(np.float16)
+    return {name: StreamedArray(a.shape, a.dtype, iter([a]))}, dict(lengths=lengths), lambda: None   # let go once written
+
+def cached_stream(folder:str|Path, # the stream's cache folder
+                  build:Callable, # () -> (arrays, meta, release): called only when the cache is missing or damaged
+                  inputs:Sequence[str|Path], # the files the stream is built from (fingerprinted into the manifest)
+                  verify:bool|None=None, # checksum the files: None when due (see `load_arrays`), True always, False never
+                  show_progress:bool=True, # progress bars
+                  damaged:bool=False, # the folder was just found missing or damaged: build without looking again
+                 )->tuple[dict, dict]: # (arrays, meta), memory-mapped
+    "The arrays cached in `folder` if intact, else `build()` written there atomically (the first use checks every checksum)."
+    hit = None if damaged else load_arrays(folder, verify=verify, progress=show_progress)
+    if hit is not None: logger.info("using the cached %s", folder); return hit
+    fingerprint = input_fingerprint(inputs)         # taken before reading: a file changed meanwhile shows up next time
+    logger.info("building %s", folder)
+    arrays, meta, release = build()
+    try: save_arrays(folder, arrays, meta, inputs=fingerprint)
+    finally: release()
+    del arrays
+    return load_arrays(folder, progress=show_progress)
+
+def _rows(lengths:list, n_trs:list)->np.ndarray:
+    "The rows of a stream (runs of `lengths`) holding each run's first `n_trs` TRs."
+    off = np.cumsum([0, *lengths])
+    return np.concatenate([off[r] + np.arange(n) for r, n in enumerate(n_trs)]).astype(np.int64)
+
+def _take(a, rows:np.ndarray):
+    "`a[rows]`, as a memory-mapped slice when the rows are a prefix."
+    if len(rows) == len(a) and (not len(rows) or rows[-1] == len(a) - 1): return a
+    if np.array_equal(rows, np.arange(len(rows))): return a[:len(rows)]
+    return np.asarray(a[rows])
+
+def _assemble(index:tuple, streams:dict, folder:Path)->Aligned:
+    "An `Aligned` study from its study folder's arrays and its streams' memory maps."
     import nibabel as nib
-    mask = nib.Nifti1Image(np.asarray(arrays["mask"]), np.asarray(arrays["affine"]))
-    fmri = _DecodedBold(arrays["fmri"], arrays["fmri_center"], arrays["fmri_scale"], np.asarray(arrays["run"]))
-    return Aligned(arrays["video"], arrays["audio"], arrays["text"], np.asarray(arrays["has_text"]), fmri,
-                   float(meta["tr"]), np.asarray(arrays["tr_start"]), np.asarray(arrays["run"]),
-                   np.asarray(arrays["volume"]), list(meta["texts"]), mask)
+    arrays, meta = index
+    n, run = meta["n_trs"], np.asarray(arrays["run"])
+    rows = {s: _rows(streams[s][1]["lengths"], n) for s in STREAMS}
+    (v, _), (a, _), (t, tm), (f, fm) = (streams[s] for s in STREAMS)
+    fmri = _DecodedBold(f["fmri"], f["fmri_center"], f["fmri_scale"], run,
+                        None if len(rows["fmri"]) == f["fmri"].shape[1] else rows["fmri"])
+    return Aligned(_take(v["video"], rows["video"]), _take(a["audio"], rows["audio"]), _take(t["text"], rows["text"]),
+                   np.asarray(_take(t["has_text"], rows["text"])), fmri, float(meta["tr"]), np.asarray(arrays["tr_start"]),
+                   run, np.asarray(arrays["volume"]), [tm["texts"][i] for i in rows["text"]],
+                   nib.Nifti1Image(np.asarray(f["mask"]), np.asarray(f["affine"])), fm.get("subjects"), folder)
+
+def stream_folders(folder:str|Path, # a study folder written by `align_study`
+                  )->dict: # stream -> its cache folder
+    "The stream cache folders a study folder joins."
+    folder = Path(folder)
+    return {s: folder.parent / name for s, name in cache_manifest(folder)["meta"]["streams"].items()}
 
 # %% ../../nbs/12_data.dataset.ipynb #3a271d1b
 def context_starts(trs:np.ndarray, # TR indices a window may use (e.g. one split block)
@@ -489,48 +574,55 @@ def default_cache_dir()->Path:
     "Where feature caches go unless told otherwise: `$GIBLET_CACHE`, else `~/.cache/giblet`."
     return Path(os.environ.get("GIBLET_CACHE", Path.home() / ".cache" / "giblet"))
 
-def cached_study(folder:str|Path, # the cache folder (its parent is the cache root)
-                 build:Callable, # () -> `Aligned`, called only when the cache is missing or damaged
-                 inputs:Sequence[str|Path], # the files the study is built from (fingerprinted into the manifest)
-                 meta:dict|None=None, # JSON-serialisable extras kept in the manifest
-                 verify:bool|None=None, # checksum the cache files: None when due (see `load_arrays`), True always, False never
-                 show_progress:bool=True, # progress bars
-                )->Aligned:
-    "The study cached in `folder` if it is intact, else `build()` cached there; leftovers of killed builds are removed first."
-    folder = Path(folder)
-    clean_leftovers(folder.parent)
-    hit = load_arrays(folder, verify=verify, progress=show_progress)
-    if hit is not None:
-        logger.info("using cached features %s", folder); return arrays_to_aligned(*hit)
-    fingerprint = input_fingerprint(inputs)         # taken before reading: a file changed meanwhile shows up next time
-    arrays, m, shapes = aligned_to_arrays(build(), show_progress)
-    save_arrays(folder, arrays, {**m, **(meta or {})}, shapes, inputs=fingerprint); del arrays
-    return arrays_to_aligned(*load_arrays(folder, progress=show_progress))   # the first use checks every checksum
+def _plan(runs, tr, params)->list:
+    "Every run planned; the runs must share the TR and keep the same subjects."
+    plans = [plan_run(film, ann, spec, tr, i, None, params.text_columns) for i, (film, ann, spec) in enumerate(runs)]
+    subs = {p.run_id: p.subjects for p in plans}
+    if len({str(s) for s in subs.values()}) > 1:
+        raise ValueError(f"runs keep different subjects (positions per run, None = all): {subs}; "
+                         f"drop a short subject from every run")
+    if any(abs(p.grid.tr - plans[0].grid.tr) > 1e-6 for p in plans): raise ValueError("runs must share the TR")
+    return plans
 
 def align_study(runs:Sequence[tuple], # `(film, annotations, RunSpec)` of each run, in order
-                mask:Callable, # () -> the voxel mask (a NIfTI image), called only when the cache is built
-                folder:str|Path, # the cache folder
-                inputs:Sequence[str|Path], # every file the study is built from (fingerprinted into the manifest)
+                mask:MaskRule|Callable, # the mask rule (each scan then read once), or () -> the mask image, called only when the BOLD is built
+                folder:str|Path, # the study folder; the stream caches sit beside it, in its parent (the cache root)
+                inputs:Sequence[str|Path], # every file the study is built from (fingerprinted into the study folder's manifest)
                 tr:float|None=None, # expected TR (s); None trusts the NIfTI headers
                 params:FeatureParams|None=None, # how the streams are cut
-                meta:dict|None=None, # JSON-serialisable extras kept in the manifest
+                meta:dict|None=None, # JSON-serialisable extras kept in the study folder's manifest
                 verify:bool|None=None, # checksum the cache files: None when due (see `load_arrays`), True always, False never
-                show_progress:bool=True, # progress bars while building the cache
+                show_progress:bool=True, # progress bars while building
+                mask_key:dict|None=None, # with a callable `mask`: what decides it (JSON), so the BOLD cache is shared; None: the study folder's name
                )->Aligned:
-    "The one loading body: every run aligned with its BOLD left unread, joined, and written to `cached_study` one subject at a time."
-    params = params or FeatureParams()
-    def build()->Aligned:
-        logger.info("building the feature cache in %s", folder)
-        steps = tqdm(total=len(runs) + 1, desc="feature cache", disable=not show_progress)
-        m = mask(); steps.update()
-        aligned = []
-        for i, (film, annotations, spec) in enumerate(runs):
-            aligned.append(align_run(film, annotations, spec, m, tr=tr, params=params, run_id=i, stream_fmri=True))
-            steps.update()
-        steps.close()
-        return aligned[0] if len(aligned) == 1 else concat_runs(aligned)    # one run: no copy of its streams
-    return cached_study(folder, build, inputs, meta={**(meta or {}), "params": asdict(params)}, verify=verify,
-                        show_progress=show_progress)
+    "The one loading body: the study folder if it and its streams are intact, else every run planned, each stream loaded or built on its own key, and the study folder written."
+    params, folder = params or FeatureParams(), Path(folder)
+    root = folder.parent
+    clean_leftovers(root)
+    index, got = load_arrays(folder, verify=verify, progress=show_progress), {}
+    if index is not None:
+        for s, f in stream_folders(folder).items():
+            if (hit := load_arrays(f, verify=verify, progress=show_progress)) is not None: got[s] = hit
+        if set(got) == set(STREAMS):
+            logger.info("using cached features %s", folder); return _assemble(index, got, folder)
+    plans = _plan(runs, tr, params)
+    others = {str(Path(x)) for r in plans for x in (r.film, r.annotations, *r.nii)}
+    keys = stream_keys(plans, params, mask, mask_key, folder.name, [p for p in inputs if str(Path(p)) not in others])
+    names = {s: f"{s}-{k}" for s, (k, _) in keys.items()}
+    same = index is not None and index[1].get("streams") == names
+    if not same: got = {}                             # another plan (e.g. a film's length changed): look again
+    for s in STREAMS:
+        if s not in got:
+            got[s] = cached_stream(root / names[s], lambda s=s: _build_stream(s, plans, params, mask, root, show_progress),
+                                   keys[s][1], verify=verify, show_progress=show_progress, damaged=same)
+    n = [complete_trs(p, v, a) for p, v, a in zip(plans, got["video"][1]["lengths"], got["audio"][1]["lengths"])]
+    if same and index[1].get("n_trs") == n: return _assemble(index, got, folder)   # the study folder still holds
+    arrays = dict(tr_start=np.concatenate([p.grid.tr_start[:k] for p, k in zip(plans, n)]),
+                  run=np.concatenate([np.full(k, p.run_id) for p, k in zip(plans, n)]),
+                  volume=np.concatenate([p.grid.first_volume + np.arange(k) for p, k in zip(plans, n)]))
+    save_arrays(folder, arrays, dict(tr=plans[0].grid.tr, n_trs=n, streams=names, params=asdict(params), **(meta or {})),
+                inputs=input_fingerprint(inputs))
+    return _assemble(load_arrays(folder, progress=show_progress), got, folder)
 
 def load_study(data_dir:str|Path, # the study folder (see `discover`)
                cache_dir:str|Path|None=None, # feature-cache root (default: `default_cache_dir()`)
@@ -542,7 +634,7 @@ def load_study(data_dir:str|Path, # the study folder (see `discover`)
                show_progress:bool=True, # progress bars while building the cache
                verify:bool|None=None, # checksum the cache files: None when due (see `load_arrays`), True always, False never
               )->Aligned:
-    "The aligned study in a Sherlock-layout `data_dir`, from the cache when it is current and intact, else built and cached."
+    "The aligned study in a Sherlock-layout `data_dir`, from the caches when they are current and intact, else built and cached."
     params = params or FeatureParams()
     files = discover(data_dir)
     runs = list(runs or [{}])
@@ -553,9 +645,8 @@ def load_study(data_dir:str|Path, # the study folder (see `discover`)
         r = dict(r); sub = r.pop("subjects", slice(None))
         specs.append((files.film, files.annotations,
                        RunSpec(nii=files.nii[sub] if isinstance(sub, slice) else [files.nii[j] for j in sub], **r)))
-    return align_study(specs, lambda: shared_mask(files.nii, threshold=mask_threshold),
-                       Path(cache_dir or default_cache_dir()) / key, inputs, tr=tr, params=params, verify=verify,
-                       show_progress=show_progress)
+    return align_study(specs, MaskRule(list(files.nii), threshold=mask_threshold), Path(cache_dir or default_cache_dir()) / key,
+                       inputs, tr=tr, params=params, verify=verify, show_progress=show_progress)
 
 # %% ../../nbs/12_data.dataset.ipynb #9097d47f
 def cache_main(data_dir:str|Path|None=None, # the study to cache (None with `verify`: only check the caches already there)
@@ -566,17 +657,18 @@ def cache_main(data_dir:str|Path|None=None, # the study to cache (None with `ver
                runs:Sequence[dict]|None=None, # per-run fields, as for `load_study`
                show_progress:bool=True, # progress bars
               )->dict:
-    "Build or check feature caches: `{'study': folder or None, 'verified': [...], 'removed': [...]}`."
+    "Build or check feature caches: `{'study': study folder or None, 'verified': [...], 'removed': [...]}`."
     if data_dir is None and not verify: raise ValueError("give a study folder to cache, or verify=True to check the caches")
     root = Path(cache_dir or default_cache_dir())
-    out = dict(study=None, verified=[], removed=[])
+    out, checked = dict(study=None, verified=[], removed=[]), set()
     if data_dir is not None:
         al = load_study(data_dir, root, params=params, tr=tr, runs=runs, show_progress=show_progress, verify=verify or None)
-        out["study"] = Path(al.video.filename).parent
+        out["study"] = al.cache
+        checked = {al.cache, *stream_folders(al.cache).values()} if verify else set()
     if verify:
         clean_leftovers(root)
         for folder in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []:
-            if folder == out["study"]: out["verified"].append(folder); continue   # checked just now
+            if folder in checked: out["verified"].append(folder); continue   # checked just now
             if load_arrays(folder, verify=True, progress=show_progress) is not None: out["verified"].append(folder)
             else: shutil.rmtree(folder, ignore_errors=True); out["removed"].append(folder)
         logger.info("%s: %d caches intact, %d damaged ones removed", root, len(out["verified"]), len(out["removed"]))

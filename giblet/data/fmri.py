@@ -11,6 +11,7 @@ import os
 import re
 import struct
 import tempfile
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from ..io import atomic_write
+from ..io import DiskFullError, atomic_write, check_space, is_disk_full, temp_name
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'TR_RANGE', 'NIFTI_SUFFIXES', 'STANDARDISED_SPREAD', 'load_nifti', 'read_tr', 'natural_key', 'sort_subjects',
            'find_niftis', 'iter_volumes', 'temporal_std', 'shared_mask', 'nii_to_features', 'features_to_nii',
-           'load_subjects', 'SubjectBold', 'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'average_subjects']
+           'load_subjects', 'SubjectBold', 'MaskRule', 'OnePassBold', 'ZScoreStats', 'zscore_stats', 'apply_zscore',
+           'zscore', 'average_subjects']
 
 # %% ../../nbs/00_data.fmri.ipynb #dcb23ab0
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError)
@@ -149,23 +151,32 @@ def iter_volumes(img_or_path, # a 4-D NIfTI image or its path
                 raise ValueError(f"{name}: the compressed file is corrupt ({type(e).__name__}: {e})") from e
 
 # %% ../../nbs/00_data.fmri.ipynb #b3538c10
+class _VoxelStats:
+    "Each voxel's temporal (std, nonfinite, nonzero) of one scan, accumulated volume by volume."
+    def __init__(self, shape:tuple):
+        self.n, self.ref, self.s, self.s2 = 0, None, None, None
+        self.bad, self.nonzero = np.zeros(shape, bool), np.zeros(shape, bool)
+    def add(self, vol:np.ndarray):
+        self.n += 1
+        self.nonzero |= vol != 0
+        if vol.dtype.kind == "f" and not np.isfinite(vol).all():
+            fin = np.isfinite(vol); self.bad |= ~fin; vol = np.where(fin, vol, 0.0)
+        if self.ref is None:  # sums of differences from the first volume: no cancellation in the variance
+            self.ref, self.s, self.s2 = np.array(vol, np.float64), np.zeros(self.bad.shape), np.zeros(self.bad.shape)
+        v = np.subtract(vol, self.ref, dtype=np.float64)
+        self.s += v; v *= v; self.s2 += v
+    def result(self)->tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mean = self.s / self.n
+        var = np.maximum(self.s2 / self.n - mean * mean, 0.0)
+        std = np.sqrt(var); std[self.bad] = 0.0
+        return std, self.bad, self.nonzero
+
 def _temporal_stats(img_or_path)->tuple[np.ndarray, np.ndarray, np.ndarray]:
     "(std, nonfinite, nonzero) over time of each voxel, streamed volume by volume."
     img = load_nifti(img_or_path, ndim=4)
-    n, ref, s, s2 = img.shape[3], None, None, None
-    bad, nonzero = np.zeros(img.shape[:3], bool), np.zeros(img.shape[:3], bool)
-    for vol in iter_volumes(img):
-        nonzero |= vol != 0
-        if vol.dtype.kind == "f" and not np.isfinite(vol).all():
-            fin = np.isfinite(vol); bad |= ~fin; vol = np.where(fin, vol, 0.0)
-        if ref is None:  # sums of differences from the first volume: no cancellation in the variance
-            ref, s, s2 = np.array(vol, np.float64), np.zeros(bad.shape), np.zeros(bad.shape)
-        v = np.subtract(vol, ref, dtype=np.float64)
-        s += v; v *= v; s2 += v
-    mean = s / n
-    var = np.maximum(s2 / n - mean * mean, 0.0)
-    std = np.sqrt(var); std[bad] = 0.0
-    return std, bad, nonzero
+    st = _VoxelStats(img.shape[:3])
+    for vol in iter_volumes(img): st.add(vol)
+    return st.result()
 
 def temporal_std(img_or_path, # a 4-D NIfTI image or its path
                 )->tuple[np.ndarray, np.ndarray]: # (std, nonfinite): float64 (x, y, z) std over time; bool (x, y, z)
@@ -187,26 +198,17 @@ def _check_same_space(imgs, names):
     odd = [n for i, n in zip(imgs, names) if not np.allclose(i.affine, aff0, atol=1e-3)]
     if odd: raise ValueError(f"subjects differ in affine (voxel-to-world space) from {names[0]}: {', '.join(odd)}")
 
-def shared_mask(imgs_or_paths, # the subjects' 4-D NIfTI images or paths (or a folder of them)
-                threshold:float=0.5, # keep voxels that pass in at least this fraction of subjects
-                percentile:float=10.0, # per subject, a voxel passes when its std is above this percentile of nonzero stds
-                brain_mask=None, # None: by signal; a 3-D NIfTI (path or image: a brain mask or an atlas) whose non-zero voxels may be kept; "nonzero": voxels not always zero
-                standardised:bool|None=None, # whether the input was z-scored (every voxel's std alike); None: detected per subject
-               )->nib.Nifti1Image: # uint8 0/1 mask in the subjects' space
-    "A brain mask shared by subjects: voxels with temporal signal in at least `threshold` of them."
+def _check_rule(threshold, brain_mask):
     if not 0 < threshold <= 1: raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if isinstance(brain_mask, str) and brain_mask != "nonzero" and not Path(brain_mask).exists():
         raise ValueError(f"brain_mask must be a NIfTI mask or atlas, its path, or 'nonzero'; {brain_mask!r} is none of these")
-    if isinstance(imgs_or_paths, (str, os.PathLike)): imgs_or_paths = find_niftis(imgs_or_paths)
-    items = list(imgs_or_paths)
-    if not items: raise ValueError("shared_mask needs at least one subject")
-    imgs, names = [load_nifti(x, ndim=4) for x in items], [_name(x) for x in items]
-    _check_same_space(imgs, names)
-    shape, need = imgs[0].shape[:3], math.ceil(threshold * len(imgs) - 1e-9)
+
+def _mask_from_stats(stats:list, names:list, affine, threshold, percentile, brain_mask, standardised)->nib.Nifti1Image:
+    "The shared mask from each subject's `(std, nonfinite, nonzero)`, logging what each rule removed."
+    shape, need = stats[0][0].shape, math.ceil(threshold * len(stats) - 1e-9)
     count, bad, n_nonzero = np.zeros(shape, np.int32), np.zeros(shape, bool), np.zeros(shape, np.int32)
     rules = set()
-    for img, name in zip(imgs, names):
-        std, nonfinite, nonzero = _temporal_stats(img)
+    for (std, nonfinite, nonzero), name in zip(stats, names):
         if nonfinite.any():
             logger.warning(f"{name}: {int(nonfinite.sum())} voxels hold NaN or infinite values; excluded from the mask")
         bad |= nonfinite; n_nonzero += nonzero
@@ -220,18 +222,33 @@ def shared_mask(imgs_or_paths, # the subjects' 4-D NIfTI images or paths (or a f
         else: rules.add(f"std above the {percentile:g}th percentile"); count += std > np.percentile(nz, percentile)
     if brain_mask is None: inside, what = np.ones(shape, bool), None
     elif isinstance(brain_mask, str) and brain_mask == "nonzero": inside, what = n_nonzero >= need, "the non-zero voxels"
-    else: inside, what = _mask_array(brain_mask, names[0], shape, imgs[0].affine), f"the mask {_name(brain_mask)}"
+    else: inside, what = _mask_array(brain_mask, names[0], shape, affine), f"the mask {_name(brain_mask)}"
     keep = inside & ~bad & (count >= need)
     if not keep.any(): raise ValueError(f"no voxel passes in {threshold:.0%} of the subjects: {', '.join(names)}")
     removed = [f"{int((~inside).sum())} outside {what}"] if what else []
     removed += [f"{int((inside & bad).sum())} NaN or infinite",
                 f"{int((inside & ~bad & (count < need)).sum())} not {' or '.join(sorted(rules))} in {need} of the subjects"]
-    logger.info(f"shared mask: {int(keep.sum())} of {keep.size} voxels kept from {len(imgs)} subjects; removed: "
+    logger.info(f"shared mask: {int(keep.sum())} of {keep.size} voxels kept from {len(stats)} subjects; removed: "
                 + ", ".join(removed))
-    mask = nib.Nifti1Image(keep.astype(np.uint8), imgs[0].affine)
+    mask = nib.Nifti1Image(keep.astype(np.uint8), affine)
     mask.header.set_data_dtype(np.uint8); mask.header.set_xyzt_units("mm")
     return mask
 
+def shared_mask(imgs_or_paths, # the subjects' 4-D NIfTI images or paths (or a folder of them)
+                threshold:float=0.5, # keep voxels that pass in at least this fraction of subjects
+                percentile:float=10.0, # per subject, a voxel passes when its std is above this percentile of nonzero stds
+                brain_mask=None, # None: by signal; a 3-D NIfTI (path or image: a brain mask or an atlas) whose non-zero voxels may be kept; "nonzero": voxels not always zero
+                standardised:bool|None=None, # whether the input was z-scored (every voxel's std alike); None: detected per subject
+               )->nib.Nifti1Image: # uint8 0/1 mask in the subjects' space
+    "A brain mask shared by subjects: voxels with temporal signal in at least `threshold` of them."
+    _check_rule(threshold, brain_mask)
+    if isinstance(imgs_or_paths, (str, os.PathLike)): imgs_or_paths = find_niftis(imgs_or_paths)
+    items = list(imgs_or_paths)
+    if not items: raise ValueError("shared_mask needs at least one subject")
+    imgs, names = [load_nifti(x, ndim=4) for x in items], [_name(x) for x in items]
+    _check_same_space(imgs, names)
+    return _mask_from_stats([_temporal_stats(i) for i in imgs], names, imgs[0].affine, threshold, percentile,
+                            brain_mask, standardised)
 
 # %% ../../nbs/00_data.fmri.ipynb #4c3cf519
 def _mask_array(mask, name="", shape=None, affine=None)->np.ndarray:
@@ -346,21 +363,26 @@ def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a fold
     return np.load(dest, mmap_mode="r")
 
 # %% ../../nbs/00_data.fmri.ipynb #b1c2d302
+def _check_parts(parts:Sequence)->list:
+    "Runs as `(paths, start, stop)`, checked: the same number of subjects in each, volumes inside every file."
+    parts = [([Path(p) for p in paths], int(a), int(b)) for paths, a, b in parts]
+    if not parts: raise ValueError("SubjectBold needs at least one run")
+    if len({len(p) for p, _, _ in parts}) > 1:
+        raise ValueError(f"runs list different numbers of subjects: {[len(p) for p, _, _ in parts]}")
+    for paths, a, b in parts:
+        for p in paths:
+            n = load_nifti(p, ndim=4).shape[3]
+            if not 0 <= a < b <= n: raise ValueError(f"{p}: volumes {a}..{b} requested, the file has {n}")
+    return parts
+
 class SubjectBold:
     "A lazy float32 `(n_subjects, n_trs, n_voxels)` BOLD: indexing a subject reads its NIfTIs then, run after run."
     dtype, ndim = np.dtype(np.float32), 3
     def __init__(self, parts:Sequence, # per run `(nii_paths, start, stop)`: one NIfTI per subject (same order in every run) and its volumes
                  mask, # the shared mask: a 3-D NIfTI image or its path
                 ):
-        self.parts = [([Path(p) for p in paths], int(a), int(b)) for paths, a, b in parts]
-        if not self.parts: raise ValueError("SubjectBold needs at least one run")
-        if len({len(p) for p, _, _ in self.parts}) > 1:
-            raise ValueError(f"runs list different numbers of subjects: {[len(p) for p, _, _ in self.parts]}")
+        self.parts = _check_parts(parts)
         self.mask = load_nifti(mask, ndim=3) if isinstance(mask, (str, os.PathLike)) else mask
-        for paths, a, b in self.parts:
-            for p in paths:
-                n = load_nifti(p, ndim=4).shape[3]
-                if not 0 <= a < b <= n: raise ValueError(f"{p}: volumes {a}..{b} requested, the file has {n}")
         self.shape = (len(self.parts[0][0]), sum(b - a for _, a, b in self.parts), int(_mask_array(self.mask).sum()))
 
     def __len__(self): return self.shape[0]
@@ -388,7 +410,141 @@ class SubjectBold:
         "Runs joined in time without reading them."
         m = [np.asarray(b.mask.dataobj) for b in bolds]
         if any(x.shape != m[0].shape or (x != m[0]).any() for x in m): raise ValueError("runs differ in their mask")
-        return cls([p for b in bolds for p in b.parts], bolds[0].mask)
+        return SubjectBold([p for b in bolds for p in b.parts], bolds[0].mask)
+
+# %% ../../nbs/00_data.fmri.ipynb #c9b92782
+@dataclass
+class MaskRule:
+    "The arguments of `shared_mask` as data: the scans whose signal decides the mask, and the rule."
+    scans: list # the 4-D NIfTI paths the mask is computed from
+    threshold: float = 0.5 # keep voxels that pass in at least this fraction of them
+    percentile: float = 10.0 # per scan, a voxel passes when its std is above this percentile of nonzero stds
+    brain_mask: str|None = None # None, a 3-D NIfTI path (brain mask or atlas), or "nonzero"
+    standardised: bool|None = None # whether the input was z-scored; None: detected per scan
+
+    def params(self)->dict:
+        "The rule without its scans (JSON-serialisable): what a cache key holds beside the scans' fingerprints."
+        return dict(threshold=self.threshold, percentile=self.percentile, standardised=self.standardised,
+                    brain_mask=None if self.brain_mask is None else str(self.brain_mask))
+    def mask(self)->nib.Nifti1Image:
+        "`shared_mask` of the scans under this rule (reads every scan)."
+        return shared_mask(self.scans, self.threshold, self.percentile, self.brain_mask, self.standardised)
+
+class _ScanCopy:
+    "Volumes `a..b` of one scan, uncompressed in a local file: voxels non-zero in volume `a` as float32 columns, every other non-zero value as a (row, voxel, value) record."
+    REC = np.dtype([("i", "<i8"), ("v", "<f4")])
+    def __init__(self, workdir:Path, tag:str, first:np.ndarray, a:int, b:int):
+        self.a, self.b, self.size, self.rows = a, b, first.size, 0
+        self.cols = np.flatnonzero(first != 0)
+        self.outside = np.ones(first.size, bool); self.outside[self.cols] = False
+        self.dense, self.sparse = temp_name(workdir / f"{tag}.f32"), temp_name(workdir / f"{tag}.rec")
+        check_space(workdir, (b - a) * self.cols.size * 4 + (1 << 20), self.dense)
+        self._f, self._g = open(self.dense, "wb"), open(self.sparse, "wb")
+    def add(self, flat:np.ndarray):
+        self._f.write(flat[self.cols].astype(np.float32).tobytes())
+        extra = np.flatnonzero((flat != 0) & self.outside)
+        if extra.size:
+            rec = np.empty(extra.size, self.REC); rec["i"] = self.rows * self.size + extra; rec["v"] = flat[extra]
+            self._g.write(rec.tobytes())
+        self.rows += 1
+    def close(self): self._f.close(); self._g.close()
+    def check(self):
+        if self.rows != self.b - self.a: raise ValueError(f"{self.dense}: copied {self.rows} volumes, expected {self.b - self.a}")
+    def take(self, idx:np.ndarray, lo:int, hi:int, out:np.ndarray):
+        "Fill `out` (hi - lo, len(idx)) with scan volumes `lo..hi-1` at the F-order voxel indices `idx`."
+        n = self.cols.size
+        pos = np.searchsorted(self.cols, idx)
+        hit = pos < n; hit[hit] = self.cols[pos[hit]] == idx[hit]
+        if not hit.all(): out[:, ~hit] = 0
+        step = max(1, (1 << 24) // max(4 * n, 1))
+        with open(self.dense, "rb") as f:
+            for r in range(lo - self.a, hi - self.a, step):
+                k = min(step, hi - self.a - r)
+                f.seek(r * n * 4); blk = np.fromfile(f, np.float32, k * n).reshape(k, n)
+                dst = out[r - (lo - self.a):r - (lo - self.a) + k]
+                if hit.all(): dst[:] = blk[:, pos]
+                else: dst[:, hit] = blk[:, pos[hit]]
+        if (~hit).any() and os.path.getsize(self.sparse):
+            lut = np.full(self.size, -1, np.int64); lut[idx[~hit]] = np.flatnonzero(~hit)
+            with open(self.sparse, "rb") as f:
+                while (rec := np.fromfile(f, self.REC, 1 << 20)).size:
+                    row, vox = np.divmod(rec["i"], self.size); col = lut[vox]
+                    sel = (col >= 0) & (row >= lo - self.a) & (row < hi - self.a)
+                    out[row[sel] - (lo - self.a), col[sel]] = rec["v"][sel]
+
+def _remove(paths):
+    for p in paths: Path(p).unlink(missing_ok=True)
+
+class OnePassBold(SubjectBold):
+    "`SubjectBold` with the mask of a `MaskRule`, reading each scan once: the mask's statistics and a local copy of the used volumes in one pass."
+    def __init__(self, parts:Sequence, # per run `(nii_paths, start, stop)`, as for `SubjectBold`
+                 rule:MaskRule, # the shared-mask rule (its scans may include scans no run uses)
+                 workdir:str|Path|None=None, # where the local copies go (default: the system's temporary folder)
+                 progress:bool=False, # a progress bar over scans
+                ):
+        from tqdm.auto import tqdm
+        _check_rule(rule.threshold, rule.brain_mask)
+        self.parts = _check_parts(parts)
+        workdir = Path(workdir or tempfile.gettempdir()); workdir.mkdir(parents=True, exist_ok=True)
+        span = {}
+        for paths, a, b in self.parts:
+            for p in paths: lo, hi = span.get(p, (a, b)); span[p] = (min(lo, a), max(hi, b))
+        rule_scans = [Path(p) for p in rule.scans]
+        if not rule_scans: raise ValueError("a mask rule needs at least one scan")
+        scans = list(dict.fromkeys(rule_scans + list(span)))
+        imgs = [load_nifti(p, ndim=4) for p in scans]
+        _check_same_space(imgs, [str(p) for p in scans])
+        self.copies, stats, self._tmp = {}, {}, []
+        self._finalizer = weakref.finalize(self, _remove, self._tmp)     # copies go when closed, collected or on exit
+        try:
+            for k, (p, img) in enumerate(zip(tqdm(scans, desc="read scans", disable=not progress), imgs)):
+                stats[p] = self._read_once(p, img, span.get(p), workdir, k)
+        except BaseException: self.close(); raise
+        self.mask = _mask_from_stats([stats[p] for p in rule_scans], [str(p) for p in rule_scans], imgs[0].affine,
+                                     rule.threshold, rule.percentile, rule.brain_mask, rule.standardised)
+        m = np.asarray(self.mask.dataobj) != 0
+        self._idx, self._unchecked = _mask_index(m), set(span) - set(rule_scans)   # scans outside the rule may hold NaN
+        self.shape = (len(self.parts[0][0]), sum(b - a for _, a, b in self.parts), int(m.sum()))
+
+    def _read_once(self, path, img, span, workdir, k):
+        "One pass over a scan: its voxel statistics, and its volumes `span` copied locally."
+        st, (a, b), copy = _VoxelStats(img.shape[:3]), span or (0, 0), None
+        try:
+            for t, vol in enumerate(iter_volumes(img)):
+                st.add(vol)
+                if a <= t < b:
+                    flat = vol.ravel(order="F")
+                    if copy is None:
+                        copy = _ScanCopy(workdir, f"bold-{k}", flat, a, b); self._tmp += [copy.dense, copy.sparse]
+                    copy.add(flat)
+        except OSError as e:
+            if copy is not None and is_disk_full(e) and not isinstance(e, DiskFullError): raise DiskFullError(copy.dense) from e
+            raise
+        finally:
+            if copy is not None: copy.close()
+        if copy is not None: copy.check(); self.copies[path] = copy
+        return st.result()
+
+    def read(self, s:int, # the subject
+             out:np.ndarray|None=None, # float32 (n_trs, n_voxels) to fill; None: a new array
+            )->np.ndarray: # subject `s`'s float32 (n_trs, n_voxels), every run in order
+        "Cut one subject's matrix from its local copies."
+        if not self.copies and self.shape[1]: raise ValueError("the local copies are closed")
+        out = np.empty(self.shape[1:], np.float32) if out is None else out
+        t = 0
+        for paths, a, b in self.parts:
+            self.copies[paths[s]].take(self._idx, a, b, out[t:t + b - a])
+            if paths[s] in self._unchecked and not np.isfinite(out[t:t + b - a]).all():
+                raise ValueError(f"{paths[s]}: in-mask voxels are NaN or infinite; put the scan in the mask rule, which excludes them")
+            t += b - a
+        return out
+    def close(self):
+        "Remove the local copies."
+        self._finalizer(); self.copies = {}
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+    @classmethod
+    def concat(cls, bolds): raise TypeError("OnePassBold reads its runs together: give every run to one OnePassBold")
 
 # %% ../../nbs/00_data.fmri.ipynb #8a3c514e
 _BLOCK = 4_000_000  # float64 elements per working block (32 MB)
