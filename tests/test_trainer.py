@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -123,7 +124,7 @@ def test_hard_kill_while_writing_keeps_previous_checkpoint(tmp_path, cache, stud
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 9, res.stderr[-2000:]
     ck = tmp_path / "checkpoints" / "last.pt"
-    assert [p for p in ck.parent.iterdir() if p.name.endswith(".tmp")]  # the half-written file it left behind
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the half-written checkpoint folder it left behind
     assert load_checkpoint(ck)["epoch"] == 1
     assert Trainer(data, cfg, tmp_path).resume().epoch == 1
 
@@ -181,7 +182,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
     np.testing.assert_array_equal(p0, p1)  # the all-reduced prediction is the same on both ranks
     np.testing.assert_allclose(p0, one.predict(data.split.val), atol=1e-3)
     assert abs(two["history"][-1]["val_voxel_r_mean"] - one.history[-1]["val_voxel_r_mean"]) < 1e-3
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "log.csv", "log.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".checkpoints.000001", "checkpoints", "log.csv", "log.json"]
 
 
 def test_planted_truth(tmp_path, cache):
@@ -200,18 +201,57 @@ def test_planted_truth(tmp_path, cache):
     assert m["test_voxel_r_selected"] > m["ridge_test_voxel_r_selected"], m
 
 
-def test_kill_between_last_and_best_is_repaired_on_resume(tmp_path, cache, study, data, monkeypatch):
-    "Killed after last.pt (the best epoch) was written but before best.pt and the log: resume makes both agree with last.pt."
-    cfg = cfg_for(cache, study, epochs=2)
-    def killed(src, dst): raise KeyboardInterrupt("killed before best.pt")
-    monkeypatch.setattr(T, "_replace_copy", killed)
-    with pytest.raises(KeyboardInterrupt): Trainer(data, cfg, tmp_path).fit(until_epoch=1)
-    ck = tmp_path / "checkpoints"
-    assert load_checkpoint(ck / "last.pt")["best_epoch"] == 1 and not (ck / "best.pt").exists() and not (tmp_path / "log.csv").exists()
+def _agree(out:Path):
+    "The run folder as a reader sees it: the checkpoints and the log belong to one finished save."
+    ck = out / "checkpoints"
+    if not (ck / "last.pt").exists():
+        assert not (out / "log.csv").exists() and not (out / "log.json").exists(); return 0
+    last = load_checkpoint(ck / "last.pt")
+    log = json.loads((out / "log.json").read_text())
+    assert [h["epoch"] for h in log] == [h["epoch"] for h in last["history"]] == list(range(1, last["epoch"] + 1))
+    assert len(pd.read_csv(out / "log.csv")) == last["epoch"]
+    assert load_checkpoint(ck / "best.pt")["epoch"] == last["best_epoch"]
+    assert json.loads((ck / "config.json").read_text()) == last["config"]
+    return last["epoch"]
+
+
+@pytest.mark.parametrize("step", ["torch.save", "best link", "log", "link move", "old folder removal"])
+def test_a_kill_at_any_step_of_save_leaves_checkpoints_and_log_in_agreement(tmp_path, cache, study, data, monkeypatch, step):
+    "A kill at each step of the second epoch's save: readers see epoch 1 or epoch 2 whole, and resume finishes the run exactly."
+    cfg = cfg_for(cache, study, epochs=3)
+    Trainer(data, cfg, tmp_path).fit(until_epoch=1)
+    real, calls = T._drop_old, []
+    def kill(*a, **k):
+        calls.append(a)   # the old folders are also swept before a save: that first sweep goes through
+        if step == "old folder removal" and len(calls) == 1: return real(*a)
+        raise KeyboardInterrupt(f"killed at {step}")
+    target = {"torch.save": (T.torch, "save"), "best link": (T, "_link_best"), "log": (T, "write_log"),
+              "link move": (T, "_point"), "old folder removal": (T, "_drop_old")}[step]
+    monkeypatch.setattr(*target, kill)
+    with pytest.raises(KeyboardInterrupt): Trainer(data, cfg, tmp_path).resume().fit(until_epoch=2)
     monkeypatch.undo()
+    assert _agree(tmp_path) == (2 if step == "old folder removal" else 1)
     tr = Trainer(data, cfg, tmp_path).resume()
-    assert load_checkpoint(ck / "best.pt")["epoch"] == tr.best_epoch == 1
-    assert len(json.loads((tmp_path / "log.json").read_text())) == 1
+    tr.fit()
+    assert _agree(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoints.000003", "checkpoints", "log.csv", "log.json"]
+    straight = Trainer(data, cfg, tmp_path / "straight"); straight.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), tr.model.state_dict().values()): assert torch.equal(a, b), name
+
+
+def test_a_run_folder_of_the_older_layout_is_resumed(tmp_path, cache, study, data):
+    "A run folder with a real checkpoints/ folder and log files (the layout before checkpoint folders) resumes and moves over."
+    cfg = cfg_for(cache, study, epochs=2)
+    Trainer(data, cfg, tmp_path).fit(until_epoch=1)
+    ck = tmp_path / "checkpoints"
+    real = tmp_path / "old"; real.mkdir()
+    for f in ck.iterdir(): (real / f.name).write_bytes(f.read_bytes())
+    for f in ("log.csv", "log.json"): (tmp_path / f).unlink(); (tmp_path / f).write_text((real / f).read_text()); (real / f).unlink()
+    for p in tmp_path.glob(".checkpoints.*"): __import__("shutil").rmtree(p)
+    ck.unlink(); real.rename(ck)
+    assert ck.is_dir() and not ck.is_symlink()
+    Trainer(data, cfg, tmp_path).resume().fit()
+    assert ck.is_symlink() and _agree(tmp_path) == 2
 
 
 def test_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path):

@@ -9,12 +9,13 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write as io_atomic_write
+from ..io import DiskFullError, fsync_folder, temp_name, atomic_write as io_atomic_write
 from ..data.dataset import ContextDataset
 from ..models.autoencoder import BrainAutoencoder, compute_losses
 from .data import (DATA_OPTIONS, EMBEDDED, HRF_SECONDS, PATH_OPTIONS, PRESET_OVERRIDES, RESUMABLE, WAIT_HOURS, DistInfo,
@@ -35,8 +36,9 @@ from .metrics import voxel_r
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'ShardedLoader', 'lr_factor', 'atomic_write',
-           'write_json', 'load_checkpoint', 'TrainStep', 'step_losses', 'NonFiniteLoss', 'Trainer', 'write_log']
+__all__ = ['logger', 'CHECKPOINTS', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'ShardedLoader', 'lr_factor',
+           'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses', 'NonFiniteLoss', 'Trainer',
+           'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #4636823f
 class DeviceUnavailable(RuntimeError):
@@ -398,51 +400,95 @@ def load_state_dict(self:Trainer, ck:dict, # from `state_dict` or `load_checkpoi
         logger.warning("%s: epochs changed from %d to %d; the cosine schedule is stretched from here on",
                        source, ck["config"]["train"]["epochs"], self.cfg.epochs)
 
+# %% ../../nbs/31_training.trainer.ipynb #cea167e9
+CHECKPOINTS = "checkpoints" # the run folder's link to its newest complete checkpoint folder
+
+def _snapshots(link:Path)->list[Path]:
+    "The complete checkpoint folders beside `link` (`.checkpoints.000001`, ...), oldest first."
+    pat = re.compile(rf"^\.{re.escape(link.name)}\.(\d{{6}})$")
+    found = [p for p in link.parent.glob(f".{link.name}.*") if pat.match(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: int(p.name.rsplit(".", 1)[1]))
+
+def _point(link:Path, target:Path):
+    "Move the symbolic link `link` to its sibling `target` in one rename: the instant a save takes effect."
+    tmp = temp_name(link); os.symlink(target.name, tmp); os.replace(tmp, link); fsync_folder(link.parent)
+
+def checkpoint_folder(out_dir:str|Path, # the run folder
+                     )->Path|None:
+    "The folder `OUT/checkpoints` names, after mending a save killed before its link moved or a run folder of the older layout; None before the first save."
+    link = Path(out_dir) / CHECKPOINTS
+    if link.is_symlink() and link.exists(): return link.parent / os.readlink(link)
+    if link.is_dir():   # the older layout: its real folder becomes the first snapshot
+        first = link.with_name(f".{CHECKPOINTS}.{0:06d}"); os.replace(link, first); _point(link, first); return first
+    snaps = _snapshots(link)
+    if not snaps: return None
+    _point(link, snaps[-1]); return snaps[-1]
+
+def _link_best(src:Path, dst:Path):
+    "`dst` the same file as `src` (a hard link; a copy where the file system has none)."
+    try: os.link(src, dst)
+    except OSError: shutil.copyfile(src, dst)
+
+def _drop_old(link:Path):
+    "Remove every checkpoint folder the link no longer names."
+    keep = link.resolve()
+    for p in _snapshots(link):
+        if p.resolve() != keep: shutil.rmtree(p, ignore_errors=True)
+
+@contextmanager
+def new_checkpoint_folder(out_dir:str|Path, # the run folder (this process holds it)
+                         )->Iterator[Path]:
+    "Yield an empty hidden folder to fill; on success `OUT/checkpoints` moves to it in one rename and the older folder goes."
+    link = Path(out_dir) / CHECKPOINTS; link.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint_folder(out_dir); _drop_old(link)    # a folder a kill left before its link moved goes
+    snaps = _snapshots(link)
+    new = link.with_name(f".{CHECKPOINTS}.{int(snaps[-1].name.rsplit('.', 1)[1]) + 1 if snaps else 1:06d}")
+    tmp = temp_name(new); os.mkdir(tmp, 0o777)
+    try:
+        yield tmp
+        fsync_folder(tmp); os.replace(tmp, new)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskFullError): raise DiskFullError(link / e.path.name, e.need, e.written) from None
+        raise
+    _point(link, new)
+    _drop_old(link)
+
+# %% ../../nbs/31_training.trainer.ipynb #41559b25
 @patch
 def resume(self:Trainer, path:str|Path|None=None, # a checkpoint (None: the run folder's checkpoints/last.pt)
           )->Trainer:
-    "Load a checkpoint written by `save` and continue from it; a run folder killed mid-`save` is brought back in line with it."
-    path = Path(path) if path else self.out / "checkpoints" / "last.pt"
+    "Load a checkpoint written by `save` and continue from it."
+    if path is None and self.di.main: checkpoint_folder(self.out)   # a save killed before its link moved is mended first
+    path = Path(path) if path else self.out / CHECKPOINTS / "last.pt"
     self.load_state_dict(load_checkpoint(path, self.device), str(path))
     logger.info("resumed %s at epoch %d", path, self.epoch)
-    if self.out is not None and self.di.main and path == self.out / "checkpoints" / "last.pt": self._repair(path)
     return self
-
-@patch
-def _repair(self:Trainer, last:Path, # the run folder's checkpoints/last.pt, just resumed from
-           ):
-    "After a kill between `save`'s writes: best.pt made from last.pt when last.pt is the best epoch, the log rewritten from its history."
-    best = last.with_name("best.pt")
-    if self.best_epoch == self.epoch and self.epoch > 0:
-        try: stale = load_checkpoint(best, "cpu")["epoch"] != self.epoch
-        except (FileNotFoundError, ValueError): stale = True   # missing or damaged
-        if stale:
-            logger.warning("%s: best.pt was not yet made from epoch %d, the best; making it now", best.parent, self.epoch)
-            _replace_copy(last, best)
-    write_log(self.out, self.history)
 
 @patch
 def save(self:Trainer, best:bool=False, # also make this the best checkpoint
         ):
-    "Write checkpoints/last.pt (and best.pt), config.json beside them, and log.csv/log.json (rank 0 only)."
+    "Write last.pt, best.pt, config.json and the log into a new checkpoint folder, then move `OUT/checkpoints` to it (rank 0 only)."
     if self.out is None: return
     state = self.state_dict()  # every process takes part (its random state is gathered)
     if not self.di.main: return
-    ck = self.out / "checkpoints"
-    write_json(ck / "config.json", self.config())
-    last = atomic_write(ck / "last.pt", lambda f: torch.save(state, f))
-    if best: _replace_copy(last, ck / "best.pt")
-    write_log(self.out, self.history)
+    self.out.mkdir(parents=True, exist_ok=True)
+    before = checkpoint_folder(self.out)
+    for name in ("log.csv", "log.json"): _log_link(self.out / name)
+    with new_checkpoint_folder(self.out) as ck:
+        write_json(ck / "config.json", self.config())
+        last = atomic_write(ck / "last.pt", lambda f: torch.save(state, f))
+        if best or before is None or not (before / "best.pt").is_file(): _link_best(last, ck / "best.pt")
+        else: _link_best(before / "best.pt", ck / "best.pt")
+        write_log(ck, self.history)
 
-def _replace_copy(src:Path, dst:Path):
-    "Make `dst` a copy of `src` atomically (a hard link when the file system allows)."
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try: os.link(src, tmp)
-    except OSError: shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def _log_link(path:Path):
+    "Make `OUT/log.csv` (or log.json) a link into the checkpoint folder, so the log always belongs to the checkpoints."
+    target = Path(CHECKPOINTS) / path.name
+    if path.is_symlink() and Path(os.readlink(path)) == target: return
+    tmp = temp_name(path); os.symlink(target, tmp); os.replace(tmp, path)
 
-def write_log(out_dir:str|Path, # the run folder
+def write_log(out_dir:str|Path, # the folder to write log.csv and log.json into
               history:list, # one dict per epoch
              ):
     "The per-epoch log as log.csv and log.json, every loss term and metric a column."
