@@ -6,9 +6,16 @@ With --study, it instead builds the cache of a real study folder (e.g. a `giblet
 and reports the build time, peak RSS (and the RSS after imports, before the build) and cache size. With --subsets
 2,5 it builds, each in a fresh process, the study of the first 2 and of the first 5 subjects (a folder of links),
 so the memory a subject adds can be read off.
+
+With --full FOLDER --cache CACHE, it measures a study at full scale as a user meets it, each step a fresh process under
+`/usr/bin/time -v` with GIBLET_CACHE=CACHE: the first build of the caches, a second run (every cache hit), and a run
+with only the frame size changed; per step the wall time, the peak RSS ("Maximum resident set size"), the cache folders
+added and the cache's size on disk. --entry says what builds: `load_study` (giblet.data.dataset, each scan read once)
+or `giblet-cache --preset PRESET` (the console script, through the study spec); --size W,H is the changed frame size.
 usage: python benchmarks/bench_dataset.py [--subjects 17] [--voxels 85000] [--dir /tmp] [--study FOLDER [--subsets 2,5]]
+       python benchmarks/bench_dataset.py --full FOLDER --cache CACHE [--entry load_study|giblet-cache] [--size 128,72] [--preset sherlock]
 """
-import argparse, os, resource, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, re, resource, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import nibabel as nib
@@ -16,8 +23,8 @@ import numpy as np
 import torch
 
 from giblet.alignment.sync import Aligned
-from giblet.data.dataset import (ContextDataset, DeviceLoader, StudyTensors, aligned_to_arrays, arrays_to_aligned,
-                                 block_split, fit_normaliser, load_arrays, load_study, save_arrays)
+from giblet.data.dataset import (ContextDataset, DeviceLoader, StreamedArray, StudyTensors, _DecodedBold, _encode_fmri,
+                                 block_split, fit_normaliser, load_arrays, load_study, save_arrays, stream_folders)
 from giblet.io import file_checksum
 
 
@@ -46,7 +53,11 @@ def main(n_sub, n_vox, where):
     root = Path(tempfile.mkdtemp(dir=where))
     rss0 = peak_rss_gb()
     t0 = time.perf_counter()
-    save_arrays(root / "cache", *aligned_to_arrays(al, show_progress=False))
+    center, scale, codes = _encode_fmri(al.fmri, show_progress=False)
+    save_arrays(root / "cache", dict(video=StreamedArray(al.video.shape, np.uint8, iter([al.video])), audio=al.audio.astype(np.float16),
+                                     text=al.text, has_text=al.has_text, fmri=codes,
+                                     fmri_center=StreamedArray(center.shape, np.float32, iter([center])),
+                                     fmri_scale=StreamedArray(scale.shape, np.float32, iter([scale]))))
     t_write = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in (root / "cache").iterdir())
     print(f"cache at Sherlock scale ({n_sub} subjects x {n_vox} voxels): {size / 1e9:.2f} GB "
@@ -59,7 +70,10 @@ def main(n_sub, n_vox, where):
     t0 = time.perf_counter(); back = load_arrays(root / "cache", verify=True); dt = time.perf_counter() - t0
     print(f"verify the whole cache (every checksum): {dt:.1f} s = {size / dt / 1e9:.2f} GB/s; "
           f"at 3.5 GB (Sherlock): {3.5e9 / (size / dt):.1f} s")
-    t0 = time.perf_counter(); back = arrays_to_aligned(*load_arrays(root / "cache"))
+    t0 = time.perf_counter(); arrays = load_arrays(root / "cache")[0]
+    back = Aligned(arrays["video"], arrays["audio"], arrays["text"], arrays["has_text"],
+                   _DecodedBold(arrays["fmri"], arrays["fmri_center"], arrays["fmri_scale"]), 1.5, al.tr_start, al.run,
+                   al.volume, al.texts, al.mask)
     print(f"memory-mapped load (sizes and time stamps only): {time.perf_counter() - t0:.3f} s")
     x = back.fmri[0]; ref = al.fmri[0]
     print(f"float16 BOLD storage: max |error| / voxel std = {np.max(np.abs(x - ref) / ref.std(0)):.2e}")
@@ -89,7 +103,7 @@ def build_study(study, where):
     t0 = time.perf_counter()
     al = load_study(study, cache_dir=root, show_progress=False)
     dt = time.perf_counter() - t0
-    size = sum(p.stat().st_size for p in Path(al.video.filename).parent.iterdir())
+    size = sum(p.stat().st_size for f in [al.cache, *stream_folders(al.cache).values()] for p in f.iterdir())
     print(f"{study}: {al.n_subjects} subjects x {al.n_trs} TRs x {al.n_voxels} voxels; cache built in {dt:.0f} s, "
           f"{size / 1e9:.2f} GB on disk, RSS {before:.2f} GB after imports, peak RSS {peak_rss_gb():.2f} GB", flush=True)
     shutil.rmtree(root)
@@ -109,6 +123,48 @@ def build_subsets(study, subsets, where):
         shutil.rmtree(d.parent)
 
 
+def du(root:Path)->int:
+    "Bytes of every file below `root`."
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def timed(cmd:list, env:dict)->dict:
+    "Run `cmd` under /usr/bin/time -v: wall seconds and peak RSS (GB), from its report."
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode: sys.exit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1]) * 1024 / 1e9
+    return dict(wall_s=round(wall, 1), peak_rss_gb=round(rss, 3))
+
+
+def full_scale(study:str, cache:str, entry:str, size:tuple, preset:str="sherlock"):
+    "First build, cache hit, and a frame-size change of a study's caches, each a fresh process; a table of figures."
+    cache = Path(cache); env = dict(os.environ, GIBLET_CACHE=str(cache), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    def cmd(w_h):
+        if entry == "giblet-cache":     # the preset's own overrides kept, the frame size changed
+            from giblet.training.data import PRESET_OVERRIDES
+            over = dict(PRESET_OVERRIDES.get(preset, {}), frame_width=w_h[0], frame_height=w_h[1]) if w_h else None
+            return [shutil.which("giblet-cache"), "--data-dir", study, "--preset", preset,
+                    *(["--config", json.dumps(dict(model_overrides=over))] if over else [])]
+        params = "None" if w_h is None else f"FeatureParams(size={tuple(w_h)})"
+        return [sys.executable, "-c", "from giblet.alignment.sync import FeatureParams; from giblet.data.dataset import load_study; "
+                f"al = load_study({study!r}, params={params}); print(al.n_subjects, al.n_trs, al.n_voxels, al.cache)"]
+    rows = []
+    for step, w_h in [("first build", None), ("second run (cache hit)", None), (f"frame size {size[0]}x{size[1]} only", size)]:
+        before = {p.name for p in cache.iterdir()} if cache.is_dir() else set()
+        fig = timed(cmd(w_h), env)
+        added = sorted(p.name for p in cache.iterdir() if p.name not in before)
+        rows.append(dict(step=step, **fig, added=[a.split("-")[0] if "-" in a else "study" for a in added],
+                         added_gb=round(sum(du(cache / a) for a in added) / 1e9, 2), cache_gb=round(du(cache) / 1e9, 2)))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{study} via {entry}{f' --preset {preset}' if entry == 'giblet-cache' else ''}, GIBLET_CACHE={cache}\n")
+    print("| step | wall time | peak RSS | cache folders added | added on disk | cache on disk |\n|---|---|---|---|---|---|")
+    for r in rows: print(f"| {r['step']} | {r['wall_s']:.0f} s | {r['peak_rss_gb']:.2f} GB | {', '.join(r['added']) or 'none'} | "
+                         f"{r['added_gb']:.2f} GB | {r['cache_gb']:.2f} GB |")
+    for f in sorted(cache.iterdir()): print(f"  {f.name:32s} {du(f) / 1e9:6.2f} GB" if f.is_dir() else f"  {f.name}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--subjects", type=int, default=17)
@@ -116,7 +172,13 @@ if __name__ == "__main__":
     ap.add_argument("--dir", default=None)
     ap.add_argument("--study", default=None)
     ap.add_argument("--subsets", default=None)
+    ap.add_argument("--full", default=None)
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--entry", default="load_study", choices=["load_study", "giblet-cache"])
+    ap.add_argument("--size", default="128,72")
+    ap.add_argument("--preset", default="sherlock")
     a = ap.parse_args()
-    if a.study and a.subsets: build_subsets(a.study, [int(k) for k in a.subsets.split(",")], a.dir)
+    if a.full: full_scale(a.full, a.cache, a.entry, tuple(int(x) for x in a.size.split(",")), a.preset)
+    elif a.study and a.subsets: build_subsets(a.study, [int(k) for k in a.subsets.split(",")], a.dir)
     elif a.study: build_study(a.study, a.dir)
     else: main(a.subjects, a.voxels, a.dir)
