@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fingerprint_changes, input_fingerprint
 from .evaluation import stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
-from .features import stream_key
+from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study
 from .training.trainer import (DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
@@ -286,9 +286,9 @@ def giblet_train(argv:list|None=None, # command-line arguments (default: sys.arg
 
 def giblet_lesion(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                  ):
-    "Console script `giblet-lesion`: `giblet.lesion.lesion_main` with this parser and these exit codes; prints the effect table."
-    from giblet import lesion
-    table = _entry(lesion.lesion_main, "giblet-lesion", argv)
+    "Console script `giblet-lesion`: `giblet.lesion_run.lesion_main` with this parser and these exit codes; prints the effect table."
+    from giblet import lesion_run
+    table = _entry(lesion_run.lesion_main, "giblet-lesion", argv)
     if table is not None: print(table.to_string(index=False) if hasattr(table, "to_string") else table)
 
 # %% ../nbs/50_cli.ipynb #94d22447
@@ -302,7 +302,7 @@ def cache_cli(data_dir:str=None, # the study folder (Sherlock layout or BIDS); o
               cache_dir:str=None, # the cache root (default: $GIBLET_CACHE or ~/.cache/giblet)
               config:str=None, # more TrainConfig fields (as for giblet-train): a JSON file or a JSON object
               set:str=None, # one TrainConfig field as KEY=VALUE; repeat for more
-              verify:store_true=False, # also checksum every cache under --cache-dir, removing damaged ones
+              verify:store_true=False, # also checksum every cache under --cache-dir (study and feature-stream caches), removing damaged ones
               only_verify:store_true=False, # only check the caches already there (build nothing)
              )->dict: # what was built and checked
     "Build the study cache and feature-stream caches a `giblet-train` run with these options will read."
@@ -314,11 +314,13 @@ def cache_cli(data_dir:str=None, # the study folder (Sherlock layout or BIDS); o
     if not only_verify:
         spec, fp, al, streams = study_data(cfg, verify=True if verify else None)
         out = dict(study=spec.source, subjects=len(spec.subjects), runs=len(spec.runs), n_trs=int(al.n_trs),
-                   cache=str(Path(al.video.filename).parent) if hasattr(al.video, "filename") else None,
+                   cache=None if al.cache is None else str(al.cache),
                    streams={n: list(np.shape(a)) for n, a in (streams or {}).items()})
     if verify or only_verify:
         r = cache_main(None, cfg.cache_dir, verify=True, show_progress=cfg.progress)
-        out |= dict(verified=len(r["verified"]), removed=[str(p) for p in r["removed"]])
+        s = verify_streams(Path(cfg.cache_dir) / "features" if cfg.cache_dir else streams_cache_dir())   # where `study_streams` puts them
+        out |= dict(verified=len(r["verified"]) + len(s["verified"]), removed=[str(p) for p in r["removed"] + s["removed"]],
+                    unfinished=[str(p) for p in s["incomplete"]])
     return out
 
 def giblet_cache(argv:list|None=None, # command-line arguments (default: sys.argv[1:])

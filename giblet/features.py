@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,9 +28,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'KINDS', 'POOLINGS', 'STREAM_PREFIX', 'CACHE_VERSION', 'stream_key', 'StreamSpec', 'parse_stream_spec',
-           'Backbone', 'load_backbone', 'tiny_backbone', 'video_clips', 'audio_clips', 'read_transcript',
+           'with_model', 'Backbone', 'load_backbone', 'tiny_backbone', 'video_clips', 'audio_clips', 'read_transcript',
            'words_from_annotations', 'text_contexts', 'embed', 'default_cache_dir', 'cache_key', 'extract_stream',
-           'load_stream', 'StreamRun', 'runs_from_aligned', 'load_streams']
+           'load_stream', 'verify_streams', 'StreamRun', 'runs_from_aligned', 'load_streams']
 
 # %% ../nbs/14_features.ipynb #f810289f
 KINDS = ("video", "audio", "text")
@@ -53,6 +54,7 @@ class StreamSpec:
     frame_height:int = 224 # video: frames are decoded at this height, keeping the film's aspect ratio
     sr:int = 16000 # audio: sample rate the model expects (Hz)
     max_words:int = 256 # text: words of context, ending at the TR's end
+    revision:str = "" # a hub name's branch, tag or commit ("": the one the local cache holds for "main")
     name:str = "" # the stream's name ("" : its kind)
 
     def __post_init__(self):
@@ -95,10 +97,22 @@ def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]
         except ValueError: raise ValueError(f"feature stream {text!r}: option {k} takes a whole number, got {v!r}") from None
     return StreamSpec(kind.strip(), model.strip(), layers or (-1,), **typed)
 
+def with_model(text:str, # a stream in its command-line form
+               model:str, # the model to put in its place
+              )->str: # `text` with `model`, its layers and options as written
+    "A stream's command-line form with another model: how a relative model path is made absolute (and back) in a spec or config."
+    kind, _, rest = text.partition("=")
+    old, rest = parse_stream_spec(text).model, rest.strip()
+    return f"{kind.strip()}={model}{rest[len(old):]}"
+
 # %% ../nbs/14_features.ipynb #e8e2ec6c
-def _from_pretrained(cls, name:str, what:str):
-    "`cls.from_pretrained(name)`, or one clear line on how to pass a local folder when the name is neither local nor cached."
-    try: return cls.from_pretrained(name)
+def _from_pretrained(cls, name:str, what:str, revision:str=""):
+    "`cls.from_pretrained(name)`, or one clear line: how to pass a local folder (neither local nor cached), or which package is missing."
+    try: return cls.from_pretrained(name, **({"revision": revision} if revision else {}))
+    except ImportError as e:   # e.g. V-JEPA 2's video processor needs torchvision
+        need = re.search(r"requires the (\w+) library", str(e))
+        pkg = need.group(1).lower() if need else (getattr(e, "name", None) or str(e).strip().splitlines()[0])
+        raise ImportError(f"{name}: its {what} needs {pkg}, which is not installed: pip install {pkg}") from None
     except OSError as e:
         where = "no such local folder" if Path(name).expanduser().is_absolute() or name.startswith(".") else \
                 "not a local folder and not in the Hugging Face cache (and the hub is unreachable or refused it)"
@@ -125,23 +139,23 @@ def load_backbone(spec:StreamSpec, # the stream
                  )->Backbone:
     "Load a stream's model and processor by hub name or local path (transformers is imported here, on first use)."
     import transformers as tf
-    model = _from_pretrained(tf.AutoModel, spec.model, "model")
+    load = lambda cls, what: _from_pretrained(cls, spec.model, what, spec.revision)
+    model = load(tf.AutoModel, "model")
     video_model, n_frames = False, spec.n_frames
     if spec.kind == "video":
         if hasattr(model, "vision_model"): model = model.vision_model   # CLIP, SigLIP: keep the vision tower
         video_model = _is_video_model(model.config)
-        try: proc = _from_pretrained(tf.AutoImageProcessor, spec.model, "image processor")
-        except (OSError, ValueError):
-            proc = _from_pretrained(tf.AutoVideoProcessor, spec.model, "video processor")
+        try: proc = load(tf.AutoImageProcessor, "image processor")
+        except (OSError, ValueError): proc = load(tf.AutoVideoProcessor, "video processor")
         if not n_frames:
             n_frames = (getattr(model.config, "num_frames", None) or getattr(model.config, "frames_per_clip", None) or 4) if video_model else 4
     elif spec.kind == "audio":
         if getattr(model.config, "is_encoder_decoder", False): model = model.get_encoder()   # Whisper: the encoder
-        proc = _from_pretrained(tf.AutoFeatureExtractor, spec.model, "feature extractor")
+        proc = load(tf.AutoFeatureExtractor, "feature extractor")
         if getattr(proc, "sampling_rate", spec.sr) != spec.sr:
             raise ValueError(f"{spec.model}: the model expects {proc.sampling_rate} Hz audio; pass sr={proc.sampling_rate}")
     else:
-        proc = _from_pretrained(tf.AutoTokenizer, spec.model, "tokenizer")
+        proc = load(tf.AutoTokenizer, "tokenizer")
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
     n_hidden = getattr(model.config, "num_hidden_layers", None)
     if n_hidden is not None and any(not -(n_hidden + 1) <= l <= n_hidden for l in spec.layers):
@@ -345,10 +359,15 @@ def default_cache_dir()->Path:
     "Where streams are cached unless told otherwise: $GIBLET_FEATURES_CACHE, else ~/.cache/giblet/features."
     return Path(os.environ.get("GIBLET_FEATURES_CACHE") or Path.home() / ".cache" / "giblet" / "features")
 
-def _model_identity(name:str)->dict:
-    "The model's name, plus the size and head checksum of every file of a local folder (a retrained model is a new one)."
+def _model_identity(name:str, revision:str="")->dict:
+    "A local folder by the size and head checksum of its files (a retrained model is a new one); a hub name by its commit."
     p = Path(name).expanduser()
-    if not p.is_dir(): return {"model": name}
+    if not p.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(name, "config.json", revision=revision or None)
+        commit = Path(found).parent.name if isinstance(found, str) else revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
+        return {"model": name, "revision": commit}   # None: not in the local cache yet (`extract_stream` loads it, then asks again)
+    if revision: raise ValueError(f"{name}: revision={revision} names a hub revision, but this is a local folder; drop it")
     files = sorted(f for f in p.iterdir() if f.is_file())
     return {"model": str(p.resolve()), "files": [{k: v for k, v in fp.items() if k != "mtime_ns"} | {"name": f.name}
                                                    for f, fp in zip(files, input_fingerprint(files))]}
@@ -371,8 +390,8 @@ def cache_key(spec:StreamSpec, # the stream
              )->dict: # everything the cached features depend on
     "What identifies a cache entry: source, model, layers, pooling, window parameters and the TR grid."
     grid = np.round(np.asarray(times, float) * 1e6).astype(np.int64)
-    params = {k: v for k, v in asdict(spec).items() if k not in ("model", "name")}
-    return dict(version=CACHE_VERSION, source=_source_identity(source), model=_model_identity(spec.model),
+    params = {k: v for k, v in asdict(spec).items() if k not in ("model", "name", "revision")}
+    return dict(version=CACHE_VERSION, source=_source_identity(source), model=_model_identity(spec.model, spec.revision),
                 params=params | {"layers": list(spec.layers)}, dtype=str(dtype or "float32"), tr=float(tr),
                 n_trs=len(grid), grid=hashlib.blake2b(grid.tobytes(), digest_size=16).hexdigest())
 
@@ -403,12 +422,16 @@ def _load_chunk(path:Path, n:int)->np.ndarray|None:
     logger.warning("%s: unreadable or the wrong shape; computing it again", path)
     path.unlink(missing_ok=True); return None
 
+def _intact(folder:Path, m:dict|None)->bool:
+    "Whether a finished manifest's features.npy has the size and checksum the manifest records."
+    data = folder / "features.npy"
+    return m is not None and data.is_file() and data.stat().st_size == m.get("bytes") and file_checksum(data) == m.get("blake2b")
+
 def _valid_entry(folder:Path, key:dict)->bool:
     "Whether `folder` holds complete features for `key`, with the checksum its manifest records."
     m = _read_json(folder / "manifest.json")
-    data = folder / "features.npy"
     if m is None or not m.get("complete"): return False
-    if m.get("key") != key or not data.is_file() or data.stat().st_size != m.get("bytes") or file_checksum(data) != m.get("blake2b"):
+    if m.get("key") != key or not _intact(folder, m):
         logger.warning("%s: the cached features do not match their manifest (corrupt or stale); extracting them again", folder)
         for f in ("manifest.json", "features.npy"): (folder / f).unlink(missing_ok=True)
         return False
@@ -475,7 +498,9 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
     if times.ndim != 1 or not len(times) or not np.isfinite(times).all() or (times < 0).any():
         raise ValueError(f"{spec.name}: times must be a non-empty 1-D array of film times >= 0 s")
     if int(chunk_trs) != chunk_trs or chunk_trs < 1 or batch_size < 1: raise ValueError("chunk_trs and batch_size must be >= 1")
-    key = cache_key(spec, source, times, tr, dtype)
+    key, bb = cache_key(spec, source, times, tr, dtype), None
+    if key["model"].get("revision", "") is None:   # a hub name not cached yet: fetch it, so the key records its commit
+        bb = load_backbone(spec, device, dtype); key = cache_key(spec, source, times, tr, dtype)
     folder = Path(cache_dir or default_cache_dir()) / f"{spec.name}-{_digest(key)}"
     if _valid_entry(folder, key): return folder
     rank, world = _rank_world(rank, world_size)
@@ -491,7 +516,7 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
     if len(mine) < len(range(rank, n_chunks, world)):
         logger.info("%s: resuming; %d of this rank's chunks are already done", folder, len(range(rank, n_chunks, world)) - len(mine))
     if mine:
-        bb, inputs = load_backbone(spec, device, dtype), _Inputs(spec, source, times, tr)
+        bb, inputs = bb or load_backbone(spec, device, dtype), _Inputs(spec, source, times, tr)
         for c in tqdm(mine, desc=f"{spec.name} features", unit="chunk", disable=not progress):
             _write_npy(path(c), _compute_chunk(bb, inputs, rows(c), batch_size))
     if world > 1 and wait: _wait_for(lambda: all(path(c).is_file() for c in range(n_chunks)) or _valid_entry(folder, key), timeout, folder)
@@ -531,6 +556,24 @@ def load_stream(folder:str|Path, # a cache folder from `extract_stream`
     m = _read_json(folder / "manifest.json")
     if m is None or not m.get("complete"): raise ValueError(f"{folder}: not a complete feature cache (no finished manifest.json)")
     return np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
+
+# %% ../nbs/14_features.ipynb #6afd2910
+def verify_streams(root:str|Path|None=None, # a stream-cache root (None: `default_cache_dir()`)
+                  )->dict: # cache folders: {"verified": [...], "removed": [...], "incomplete": [...]}
+    "Checksum every finished stream cache under `root` against its manifest; remove (and report) the damaged ones."
+    root, out = Path(root or default_cache_dir()), dict(verified=[], removed=[], incomplete=[])
+    if not root.is_dir(): return out
+    clean_leftovers(root)
+    for folder in sorted(p.parent for p in root.glob("*/manifest.json")):
+        m = _read_json(folder / "manifest.json")
+        if m is not None and not m.get("complete"): out["incomplete"].append(folder)
+        elif _intact(folder, m): out["verified"].append(folder)
+        else:
+            logger.warning("%s: the cached features do not match their manifest; removed (the next run extracts them again)", folder)
+            shutil.rmtree(folder, ignore_errors=True); out["removed"].append(folder)
+    logger.info("%s: %d stream caches intact, %d damaged ones removed, %d unfinished", root, len(out["verified"]),
+                len(out["removed"]), len(out["incomplete"]))
+    return out
 
 # %% ../nbs/14_features.ipynb #64313c35
 @dataclass

@@ -24,13 +24,14 @@ from .data.text import nearest_text
 from .io import atomic_folder, atomic_write, clean_leftovers
 from .regions import Region, UnitGrid, matched_blobs, parse_regions
 from .models.autoencoder import target_variances
+from .features import stream_key
+from .training.data import StreamTensors
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'METRICS', 'RUN_MARKER', 'LesionData', 'predict_brain', 'unit_means', 'reconstruct', 'collect_errors',
-           'lesion_effects', 'plot_effects', 'Rendering', 'render', 'read_checkpoint', 'load_run', 'lesion_data',
-           'lesion_main']
+__all__ = ['logger', 'METRICS', 'LesionData', 'predict_brain', 'unit_means', 'reconstruct', 'collect_errors', 'lesion_effects',
+           'plot_effects', 'Rendering', 'render', 'read_checkpoint', 'load_run', 'lesion_data']
 
 # %% ../nbs/41_lesion.ipynb #00833145
 @dataclass
@@ -51,12 +52,14 @@ class LesionData:
                      trs=None, # TRs to evaluate (default: all)
                      device:str|torch.device="cpu", # where the tensors live
                      train_trs=None, # the training TRs (needed for mean replacement)
+                     streams:dict|None=None, # the pretrained feature streams the model reads: name -> (n_trs, d) on the study's TR grid
                     )->LesionData:
-        "Lesion data from an aligned study."
+        "Lesion data from an aligned study (and the feature streams a stream-trained model reads)."
         trs = np.arange(al.n_trs) if trs is None else np.sort(np.asarray(trs, dtype=np.int64))
         if len(trs) == 0 or trs[0] < 0 or trs[-1] >= al.n_trs: raise ValueError(f"trs must be a non-empty subset of 0..{al.n_trs - 1}")
         train = None if train_trs is None else np.sort(np.asarray(train_trs, dtype=np.int64))
-        return cls(StudyTensors(al, norm, device, subjects="average"), trs, list(al.texts), float(al.tr), al.mask, norm, train_trs=train)
+        tensors = StreamTensors(al, norm, device, "average", streams) if streams else StudyTensors(al, norm, device, subjects="average")
+        return cls(tensors, trs, list(al.texts), float(al.tr), al.mask, norm, train_trs=train)
 
     @property
     def n_units(self)->int: return int(self.tensors.fmri.shape[-1])
@@ -110,6 +113,8 @@ def _brains(model, data:LesionData, source:str, position:int|None, batch_size:in
     cfg, dev = model.config, next(model.parameters()).device
     if data.n_units != cfg.n_voxels:
         raise ValueError(f"the data has {data.n_units} brain units but the model has {cfg.n_voxels}; they must share a mask")
+    lacking = [n for n in cfg.stream_dims if stream_key(n) not in getattr(data.tensors, "streams", {})]
+    if lacking: raise ValueError(f"the model reads feature stream(s) {lacking}; build the data with them (`lesion_data` does)")
     k = cfg.context_trs
     position = k // 4 if position is None else int(position)
     if not 0 <= position < k: raise ValueError(f"position must be in 0..{k - 1}, got {position}")
@@ -527,6 +532,9 @@ def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) 
     try: tc = TrainConfig.from_dict(train)
     except (TypeError, ValueError) as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
     rd = prepare_data(tc, device)
+    if set(rd.streams) != set(model.config.stream_dims):
+        raise ValueError(f"{path}: the model reads feature streams {sorted(model.config.stream_dims)} but its run's data has "
+                         f"{sorted(rd.streams)}; was the study spec's `features` changed since?")
     if rd.aligned.n_voxels != model.config.n_voxels:
         raise ValueError(f"{path}: the model has {model.config.n_voxels} brain units but the study in "
                          f"{rd.data_dir} has {rd.aligned.n_voxels}; it was trained on other data")
@@ -539,61 +547,6 @@ def lesion_data(run, # a `RunData` (from `load_run` or `prepare_data`)
     if split not in ("val", "test", "train", "all"): raise ValueError(f"split must be val, test, train or all, got {split!r}")
     trs = None if split == "all" else getattr(run.split, split)
     if trs is not None and len(trs) == 0: raise ValueError(f"the run's split has no {split} TRs")
-    data = LesionData.from_aligned(run.aligned, run.norm, trs, run.tensors.device, train_trs=run.split.train)
+    data = LesionData.from_aligned(run.aligned, run.norm, trs, run.tensors.device, train_trs=run.split.train, streams=run.streams)
     if run.features is not None: data.sample_rate = int(run.features.sr)
     return data
-
-# %% ../nbs/41_lesion.ipynb #19a51fb8
-RUN_MARKER = "effects.csv" # a folder holding this file holds a lesion run
-
-def _check_out(out:Path, overwrite:bool):
-    "Refuse an output folder that holds a lesion run (unless overwriting) or anything else."
-    if not out.exists(): return
-    if not out.is_dir(): raise FileExistsError(f"{out} exists and is not a folder")
-    clean_leftovers(out.parent)
-    if (out / RUN_MARKER).is_file():
-        if not overwrite: raise FileExistsError(f"{out} already holds a lesion run; pass --overwrite to replace it as a whole")
-    elif any(out.iterdir()): raise FileExistsError(f"{out} holds other files, not a lesion run; give a new or empty folder")
-
-def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or a saved model
-                out:str="lesion_out", # the output folder (the table, the figure, the media); refused if it holds a lesion run, unless --overwrite
-                regions:str="synthetic", # regions separated by ';', each synthetic[:NAMES], sphere:X,Y,Z,R[:NAME], blob:X,Y,Z,N[:NAME], mask:PATH[:NAME] or atlas:PATH:LABELS[:LOOKUP]
-                data_dir:str|None=None, # the study folder (default: the run's own)
-                cache_dir:str|None=None, # feature-cache root (default: the run's own)
-                mode:str="lesion", # lesion (silence the region) or keep (silence the rest)
-                replace:str="zero", # silenced units at 0 (zero) or at their training mean (mean)
-                source:str="stimulus", # decode the predicted brain layer (stimulus) or measured fMRI (fmri)
-                split:str="test", # TRs to evaluate: test (the block no choice was made on), val, train or all
-                device:str="cpu", # cpu or cuda
-                n_null:int=20, # matched control blobs per region
-                gain_tolerance:float=0.1, # a control blob matches when its summed decoder gain is within this share of the region's
-                n_boot:int=2000, # bootstrap replicates
-                seed:int=0, # seed of the control blobs and the bootstrap
-                render_trs:int=20, # TRs to render per region (0: no rendering)
-                overwrite:bool=False, # replace a lesion run already in --out, as a whole
-               )->pd.DataFrame: # the effect table (also in OUT/effects.csv)
-    "Lesion (or keep only) brain regions of a trained giblet model: an effect table against matched nulls, and rendered video, sound and text."
-    import io
-    import matplotlib.pyplot as plt
-    for name, value, ok in (("mode", mode, ("lesion", "keep")), ("replace", replace, ("zero", "mean")),
-                            ("source", source, ("stimulus", "fmri")), ("split", split, ("val", "test", "train", "all"))):
-        if value not in ok: raise ValueError(f"--{name} must be {' or '.join(ok)}, got {value!r}")
-    if n_null < 1 or n_boot < 1 or render_trs < 0: raise ValueError("--n_null and --n_boot must be >= 1 and --render_trs >= 0")
-    out = Path(out).absolute()
-    _check_out(out, overwrite)
-    model, run = load_run(checkpoint, data_dir, cache_dir, device)
-    data = lesion_data(run, split)
-    regs = parse_regions(regions, data.mask, run.data_dir)
-    table = lesion_effects(model, data, regs, mode=mode, source=source, replace=replace, n_null=n_null,
-                           gain_tolerance=gain_tolerance, n_boot=n_boot, seed=seed)
-    with atomic_folder(out) as tmp:
-        _atomic_text(tmp / RUN_MARKER, table.to_csv(index=False))
-        png, fig = io.BytesIO(), plot_effects(table)
-        fig.savefig(png, format="png", dpi=120); plt.close(fig)
-        atomic_write(tmp / "effects.png", lambda f: f.write(png.getvalue()))
-        for r in regs if render_trs > 0 else ():
-            render(model, data, r, tmp / _slug(r.name), mode=mode, source=source, n_trs=render_trs, replace=replace)
-    logger.info("%s", table[["region", "modality", "metric", "intact", "value", "effect", "null_mean", "specific", "p", "rank",
-                             "n_null"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    logger.info("effect table: %s", out / RUN_MARKER)
-    return table

@@ -13,6 +13,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +22,7 @@ import yaml
 from .io import atomic_write
 
 from .alignment.sync import Aligned, FeatureParams, RunSpec, tr_grid
+from .features import parse_stream_spec, with_model
 from .data.dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
 from .data.fmri import iter_volumes, load_nifti, read_tr, shared_mask
 from .data.video import video_info
@@ -55,12 +57,13 @@ class StudySpec:
     annotations: Path|None = None # the annotation table of runs without their own
     mask: str|None = None # None: the shared mask; a NIfTI path (its non-zero voxels); "nonzero": voxels never 0 in any scan
     source: str = "" # where the spec came from (a file, or the folder it was discovered in)
+    features: list = field(default_factory=list) # pretrained feature streams, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
 
     def film_of(self, run:StudyRun)->Path: return run.film or self.film
     def annotations_of(self, run:StudyRun)->Path: return run.annotations or self.annotations
 
 # %% ../nbs/13_study.ipynb #b4da9610
-_TOP = ("tr", "film", "annotations", "mask", "subjects", "runs")
+_TOP = ("tr", "film", "annotations", "mask", "subjects", "runs", "features")
 _RUN = ("name", "nii", "film", "film_start", "film_stop", "scan_offset", "annotations", "part")
 
 class SpecError(ValueError):
@@ -77,6 +80,25 @@ def _path(v, base:Path, where, err, optional=True):
     if not isinstance(v, (str, os.PathLike)) or not str(v).strip(): err(where, f"expected a file path, got {v!r}")
     p = Path(os.path.expanduser(str(v)))
     return Path(os.path.normpath(p if p.is_absolute() else base / p))
+
+def _local_model(model:str, base:Path)->bool:
+    "Whether a stream's model names a folder (written as a path, or existing under `base`) rather than a hub name."
+    return model.startswith((".", "/", "~")) or (base / os.path.expanduser(model)).is_dir()
+
+def _streams(v, base:Path, where, err)->list:
+    "Stream specs checked, with a local model folder made absolute against `base` (a hub name kept as it is)."
+    if v is None: return []
+    if isinstance(v, str): v = [v]
+    if not isinstance(v, list): err(where, f"expected a list of streams like video=NAME_OR_PATH:LAYERS, got {v!r}")
+    out = []
+    for i, s in enumerate(v):
+        if not isinstance(s, str): err(f"{where}[{i}]", f"expected a stream like video=NAME_OR_PATH:LAYERS, got {s!r}")
+        try: model = parse_stream_spec(s).model
+        except ValueError as e: err(f"{where}[{i}]", str(e))
+        out.append(with_model(s, str(_path(model, base, f"{where}[{i}]", err))) if _local_model(model, base) else s)
+    names = [parse_stream_spec(s).name for s in out]
+    if len(set(names)) < len(names): err(where, f"two streams share a name in {names}; give one a name=... option")
+    return out
 
 def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                    base:str|Path=".", # folder that relative paths are resolved against
@@ -128,7 +150,7 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
     if mask is not None and mask != "nonzero": mask = _path(mask, base, "mask", err)
     spec = StudySpec(subjects=subjects, runs=runs, tr=_number(d.get("tr"), "tr", err, positive=True, optional=True),
                      film=_path(d.get("film"), base, "film", err), annotations=_path(d.get("annotations"), base, "annotations", err),
-                     mask=mask, source=str(source))
+                     mask=mask, source=str(source), features=_streams(d.get("features"), base, "features", err))
     for i, r in enumerate(runs):
         if spec.film_of(r) is None: err(f"runs[{i}].film", "no film: give the run's `film` or the study's")
         if spec.annotations_of(r) is None: err(f"runs[{i}].annotations", "no annotations: give the run's or the study's")
@@ -142,8 +164,10 @@ def spec_to_dict(spec:StudySpec, # the spec to write
     run = lambda r: {"name": r.name, "film": rel(r.film), "film_start": r.film_start, "film_stop": r.film_stop,
                      "scan_offset": r.scan_offset, "annotations": rel(r.annotations), "part": r.part,
                      "nii": {s: rel(p) for s, p in r.nii.items()}}
+    model = lambda s: parse_stream_spec(s).model
     d = {"tr": spec.tr, "film": rel(spec.film), "annotations": rel(spec.annotations), "mask": rel(spec.mask),
-         "subjects": list(spec.subjects), "runs": [{k: v for k, v in run(r).items() if v is not None} for r in spec.runs]}
+         "subjects": list(spec.subjects), "runs": [{k: v for k, v in run(r).items() if v is not None} for r in spec.runs],
+         "features": [with_model(s, rel(model(s))) if os.path.isabs(model(s)) else s for s in spec.features] or None}
     return {k: v for k, v in d.items() if v is not None}
 
 # %% ../nbs/13_study.ipynb #3ee172f6
@@ -192,10 +216,16 @@ def check_spec(spec:StudySpec, # the spec to check
 # %% ../nbs/13_study.ipynb #880b0271
 _RUN_NAME = re.compile(r"(?:^|[_\-.])run-?\d+", re.I)
 
+def _given_streams(features:Sequence[str], source)->list:
+    "Streams handed to a discovered study, checked as a spec file's are (a relative model folder: against the working folder)."
+    def err(where, problem): raise SpecError(f"{source}: {where}: {problem}")
+    return _streams(list(features), Path.cwd(), "features", err)
+
 def sherlock_spec(data_dir:str|Path, # a folder in the Sherlock layout (the release or the synthetic generator's)
                   film:str|Path|None=None, # use this film instead of searching
                   annotations:str|Path|None=None, # use this annotation table instead of searching
                   tr:float|None=None, # expected TR (s); None: the NIfTI headers
+                  features:Sequence[str]=(), # pretrained feature streams (a relative model folder: against the working folder)
                  )->StudySpec:
     "The spec of a Sherlock-layout folder: one run, every NIfTI a subject, annotation part 1."
     files = discover(data_dir, film=film, annotations=annotations)
@@ -206,7 +236,7 @@ def sherlock_spec(data_dir:str|Path, # a folder in the Sherlock layout (the rele
     if len(set(names)) < len(names): names = [str(p) for p in files.nii]
     logger.info("%s: one run of %d subjects; it shows part 1 of %s", data_dir, len(names), files.annotations.name)
     return StudySpec(subjects=names, runs=[StudyRun("run-1", dict(zip(names, files.nii)), part=1)], tr=tr,
-                     film=files.film, annotations=files.annotations, source=str(data_dir))
+                     film=files.film, annotations=files.annotations, source=str(data_dir), features=_given_streams(features, data_dir))
 
 # %% ../nbs/13_study.ipynb #f667f8be
 def _bids_layout(root, derivatives, validate:bool):
@@ -241,6 +271,7 @@ def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its t
               film:str|Path|None=None, # use this film instead of each events file's stim_file
               annotations:str|Path|None=None, # the annotation table; None: the one table in root/stimuli
               validate:bool=False, # let pybids skip files that are not valid BIDS
+              features:Sequence[str]=(), # pretrained feature streams (a relative model folder: against the working folder)
              )->StudySpec:
     "The spec of a BIDS movie study: subjects, runs, TR from the sidecars, the film and its onset from the events files."
     root = Path(root)
@@ -301,7 +332,8 @@ def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its t
     common = {r.film for r in spec_runs}
     if len(common) == 1: spec_runs = [replace(r, film=None) for r in spec_runs]
     return StudySpec(subjects=[f"sub-{s}" for s in subjects], runs=spec_runs, tr=run_trs[0],
-                     film=common.pop() if len(common) == 1 else None, annotations=Path(annotations), source=str(root))
+                     film=common.pop() if len(common) == 1 else None, annotations=Path(annotations), source=str(root),
+                     features=_given_streams(features, root))
 
 # %% ../nbs/13_study.ipynb #e2f70c46
 def resolve_study(source:str|Path, # a spec file (.yaml/.yml/.json), a BIDS dataset, or a Sherlock-layout folder
@@ -344,6 +376,7 @@ def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accept
         lines.append(f"  {r.name}: film {spec.film_of(r).name} from {r.film_start:g} s to {stop}; {off}; "
                      f"annotations {spec.annotations_of(r).name}, part {r.part or '(the only one)'}")
         lines += [f"    {s}: {p} ({_volumes(p)})" for s, p in r.nii.items()]
+    lines += [f"  feature stream {parse_stream_spec(s).name}: {s}" for s in spec.features]
     return "\n".join(lines)
 
 # %% ../nbs/13_study.ipynb #403b829a
@@ -421,7 +454,8 @@ def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
     spec = plan_subjects(spec, tr, drop_short)
     inputs = sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values())}
                     | ({str(spec.mask)} if spec.mask not in (None, "nonzero") else set()))
-    key = cache_key(inputs, dict(spec=spec_to_dict(spec), params=asdict(params), tr=tr, mask_threshold=mask_threshold))
+    study = spec_to_dict(replace(spec, features=[]))   # the streams have caches of their own
+    key = cache_key(inputs, dict(spec=study, params=asdict(params), tr=tr, mask_threshold=mask_threshold))
     logger.info("%s: %d subjects x %d runs", spec.source, len(spec.subjects), len(spec.runs))
     runs = [(spec.film_of(r), spec.annotations_of(r), _run_spec(spec, r, tr)) for r in spec.runs]
     return align_study(runs, lambda: spec_mask(spec, mask_threshold), Path(cache_dir or default_cache_dir()) / f"study-{key}",

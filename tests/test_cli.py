@@ -224,7 +224,7 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
 
 def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
     "giblet-lesion parses lesion_main's docments like every other script: 0 and the table, 2 and one line, 1 and the traceback."
-    from giblet import lesion
+    from giblet import lesion_run
     seen = {}
 
     def fake_main(checkpoint:str, # a checkpoint
@@ -236,7 +236,7 @@ def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
         if checkpoint == "bug": raise ZeroDivisionError("a bug")
         return pd.DataFrame({"region": ["visual"], "effect": [0.5]})
 
-    monkeypatch.setattr(lesion, "lesion_main", fake_main, raising=False)
+    monkeypatch.setattr(lesion_run, "lesion_main", fake_main, raising=False)
     assert cli.giblet_lesion(["ck.pt", "--data-dir", "d", "--n_boot", "5"]) is None
     assert seen == dict(checkpoint="ck.pt", data_dir="d", n_boot=5) and "visual" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e: cli.giblet_lesion(["missing"])
@@ -287,3 +287,22 @@ def test_changed_inputs_refuse_resume_and_a_run_without_checkpoint_restarts(tmp_
     fresh = tmp_path / "early"; fresh.mkdir(); shutil.copy(out / "config.json", fresh / "config.json")
     m = train(fresh, cache, "--resume", "--no-baseline", epochs=1, config=cfg)
     assert m["epochs"] == 1 and (fresh / "checkpoints" / "last.pt").is_file() and (fresh / "inputs.json").is_file()
+
+
+def test_giblet_cache_verify_checks_the_stream_caches(tmp_path, monkeypatch, capsys):
+    "giblet-cache --verify checksums the feature-stream caches under --cache-dir too: a corrupted byte is found and removed."
+    pytest.importorskip("transformers", reason="transformers (the [features] extra) is not installed")
+    from giblet.data.audio import demo_waveform
+    from giblet.features import extract_stream, tiny_backbone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, wave = tiny_backbone(tmp_path / "w2v", "audio"), (demo_waveform(5.0, 16000), 16000)
+    streams = tmp_path / "cache" / "features"   # where a run with --cache-dir puts its streams
+    good, bad = (extract_stream(f"audio={model}:{layer}", wave, np.arange(4.0), 1.0, streams, progress=False) for layer in (1, 2))
+    data = bytearray((bad / "features.npy").read_bytes()); data[-5] ^= 0x10
+    (bad / "features.npy").write_bytes(bytes(data))
+    unfinished = streams / "audio-0123456789abcdef"; unfinished.mkdir()
+    (unfinished / "manifest.json").write_text(json.dumps(dict(key={}, chunk_trs=2, complete=False)))
+    cli.giblet_cache(["--cache-dir", str(tmp_path / "cache"), "--only-verify"])
+    out = json.loads(capsys.readouterr().out)
+    assert out == dict(verified=1, removed=[str(bad)], unfinished=[str(unfinished)])
+    assert not bad.exists() and (good / "features.npy").is_file() and unfinished.is_dir()

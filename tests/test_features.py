@@ -223,3 +223,64 @@ def test_one_job_joins_the_chunks_while_another_waits(models, tmp_path):
         assert not (folder / "features.npy").exists()
     assert extract_stream(spec, (wave, sr), times, TR, tmp_path, **kw) == folder
     assert load_stream(folder).shape == (4, 16)
+
+
+def test_retrained_local_weights_make_a_new_cache(films, tmp_path, monkeypatch):
+    "The key fingerprints a local model's files: new weights in the same folder extract again, unchanged ones reuse the cache."
+    folder = tiny_backbone(tmp_path / "dino", "image", seed=0)
+    times = np.arange(4) * TR
+    spec = StreamSpec("video", str(folder))
+    first = extract_stream(spec, films[0], times, TR, tmp_path / "cache", progress=False)
+    before = np.array(load_stream(first))
+    tiny_backbone(folder, "image", seed=1)                  # retrained in place: same files, same sizes, other weights
+    second = extract_stream(spec, films[0], times, TR, tmp_path / "cache", progress=False)
+    assert second != first and not np.allclose(load_stream(second), before)
+    monkeypatch.setattr(gf, "load_backbone", lambda *a, **k: pytest.fail("an unchanged model was loaded again"))
+    assert extract_stream(spec, films[0], times, TR, tmp_path / "cache", progress=False) == second
+    with pytest.raises(ValueError, match="names a hub revision, but this is a local folder"):
+        extract_stream(StreamSpec("video", str(folder), revision="v1"), films[0], times, TR, tmp_path / "cache", progress=False)
+
+
+def fake_hub(root, name, commit, folder):
+    "Put a saved model into a Hugging Face cache layout under `root` as snapshot `commit`, the one 'main' points at."
+    import shutil
+    repo = root / ("models--" + name.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True); (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_name_is_keyed_by_its_commit(films, tmp_path, monkeypatch):
+    "A hub name's cache key holds the commit the local cache resolves ('main', or revision=): a new snapshot extracts again."
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    a, b = "a" * 40, "b" * 40
+    fake_hub(tmp_path / "hub", "giblet/tiny-dino", a, tiny_backbone(tmp_path / "m0", "image", seed=0))
+    times, cache = np.arange(4) * TR, tmp_path / "cache"
+    spec = StreamSpec("video", "giblet/tiny-dino")
+    assert gf.cache_key(spec, films[0], times, TR)["model"] == {"model": "giblet/tiny-dino", "revision": a}
+    old = extract_stream(spec, films[0], times, TR, cache, progress=False)
+    fake_hub(tmp_path / "hub", "giblet/tiny-dino", b, tiny_backbone(tmp_path / "m1", "image", seed=1))   # main moves on
+    new = extract_stream(spec, films[0], times, TR, cache, progress=False)
+    assert new != old and not np.allclose(load_stream(new), load_stream(old))
+    pinned = StreamSpec("video", "giblet/tiny-dino", revision=a)   # the old commit, by revision=: its cache again
+    monkeypatch.setattr(gf, "load_backbone", lambda *a, **k: pytest.fail("a cached commit was loaded again"))
+    assert extract_stream(pinned, films[0], times, TR, cache, progress=False) == old
+
+
+def test_a_missing_processor_package_is_named_in_one_line(tmp_path):
+    "V-JEPA 2's video processor needs torchvision: without it, one line names the package (with it, the model loads)."
+    import importlib.util
+    import json
+    import transformers as tf
+    cfg = tf.VJEPA2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, crop_size=32, patch_size=8,
+                          frames_per_clip=4, tubelet_size=2, pred_hidden_size=16, pred_num_hidden_layers=1, pred_num_attention_heads=2)
+    tf.AutoModel.from_config(cfg).save_pretrained(tmp_path / "vjepa2")
+    (tmp_path / "vjepa2" / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "VJEPA2VideoProcessor", "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}}))
+    spec = StreamSpec("video", str(tmp_path / "vjepa2"))
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError) as e: gf.load_backbone(spec)
+        assert str(e.value) == f"{spec.model}: its video processor needs torchvision, which is not installed: pip install torchvision"
+    else:
+        bb = gf.load_backbone(spec)
+        assert bb.video_model and bb.n_frames == 4

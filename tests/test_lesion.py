@@ -15,7 +15,8 @@ import torch
 
 from giblet.data.synthetic import load_truth
 from giblet.io import usual_mode
-from giblet.lesion import lesion_data, lesion_effects, lesion_main, load_run, render
+from giblet.lesion import lesion_data, lesion_effects, load_run, render
+from giblet.lesion_run import lesion_main
 from giblet.regions import UnitGrid, atlas_regions, blob_region, mask_region, parse_regions, sphere_region, synthetic_regions
 from giblet.training.trainer import Trainer, TrainConfig, prepare_data
 
@@ -265,3 +266,36 @@ def test_papermill_notebook(run, tmp_path, repo_root, monkeypatch):
     table = pd.read_csv(tmp_path / "out" / "effects.csv")
     assert set(table.region) == {"auditory"} and set(table.source) == {"fmri"}
     assert (tmp_path / "out" / "effects.png").is_file() and (tmp_path / "out" / "auditory" / "auditory_lesion.mp4").is_file()
+
+
+def test_lesion_on_a_stream_trained_run(tmp_path, monkeypatch, capsys):
+    """A run trained with a pretrained feature stream is lesioned from its checkpoint by giblet-lesion: the stream its config
+    names comes back from its cache into every window the model reads, and the effect table comes out."""
+    pytest.importorskip("transformers", reason="transformers (the [features] extra) is not installed")
+    import json
+    from giblet import cli
+    from giblet.features import tiny_backbone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    dino = tiny_backbone(tmp_path / "dino", "image")
+    fast = dict(batch_size=8, recon_frac=0.5, patience=0, stride=4, skip_first=3, val_frac=0.2, test_frac=0.3, progress=False,
+                synthetic=dict(n_subjects=2, n_trs=240, shape=[10, 12, 10], size=[32, 18], seed=1),
+                model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4, frame_width=32, frame_height=18))
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["--out", str(run_dir), "--cache-dir", str(cache), "--epochs", "1", "--device", "cpu", "--no-baseline",
+            "--config", json.dumps(fast), "--features", f"video={dino}:-1:n_frames=2"]
+    cli.train_main(**cli.cli_args(cli.train_main, "giblet-train", argv))
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    model, rd = load_run(checkpoint)
+    assert model.config.stream_dims == {"video": 16} and set(rd.streams) == {"video"}
+    data = lesion_data(rd, "test")
+    batch = data.tensors.gather(torch.as_tensor(data.trs[:2]), model.config.context_trs)
+    assert batch["stream_video"].shape == (2, model.config.context_trs, 16)
+    np.testing.assert_array_equal(batch["stream_video"][:, 0].numpy(), rd.streams["video"][data.trs[:2]])
+    try:
+        cli.giblet_lesion([str(checkpoint), "--out", str(tmp_path / "lesion"), "--regions", "synthetic:visual", "--n_null", "2",
+                           "--n_boot", "50", "--render_trs", "2"])
+    finally: torch.set_num_threads(threads)
+    table = pd.read_csv(tmp_path / "lesion" / "effects.csv")
+    assert set(table.region) == {"visual"} and {"video", "audio", "text"} <= set(table.modality)
+    assert np.isfinite(table["effect"]).all() and (tmp_path / "lesion" / "visual" / "visual_lesion.mp4").is_file()

@@ -204,14 +204,14 @@ def test_one_run_sherlock_layout_and_mask_file(tmp_path, caplog):
 
 
 def test_spec_loading_shares_the_cache_path_and_bold_is_normalised_per_run(loaded, sherlock, caplog):
-    from giblet.data.dataset import block_split, cache_manifest, fit_normaliser
+    from giblet.data.dataset import block_split, cache_manifest, fit_normaliser, stream_folders
     a, _ = loaded
-    folder = Path(a.video.filename).parent
+    folder = a.cache                                                                 # the study folder, joining the streams
     man = cache_manifest(folder)
     assert man["inputs"] and all("blake2b" in f for f in man["files"].values())     # fingerprint and checksums
     assert man["meta"]["runs"] == ["run-1", "run-2"]
     before = np.asarray(a.fmri[:])
-    with open(folder / "fmri.npy", "r+b") as f: f.seek(-8, 2); f.write(b"\x00" * 8)  # damage in place
+    with open(stream_folders(folder)["fmri"] / "fmri.npy", "r+b") as f: f.seek(-8, 2); f.write(b"\x00" * 8)  # damage in place
     with caplog.at_level(logging.WARNING):
         again = load_spec(sherlock.root / "study.yaml", folder.parent, PARAMS, show_progress=False, verify=True)
     assert "does not match its checksum" in caplog.text

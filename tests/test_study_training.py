@@ -89,3 +89,70 @@ def test_one_stream_of_each_kind_trains_from_the_command_line(sherlock, cache, t
     assert all(any(f".{n}." in k for k in sd) for n in ("stream_video", "stream_audio", "stream_text"))
     checked = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", ["--cache-dir", str(cache), "--only-verify"]))
     assert checked["verified"] >= 1 and checked["removed"] == []
+
+
+def stream_spec(lay, path, features):
+    "The synthetic study's YAML spec with `features` added."
+    spec = yaml.safe_load(spec_file(lay, path).read_text())
+    path.write_text(yaml.safe_dump(spec | {"features": features}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dino(sherlock):
+    "A tiny image backbone in the study's folder, so a spec can name it by a relative path."
+    pytest.importorskip("transformers", reason="transformers (the [features] extra) is not installed")
+    from giblet.features import tiny_backbone
+    return tiny_backbone(sherlock.root / "models" / "dino", "image")
+
+
+def test_a_stream_named_by_the_study_spec_trains(sherlock, dino, cache, tmp_path, monkeypatch):
+    "A spec naming a stream (its model relative to the spec) trains with it from `giblet-train --study` alone."
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    stream_spec(sherlock, sherlock.root / "streams.yaml", ["video=models/dino:-1:n_frames=2"])
+    monkeypatch.chdir(tmp_path)                              # the model resolves against the spec's folder, not the working one
+    m = train(tmp_path / "run", cache, "--study", str(sherlock.root / "streams.yaml"))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["features"] == [] and saved["model"]["stream_dims"] == {"video": 16}
+    assert np.isfinite(m["test_voxel_r_selected"])
+    sd = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]["state_dict"]
+    assert any(".stream_video." in k for k in sd)            # the stream's projector
+    assert list((cache / "features").glob("video-*/features.npy"))
+
+
+def test_a_bad_stream_in_the_spec_names_the_file_and_field(sherlock, cache, tmp_path, capsys):
+    bad = stream_spec(sherlock, sherlock.root / "bad_stream.yaml", ["video=models/dino:-1", "video=x:1:colour=red"])
+    with pytest.raises(SystemExit) as e: cli.giblet_train(["--study", str(bad), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{bad}: features[1]: feature stream 'video=x:1:colour=red': unknown or misplaced options" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_streams_read_the_runs_part_and_the_text_columns(sherlock, dino, tmp_path, monkeypatch, caplog):
+    """A text stream's words come from each run's annotation part on the film clock, from the run's `text_columns`; streams
+    given to the run replace the spec's, and the log says so."""
+    import logging
+    from giblet.data.text import load_annotations
+    from giblet.features import tiny_backbone
+    from giblet.study import read_spec
+    from giblet.training.data import _run_words
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = read_spec(spec_file(sherlock, sherlock.root / "study.yaml"))
+    words = _run_words(spec, 1, spec.runs[1], 1.5, ["Location"])          # run 2 shows part 2, from film time 118.5 s
+    part2 = load_annotations(sherlock.annotations, text_columns=["Location"], part=2)
+    assert words["word"].tolist() == [w for t in part2["text"] for w in t.split()]
+    np.testing.assert_allclose(words["onset"].iloc[0], part2["start"].iloc[0] + 118.5)
+    trio = _run_words(spec, 1, spec.runs[1], 1.5)
+    assert set(trio["word"]) != set(words["word"]) and len(trio) > len(words)
+    # from the command line: the config's text stream over the Location column replaces the spec's video stream
+    vocab = sorted({w for t in load_annotations(sherlock.annotations, text_columns=["Location"])["text"] for w in t.split()})
+    lm = tiny_backbone(tmp_path / "lm", "text", words=vocab)
+    path = stream_spec(sherlock, sherlock.root / "streams.yaml", ["video=models/dino:-1:n_frames=2"])
+    common = ["--cache-dir", str(tmp_path / "cache"), "--study", str(path), "--config", json.dumps(FAST), "--features", f"text={lm}:-1"]
+    with caplog.at_level(logging.WARNING, logger="giblet.training.data"):
+        loc = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", [*common, "--set", 'text_columns=["Location"]']))
+    assert loc["streams"] == {"text": [loc["n_trs"], 16]}
+    assert any("replace the streams" in r.message and "streams.yaml" in r.message for r in caplog.records)
+    default = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", common))
+    assert default["streams"] == loc["streams"]
+    assert len(list((tmp_path / "cache" / "features").glob("text-*"))) == 4   # two runs x two word tables: the column is in the key

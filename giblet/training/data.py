@@ -377,15 +377,18 @@ def study_data(cfg:TrainConfig, # the run's options
                di:DistInfo|None=None, # under torchrun, rank 0 builds the caches while the others wait
                verify:bool|None=None, # checksum the study cache: None when due, True always (`giblet-cache --verify`)
               )->tuple: # (StudySpec, FeatureParams, Aligned, streams: name -> (n_trs, d) or None)
-    "The run's study read through the caches (built where missing): what `prepare_data` and `giblet-cache` share."
+    "The run's study and feature streams (the config's, else the spec's) read through the caches: what `prepare_data` and `giblet-cache` share."
     main = di is None or di.main
     spec = study_spec(cfg, di)
     fp = feature_params(cfg, *study_rates(spec))
     load = lambda: load_spec(spec, cfg.cache_dir, params=fp, drop_short=cfg.drop_short, show_progress=cfg.progress and main,
                              verify=verify)
     al = main_first(di, load)
-    get = lambda: study_streams(cfg.features, spec, al, cfg.cache_dir, progress=cfg.progress and main)
-    return spec, fp, al, main_first(di, get) if cfg.features else None
+    features = cfg.features or spec.features
+    if cfg.features and spec.features and main:
+        logger.warning("the run's --features %s replace the streams %s names %s", cfg.features, spec.source, spec.features)
+    get = lambda: study_streams(features, spec, al, cfg.cache_dir, progress=cfg.progress and main, text_columns=fp.text_columns)
+    return spec, fp, al, main_first(di, get) if features else None
 
 def prepare_data(cfg:TrainConfig, # the run's options
                  device:torch.device|str="cpu", # where the tensors go
@@ -398,17 +401,20 @@ def prepare_data(cfg:TrainConfig, # the run's options
 
 
 # %% ../../nbs/31_training.data.ipynb #e5514c57
+from ..alignment.sync import _run_part
+from ..study import _run_spec
+
 def _run_words(spec:StudySpec, # the study
                i:int, # the run's position in `spec.runs`
                run, # the `StudyRun`
+               tr:float, # the study's TR (s)
+               text_columns=None, # annotation column(s) joined into each segment's text (None: the Sherlock trio)
               )->pd.DataFrame: # onset, duration, word
-    "The words of run `i`'s annotation part on its film clock (a multi-part table's clock restarts where the run's segment starts)."
-    df = load_annotations(spec.annotations_of(run))
-    n_parts = int(df.attrs.get("n_parts", 1))
-    part = run.part or (i + 1 if n_parts > 1 else 1)
-    if "part" in df.columns: df = df.loc[df["part"] == part]
-    words = words_from_annotations(df)
-    if n_parts > 1: words["onset"] += max(run.film_start, 0.0)
+    "The words of run `i`'s annotation part on its film clock: the part, and where its clock starts, as the alignment picks them."
+    path = spec.annotations_of(run)
+    part, start = _run_part(path, _run_spec(spec, run, tr), i, text_columns)
+    words = words_from_annotations(load_annotations(path, text_columns=text_columns, part=part))
+    words["onset"] += start
     return words
 
 def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
@@ -416,10 +422,12 @@ def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:op
                   al:Aligned, # the study aligned on its TR grid (from `load_spec(spec)`)
                   cache_dir:str|Path|None=None, # the run's cache root: streams go to its features/ folder (None: the features' default)
                   progress:bool=False, # progress bars while extracting
+                  text_columns=None, # annotation column(s) text streams read (None: the Sherlock trio), as `FeatureParams.text_columns`
                  )->dict: # stream name -> float32 (n_trs, d) on `al`'s TR grid
     "Each feature stream over every run of the study, extracted into the cache where missing."
     specs = [parse_stream_spec(s) for s in features]
-    words = [_run_words(spec, i, r) for i, r in enumerate(spec.runs)] if any(s.kind == "text" for s in specs) else None
+    words = ([_run_words(spec, i, r, al.tr, text_columns) for i, r in enumerate(spec.runs)]
+             if any(s.kind == "text" for s in specs) else None)
     runs = runs_from_aligned(al, [spec.film_of(r) for r in spec.runs], [r.film_start for r in spec.runs], words)
     out = load_streams(specs, runs, al.tr, None if cache_dir is None else Path(cache_dir) / "features", progress=progress)
     bad = {n: a.shape for n, a in out.items() if a.shape[0] != al.n_trs}
