@@ -208,3 +208,26 @@ def test_streamed_bold_reads_subjects_on_demand_and_equals_the_array(study):
     assert isinstance(both.fmri, SubjectBold) and both.n_trs == whole.n_trs == 12 + 10
     np.testing.assert_array_equal(np.asarray(both.fmri), whole.fmri)
     np.testing.assert_array_equal(both.video, whole.video)
+
+
+def test_a_plan_decodes_nothing_and_each_stream_is_cut_on_its_grid(study, monkeypatch, caplog):
+    import giblet.alignment.sync as sync
+    from giblet.alignment.sync import complete_trs, plan_run, run_audio, run_text, run_video
+    d, film, ann, mask = study
+    spec = RunSpec([write_scan(d / "p1.nii.gz", 30), write_scan(d / "p2.nii.gz", 30, seed=1)], film_start=1.5, scan_offset=3.0)
+    with monkeypatch.context() as m:                       # the grid comes from the headers and the film's length alone
+        m.setattr(sync, "video_to_frames", lambda *a, **k: pytest.fail("a plan decoded frames"))
+        m.setattr(sync, "audio_to_mel", lambda *a, **k: pytest.fail("a plan decoded sound"))
+        m.setattr(sync, "load_subjects", lambda *a, **k: pytest.fail("a plan read BOLD"))
+        plan = plan_run(film, ann, spec, run_id=1)
+    g = plan.grid
+    assert (g.first_volume, g.tr, plan.part, plan.subjects) == (2, TR, 1, None) and plan.grid_key()["film_time"] == g.film_time
+    video, audio, (text, has_text, texts) = run_video(plan, PARAMS), run_audio(plan, PARAMS), run_text(plan, PARAMS)
+    assert len(video) <= g.n_trs and len(audio) <= g.n_trs and len(text) == len(has_text) == len(texts) == g.n_trs
+    n = complete_trs(plan, len(video), len(audio))
+    al = align_run(film, ann, spec, mask, params=PARAMS, run_id=1)       # the pieces make align_run
+    assert al.n_trs == n and (al.run == 1).all()
+    np.testing.assert_array_equal(al.video, video[:n]); np.testing.assert_array_equal(al.audio, audio[:n])
+    np.testing.assert_array_equal(al.text, text[:n]); assert al.texts == texts[:n]
+    with caplog.at_level("WARNING"): assert complete_trs(plan, n - 2, n) == n - 2     # a stream ending early cuts the run
+    assert f"only {n - 2} of {g.n_trs} TR windows are complete in every stream" in caplog.text
