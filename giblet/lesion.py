@@ -534,7 +534,7 @@ def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) 
     rd = prepare_data(tc, device)
     if set(rd.streams) != set(model.config.stream_dims):
         raise ValueError(f"{path}: the model reads feature streams {sorted(model.config.stream_dims)} but its run's data has "
-                         f"{sorted(rd.streams)}; was the study spec's `features` changed since?")
+                         f"{sorted(rd.streams)}; they come from the run's --features, else its study spec's `features`")
     if rd.aligned.n_voxels != model.config.n_voxels:
         raise ValueError(f"{path}: the model has {model.config.n_voxels} brain units but the study in "
                          f"{rd.data_dir} has {rd.aligned.n_voxels}; it was trained on other data")

@@ -299,3 +299,8 @@ def test_lesion_on_a_stream_trained_run(tmp_path, monkeypatch, capsys):
     table = pd.read_csv(tmp_path / "lesion" / "effects.csv")
     assert set(table.region) == {"visual"} and {"video", "audio", "text"} <= set(table.modality)
     assert np.isfinite(table["effect"]).all() and (tmp_path / "lesion" / "visual" / "visual_lesion.mp4").is_file()
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)   # a run whose options lost the stream: refused by name
+    ck["config"]["train"]["features"] = []
+    torch.save(ck, tmp_path / "no_stream.pt")
+    with pytest.raises(ValueError, match=r"reads feature streams \['video'\] but its run's data has \[\]"):
+        load_run(tmp_path / "no_stream.pt")
