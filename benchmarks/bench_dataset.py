@@ -7,12 +7,17 @@ and reports the build time, peak RSS (and the RSS after imports, before the buil
 2,5 it builds, each in a fresh process, the study of the first 2 and of the first 5 subjects (a folder of links),
 so the memory a subject adds can be read off.
 
+With --bold FOLDER, it times the BOLD stream of a study folder's scans alone, read once (`OnePassBold`: the mask's
+statistics and a local copy in one pass) against read twice (`shared_mask`, then `SubjectBold`), each way in a fresh
+process under `/usr/bin/time -v`, alternating, --repeat times; both write the same bytes.
+
 With --full FOLDER --cache CACHE, it measures a study at full scale as a user meets it, each step a fresh process under
 `/usr/bin/time -v` with GIBLET_CACHE=CACHE: the first build of the caches, a second run (every cache hit), and a run
 with only the frame size changed; per step the wall time, the peak RSS ("Maximum resident set size"), the cache folders
 added and the cache's size on disk. --entry says what builds: `load_study` (giblet.data.dataset, each scan read once)
 or `giblet-cache --preset PRESET` (the console script, through the study spec); --size W,H is the changed frame size.
 usage: python benchmarks/bench_dataset.py [--subjects 17] [--voxels 85000] [--dir /tmp] [--study FOLDER [--subsets 2,5]]
+       python benchmarks/bench_dataset.py --bold FOLDER [--repeat 2] [--dir /tmp]
        python benchmarks/bench_dataset.py --full FOLDER --cache CACHE [--entry load_study|giblet-cache] [--size 128,72] [--preset sherlock]
 """
 import argparse, json, os, re, resource, shutil, subprocess, sys, tempfile, time
@@ -138,6 +143,42 @@ def timed(cmd:list, env:dict)->dict:
     return dict(wall_s=round(wall, 1), peak_rss_gb=round(rss, 3))
 
 
+def bold_stream(folder:str, how:str, where:str|None):
+    "Build the float16 BOLD arrays of a study folder's scans one way (`once` or `twice`) and write them to a cache folder."
+    from giblet.data.fmri import MaskRule, OnePassBold, SubjectBold, find_niftis, load_nifti, shared_mask
+    nii = find_niftis(Path(folder) / "sherlock_nii")
+    n = min(load_nifti(p).shape[3] for p in nii)
+    root = Path(tempfile.mkdtemp(dir=where))
+    t0 = time.perf_counter()
+    bold = OnePassBold([(nii, 0, n)], MaskRule(nii), workdir=root) if how == "once" else SubjectBold([(nii, 0, n)], shared_mask(nii))
+    t1 = time.perf_counter()
+    center, scale, codes = _encode_fmri(bold, show_progress=False)
+    save_arrays(root / "fmri", dict(fmri=codes, fmri_center=center, fmri_scale=scale))
+    if how == "once": bold.close()
+    t2 = time.perf_counter()
+    print(json.dumps(dict(how=how, mask_s=round(t1 - t0, 1), write_s=round(t2 - t1, 1), total_s=round(t2 - t0, 1),
+                          subjects=len(nii), trs=n, voxels=bold.shape[2], blake2b=file_checksum(root / "fmri" / "fmri.npy"))), flush=True)
+    shutil.rmtree(root)
+
+
+def bold_compare(folder:str, repeat:int, where:str|None):
+    "Read once against read twice, alternating, each in a fresh process; a table."
+    rows = []
+    for k in range(repeat):
+        for how in ("once", "twice"):
+            t0 = time.perf_counter()
+            r = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--bold", folder, "--how", how]
+                               + (["--dir", where] if where else []), capture_output=True, text=True)
+            if r.returncode: sys.exit(r.stderr[-3000:])
+            fig = json.loads(r.stdout.strip().splitlines()[-1])
+            fig["peak_rss_gb"] = round(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1]) * 1024 / 1e9, 3)
+            fig["load_1min"] = round(os.getloadavg()[0], 1)
+            rows.append(fig); print(json.dumps(fig), flush=True)
+    assert len({r["blake2b"] for r in rows}) == 1, "the two ways wrote different bytes"
+    print("| scans read | mask (s) | scale + write (s) | total (s) | peak RSS | load average after |\n|---|---|---|---|---|---|")
+    for r in rows: print(f"| {r['how']} | {r['mask_s']:.0f} | {r['write_s']:.0f} | {r['total_s']:.0f} | {r['peak_rss_gb']:.2f} GB | {r['load_1min']} |")
+
+
 def full_scale(study:str, cache:str, entry:str, size:tuple, preset:str="sherlock"):
     "First build, cache hit, and a frame-size change of a study's caches, each a fresh process; a table of figures."
     cache = Path(cache); env = dict(os.environ, GIBLET_CACHE=str(cache), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -177,8 +218,13 @@ if __name__ == "__main__":
     ap.add_argument("--entry", default="load_study", choices=["load_study", "giblet-cache"])
     ap.add_argument("--size", default="128,72")
     ap.add_argument("--preset", default="sherlock")
+    ap.add_argument("--bold", default=None)
+    ap.add_argument("--how", default=None, choices=["once", "twice"])
+    ap.add_argument("--repeat", type=int, default=2)
     a = ap.parse_args()
-    if a.full: full_scale(a.full, a.cache, a.entry, tuple(int(x) for x in a.size.split(",")), a.preset)
+    if a.bold and a.how: bold_stream(a.bold, a.how, a.dir)
+    elif a.bold: bold_compare(a.bold, a.repeat, a.dir)
+    elif a.full: full_scale(a.full, a.cache, a.entry, tuple(int(x) for x in a.size.split(",")), a.preset)
     elif a.study and a.subsets: build_subsets(a.study, [int(k) for k in a.subsets.split(",")], a.dir)
     elif a.study: build_study(a.study, a.dir)
     else: main(a.subjects, a.voxels, a.dir)

@@ -207,13 +207,13 @@ def test_a_build_killed_midway_leaves_nothing_that_survives_the_next_load(study,
     cache = tmp_path / "cache"
     child = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
-import giblet.data.dataset as ds
+import giblet.data.dataset as ds, giblet.io as gio
 from giblet.alignment.sync import FeatureParams
-real = ds.write_file
+real = gio.write_file
 def write_file(path, write, **kw):
     if path.name == "fmri.npy": print("writing", flush=True); time.sleep(60)
     return real(path, write, **kw)
-ds.write_file = write_file
+gio.write_file = write_file
 ds.load_study({str(root / 'study')!r}, cache_dir={str(cache)!r}, params=FeatureParams(size=(32, 18), n_mels=32, text_dim=64),
               show_progress=False)
 """], stdout=subprocess.PIPE, text=True)

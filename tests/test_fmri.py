@@ -482,3 +482,14 @@ def test_one_pass_errors_leave_no_copies(tmp_path):
     with OnePassBold([([odd], 0, 20)], MaskRule([good]), workdir=work) as once:      # a scan the rule did not see
         with pytest.raises(ValueError, match=r"nan\.nii\.gz: in-mask voxels are NaN"): once[0]
     with pytest.raises(ValueError, match="threshold must be in"): OnePassBold([([good], 0, 20)], MaskRule([good], threshold=0))
+
+
+def test_one_pass_reads_a_copy_whose_columns_are_the_mask_straight_in(tmp_path, monkeypatch):
+    paths = [write(scan(seed=s), tmp_path / f"s{s}.nii.gz") for s in range(2)]
+    rule = MaskRule(paths, brain_mask="nonzero")          # every non-zero, non-constant voxel: the copy's own columns
+    with OnePassBold([(paths, 3, 30)], rule, workdir=tmp_path / "w") as once:
+        assert once.shape[2] == (6 - 2) * (5 - 2) * (4 - 2) and all(c.cols.size == once.shape[2] for c in once.copies.values())
+        monkeypatch.setattr(np, "fromfile", lambda *a, **k: pytest.fail("gathered column by column"))
+        got = np.asarray(once)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(got, np.asarray(SubjectBold([(paths, 3, 30)], shared_mask(paths, brain_mask="nonzero"))))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..io import (atomic_folder, atomic_write, clean_leftovers, file_checksum, input_fingerprint, usual_mode,
-                       write_file)
+from ..io import (StreamedArray, atomic_write, cache_key, cache_manifest, clean_leftovers, input_fingerprint,
+                       load_arrays, save_arrays)
 from ..alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, complete_trs, plan_run, run_audio, run_text,
                                    run_video)
 from .fmri import MaskRule, OnePassBold, SubjectBold, sort_subjects, zscore_stats
@@ -30,9 +30,8 @@ from .fmri import MaskRule, OnePassBold, SubjectBold, sort_subjects, zscore_stat
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NOT_ANNOTATIONS', 'NOT_SUBJECTS', 'NO_TRAIN_RUN', 'CACHE_VERSION',
-           'VERIFIED', 'RACY_SECONDS', 'STREAMS', 'STREAM_PARAMS', 'StudyFiles', 'discover', 'Split', 'block_split',
-           'Normaliser', 'fit_normaliser', 'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays', 'cache_manifest',
+__all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NOT_ANNOTATIONS', 'NOT_SUBJECTS', 'NO_TRAIN_RUN', 'STREAMS',
+           'STREAM_PARAMS', 'StudyFiles', 'discover', 'Split', 'block_split', 'Normaliser', 'fit_normaliser',
            'stream_keys', 'cached_stream', 'stream_folders', 'context_starts', 'StudyTensors', 'ContextDataset',
            'DeviceLoader', 'default_cache_dir', 'align_study', 'load_study', 'cache_main']
 
@@ -228,125 +227,6 @@ def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (ma
     nz.audio_mean = a.mean((0, 2), dtype=np.float64).astype(np.float32)
     nz.audio_std = _safe_std(a.transpose(1, 0, 2).reshape(a.shape[1], -1), 1)
     return nz
-
-# %% ../../nbs/12_data.dataset.ipynb #6fc0fdc9
-CACHE_VERSION = 2
-VERIFIED = "verified.json"   # modification times of the files at their last checksum check
-RACY_SECONDS = 2.0           # files younger than this at a check are checked again next time (coarse time stamps)
-
-def cache_key(inputs:Sequence[str|Path], # files the features are computed from
-              params:dict, # every parameter of the computation (JSON-serialisable)
-             )->str:
-    "A hash of the inputs' paths, sizes and modification times and of every parameter."
-    st = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs]
-    blob = json.dumps({"v": CACHE_VERSION, "inputs": st, "params": params}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-@dataclass
-class StreamedArray:
-    "An array written block by block along its first axis, never held whole: `blocks` yields the pieces in order."
-    shape: tuple # the whole array's shape
-    dtype: object # its dtype
-    blocks: Iterable # arrays whose rows, concatenated, make the whole array
-    @property
-    def nbytes(self)->int: return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
-
-def _write_npy(f, name:str, a:StreamedArray):
-    "Write `a` as an `.npy` stream: header, then each block's bytes, checking the total."
-    dt = np.dtype(a.dtype)
-    np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(dt), fortran_order=False,
-                                                 shape=tuple(int(n) for n in a.shape)))
-    n = 0
-    for b in a.blocks:
-        b = np.ascontiguousarray(b, dtype=dt); f.write(b.reshape(-1).view(np.uint8).data if b.size else b""); n += b.nbytes
-    if n != a.nbytes: raise ValueError(f"{name}: the blocks hold {n} bytes, the shape {tuple(a.shape)} needs {a.nbytes}")
-
-def _as_stream(a)->StreamedArray:
-    a = np.asarray(a)
-    if a.dtype.hasobject: raise TypeError(f"cannot cache an object array of shape {a.shape}")
-    return StreamedArray(a.shape, a.dtype, [a])
-
-def _fill_memmap(path:Path, fill:Callable, shape, dtype)->dict:
-    "The older form: `fill` writes into a preallocated memory map (space reserved first, so a full disk is an error, not a crash)."
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    with open(path, "r+b") as f:
-        if hasattr(os, "posix_fallocate"): os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    fill(out); out.flush(); del out
-    with open(path, "r+b") as f: os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "blake2b": file_checksum(path)}
-
-def save_arrays(folder:str|Path, # the cache folder to create (replaced if it exists)
-                arrays:dict, # name -> array, `StreamedArray`, or callable(open_memmap) that fills a preallocated array
-                meta:dict|None=None, # JSON-serialisable extras kept in the manifest
-                shapes:dict|None=None, # name -> (shape, dtype) for the callables
-                inputs:list|None=None, # `input_fingerprint` of the files the arrays came from
-               )->Path:
-    "Write `.npy` arrays (hashed while written) and a manifest into a temporary folder, then swap it into place whole."
-    folder, shapes = Path(folder), shapes or {}
-    sized = lambda k, a: np.prod(shapes[k][0]) * np.dtype(shapes[k][1]).itemsize if callable(a) else \
-        (a.nbytes if isinstance(a, StreamedArray) else np.asarray(a).nbytes)
-    need = int(sum(sized(k, a) for k, a in arrays.items())) + 64 * 1024 * (len(arrays) + 1)
-    files = {}
-    with atomic_folder(folder, need=need) as tmp:
-        for name, a in arrays.items():
-            p = tmp / f"{name}.npy"
-            if callable(a) and not isinstance(a, StreamedArray): files[p.name] = _fill_memmap(p, a, *shapes[name]); continue
-            s = a if isinstance(a, StreamedArray) else _as_stream(a)
-            files[p.name] = write_file(p, lambda f: _write_npy(f, name, s))
-        man = dict(version=CACHE_VERSION, files=files, inputs=inputs or [], meta=meta or {})
-        write_file(tmp / "manifest.json", lambda f: f.write(json.dumps(man, indent=1).encode()))
-    return folder
-
-def _mtimes(folder:Path, names)->dict:
-    return {n: (folder / n).stat().st_mtime_ns for n in names}
-
-def _damage(folder:Path, files:dict, verify:bool|None, progress:bool)->str|None:
-    "What is wrong with the cache files against their manifest entries, or None (checksums checked per `verify`)."
-    on_disk = {p.name for p in folder.glob("*.npy")}
-    if missing := sorted(set(files) - on_disk): return f"{folder / missing[0]} is missing"
-    if extra := sorted(on_disk - set(files)): return f"{folder / extra[0]} is not in the manifest"
-    for n, rec in files.items():
-        size = (folder / n).stat().st_size
-        if size != rec["bytes"]: return f"{folder / n} holds {size} bytes, the manifest says {rec['bytes']}"
-    if verify is None:
-        try: seen = json.loads((folder / VERIFIED).read_text())
-        except (OSError, ValueError): seen = None
-        verify = seen != _mtimes(folder, files)
-    if not verify: return None
-    with tqdm(total=sum(r["bytes"] for r in files.values()), unit="B", unit_scale=True, desc=f"verify {folder.name}",
-              disable=not progress) as bar:
-        for n, rec in files.items():
-            if file_checksum(folder / n, bar.update) != rec["blake2b"]:
-                return f"{folder / n} does not match its checksum (its bytes changed after the cache was built)"
-    if any(time.time() - (folder / n).stat().st_mtime < RACY_SECONDS for n in files):
-        return None     # written moments ago: a change within one time-stamp tick could hide, so check again next time
-    try: atomic_write(folder / VERIFIED, lambda f: f.write(json.dumps(_mtimes(folder, files)).encode()))
-    except OSError as e: logger.info("%s: checked, but cannot record it (%s); it will be checked again", folder, e)
-    return None
-
-def load_arrays(folder:str|Path, # a folder written by `save_arrays`
-                verify:bool|None=None, # checksum every file: None on first use and after a time stamp changed, True always, False never
-                progress:bool=False, # a progress bar while checksumming
-               )->tuple[dict, dict]|None:
-    "Memory-map the arrays of a complete, intact cache folder: `(arrays, meta)`, or None (with a warning naming the file) if it is missing or damaged."
-    folder = Path(folder)
-    try: man = json.loads((folder / "manifest.json").read_text())
-    except FileNotFoundError: return None
-    except (OSError, ValueError) as e:
-        logger.warning("%s: unreadable cache manifest (%s); rebuilding", folder, e); return None
-    if man.get("version") != CACHE_VERSION or not isinstance(man.get("files"), dict):
-        logger.warning("%s: a cache of another format; rebuilding", folder); return None
-    if bad := _damage(folder, man["files"], verify, progress):
-        logger.warning("%s; rebuilding the cache", bad); return None
-    try: arrays = {Path(n).stem: np.load(folder / n, mmap_mode="r", allow_pickle=False) for n in man["files"]}
-    except (ValueError, OSError) as e:
-        logger.warning("%s: unreadable cache (%s); rebuilding", folder, e); return None
-    return arrays, man["meta"]
-
-def cache_manifest(folder:str|Path, # a cache folder
-                  )->dict:
-    "The manifest of a cache folder: `files` (bytes, blake2b), `inputs` (fingerprint) and `meta`."
-    return json.loads((Path(folder) / "manifest.json").read_text())
 
 # %% ../../nbs/12_data.dataset.ipynb #655c91c0
 def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):

@@ -431,33 +431,41 @@ class MaskRule:
         return shared_mask(self.scans, self.threshold, self.percentile, self.brain_mask, self.standardised)
 
 class _ScanCopy:
-    "Volumes `a..b` of one scan, uncompressed in a local file: voxels non-zero in volume `a` as float32 columns, every other non-zero value as a (row, voxel, value) record."
+    "Volumes `a..b` of one scan, uncompressed in a local file: voxels non-zero in volume `a` as float32 columns (in C order, as a mask's), every other non-zero value as a (row, voxel, value) record."
     REC = np.dtype([("i", "<i8"), ("v", "<f4")])
-    def __init__(self, workdir:Path, tag:str, first:np.ndarray, a:int, b:int):
+    def __init__(self, workdir:Path, tag:str, first:np.ndarray, shape:tuple, a:int, b:int):
         self.a, self.b, self.size, self.rows = a, b, first.size, 0
-        self.cols = np.flatnonzero(first != 0)
+        self.cols = _mask_index((first != 0).reshape(shape, order="F"))
         self.outside = np.ones(first.size, bool); self.outside[self.cols] = False
         self.dense, self.sparse = temp_name(workdir / f"{tag}.f32"), temp_name(workdir / f"{tag}.rec")
         check_space(workdir, (b - a) * self.cols.size * 4 + (1 << 20), self.dense)
         self._f, self._g = open(self.dense, "wb"), open(self.sparse, "wb")
     def add(self, flat:np.ndarray):
-        self._f.write(flat[self.cols].astype(np.float32).tobytes())
+        dense = flat[self.cols].astype(np.float32)
+        self._f.write(dense.data)
+        if np.count_nonzero(flat) == np.count_nonzero(dense): return self._next()   # no non-zero value outside the columns
         extra = np.flatnonzero((flat != 0) & self.outside)
         if extra.size:
             rec = np.empty(extra.size, self.REC); rec["i"] = self.rows * self.size + extra; rec["v"] = flat[extra]
             self._g.write(rec.tobytes())
-        self.rows += 1
+        self._next()
+    def _next(self): self.rows += 1
     def close(self): self._f.close(); self._g.close()
     def check(self):
         if self.rows != self.b - self.a: raise ValueError(f"{self.dense}: copied {self.rows} volumes, expected {self.b - self.a}")
     def take(self, idx:np.ndarray, lo:int, hi:int, out:np.ndarray):
         "Fill `out` (hi - lo, len(idx)) with scan volumes `lo..hi-1` at the F-order voxel indices `idx`."
         n = self.cols.size
-        pos = np.searchsorted(self.cols, idx)
-        hit = pos < n; hit[hit] = self.cols[pos[hit]] == idx[hit]
+        srt = np.argsort(self.cols, kind="stable"); p = np.searchsorted(self.cols[srt], idx)
+        hit = p < n; hit[hit] = self.cols[srt[p[hit]]] == idx[hit]
+        pos = np.zeros(len(idx), np.int64); pos[hit] = srt[p[hit]]
         if not hit.all(): out[:, ~hit] = 0
         step = max(1, (1 << 24) // max(4 * n, 1))
         with open(self.dense, "rb") as f:
+            if out.flags.c_contiguous and np.array_equal(self.cols, idx):     # the mask is the copy's columns: read straight in
+                f.seek((lo - self.a) * n * 4)
+                if f.readinto(memoryview(out).cast("B")) != out.nbytes: raise ValueError(f"{self.dense}: the local copy is short")
+                return
             for r in range(lo - self.a, hi - self.a, step):
                 k = min(step, hi - self.a - r)
                 f.seek(r * n * 4); blk = np.fromfile(f, np.float32, k * n).reshape(k, n)
@@ -515,7 +523,7 @@ class OnePassBold(SubjectBold):
                 if a <= t < b:
                     flat = vol.ravel(order="F")
                     if copy is None:
-                        copy = _ScanCopy(workdir, f"bold-{k}", flat, a, b); self._tmp += [copy.dense, copy.sparse]
+                        copy = _ScanCopy(workdir, f"bold-{k}", flat, img.shape[:3], a, b); self._tmp += [copy.dense, copy.sparse]
                     copy.add(flat)
         except OSError as e:
             if copy is not None and is_disk_full(e) and not isinstance(e, DiskFullError): raise DiskFullError(copy.dense) from e
