@@ -272,3 +272,48 @@ def test_feature_stream_trains_drops_out_and_round_trips(tmp_path):
     assert loaded.config.stream_dims == {"lm": 24}
     with torch.no_grad(): assert torch.equal(loaded(batch)["brain"], model.eval()(batch)["brain"])
     with pytest.raises(ValueError, match="no input for"): make().encode(batch)
+
+
+def test_linear_path_reads_the_ridge_features_and_round_trips(tmp_path):
+    "The linear path: the baseline's cheap features, standardised with the statistics it was given, saved with the weights."
+    from giblet.training.metrics import stimulus_features
+    model = make(linear_delay=6.0, linear_grid=(4, 2))
+    lin = model.encoder.linear
+    batch = example_batch(model.config, 3, seed=1)
+    want = stimulus_features(batch["video"].flatten(0, 1).numpy(), batch["audio"].flatten(0, 1).numpy(),
+                             batch["text"].flatten(0, 1).numpy(), grid=(4, 2))
+    np.testing.assert_allclose(lin.raw(batch).flatten(0, 1).numpy(), want, atol=1e-4)
+    lin.fit_scale([batch])
+    np.testing.assert_allclose(lin.mean.numpy(), want.mean(0), atol=1e-4)
+    with torch.no_grad(): torch.nn.init.normal_(lin.fir.mix.weight)   # off its zero start
+    path = model.save(tmp_path / "model.pt")
+    loaded = BrainAutoencoder.load(path).eval()
+    assert torch.equal(loaded.encoder.linear.std, lin.std)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode(batch), loaded.encode(batch))
+        off = model.encode(batch) - model.encode(batch, modalities=["video", "text"])
+    assert off.abs().max() > 0   # audio reaches the brain layer through the linear path too
+    assert make().encoder.linear is None   # off unless asked for: older configs build the same model
+
+
+def test_linear_path_learns_a_linear_response():
+    "A brain layer that is a delayed linear function of the mel means is learnt by the linear path alone."
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", linear_delay=4.5, linear_modalities=("audio",), n_voxels=4)
+    model = BrainAutoencoder(cfg)
+    batches = [example_batch(cfg, 8, seed=s, fmri=False) for s in range(4)]
+    lin = model.encoder.linear
+    lin.fit_scale(batches)
+    w = torch.randn(cfg.n_mels, 4)
+    def target(b):   # the mean over mel time, one TR late
+        x = (b["audio"].mean(-1) - lin.mean[:cfg.n_mels]) / lin.std[:cfg.n_mels]
+        return torch.nn.functional.pad(x @ w, (0, 0, 1, 0))[:, :-1]
+    opt = torch.optim.Adam(lin.parameters(), lr=0.03)
+    for step in range(300):
+        b = batches[step % 3]
+        loss = ((lin(b) - target(b)) ** 2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    with torch.no_grad(): p, t = lin(batches[3]), target(batches[3])
+    r = np.corrcoef(p[:, 1:].flatten().numpy(), t[:, 1:].flatten().numpy())[0, 1]
+    assert r > 0.9, r

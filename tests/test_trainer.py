@@ -282,3 +282,25 @@ def test_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outs]
     t = {int(o.split()[1]): float(o.split()[2]) for o, _ in outs}
     assert t[1] >= t[0]                         # rank 1 read only after rank 0 had built
+
+
+def test_linear_path_is_standardised_on_the_training_block_only(cache, study, data):
+    "The linear path's feature statistics come from the training TRs: other TRs' frames can't move them."
+    import copy
+    over = dict(FAST["model_overrides"], linear_delay=6.0, linear_grid=[4, 2])
+    tr = Trainer(data, cfg_for(cache, study, epochs=1, model_overrides=over))
+    lin = tr.model.encoder.linear
+    train = data.split.train
+    x = lin.raw(data.tensors.gather(torch.as_tensor(train), 1)).flatten(0, 1).double()
+    np.testing.assert_allclose(lin.mean.numpy(), x.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(tr.ema["encoder.linear.mean"], lin.mean)   # the averaged weights that are saved hold them too
+    poisoned = copy.copy(data)
+    poisoned.tensors = copy.copy(data.tensors)
+    held = np.setdiff1d(np.arange(len(data.tensors.video)), train)
+    poisoned.tensors.video = data.tensors.video.clone()
+    poisoned.tensors.video[torch.as_tensor(held)] = 255
+    tr2 = Trainer(poisoned, cfg_for(cache, study, epochs=1, model_overrides=over))
+    assert torch.equal(tr2.model.encoder.linear.mean, lin.mean) and torch.equal(tr2.model.encoder.linear.std, lin.std)
+    poisoned.tensors.video[torch.as_tensor(train[:5])] = 255   # a training TR does move them
+    tr3 = Trainer(poisoned, cfg_for(cache, study, epochs=1, model_overrides=over))
+    assert not torch.equal(tr3.model.encoder.linear.mean, lin.mean)

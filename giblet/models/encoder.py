@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'MODALITIES', 'PRESETS', 'ModelConfig', 'example_batch', 'AttentionPool', 'VideoEncoder', 'AudioEncoder',
            'TextEncoder', 'Fusion', 'MLPBlocks', 'hrf_kernels', 'TemporalConv', 'TemporalTransformer', 'make_temporal',
-           'BrainHead', 'batch_size_and_k', 'check_modalities', 'StimulusEncoder']
+           'BrainHead', 'batch_size_and_k', 'check_modalities', 'StimulusEncoder', 'LinearPath']
 
 # %% ../../nbs/20_models.encoder.ipynb #dd3abccc
 MODALITIES = ("video", "audio", "text")
@@ -64,6 +64,10 @@ class ModelConfig:
     n_heads:int=2 # transformer: attention heads
     dropout:float=0.0 # dropout in the MLP and transformer blocks
     brain_rank:int=0 # rank of the brain head (0: full linear from d_model)
+    linear_delay:float=0.0 # linear path: longest delay (s) of a FIR read-out of cheap per-TR features straight into the brain layer (0: none)
+    linear_grid:tuple=(4, 4) # linear path: (width, height) cells of its colour and motion grids
+    linear_modalities:tuple=MODALITIES # linear path: the modalities whose cheap features it reads
+    linear_rank:int=0 # linear path: rank of its read-out into the brain layer (0: full, one weight per feature, kernel and voxel)
     # decoder
     decoder_rank:int=16 # rank of the brain -> decoder map (0: full linear)
     decoder_dim:int=32 # decoder width
@@ -75,12 +79,16 @@ class ModelConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, list): setattr(self, f.name, tuple(v))
-        bad = [f.name for f in fields(self) if f.type == "int" and f.name not in ("n_subjects", "mlp_layers", "brain_rank", "decoder_rank", "frame_kernel")
+        bad = [f.name for f in fields(self) if f.type == "int" and f.name not in ("n_subjects", "mlp_layers", "brain_rank", "decoder_rank", "frame_kernel", "linear_rank")
                and getattr(self, f.name) < 1]
         if bad: raise ValueError(f"ModelConfig: {bad} must be positive integers")
         if self.fusion not in ("concat", "sum"): raise ValueError(f"ModelConfig.fusion must be 'concat' or 'sum', got {self.fusion!r}")
         if self.temporal not in ("conv", "transformer"):
             raise ValueError(f"ModelConfig.temporal must be 'conv' or 'transformer', got {self.temporal!r}")
+        if not self.linear_modalities or not set(self.linear_modalities) <= set(MODALITIES):
+            raise ValueError(f"ModelConfig.linear_modalities must be a non-empty subset of {MODALITIES}; got {self.linear_modalities!r}")
+        if not (self.linear_delay >= 0 and len(self.linear_grid) == 2 and min(self.linear_grid) >= 1):
+            raise ValueError(f"ModelConfig: linear_delay must be >= 0 s and linear_grid 2 positive cells; got {self.linear_delay}, {self.linear_grid}")
         if not 0 <= self.modality_dropout < 1: raise ValueError("ModelConfig.modality_dropout must be in [0, 1)")
         if self.d_model % self.n_heads: raise ValueError("ModelConfig: d_model must be a multiple of n_heads")
         if self.video_dim % self.pool_heads: raise ValueError("ModelConfig: video_dim must be a multiple of pool_heads")
@@ -331,13 +339,14 @@ class TemporalConv(nn.Module):
                  tr:float, # seconds per TR
                  direction:str="causal", # "causal", "anticausal" or "both"
                  basis:int=2, # kernels per channel
+                 out:int|None=None, # output width (None: d)
                 ):
         super().__init__()
         if direction not in ("causal", "anticausal", "both"): raise ValueError(f"unknown direction {direction!r}")
         self.direction, self.kernel = direction, kernel
         size = 2 * kernel - 1 if direction == "both" else kernel
         self.conv = nn.Conv1d(d, d * basis, size, groups=d, bias=False)
-        self.mix = nn.Linear(d * basis, d)
+        self.mix = nn.Linear(d * basis, out or d)
         h = torch.from_numpy(hrf_kernels(tr, kernel, basis))  # (basis, kernel) over lags 0..kernel-1
         w = torch.zeros(basis, size)
         # conv1d is a correlation: output t reads input t - pad_left + j at tap j
@@ -347,7 +356,7 @@ class TemporalConv(nn.Module):
         with torch.no_grad(): self.conv.weight.copy_(w.repeat(d, 1).unsqueeze(1))
 
     def forward(self, x:torch.Tensor, # (B, K, d)
-               )->torch.Tensor: # (B, K, d)
+               )->torch.Tensor: # (B, K, out)
         k = self.kernel - 1
         pad = {"causal": (k, 0), "anticausal": (0, k), "both": (k, k)}[self.direction]
         y = self.conv(F.pad(x.transpose(1, 2), pad))
@@ -470,6 +479,7 @@ class StimulusEncoder(nn.Module):
         self.mlp = MLPBlocks(cfg.d_model, cfg.mlp_layers, cfg.dropout)
         self.temporal = make_temporal(cfg, cfg.d_model, "causal")
         self.head = BrainHead(cfg.d_model, cfg.n_voxels, cfg.brain_rank, cfg.n_subjects)
+        self.linear = LinearPath(cfg) if cfg.linear_delay > 0 else None   # see "The linear path"
 
     def forward(self, batch:dict, # per the batch contract; tensors may be on the CPU
                 modalities:Sequence[str]|None=None, # subset of MODALITIES and stream keys to use
@@ -489,4 +499,65 @@ class StimulusEncoder(nn.Module):
                 raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}; the model expects ({B}, {K}, {self.cfg.stream_dims[name]})")
             feats[key] = x.to(self.fusion.proj[key][0].weight.dtype)
         h = self.temporal(self.mlp(self.fusion(feats, B, K)))
-        return self.head(h, batch.get("subject"))
+        out = self.head(h, batch.get("subject"))
+        return out if self.linear is None else out + self.linear(batch, mods).to(out.dtype)
+
+# %% ../../nbs/20_models.encoder.ipynb #b1e7a0c2
+class LinearPath(nn.Module):
+    "Cheap per-TR features (colour and motion grids, mel mean and std, text), standardised, through a causal HRF-initialised FIR into the brain layer."
+    def __init__(self, cfg:ModelConfig, # every size of the model (`linear_delay`, `linear_grid`)
+                ):
+        super().__init__()
+        gw, gh = cfg.linear_grid
+        sizes = dict(video=4 * gw * gh, audio=2 * cfg.n_mels, text=cfg.text_dim)
+        self.grid, self.sizes = (gh, gw), {m: sizes[m] for m in MODALITIES if m in cfg.linear_modalities}
+        p = sum(self.sizes.values())
+        self.register_buffer("mean", torch.zeros(p)); self.register_buffer("std", torch.ones(p))
+        lags = math.ceil(cfg.linear_delay / cfg.tr - 1e-9) + 1   # delays 0 .. linear_delay seconds
+        r = cfg.linear_rank
+        self.fir = TemporalConv(p, lags, cfg.tr, "causal", cfg.hrf_basis, out=r or cfg.n_voxels)
+        self.basis = nn.Linear(r, cfg.n_voxels) if r else None   # a low-rank read-out: features -> rank -> voxels
+        last = self.basis or self.fir.mix
+        nn.init.zeros_(last.weight); nn.init.zeros_(last.bias)
+
+    def raw(self, batch:dict, # per the batch contract
+            mods:Sequence[str]=MODALITIES, # modalities present; the others get zeros
+           )->torch.Tensor: # float32 (B, K, p) unstandardised features
+        "The cheap features of every TR, as the ridge baseline's `stimulus_features` computes them, on a coarser grid."
+        B, K = batch_size_and_k(batch)
+        dev = self.mean.device
+        out = []
+        for m in self.sizes:
+            if m not in mods or batch.get(m) is None: out.append(torch.zeros(B, K, self.sizes[m], device=dev)); continue
+            x = batch[m].to(dev, non_blocking=True)
+            if m == "video":
+                v = x.flatten(0, 1).float().mul_(1 / 255)                               # (BK, F, H, W, 3)
+                colour = F.adaptive_avg_pool2d(v.mean(1).permute(0, 3, 1, 2), self.grid).flatten(1)
+                grey = v.mean(-1)
+                diff = (grey[:, 1:] - grey[:, :-1]).abs().mean(1, keepdim=True) if grey.shape[1] > 1 else torch.zeros_like(grey[:, :1])
+                out.append(torch.cat([colour, F.adaptive_avg_pool2d(diff, self.grid).flatten(1)], 1).reshape(B, K, -1))
+            elif m == "audio": x = x.float(); out.append(torch.cat([x.mean(-1), x.std(-1, correction=0)], -1))
+            else: out.append(x.float())
+        return torch.cat(out, -1)
+
+    @torch.no_grad()
+    def fit_scale(self, batches, # iterable of batches (windows of any length) from the training block only
+                 ):
+        "Set the features' mean and std from training batches; a constant feature keeps std 1."
+        s = ss = n = 0
+        for b in batches:
+            x = self.raw(b).double().flatten(0, 1)
+            s, ss, n = s + x.sum(0), ss + (x * x).sum(0), n + len(x)
+        if not n: raise ValueError("LinearPath.fit_scale: no training TRs were given")
+        mean = s / n; std = (ss / n - mean ** 2).clamp_min(0).sqrt()
+        self.mean.copy_(mean); self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def forward(self, batch:dict, # per the batch contract
+                mods:Sequence[str]=MODALITIES, # modalities to use; the others contribute their training mean
+               )->torch.Tensor: # (B, K, n_voxels)
+        z = (self.raw(batch, mods) - self.mean) / self.std
+        for a, m in zip(np.cumsum([0, *self.sizes.values()]), self.sizes):   # an absent modality sits at its training mean
+            if m not in mods or batch.get(m) is None: z[..., a:a + self.sizes[m]] = 0
+        y = self.fir(z.to(self.fir.mix.weight.dtype))
+        return y if self.basis is None else self.basis(y)
+

@@ -199,6 +199,9 @@ class Trainer:
         self.model = BrainAutoencoder(self.model_config).to(self.device)
         if data.voxel_weights is not None:  # the decoder reads each unit in proportion to its reliability
             self.model.decoder.unit_gain.copy_(data.voxel_weights)
+        if self.model.encoder.linear is not None:  # the linear path's features are standardised with training statistics
+            train = data.split.train
+            self.model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
         torch.manual_seed(cfg.seed + 1 + self.di.rank)  # dropout differs between processes
         self.net = TrainStep(self.model, cfg.decode_from, cfg.detach_brain)
         if self.di.world_size > 1:
