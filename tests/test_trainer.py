@@ -304,3 +304,14 @@ def test_linear_path_is_standardised_on_the_training_block_only(cache, study, da
     poisoned.tensors.video[torch.as_tensor(train[:5])] = 255   # a training TR does move them
     tr3 = Trainer(poisoned, cfg_for(cache, study, epochs=1, model_overrides=over))
     assert not torch.equal(tr3.model.encoder.linear.mean, lin.mean)
+
+
+def test_tiny_runs_keep_every_modality_while_training():
+    "The tiny preset's run default has no modality dropout (it cost the linear factors; see Choosing the defaults): fusion in training mode is fusion in eval mode."
+    from giblet.models.encoder import Fusion, ModelConfig
+    cfg = ModelConfig.preset("tiny", **TrainConfig().model_overrides)
+    torch.manual_seed(0)
+    fusion = Fusion(cfg)
+    feats = {m: torch.randn(64, 4, d) for m, d in dict(video=cfg.video_dim, audio=cfg.audio_dim, text=cfg.text_hidden).items()}
+    with torch.no_grad(): trained, evaluated = fusion.train()(feats, 64, 4), fusion.eval()(feats, 64, 4)
+    assert torch.equal(trained, evaluated)

@@ -149,7 +149,7 @@ def _absolute_model(text:str)->str:
 PATH_OPTIONS = ("data_dir", "study", "film", "annotations", "cache_dir") # TrainConfig fields that name files or folders
 
 PRESET_OVERRIDES = { # what a run changes in each `ModelConfig` preset unless told otherwise (see "Choosing the defaults")
-    "tiny": dict(context_trs=16, temporal_kernel=12, brain_rank=16, dropout=0.2, modality_dropout=0.2, text_dim=64, n_mels=32,
+    "tiny": dict(context_trs=16, temporal_kernel=12, brain_rank=16, dropout=0.2, modality_dropout=0.0, text_dim=64, n_mels=32,
                  video_channels=(16, 32), video_grid=(6, 8), audio_channels=(32, 32)),
     "default": dict(),
     "sherlock": dict(),
