@@ -501,6 +501,8 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
     key, bb = cache_key(spec, source, times, tr, dtype), None
     if key["model"].get("revision", "") is None:   # a hub name not cached yet: fetch it, so the key records its commit
         bb = load_backbone(spec, device, dtype); key = cache_key(spec, source, times, tr, dtype)
+        if key["model"]["revision"] is None: logger.warning("%s: loaded, but its commit is not in the Hugging Face cache; "
+                                                            "the cache key records the name alone", spec.model)
     folder = Path(cache_dir or default_cache_dir()) / f"{spec.name}-{_digest(key)}"
     if _valid_entry(folder, key): return folder
     rank, world = _rank_world(rank, world_size)
