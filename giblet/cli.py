@@ -25,7 +25,7 @@ from .evaluation import stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study
-from .training.trainer import (DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
+from .training.trainer import (main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
                                      write_json)
 
@@ -110,8 +110,12 @@ def _train_in(cfg:TrainConfig, # the run's options
     if resume:
         saved = json.loads((out / "config.json").read_text())
         check_resumable({"train": saved["train"]}, {"train": cfg.to_dict()}, str(out / "config.json"))
-    inputs = input_fingerprint(study_inputs(study_spec(cfg))) if di.main else None
-    if resume and di.main: check_inputs(out, inputs)
+    def checked():   # rank 0 checks the study's files; a user error there reaches the other ranks at once, not after hours
+        if not di.main: return None
+        now = input_fingerprint(study_inputs(study_spec(cfg)))
+        if resume: check_inputs(out, now)
+        return now
+    inputs = main_first(di, checked)
     data = prepare_data(cfg, device, di)
     trainer = Trainer(data, cfg, out, di)
     if resume: trainer.resume()

@@ -289,6 +289,26 @@ def test_changed_inputs_refuse_resume_and_a_run_without_checkpoint_restarts(tmp_
     assert m["epochs"] == 1 and (fresh / "checkpoints" / "last.pt").is_file() and (fresh / "inputs.json").is_file()
 
 
+def test_a_user_error_on_rank_0_reaches_the_other_ranks_at_once(tmp_path, cache, study):
+    "Under torchrun, a resume refused on rank 0 (the study changed) ends rank 1 too, instead of leaving it waiting for data."
+    import os, time
+    src = tmp_path / "study"; shutil.copytree(study, src)
+    out = tmp_path / "run"
+    cfg = dict(FAST); cfg.pop("synthetic")
+    train(out, cache, "--data-dir", str(src), "--no-baseline", epochs=1, config=cfg)
+    nii = sorted((src / "sherlock_nii").glob("*.nii.gz"))[0]
+    img = nib.load(nii); data = np.asarray(img.dataobj).copy(); data[..., -1] += 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), nii)
+    env = dict(os.environ, OMP_NUM_THREADS="1", GIBLET_CACHE=str(cache))
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                          "giblet-train", "--out", str(out), "--resume", "--epochs", "2", "--cache-dir", str(cache)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0
+    assert "changed since the run began" in res.stderr and "rank 0 could not prepare the data" in res.stderr, res.stderr[-3000:]
+    assert time.monotonic() - start < 240
+
+
 def test_giblet_cache_verify_checks_the_stream_caches(tmp_path, monkeypatch, capsys):
     "giblet-cache --verify checksums the feature-stream caches under --cache-dir too: a corrupted byte is found and removed."
     pytest.importorskip("transformers", reason="transformers (the [features] extra) is not installed")
