@@ -361,7 +361,7 @@ def fingerprint_changes(old:Sequence[dict], # a recorded `input_fingerprint`
     return lines
 
 # %% ../nbs/00_io.ipynb #96f03983
-CACHE_VERSION = 2
+CACHE_VERSION = 3   # 3: a study folder joining one cache folder per stream
 VERIFIED = "verified.json"   # modification times of the files at their last checksum check
 RACY_SECONDS = 2.0           # files younger than this at a check are checked again next time (coarse time stamps)
 

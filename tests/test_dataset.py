@@ -335,3 +335,14 @@ def test_each_scan_is_read_once_and_the_bold_is_as_before(study, tmp_path, monke
     np.testing.assert_array_equal(arrays["fmri"], np.concatenate(list(codes.blocks)))
     np.testing.assert_array_equal(arrays["fmri_center"], center); np.testing.assert_array_equal(arrays["fmri_scale"], scale)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]       # the local copies are gone
+
+
+def test_an_intact_cache_that_is_no_study_folder_is_replaced(study, tmp_path):
+    from giblet.data.dataset import save_arrays
+    root, _ = study
+    cache = tmp_path / "cache"
+    folder = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False).cache
+    save_arrays(folder, {"video": np.zeros((2, 3), np.uint8)}, meta={"tr": 1.5})   # e.g. a whole study in one folder
+    al = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
+    assert al.cache == folder and sorted(cache_manifest(folder)["meta"]["streams"]) == ["audio", "fmri", "text", "video"]
+    assert al.video.ndim == 5

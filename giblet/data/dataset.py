@@ -480,6 +480,7 @@ def align_study(runs:Sequence[tuple], # `(film, annotations, RunSpec)` of each r
     root = folder.parent
     clean_leftovers(root)
     index, got = load_arrays(folder, verify=verify, progress=show_progress), {}
+    if index is not None and not isinstance(index[1].get("streams"), dict): index = None   # not a study folder
     if index is not None:
         for s, f in stream_folders(folder).items():
             if (hit := load_arrays(f, verify=verify, progress=show_progress)) is not None: got[s] = hit
