@@ -22,15 +22,15 @@ import torch
 
 from .data.audio import load_audio
 from .data.video import video_info, video_to_frames
+from .windows import _check_words, audio_clips, read_transcript, text_contexts, video_clips, words_from_annotations
 from .io import FolderLockedError, RunLock, atomic_write, clean_leftovers, file_checksum, input_fingerprint
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'KINDS', 'POOLINGS', 'STREAM_PREFIX', 'CACHE_VERSION', 'stream_key', 'StreamSpec', 'parse_stream_spec',
-           'with_model', 'Backbone', 'load_backbone', 'tiny_backbone', 'video_clips', 'audio_clips', 'read_transcript',
-           'words_from_annotations', 'text_contexts', 'embed', 'default_cache_dir', 'cache_key', 'extract_stream',
-           'load_stream', 'verify_streams', 'StreamRun', 'runs_from_aligned', 'load_streams']
+           'with_model', 'Backbone', 'load_backbone', 'tiny_backbone', 'embed', 'default_cache_dir', 'cache_key',
+           'extract_stream', 'load_stream', 'verify_streams', 'StreamRun', 'runs_from_aligned', 'load_streams']
 
 # %% ../nbs/14_features.ipynb #f810289f
 KINDS = ("video", "audio", "text")
@@ -212,100 +212,6 @@ def tiny_backbone(folder:str|Path, # where to save it
     else: raise ValueError(f"kind must be 'image', 'video', 'audio', 'whisper' or 'text', got {kind!r}")
     tf.AutoModel.from_config(model).save_pretrained(folder); proc.save_pretrained(folder)
     return folder
-
-# %% ../nbs/14_features.ipynb #9ffb66db
-def _runs_of(times:np.ndarray, tr:float)->list:
-    "Split TR start times into runs of consecutive windows (each `tr` after the last): [(first index, length)]."
-    breaks = np.flatnonzero(np.abs(np.diff(times) - tr) > 1e-6) + 1
-    edges = [0, *breaks.tolist(), len(times)]
-    return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
-
-def video_clips(film:str|Path, # the film file
-                times:np.ndarray, # (n,) film time (s) where each TR window starts
-                tr:float, # repetition time (s)
-                n_frames:int, # frames per clip
-                context_trs:int=0, # whole TRs of context before each window
-                frame_height:int=224, # decode height; the width keeps the film's aspect ratio
-               )->np.ndarray: # uint8 (n, n_frames, H, W, 3): evenly spaced frames of [t - context_trs·tr, t + tr)
-    "The frames each TR's clip is made of, decoded with `video_to_frames`; no frame after a window's end is ever read."
-    info = video_info(film)
-    width = max(2, 2 * round(frame_height * info.width / info.height / 2))
-    per_tr = math.ceil(n_frames / (context_trs + 1))
-    skip = max(1, math.floor(info.fps * tr / per_tr))
-    out, n_short = None, 0
-    for a, n in _runs_of(np.asarray(times, float), tr):
-        t0 = float(times[a])
-        have = min(context_trs, math.floor(t0 / tr + 1e-6))   # context windows that lie inside the film
-        wins = video_to_frames(film, tr=tr, size=(width, frame_height), frame_skip=skip, max_trs=n + have, start=max(0.0, t0 - have * tr))
-        if out is None: out = np.empty((len(times), n_frames, *wins.shape[2:]), np.uint8)
-        if have < context_trs:   # windows before the film's start: its first frame is what was on screen
-            n_short += min(n, context_trs - have)
-            wins = np.concatenate([np.repeat(wins[:1, :1], context_trs - have, 0).repeat(wins.shape[1], 1), wins])
-        for j in range(n):
-            clip = wins[j:j + context_trs + 1].reshape(-1, *wins.shape[2:])
-            out[a + j] = clip[np.linspace(0, len(clip) - 1, n_frames).round().astype(int)]
-    if n_short: logger.info("%s: %d TRs start less than %d TRs after the film's start; their context repeats its first frame",
-                            film, n_short, context_trs)
-    return out
-
-def audio_clips(wave:np.ndarray, # float32 (n_samples,) mono waveform at `sr`; sample 0 is film time 0
-                times:np.ndarray, # (n,) film time (s) where each TR window starts
-                tr:float, # repetition time (s)
-                sr:int, # sample rate (Hz)
-                context_trs:int=0, # whole TRs of context before each window
-                name:str="the waveform", # named in errors
-               )->np.ndarray: # float32 (n, round((context_trs + 1)·tr·sr)): the samples of [t - context_trs·tr, t + tr)
-    "Each TR's waveform clip; before the film's start is silence (logged), past the recording's end is an error."
-    n = round((context_trs + 1) * tr * sr)
-    starts = np.round((np.asarray(times, float) - context_trs * tr) * sr).astype(np.int64)
-    late = starts + n > len(wave)
-    if late.any():
-        raise ValueError(f"{name}: {len(wave) / sr:.3f} s of audio ends before TR window(s) {np.flatnonzero(late)[:5].tolist()} "
-                         f"end (last window ends at {float(np.max(times)) + tr:.3f} s)")
-    early = starts < 0
-    if early.any(): logger.info("%s: %d clips reach before the film's start; silence there", name, int(early.sum()))
-    padded = np.concatenate([np.zeros(max(0, -int(starts.min())), np.float32), np.asarray(wave, np.float32)])
-    idx = starts - min(0, int(starts.min()))
-    return np.stack([padded[s:s + n] for s in idx])
-
-# %% ../nbs/14_features.ipynb #1aad24a0
-def read_transcript(path:str|Path, # a TSV (or CSV) with columns onset, duration and word, times in film seconds
-                   )->pd.DataFrame: # columns onset, duration, word, sorted by onset
-    "A word-timed transcript, checked: every word has a finite onset and a non-negative duration."
-    import pandas as pd   # imported on first use: the model side imports this module too
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no such transcript file")
-    df = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",")
-    return _check_words(df, path)
-
-def _check_words(df:pd.DataFrame, name)->pd.DataFrame:
-    import pandas as pd
-    missing = [c for c in ("onset", "duration", "word") if c not in df.columns]
-    if missing: raise ValueError(f"{name}: a transcript needs columns onset, duration and word; missing {missing} (found {list(df.columns)})")
-    onset, dur = pd.to_numeric(df["onset"], errors="coerce"), pd.to_numeric(df["duration"], errors="coerce")
-    bad = ~np.isfinite(onset) | ~(dur >= 0)
-    if bad.any(): raise ValueError(f"{name}: {int(bad.sum())} words have a missing onset or a negative/missing duration (rows {np.flatnonzero(bad)[:5].tolist()})")
-    empty = df["word"].isna() | (df["word"].astype(str).str.strip() == "")
-    if empty.any(): logger.info("%s: dropped %d rows with no word", name, int(empty.sum()))
-    out = pd.DataFrame({"onset": onset, "duration": dur, "word": df["word"].astype(str).str.strip()})[~empty]
-    return out.sort_values("onset", kind="stable").reset_index(drop=True)
-
-def words_from_annotations(df:pd.DataFrame, # segments with start, end and text, as from `giblet.data.text.load_annotations`
-                          )->pd.DataFrame: # a transcript: every word of a segment with the segment's onset and duration
-    "Annotation segments as a word table: a segment's words all become available when the segment starts."
-    import pandas as pd
-    rows = [(s, e - s, w) for s, e, t in zip(df["start"], df["end"], df["text"]) if isinstance(t, str) for w in t.split()]
-    return _check_words(pd.DataFrame(rows, columns=["onset", "duration", "word"]), "the annotations")
-
-def text_contexts(words:pd.DataFrame, # a transcript (onset, duration, word)
-                  times:np.ndarray, # (n,) film time (s) where each TR window starts
-                  tr:float, # repetition time (s)
-                  max_words:int=256, # words of context
-                 )->list: # per TR: the words with onset before the TR's end (the last `max_words`), joined; None if none
-    "The text a causal language model reads for each TR: every word begun before the window ends, never a later one."
-    n = np.searchsorted(words["onset"].to_numpy(float), np.asarray(times, float) + tr, side="left")
-    w = words["word"].tolist()
-    return [" ".join(w[max(0, k - max_words):k]) if k else None for k in n]
 
 # %% ../nbs/14_features.ipynb #1a5073ed
 def _hidden(bb:Backbone, inputs:dict)->tuple:

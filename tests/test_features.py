@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers (the [features] extra) is not installed")
 import giblet.features as gf
+from giblet.windows import read_transcript, words_from_annotations
 from giblet.data.audio import demo_waveform
 from giblet.data.video import frames_to_video
 from giblet.features import StreamRun, StreamSpec, extract_stream, load_stream, load_streams, parse_stream_spec, tiny_backbone
@@ -80,7 +81,7 @@ def test_audio_stream_shapes_causality_and_film(models, films, tmp_path, caplog,
     later = wave.copy(); later[int(5.0 * sr):] = demo_waveform(5.0, sr, seed=3)
     times = np.arange(9) * TR
     spec = StreamSpec("audio", str(models[kind]), (-1,), context_trs=1)
-    with caplog.at_level(logging.INFO, "giblet.features"):
+    with caplog.at_level(logging.INFO, "giblet"):
         a = run(spec, (wave, sr), times, tmp_path)
     assert "1 clips reach before the film's start; silence there" in caplog.text
     b = run(spec, (later, sr), times, tmp_path)
@@ -106,9 +107,9 @@ def test_text_stream_causality_zeros_and_annotations(models, tmp_path):
     np.testing.assert_array_equal(a[times + TR <= 4.0], b[times + TR <= 4.0])
     assert not np.allclose(a[times + TR > 4.0], b[times + TR > 4.0])
     ann = pd.DataFrame({"start": [0.0, 3.0], "end": [3.0, 9.0], "text": ["Sherlock walks", "Watson says hello"]})
-    c = run(spec, gf.words_from_annotations(ann), times, tmp_path)
+    c = run(spec, words_from_annotations(ann), times, tmp_path)
     assert (c[:3] == c[0]).all() and not np.allclose(c[2], c[3])   # the second segment's words arrive at 3 s
-    with pytest.raises(ValueError, match="missing \\['duration'\\]"): gf.read_transcript(_write(tmp_path / "bad.tsv", "onset\tword\n1\ta\n"))
+    with pytest.raises(ValueError, match="missing \\['duration'\\]"): read_transcript(_write(tmp_path / "bad.tsv", "onset\tword\n1\ta\n"))
 
 
 def _write(path, text):

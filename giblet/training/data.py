@@ -30,7 +30,8 @@ from ..data.dataset import Normaliser, Split, StudyTensors, block_split, default
 from ..models.autoencoder import target_variances
 from ..models.encoder import PRESETS, ModelConfig
 from ..data.text import load_annotations
-from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key, words_from_annotations
+from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key
+from ..windows import words_from_annotations
 from ..study import StudySpec, load_spec, resolve_study, study_rates
 from .metrics import noise_ceiling
 
