@@ -346,3 +346,20 @@ def test_an_intact_cache_that_is_no_study_folder_is_replaced(study, tmp_path):
     al = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False)
     assert al.cache == folder and sorted(cache_manifest(folder)["meta"]["streams"]) == ["audio", "fmri", "text", "video"]
     assert al.video.ndim == 5
+
+
+def test_a_stream_ending_early_cuts_every_stream_of_its_run(study, tmp_path, monkeypatch, caplog):
+    import giblet.data.dataset as ds
+    root, _ = study
+    full = load_study(root / "study", cache_dir=tmp_path / "a", params=PARAMS, show_progress=False)
+    real = ds.run_video
+    monkeypatch.setattr(ds, "run_video", lambda plan, params: real(plan, params)[:-3])    # a film three TRs short
+    with caplog.at_level(logging.WARNING):
+        al = load_study(root / "study", cache_dir=tmp_path / "b", params=PARAMS, show_progress=False)
+    n = full.n_trs - 3
+    assert al.n_trs == n and f"only {n} of {full.n_trs} TR windows are complete in every stream" in caplog.text
+    for name in ("video", "audio", "text", "has_text", "tr_start", "volume"):
+        np.testing.assert_array_equal(getattr(al, name), np.asarray(getattr(full, name))[:n])
+    assert al.texts == full.texts[:n] and al.fmri.shape == (2, n, full.n_voxels)
+    np.testing.assert_array_equal(al.fmri[1], full.fmri[1][:n])       # the BOLD cache holds the whole grid; the study its rows
+    assert load_arrays(stream_folders(al.cache)["fmri"])[0]["fmri"].shape[1] == full.n_trs
