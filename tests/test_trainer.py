@@ -315,3 +315,11 @@ def test_tiny_runs_keep_every_modality_while_training():
     feats = {m: torch.randn(64, 4, d) for m, d in dict(video=cfg.video_dim, audio=cfg.audio_dim, text=cfg.text_hidden).items()}
     with torch.no_grad(): trained, evaluated = fusion.train()(feats, 64, 4), fusion.eval()(feats, 64, 4)
     assert torch.equal(trained, evaluated)
+
+
+def test_skips_that_leave_no_tr_in_a_window_are_refused(cache, study, data):
+    "skip_first (or skip_last) as long as the model's window is a clear error, not a NaN gradient mid-run."
+    from giblet.training.data import model_config
+    assert model_config(cfg_for(cache, study, skip_first=7), data).context_trs == 8
+    for k in ("skip_first", "skip_last"):
+        with pytest.raises(ValueError, match=f"{k}=8 leaves no TR of the model's 8-TR windows"): model_config(cfg_for(cache, study, **{k: 8}), data)

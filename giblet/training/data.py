@@ -355,7 +355,12 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                  stream_dims={n: int(np.shape(a)[1]) for n, a in data.streams.items()})
     clash = {k: v for k, v in cfg.model_overrides.items() if k in sizes and v != sizes[k]}
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
-    return ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
+    mc = ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
+    for k in ("skip_first", "skip_last"):   # a window with no TR left in a loss gives NaN gradients, not an error
+        if getattr(cfg, k) >= mc.context_trs:
+            raise ValueError(f"{k}={getattr(cfg, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "
+                             f"pass --set {k}=N with N < {mc.context_trs}, or a longer context_trs")
+    return mc
 
 def study_inputs(spec:StudySpec, # the study
                 )->list: # sorted paths: films, annotation tables, NIfTIs and the mask file
