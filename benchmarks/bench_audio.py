@@ -1,6 +1,6 @@
 """Benchmark giblet.data.audio: decode + log-mel speed, Griffin-Lim speed, and the mel -> audio -> mel round trip.
 
-Prints figures; asserts nothing. The round trip is measured on the synthetic study's film (giblet.data.synthetic) and on
+Prints figures; asserts nothing. The round trip is measured on the synthetic study's film (giblet.synthetic) and on
 an AAC film of `demo_waveform`.
 usage: python benchmarks/bench_audio.py [--trs 40] [--iters 100]
 """
@@ -62,7 +62,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         try:
-            from giblet.data.synthetic import make_dataset
+            from giblet.synthetic import make_dataset
             layout = make_dataset(d / "study", n_subjects=1, n_trs=max(args.trs, 20), seed=0)
             _round_trip("synthetic study film", layout.film, args.trs, args.iters)
         except ImportError as e:

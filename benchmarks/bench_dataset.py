@@ -14,7 +14,7 @@ process under `/usr/bin/time -v`, alternating, --repeat times; both write the sa
 With --full FOLDER --cache CACHE, it measures a study at full scale as a user meets it, each step a fresh process under
 `/usr/bin/time -v` with GIBLET_CACHE=CACHE: the first build of the caches, a second run (every cache hit), and a run
 with only the frame size changed; per step the wall time, the peak RSS ("Maximum resident set size"), the cache folders
-added and the cache's size on disk. --entry says what builds: `load_study` (giblet.data.dataset, each scan read once)
+added and the cache's size on disk. --entry says what builds: `load_study` (giblet.dataset, each scan read once)
 or `giblet-cache --preset PRESET` (the console script, through the study spec); --size W,H is the changed frame size.
 usage: python benchmarks/bench_dataset.py [--subjects 17] [--voxels 85000] [--dir /tmp] [--study FOLDER [--subsets 2,5]]
        python benchmarks/bench_dataset.py --bold FOLDER [--repeat 2] [--dir /tmp]
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from giblet.alignment.sync import Aligned
-from giblet.data.dataset import (ContextDataset, DeviceLoader, StreamedArray, StudyTensors, _DecodedBold, _encode_fmri,
+from giblet.dataset import (ContextDataset, DeviceLoader, StreamedArray, StudyTensors, _DecodedBold, _encode_fmri,
                                  block_split, fit_normaliser, load_arrays, load_study, save_arrays, stream_folders)
 from giblet.io import file_checksum
 
@@ -189,7 +189,7 @@ def full_scale(study:str, cache:str, entry:str, size:tuple, preset:str="sherlock
             return [shutil.which("giblet-cache"), "--data-dir", study, "--preset", preset,
                     *(["--config", json.dumps(dict(model_overrides=over))] if over else [])]
         params = "None" if w_h is None else f"FeatureParams(size={tuple(w_h)})"
-        return [sys.executable, "-c", "from giblet.alignment.sync import FeatureParams; from giblet.data.dataset import load_study; "
+        return [sys.executable, "-c", "from giblet.alignment.sync import FeatureParams; from giblet.dataset import load_study; "
                 f"al = load_study({study!r}, params={params}); print(al.n_subjects, al.n_trs, al.n_voxels, al.cache)"]
     rows = []
     for step, w_h in [("first build", None), ("second run (cache hit)", None), (f"frame size {size[0]}x{size[1]} only", size)]:

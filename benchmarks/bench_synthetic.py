@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from giblet.data import synthetic as S
+from giblet import synthetic as S
 from giblet.data.video import frames_to_video
 
 

@@ -310,7 +310,7 @@ def cache_cli(data_dir:str=None, # the study folder (Sherlock layout or BIDS); o
               only_verify:store_true=False, # only check the caches already there (build nothing)
              )->dict: # what was built and checked
     "Build the study cache and feature-stream caches a `giblet-train` run with these options will read."
-    from giblet.data.dataset import cache_main
+    from giblet.dataset import cache_main
     sets = set if isinstance(set, list) else None if set is None else [set]
     cfg = train_config(data_dir, None, False, config, sets, preset=preset, cache_dir=cache_dir, study=study, film=film,
                        annotations=annotations, film_start=film_start, features=[features] if isinstance(features, str) else features)
@@ -388,7 +388,7 @@ def plot_synthetic(root:str|Path, # a study written by `make_dataset`
     "The planted factors, a few film frames, the ROIs, and one subject's BOLD against the truth per ROI."
     import matplotlib.pyplot as plt
     from giblet.data.fmri import nii_to_features, shared_mask
-    from giblet.data.synthetic import load_truth
+    from giblet.synthetic import load_truth
     from giblet.data.video import video_to_frames
     root = Path(root)
     t = load_truth(root)
@@ -431,12 +431,12 @@ def synth_main(out:str="runs/synthetic", # the study folder to write
                n_subjects:int=None, # subjects (default: the preset's, else 3)
                n_trs:int=None, # TRs (default: the preset's, else 300)
                seed:int=0, # random seed (the same seed writes the same data)
-               preset:str=None, # a `giblet.data.synthetic.PRESETS` name: tiny, small or sherlock
+               preset:str=None, # a `giblet.synthetic.PRESETS` name: tiny, small or sherlock
                overwrite:store_true=False, # replace a dataset already in --out
               )->Path: # the summary figure
     "Write a synthetic Sherlock-layout study with planted truth, and OUT/synthetic_summary.png."
     import matplotlib.pyplot as plt
-    from giblet.data.synthetic import make_dataset
+    from giblet.synthetic import make_dataset
     kw = {k: v for k, v in dict(n_subjects=n_subjects, n_trs=n_trs).items() if v is not None}   # only what was typed: it wins over the preset
     make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, **kw)
     fig = plot_synthetic(out)

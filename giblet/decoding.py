@@ -184,7 +184,7 @@ def _lagged(x:np.ndarray, lags:int)->np.ndarray:
     return np.concatenate([np.concatenate([x[l:], np.zeros_like(x[:l])]) for l in range(lags)], 1)
 
 # %% ../nbs/34_decoding.ipynb #d0000018
-def true_block(tensors, # a `giblet.data.dataset.StudyTensors`
+def true_block(tensors, # a `giblet.dataset.StudyTensors`
                trs:np.ndarray, # TR indices
               )->dict: # the true 'video', 'audio' (model units), 'text', 'has_text' at `trs`, numpy
     "The reconstruction targets of some TRs."
@@ -193,7 +193,7 @@ def true_block(tensors, # a `giblet.data.dataset.StudyTensors`
 
 @torch.no_grad()
 def brain_series(model, # a `giblet.models.autoencoder.BrainAutoencoder`
-                 tensors, # a `giblet.data.dataset.StudyTensors`
+                 tensors, # a `giblet.dataset.StudyTensors`
                  trs:np.ndarray, # contiguous TR indices of one run
                  source:str="brain", # "brain" (the predicted brain layer) or "fmri" (measured, the mean of the rows)
                  batch_size:int=16, # windows per forward pass
@@ -236,7 +236,7 @@ def decode_series(model, # a `giblet.models.autoencoder.BrainAutoencoder`
     return {m: np.concatenate(v) for m, v in out.items()}
 
 def decode_block(model, # a `giblet.models.autoencoder.BrainAutoencoder`
-                 tensors, # a `giblet.data.dataset.StudyTensors`
+                 tensors, # a `giblet.dataset.StudyTensors`
                  trs:np.ndarray, # contiguous TR indices of one run (e.g. the test block)
                  source:str="brain", # "brain" or "fmri"
                  tr:float=1.5, # seconds per TR

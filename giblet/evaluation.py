@@ -283,7 +283,7 @@ def compare(model:np.ndarray, # (n_trs, n_voxels) the model's test prediction
                           q95=float(np.percentile(null, 95)) if len(null) else None, p=p))
 
 # %% ../nbs/33_evaluation.ipynb #86957d43
-def truth_columns(truth:dict, # from `giblet.data.synthetic.load_truth`
+def truth_columns(truth:dict, # from `giblet.synthetic.load_truth`
                   mask, # the run's mask (a 3-D NIfTI image)
                  )->np.ndarray: # int64 (n_voxels,): column of truth['bold'] per mask voxel, -1 outside the truth's brain
     "Map the run's voxels onto the truth's brain voxels through world (NIfTI) coordinates."
@@ -447,7 +447,7 @@ def _roi_labels(data:RunData):
     "The planted truth, ROI labels and names per model voxel, from a synthetic study's truth.npz (None when absent)."
     path = None if data.data_dir is None else Path(data.data_dir) / "truth.npz"
     if path is None or not path.is_file(): return None, None, None
-    from giblet.data.synthetic import load_truth
+    from giblet.synthetic import load_truth
     truth = load_truth(path)
     col = truth_columns(truth, data.aligned.mask)
     return truth, np.where(col >= 0, np.asarray(truth["roi"])[np.maximum(col, 0)], 0), truth["roi_names"]

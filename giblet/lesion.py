@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.dataset import Normaliser, StudyTensors
+from .dataset import Normaliser, StudyTensors
 from .data.text import nearest_text
 from .io import atomic_folder, atomic_write, clean_leftovers
 from .regions import Region, UnitGrid, matched_blobs, parse_regions

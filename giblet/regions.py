@@ -203,7 +203,7 @@ def synthetic_regions(truth, # truth.npz of a synthetic study (path, study folde
                       labels:Sequence=("visual", "auditory", "language"), # ROI names or ids
                      )->list: # one Region per label
     "The planted ROIs of a synthetic study, on the model's units."
-    from giblet.data.synthetic import load_truth
+    from giblet.synthetic import load_truth
     t = truth if isinstance(truth, dict) else load_truth(truth)
     vol = np.zeros(t["brain_mask"].shape, np.int16)
     vol[np.asarray(t["brain_mask"]) != 0] = t["roi"]

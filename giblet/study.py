@@ -23,7 +23,7 @@ from .io import atomic_write
 
 from .alignment.sync import Aligned, FeatureParams, RunSpec, tr_grid
 from .features import parse_stream_spec, with_model
-from .data.dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
+from .dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
 from .data.fmri import iter_volumes, load_nifti, read_tr, shared_mask
 from .data.video import video_info
 

@@ -7,7 +7,7 @@ import pytest
 
 from giblet.alignment.hrf import convolve_hrf
 from giblet.alignment.sync import FeatureParams, RunSpec, align_run, concat_runs
-from giblet.data.dataset import block_split, context_starts, fit_normaliser
+from giblet.dataset import block_split, context_starts, fit_normaliser
 from giblet.data.fmri import nii_to_features
 from giblet.data.video import frames_to_video, video_to_frames
 

@@ -14,9 +14,9 @@ import pytest
 
 from giblet.alignment.sync import FeatureParams
 import giblet.io as gio
-from giblet.data.dataset import cache_main, cache_manifest, discover, load_arrays, load_study, stream_folders
+from giblet.dataset import cache_main, cache_manifest, discover, load_arrays, load_study, stream_folders
 from giblet.io import DiskFullError, fingerprint_changes, input_fingerprint
-from giblet.data.synthetic import make_dataset
+from giblet.synthetic import make_dataset
 
 PARAMS = FeatureParams(size=(32, 18), n_mels=32, text_dim=64)
 
@@ -207,7 +207,7 @@ def test_a_build_killed_midway_leaves_nothing_that_survives_the_next_load(study,
     cache = tmp_path / "cache"
     child = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
-import giblet.data.dataset as ds, giblet.io as gio
+import giblet.dataset as ds, giblet.io as gio
 from giblet.alignment.sync import FeatureParams
 real = gio.write_file
 def write_file(path, write, **kw):
@@ -234,7 +234,7 @@ def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
     for name in side: (d / name).write_text("onset\tduration\n0\t1\n")
     brain = [f"sub-01_{w}.nii.gz" for w in ("space-MNI_desc-brain_mask", "dseg", "label-GM_probseg", "boldref", "T1w")]
     for name in brain: shutil.copy(layout.nii[0], d / "sherlock_nii" / name)
-    with caplog.at_level(logging.INFO, logger="giblet.data.dataset"): f = discover(d)
+    with caplog.at_level(logging.INFO, logger="giblet.dataset"): f = discover(d)
     assert f.annotations == d / layout.annotations.name and [p.name for p in f.nii] == [p.name for p in layout.nii]
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "ignored 4 file(s) that are not annotation tables" in said and "ignored 5 file(s) that are not subjects' BOLD" in said
@@ -244,7 +244,7 @@ def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
 def test_cache_writer_lets_each_lazy_subject_go_and_never_scales_the_callers_array(tmp_path):
     import weakref
     import nibabel as nib
-    from giblet.data.dataset import _DecodedBold, _encode_fmri, save_arrays
+    from giblet.dataset import _DecodedBold, _encode_fmri, save_arrays
     alive, most = [], [0]
     bold = lambda s: np.random.default_rng(s).normal(100 + 50 * s, 5, (40, 30)).astype(np.float32)
 
@@ -316,7 +316,7 @@ def test_a_damaged_stream_is_rebuilt_alone(study, tmp_path, caplog):
 
 def test_each_scan_is_read_once_and_the_bold_is_as_before(study, tmp_path, monkeypatch):
     import giblet.data.fmri as fmri
-    from giblet.data.dataset import _encode_fmri
+    from giblet.dataset import _encode_fmri
     from giblet.data.fmri import SubjectBold, shared_mask
     root, layout = study
     reads, real = [], fmri.iter_volumes
@@ -338,7 +338,7 @@ def test_each_scan_is_read_once_and_the_bold_is_as_before(study, tmp_path, monke
 
 
 def test_an_intact_cache_that_is_no_study_folder_is_replaced(study, tmp_path):
-    from giblet.data.dataset import save_arrays
+    from giblet.dataset import save_arrays
     root, _ = study
     cache = tmp_path / "cache"
     folder = load_study(root / "study", cache_dir=cache, params=PARAMS, show_progress=False).cache
@@ -349,7 +349,7 @@ def test_an_intact_cache_that_is_no_study_folder_is_replaced(study, tmp_path):
 
 
 def test_a_stream_ending_early_cuts_every_stream_of_its_run(study, tmp_path, monkeypatch, caplog):
-    import giblet.data.dataset as ds
+    import giblet.dataset as ds
     root, _ = study
     full = load_study(root / "study", cache_dir=tmp_path / "a", params=PARAMS, show_progress=False)
     real = ds.run_video

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from giblet.data.synthetic import load_truth
+from giblet.synthetic import load_truth
 from giblet.io import usual_mode
 from giblet.lesion import lesion_data, lesion_effects, load_run, render
 from giblet.lesion_run import lesion_main

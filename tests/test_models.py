@@ -238,7 +238,7 @@ def test_no_batchnorm_and_layering():
     import giblet.models.autoencoder as ae, giblet.models.decoder as de, giblet.models.encoder as en
     for mod in (ae, de, en):
         src = open(mod.__file__).read()
-        assert "giblet.training" not in src and "giblet.data.dataset" not in src, mod.__name__
+        assert "giblet.training" not in src and "giblet.dataset" not in src, mod.__name__
 
 
 def test_feature_stream_trains_drops_out_and_round_trips(tmp_path):

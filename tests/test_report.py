@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from giblet.data.synthetic import load_truth, make_dataset
+from giblet.synthetic import load_truth, make_dataset
 from giblet.evaluation import factor_table, truth_rows, truth_scores
 from giblet.report import write_report
 from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from giblet.alignment.sync import FeatureParams
-from giblet.data.synthetic import load_truth, make_dataset
+from giblet.synthetic import load_truth, make_dataset
 from giblet.data.video import psnr
 from giblet.study import (SpecError, StudySpec, bids_spec, check_spec, load_spec, plan_subjects, read_spec,
                           resolve_study, spec_to_dict, sherlock_spec, show_study, spec_mask, write_spec)
@@ -204,7 +204,7 @@ def test_one_run_sherlock_layout_and_mask_file(tmp_path, caplog):
 
 
 def test_spec_loading_shares_the_cache_path_and_bold_is_normalised_per_run(loaded, sherlock, caplog):
-    from giblet.data.dataset import block_split, cache_manifest, fit_normaliser, stream_folders
+    from giblet.dataset import block_split, cache_manifest, fit_normaliser, stream_folders
     a, _ = loaded
     folder = a.cache                                                                 # the study folder, joining the streams
     man = cache_manifest(folder)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from giblet import cli
-from giblet.data.synthetic import make_dataset
+from giblet.synthetic import make_dataset
 
 KW = dict(n_subjects=2, n_trs=160, n_runs=2, seed=3, shape=(10, 12, 10), size=(32, 18))
 FAST = dict(batch_size=8, recon_frac=0.5, patience=0, stride=4, skip_first=3, val_frac=0.2, test_frac=0.3, progress=False,

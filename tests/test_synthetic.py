@@ -7,7 +7,7 @@ import pytest
 from sklearn.linear_model import RidgeCV
 
 from giblet.alignment.hrf import convolve_hrf
-from giblet.data.synthetic import (FACTOR_MODALITY, FACTOR_NAMES, PRESETS, ROI_MODALITY, ROI_NAMES, load_truth,
+from giblet.synthetic import (FACTOR_MODALITY, FACTOR_NAMES, PRESETS, ROI_MODALITY, ROI_NAMES, load_truth,
                                    make_dataset, plant_bold)
 from giblet.data.audio import audio_to_mel
 from giblet.data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
@@ -105,7 +105,7 @@ def test_annotation_quirks(study):
 
 def test_deterministic(tmp_path, monkeypatch):
     "Same seed, same data: truth, NIfTI data, annotations, and the exact frames and sound handed to the encoder."
-    import giblet.data.synthetic as synthetic
+    import giblet.synthetic as synthetic
     sent = []
 
     def capture(frames, path, fps, audio=None, sample_rate=None):

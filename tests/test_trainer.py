@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from giblet.data.dataset import context_starts
+from giblet.dataset import context_starts
 from giblet.training import trainer as T
 from giblet.evaluation import evaluate_run
 from giblet.training.trainer import (NonFiniteLoss, Trainer, TrainConfig, embedded_dataset, load_checkpoint,

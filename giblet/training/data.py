@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..alignment.hrf import hrf_kernel
 from ..alignment.sync import Aligned, FeatureParams
-from ..data.dataset import Normaliser, Split, StudyTensors, block_split, default_cache_dir, fit_normaliser
+from ..dataset import Normaliser, Split, StudyTensors, block_split, default_cache_dir, fit_normaliser
 from ..models.autoencoder import target_variances
 from ..models.encoder import PRESETS, ModelConfig
 from ..data.text import load_annotations
@@ -209,7 +209,7 @@ def embedded_dataset(cache_dir:str|Path|None=None, # cache root (None: `default_
                      **kwargs, # `make_dataset` arguments (n_subjects, n_trs, seed, ...)
                     )->Path: # the study folder
     "The synthetic study for these arguments, generated into the cache on first use (atomically) and reused after."
-    from giblet.data.synthetic import make_dataset
+    from giblet.synthetic import make_dataset
     key = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = Path(cache_dir or default_cache_dir()) / "synthetic" / key
     if (root / ".complete").is_file(): return root

@@ -25,7 +25,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from ..io import DiskFullError, fsync_folder, temp_name, atomic_write as io_atomic_write
-from ..data.dataset import ContextDataset
+from ..dataset import ContextDataset
 from ..models.autoencoder import BrainAutoencoder, compute_losses
 from .data import (DATA_OPTIONS, EMBEDDED, HRF_SECONDS, PATH_OPTIONS, PRESET_OVERRIDES, RESUMABLE, WAIT_HOURS, DistInfo,
                                   RunData, StreamTensors, SubjectRows, TrainConfig, check_resumable, embedded_dataset, feature_params,
