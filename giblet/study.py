@@ -24,7 +24,7 @@ from .io import atomic_write
 from .alignment.sync import Aligned, FeatureParams, RunSpec, tr_grid
 from .features import parse_stream_spec, with_model
 from .dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
-from .data.fmri import iter_volumes, load_nifti, read_tr, shared_mask
+from .data.fmri import MaskRule, iter_volumes, load_nifti, read_tr, shared_mask
 from .data.video import video_info
 
 logger = logging.getLogger(__name__)
@@ -458,9 +458,12 @@ def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
     key = cache_key(inputs, dict(spec=study, params=asdict(params), tr=tr, mask_threshold=mask_threshold))
     logger.info("%s: %d subjects x %d runs", spec.source, len(spec.subjects), len(spec.runs))
     runs = [(spec.film_of(r), spec.annotations_of(r), _run_spec(spec, r, tr)) for r in spec.runs]
-    return align_study(runs, lambda: spec_mask(spec, mask_threshold), Path(cache_dir or default_cache_dir()) / f"study-{key}",
+    mask = (MaskRule([p for r in spec.runs for p in r.nii.values()], threshold=mask_threshold) if spec.mask is None
+            else lambda: spec_mask(spec, mask_threshold))   # the shared mask's rule lets each scan be read once
+    return align_study(runs, mask, Path(cache_dir or default_cache_dir()) / f"study-{key}",
                        inputs, tr=tr, params=params, meta=dict(subjects=list(spec.subjects), runs=[r.name for r in spec.runs]),
-                       verify=verify, show_progress=show_progress)
+                       verify=verify, show_progress=show_progress,
+                       mask_key=None if spec.mask is None else dict(mask=str(spec.mask), threshold=mask_threshold))
 
 def study_rates(spec:StudySpec, # the study
                )->tuple: # (film frames per second, TR in seconds)

@@ -224,3 +224,24 @@ def test_spec_loading_shares_the_cache_path_and_bold_is_normalised_per_run(loade
         tr = split.train[a.run[split.train] == r]
         z = nz.zscore(1, a.fmri[1][tr], a.run[tr])
         np.testing.assert_allclose(z.mean(0), 0, atol=1e-3); np.testing.assert_allclose(z.std(0), 1, atol=1e-3)
+
+
+def test_a_spec_study_reads_each_scan_once_and_shares_the_bold_across_frame_sizes(bids, tmp_path, monkeypatch):
+    "The path giblet-train takes (a spec, the shared mask): one decompression per scan, and a frame-size change rebuilds the frames alone."
+    import giblet.data.fmri as fmri
+    from giblet.dataset import stream_folders
+    reads, real = [], fmri.iter_volumes
+    def iter_volumes(img, *a, **k):
+        reads.append(fmri._name(img)); return real(img, *a, **k)
+    monkeypatch.setattr(fmri, "iter_volumes", iter_volumes)
+    monkeypatch.setattr(fmri, "nii_to_features", lambda *a, **k: pytest.fail("a scan was read a second time"))
+    cache = tmp_path / "cache"
+    al = load_spec(bids.root, cache, PARAMS, show_progress=False)
+    scans = sorted(str(p) for r in bids.runs for p in r["nii"])
+    assert sorted(reads) == scans
+    reads.clear()
+    al2 = load_spec(bids.root, cache, FeatureParams(size=(16, 9), n_mels=16, text_dim=32), show_progress=False)
+    assert reads == []                                            # the BOLD came from its cache
+    old, new = stream_folders(al.cache), stream_folders(al2.cache)
+    assert {s for s in new if new[s] != old[s]} == {"video"} and al2.video.shape[2:4] == (9, 16)
+    np.testing.assert_array_equal(al2.fmri[:], al.fmri[:])
