@@ -138,14 +138,17 @@ def test_lesions_hit_their_modality(effects, source):
 @pytest.mark.parametrize("source", ["fmri", "stimulus"])
 def test_no_signal_region_has_no_effect(effects, source):
     """Negative control: a region without planted signal has its 20 matched blobs; lesioned, it is not beyond all of them on
-    any modality (p > 0.05); lesioned or kept alone, its specific effect is under a tenth of the planted regions' smallest."""
+    any modality (p > 0.05) and its specific effect is under a tenth of the planted regions' smallest either way; kept
+    alone, it never carries a modality by more than that. (Kept alone it may carry less than its matched blobs, which have
+    the same summed decoder gain and so can hold a few units with signal: a region that carries less is no false effect.)"""
     for mode in ("lesion", "keep"):
         t = effects[mode, source]
         planted = min(_row(t, roi, modality).specific for roi, modality in TARGET.items() if _row(t, roi, modality).n_null)
         rows = [_row(t, NULL, modality) for modality in ("video", "audio", "text")]
         assert all(r.n_null == 20 for r in rows)
-        assert np.mean([abs(r.specific) for r in rows]) < 0.1 * planted, (mode, planted, [r.specific for r in rows])
+        assert max(r.specific for r in rows) < 0.1 * planted, (mode, planted, [r.specific for r in rows])
         if mode == "lesion":
+            assert np.mean([abs(r.specific) for r in rows]) < 0.1 * planted, (planted, [r.specific for r in rows])
             for r in rows: assert r.p > 0.05 and r["rank"] > 1, r
 
 
