@@ -25,7 +25,8 @@ from .io import (StreamedArray, atomic_write, cache_key, cache_manifest, clean_l
                        load_arrays, save_arrays)
 from .alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, complete_trs, plan_run, run_audio, run_text,
                                    run_video)
-from .data.fmri import MaskRule, OnePassBold, SubjectBold, sort_subjects, zscore_stats
+from .data.bold_stats import zscore_stats
+from .data.fmri import MaskRule, OnePassBold, SubjectBold, sort_subjects
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import giblet.data.fmri as fmri
-from giblet.data.fmri import (MaskRule, OnePassBold, SubjectBold, ZScoreStats, apply_zscore, average_subjects,
-                              features_to_nii, find_niftis, iter_volumes, load_nifti, load_subjects, nii_to_features,
-                              read_tr, shared_mask, sort_subjects, temporal_std, zscore, zscore_stats)
+from giblet.data.bold_stats import ZScoreStats, apply_zscore, average_subjects, zscore, zscore_stats
+from giblet.data.fmri import (MaskRule, OnePassBold, SubjectBold, features_to_nii, find_niftis, iter_volumes, load_nifti,
+                              load_subjects, nii_to_features, read_tr, shared_mask, sort_subjects, temporal_std)
 
 NIBDATA = Path(nib.__file__).parent / "tests" / "data"
 REAL = ["functional.nii", "example4d.nii.gz", "example_nifti2.nii.gz"]

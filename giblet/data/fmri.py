@@ -29,8 +29,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'TR_RANGE', 'NIFTI_SUFFIXES', 'STANDARDISED_SPREAD', 'load_nifti', 'read_tr', 'natural_key', 'sort_subjects',
            'find_niftis', 'iter_volumes', 'temporal_std', 'shared_mask', 'nii_to_features', 'features_to_nii',
-           'load_subjects', 'SubjectBold', 'MaskRule', 'OnePassBold', 'ZScoreStats', 'zscore_stats', 'apply_zscore',
-           'zscore', 'average_subjects']
+           'load_subjects', 'SubjectBold', 'MaskRule', 'OnePassBold']
 
 # %% ../../nbs/00_data.fmri.ipynb #dcb23ab0
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError)
@@ -553,108 +552,3 @@ class OnePassBold(SubjectBold):
     def __exit__(self, *exc): self.close()
     @classmethod
     def concat(cls, bolds): raise TypeError("OnePassBold reads its runs together: give every run to one OnePassBold")
-
-# %% ../../nbs/00_data.fmri.ipynb #8a3c514e
-_BLOCK = 4_000_000  # float64 elements per working block (32 MB)
-
-@dataclass
-class ZScoreStats:
-    "Per-voxel mean and std (per subject for stacked subjects) and the TRs they came from."
-    mean: np.ndarray # float64 (..., n_voxels)
-    std: np.ndarray # float64 (..., n_voxels); 0 marks a voxel constant over `trs`
-    trs: np.ndarray # int64 indices of the TRs the statistics came from
-
-    def save(self, path): # a .npz path, written atomically
-        "Save to a .npz file."
-        path = Path(path)
-        atomic_write(path, lambda fh: np.savez(fh, mean=self.mean, std=self.std, trs=self.trs))
-
-    @classmethod
-    def load(cls, path): # a .npz written by `save`
-        "Load statistics saved by `save`."
-        with np.load(path) as z: return cls(z["mean"], z["std"], z["trs"])
-
-def _tr_indices(trs, n_trs)->np.ndarray:
-    "TR selection (None, slice, int or bool array) as sorted-as-given int64 indices."
-    if trs is None: return np.arange(n_trs)
-    if isinstance(trs, slice): return np.arange(n_trs)[trs]
-    trs = np.asarray(trs)
-    if trs.dtype == bool:
-        if trs.shape != (n_trs,): raise ValueError(f"a bool TR mask must have {n_trs} entries, got {trs.shape}")
-        return np.flatnonzero(trs)
-    if trs.size and (trs.min() < -n_trs or trs.max() >= n_trs):
-        raise ValueError(f"TR indices out of range for {n_trs} TRs")
-    return np.arange(n_trs)[trs.astype(np.int64)]
-
-def zscore_stats(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_voxels); a memmap is fine
-                 trs=None, # the TRs to compute statistics on: None (all), a slice, int indices or a bool mask
-                )->ZScoreStats: # per-voxel (per-subject) mean and std
-    "Per-voxel mean and std over the TRs `trs` only."
-    if features.ndim not in (2, 3): raise ValueError(f"features must be 2-D or 3-D, got shape {features.shape}")
-    n_trs, n_vox = features.shape[-2:]
-    idx = _tr_indices(trs, n_trs)
-    if idx.size < 2: raise ValueError(f"z-score statistics need at least 2 TRs, got {idx.size}")
-    sel = slice(idx[0], idx[-1] + 1) if np.array_equal(idx, np.arange(idx[0], idx[-1] + 1)) else idx
-    mean, std = np.empty(features.shape[:-2] + (n_vox,)), np.empty(features.shape[:-2] + (n_vox,))
-    step = max(1, _BLOCK // idx.size)
-    for lead in np.ndindex(features.shape[:-2]):
-        x = features[lead]
-        for v in range(0, n_vox, step):
-            blk = np.asarray(x[sel, v:v + step], np.float64)
-            mean[lead][v:v + step] = blk.mean(0)
-            std[lead][v:v + step] = blk.std(0)
-    if (std == 0).any():
-        logger.warning(f"{int((std == 0).sum())} voxel(s) are constant over the {idx.size} statistics TRs; "
-                       "they z-score to 0")
-    return ZScoreStats(mean, std, idx)
-
-def apply_zscore(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_voxels)
-                 stats:ZScoreStats, # from `zscore_stats`
-                 out:np.ndarray|None=None, # optional float32 array to write into (may be `features` itself)
-                )->np.ndarray: # float32 z-scores, same shape
-    "`(features - mean) / std` with stored statistics; voxels with std 0 become 0."
-    if stats.mean.shape != features.shape[:-2] + features.shape[-1:]:
-        raise ValueError(f"statistics of shape {stats.mean.shape} do not fit features of shape {features.shape}")
-    if out is None: out = np.empty(features.shape, np.float32)
-    elif out.shape != features.shape or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 {features.shape}, got {out.dtype} {out.shape}")
-    scale = np.divide(1.0, stats.std, out=np.zeros_like(stats.std), where=stats.std > 0)
-    step = max(1, _BLOCK // features.shape[-1])
-    for lead in np.ndindex(features.shape[:-2]):
-        x, o, mu, sc = features[lead], out[lead], stats.mean[lead], scale[lead]
-        for t in range(0, features.shape[-2], step):
-            blk = np.asarray(x[t:t + step], np.float64)
-            blk -= mu; blk *= sc
-            o[t:t + step] = blk
-    return out
-
-def zscore(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_voxels)
-           trs=None, # TRs to compute the statistics on (ignored when `stats` is given)
-           stats:ZScoreStats|None=None, # statistics to reuse; None computes them on `trs`
-           out:np.ndarray|None=None, # optional float32 array to write into (may be `features` itself)
-          )->tuple[np.ndarray, ZScoreStats]: # (float32 z-scores, the statistics used)
-    "z-score all TRs with statistics from `trs` (or reused `stats`), returning both."
-    stats = zscore_stats(features, trs) if stats is None else stats
-    return apply_zscore(features, stats, out), stats
-
-# %% ../../nbs/00_data.fmri.ipynb #c4873b58
-def average_subjects(features, # (n_subjects, n_trs, n_voxels) array/memmap, or a list of (n_trs, n_voxels) arrays
-                     exclude:int|Sequence[int]|None=None, # subject index(es) to leave out of the average
-                    )->np.ndarray: # float32 (n_trs, n_voxels)
-    "The mean over subjects of TR × voxel matrices."
-    subs = [features[i] for i in range(len(features))]
-    drop = set() if exclude is None else ({exclude} if isinstance(exclude, (int, np.integer)) else set(exclude))
-    if drop - set(range(len(subs))): raise ValueError(f"exclude {sorted(drop)} is out of range for {len(subs)} subjects")
-    subs = [s for i, s in enumerate(subs) if i not in drop]
-    if not subs: raise ValueError("no subjects to average")
-    shape = subs[0].shape
-    odd = [i for i, s in enumerate(subs) if s.shape != shape]
-    if len(shape) != 2 or odd:
-        raise ValueError(f"subjects must all be (n_trs, n_voxels) of shape {shape}; subjects {odd} differ")
-    out = np.empty(shape, np.float32)
-    step = max(1, _BLOCK // shape[1])
-    for t in range(0, shape[0], step):
-        acc = np.zeros((min(step, shape[0] - t), shape[1]))
-        for s in subs: acc += s[t:t + step]
-        out[t:t + step] = acc / len(subs)
-    return out
