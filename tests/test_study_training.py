@@ -106,18 +106,23 @@ def dino(sherlock):
     return tiny_backbone(sherlock.root / "models" / "dino", "image")
 
 
-def test_a_stream_named_by_the_study_spec_trains(sherlock, dino, cache, tmp_path, monkeypatch):
-    "A spec naming a stream (its model relative to the spec) trains with it from `giblet-train --study` alone."
+def test_one_stream_of_each_kind_named_by_the_study_spec_trains(sherlock, dino, cache, tmp_path, monkeypatch):
+    "A spec naming a stream of each kind (models relative to the spec) trains with them from `giblet-train --study` alone."
+    from giblet.data.text import load_annotations
+    from giblet.features import tiny_backbone
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    stream_spec(sherlock, sherlock.root / "streams.yaml", ["video=models/dino:-1:n_frames=2"])
-    monkeypatch.chdir(tmp_path)                              # the model resolves against the spec's folder, not the working one
+    words = sorted({w for t in load_annotations(sherlock.annotations)["text"].dropna() for w in str(t).split()})
+    for kind in ("audio", "text"): tiny_backbone(sherlock.root / "models" / kind, kind, words=words)
+    stream_spec(sherlock, sherlock.root / "streams.yaml",
+                ["video=models/dino:-1:n_frames=2", "audio=models/audio:1", "text=models/text:-1"])
+    monkeypatch.chdir(tmp_path)                              # the models resolve against the spec's folder, not the working one
     m = train(tmp_path / "run", cache, "--study", str(sherlock.root / "streams.yaml"))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train"]["features"] == [] and saved["model"]["stream_dims"] == {"video": 16}
+    assert saved["train"]["features"] == [] and saved["model"]["stream_dims"] == {"video": 16, "audio": 16, "text": 16}
     assert np.isfinite(m["test_voxel_r_selected"])
     sd = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]["state_dict"]
-    assert any(".stream_video." in k for k in sd)            # the stream's projector
-    assert list((cache / "features").glob("video-*/features.npy"))
+    assert all(any(f".{n}." in k for k in sd) for n in ("stream_video", "stream_audio", "stream_text"))   # a projector each
+    assert all(list((cache / "features").glob(f"{kind}-*/features.npy")) for kind in ("video", "audio", "text"))
 
 
 def test_a_bad_stream_in_the_spec_names_the_file_and_field(sherlock, cache, tmp_path, capsys):
