@@ -25,7 +25,7 @@ from .evaluation import stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study
-from .training.trainer import (main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
+from .training.trainer import (close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
                                      write_json)
 
@@ -91,8 +91,10 @@ def _train_one(cfg:TrainConfig, # the run's options
     "One training run and its report (see `run_training`)."
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     di = init_distributed(device)
-    with run_folder(Path(out_dir), di.main) as out:
-        return _train_in(cfg, out, resume, baseline, figures, device, di)
+    try:
+        with run_folder(Path(out_dir), di.main) as out:
+            return _train_in(cfg, out, resume, baseline, figures, device, di)
+    finally: close_distributed()
 
 def _train_in(cfg:TrainConfig, # the run's options
               out:Path, # the run folder (locked by `run_folder`)

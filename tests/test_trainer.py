@@ -166,6 +166,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
         assert len(tr.loader) == {len(one.loader)}, len(tr.loader)
         tr.fit()
         np.save({str(tmp_path)!r} + f"/pred{{di.rank}}.npy", tr.predict(tr.data.split.val))
+        T.close_distributed()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],

@@ -36,9 +36,9 @@ from .metrics import voxel_r
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'CHECKPOINTS', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'ShardedLoader', 'lr_factor',
-           'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses', 'NonFiniteLoss', 'Trainer',
-           'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
+__all__ = ['logger', 'CHECKPOINTS', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'close_distributed',
+           'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses',
+           'NonFiniteLoss', 'Trainer', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #4636823f
 class DeviceUnavailable(RuntimeError):
@@ -64,6 +64,10 @@ def init_distributed(device:torch.device|str="cpu", # the device this process tr
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+def close_distributed():
+    "Leave the process group at the end of a run (a process that exits still in it can abort in gloo's teardown)."
+    if dist.is_initialized(): dist.destroy_process_group()
 
 def _barrier(di:DistInfo|None):
     if di is not None and di.world_size > 1: dist.barrier()
