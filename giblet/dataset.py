@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .io import (StreamedArray, atomic_write, cache_key, cache_manifest, clean_leftovers, input_fingerprint,
                        load_arrays, save_arrays)
-from .alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, complete_trs, plan_run, run_audio, run_text,
+from .alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, check_same_subjects, complete_trs, plan_run, run_audio, run_text,
                                    run_video)
 from .data.bold_stats import zscore_stats
 from .data.fmri import MaskRule, OnePassBold, SubjectBold, sort_subjects
@@ -458,10 +458,7 @@ def default_cache_dir()->Path:
 def _plan(runs, tr, params)->list:
     "Every run planned; the runs must share the TR and keep the same subjects."
     plans = [plan_run(film, ann, spec, tr, i, None, params.text_columns) for i, (film, ann, spec) in enumerate(runs)]
-    subs = {p.run_id: p.subjects for p in plans}
-    if len({str(s) for s in subs.values()}) > 1:
-        raise ValueError(f"runs keep different subjects (positions per run, None = all): {subs}; "
-                         f"drop a short subject from every run")
+    check_same_subjects({p.run_id: p.subjects for p in plans})
     if any(abs(p.grid.tr - plans[0].grid.tr) > 1e-6 for p in plans): raise ValueError("runs must share the TR")
     return plans
 

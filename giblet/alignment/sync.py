@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'Aligned', 'Grid', 'tr_grid', 'FeatureParams', 'RunSpec', 'RunPlan', 'plan_run', 'run_video', 'run_audio',
-           'run_text', 'complete_trs', 'align_run', 'concat_runs']
+           'run_text', 'complete_trs', 'align_run', 'check_same_subjects', 'concat_runs']
 
 # %% ../../nbs/11_alignment.sync.ipynb #abf64e82
 @dataclass
@@ -266,13 +266,17 @@ def align_run(film:str|Path, # the film file
                    texts=texts[:n], mask=mask, subjects=p.subjects)
 
 # %% ../../nbs/11_alignment.sync.ipynb #1d6c9534
+def check_same_subjects(subjects:dict, # run id -> the positions of the subjects it keeps (None: all of them)
+                       ):
+    "Refuse runs that keep different subjects: a study's BOLD is one row per subject across all its runs."
+    if len({str(s) for s in subjects.values()}) > 1:
+        raise ValueError(f"runs keep different subjects (positions per run, None = all): {subjects}; "
+                         f"drop a short subject from every run")
+
 def concat_runs(runs:Sequence[Aligned])->Aligned:
     "One `Aligned` study from several runs that share a TR, subjects and mask."
     first = runs[0]
-    subs = {r.run[0] if len(r.run) else k: r.subjects for k, r in enumerate(runs)}
-    if len({str(s) for s in subs.values()}) > 1:
-        raise ValueError(f"runs keep different subjects (positions per run, None = all): {subs}; "
-                         f"drop a short subject from every run")
+    check_same_subjects({r.run[0] if len(r.run) else k: r.subjects for k, r in enumerate(runs)})
     if any(abs(r.tr - first.tr) > 1e-6 or r.fmri.shape[::2] != first.fmri.shape[::2] for r in runs):
         raise ValueError("runs must share the TR, the subjects and the voxels")
     cat = lambda name, axis=0: np.concatenate([np.asarray(getattr(r, name)) for r in runs], axis)

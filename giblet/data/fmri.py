@@ -425,9 +425,6 @@ class MaskRule:
         "The rule without its scans (JSON-serialisable): what a cache key holds beside the scans' fingerprints."
         return dict(threshold=self.threshold, percentile=self.percentile, standardised=self.standardised,
                     brain_mask=None if self.brain_mask is None else str(self.brain_mask))
-    def mask(self)->nib.Nifti1Image:
-        "`shared_mask` of the scans under this rule (reads every scan)."
-        return shared_mask(self.scans, self.threshold, self.percentile, self.brain_mask, self.standardised)
 
 class _ScanCopy:
     "Volumes `a..b` of one scan, uncompressed in a local file: voxels non-zero in volume `a` as float32 columns (in C order, as a mask's), every other non-zero value as a (row, voxel, value) record."
