@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'BASELINES', 'ROW_NAMES', 'fir_delays', 'stimulus_bands', 'Design', 'baseline_design', 'block_folds',
            'Baselines', 'fit_baselines', 'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null', 'verdict',
            'compare', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores', 'factor_units', 'factor_table',
-           'score_table', 'roi_table', 'evaluate_run']
+           'score_table', 'roi_table', 'stack_weights', 'stack', 'model_share', 'evaluate_run']
 
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
@@ -363,6 +363,7 @@ def factor_table(preds:Mapping, # name -> (n_trs, n_voxels) predictions at the s
                  runs:np.ndarray|None=None, # the run of each scored TR
                  tr:float=1.5, # seconds per TR
                  baseline:str="banded_ridge", # the predictor the model is compared with
+                 model:str="model", # the predictor compared with it
                  block_s:float=20.0, # the least length of a bootstrap block, in seconds
                  n_boot:int=1000, # bootstrap resamples
                  seed:int=0, # their seed
@@ -377,15 +378,15 @@ def factor_table(preds:Mapping, # name -> (n_trs, n_voxels) predictions at the s
             logger.warning("planted ROI %d (%s) has no voxel in the run's mask: it has no truth score", k, name); continue
         p, t = {n: np.asarray(x)[:, ok][:, v] for n, x in preds.items()}, true[:, v]
         row = dict(roi=k, factors=", ".join(fs), n_voxels=len(v)) | {n: float(voxel_r(x, t).mean()) for n, x in p.items()}
-        if "model" in p and baseline in p:
-            boot = block_bootstrap({"model": p["model"], baseline: p[baseline]}, t, None, block, n_boot, seed)
-            lo, hi = np.percentile(boot["model"] - boot[baseline], [2.5, 97.5])
-            row |= dict(difference=row["model"] - row[baseline], ci_low=float(lo), ci_high=float(hi), verdict=verdict(lo, hi))
+        if model in p and baseline in p:
+            boot = block_bootstrap({model: p[model], baseline: p[baseline]}, t, None, block, n_boot, seed)
+            lo, hi = np.percentile(boot[model] - boot[baseline], [2.5, 97.5])
+            row |= dict(difference=row[model] - row[baseline], ci_low=float(lo), ci_high=float(hi), verdict=verdict(lo, hi))
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("factor")
 
 # %% ../nbs/33_evaluation.ipynb #de307e16
-ROW_NAMES = {"model": "giblet model", **BASELINES, "noise_ceiling": "noise ceiling"}
+ROW_NAMES = {"model": "giblet model", **BASELINES, "stack": "giblet model stacked with the banded ridge", "noise_ceiling": "noise ceiling"}
 _NONE_NAMES = ("none", "background", "unlabelled", "unlabeled", "unassigned", "")
 
 def score_table(scores:Mapping, # row -> (n_voxels,) test r: 'model' and the baselines
@@ -437,6 +438,42 @@ def roi_table(scores:Mapping, # column -> (n_voxels,) test r (and 'noise_ceiling
            for name, sel in rows.items()}
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("region")
 
+# %% ../nbs/33_evaluation.ipynb #96502739
+def stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's prediction of the validation block
+                  baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
+                  true:np.ndarray, # (n_trs, n_voxels) the target there
+                 )->np.ndarray: # float32 (2, n_voxels): the weights a (model) and c (baseline), both >= 0
+    "Per voxel, the non-negative weights of model and baseline whose sum fits the target best (least squares about the means)."
+    m, b, y = (np.asarray(x, np.float64) for x in (model, baseline, true))
+    if not (m.shape == b.shape == y.shape and m.ndim == 2 and len(m) >= 2):
+        raise ValueError(f"stack_weights needs three (n_trs >= 2, n_voxels) arrays of one shape; got {m.shape}, {b.shape}, {y.shape}")
+    m, b, y = m - m.mean(0), b - b.mean(0), y - y.mean(0)
+    smm, sbb, smb, smy, sby = (m * m).sum(0), (b * b).sum(0), (m * b).sum(0), (m * y).sum(0), (b * y).sum(0)
+    det = smm * sbb - smb ** 2
+    ok = det > 1e-9 * smm * sbb                                   # not collinear: the two-member solution
+    d = np.where(ok, det, 1.0)
+    a, c = (sbb * smy - smb * sby) / d, (smm * sby - smb * smy) / d
+    both = ok & (a >= 0) & (c >= 0)
+    am, cb = np.maximum(smy, 0) / np.maximum(smm, 1e-300), np.maximum(sby, 0) / np.maximum(sbb, 1e-300)   # one member alone
+    gm, gb = am * np.maximum(smy, 0), cb * np.maximum(sby, 0)      # the squared error each removes
+    tie = np.isclose(gm, gb, rtol=1e-9, atol=0)                    # the same prediction twice: half of each
+    a = np.where(both, a, np.where(tie, am / 2, np.where(gm > gb, am, 0.0)))
+    c = np.where(both, c, np.where(tie, cb / 2, np.where(gb > gm, cb, 0.0)))
+    return np.stack([a, c]).astype(np.float32)
+
+def stack(model:np.ndarray, # (n_trs, n_voxels) the model's prediction
+          baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
+          weights:np.ndarray, # (2, n_voxels) from `stack_weights`
+         )->np.ndarray: # float32 (n_trs, n_voxels)
+    "The stacked prediction a·model + c·baseline."
+    return (weights[0] * np.asarray(model, np.float32) + weights[1] * np.asarray(baseline, np.float32)).astype(np.float32)
+
+def model_share(weights:np.ndarray, # (2, n_voxels) from `stack_weights`
+               )->np.ndarray: # (n_voxels,) a / (a + c), NaN where both are 0
+    "The model's share of each voxel's stack."
+    tot = weights.sum(0)
+    return np.where(tot > 0, weights[0] / np.where(tot > 0, tot, 1), np.nan)
+
 # %% ../nbs/33_evaluation.ipynb #67c20799
 def _records(df:pd.DataFrame)->list:
     "A table as JSON records (its index a column), NaN as None."
@@ -467,18 +504,22 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
                  n_boot:int=1000, # bootstrap resamples of the CIs
                  seed:int=0, # seed of the baselines' random search and of the bootstrap
                  bands:Mapping|None=None, # the baselines' feature bands (None: `stimulus_bands` of the study)
-                )->dict: # arrays (preds, scores, ceiling, selected, roi, split_r2), tables and metrics
+                )->dict: # arrays (preds, val_pred, stack_weights, scores, ceiling, selected, roi, split_r2), tables and metrics
     "Score the model on the test block beside the himalaya baselines and the noise ceiling, with CIs and a null, and per planted factor."
     data, al, sp = trainer.data, trainer.data.aligned, trainer.data.split
     test = sp.test
     if len(test) < 2: raise ValueError("the run has no test block: every reported number is a test-block number; "
                                        "set test_frac above 0 (--set test_frac=0.2) or use --n-folds")
     true = data.average_bold(test)
-    preds, base = {"model": trainer.predict(test)}, None
+    preds, base, w = {"model": trainer.predict(test)}, None, None
+    val_pred = trainer.predict(sp.val)   # after the test block's: every process of a run predicts in this order
     if baseline:
         if bands is None: bands = stimulus_bands(al.video, al.audio, al.text, al.has_text)
         base = fit_baselines(bands, data.average_bold(sp.train), sp.train, al.run, al.tr, device=str(data.tensors.device), seed=seed)
         preds |= {k: base.predict(k, test) for k in BASELINES}
+        if len(sp.val) >= 2:   # the blend is chosen on the validation block, never on the test block
+            w = stack_weights(val_pred, base.predict("banded_ridge", sp.val), data.average_bold(sp.val))
+            preds["stack"] = stack(preds["model"], preds["banded_ridge"], w)
     scores = {k: voxel_r(p, true) for k, p in preds.items()}
     ceil_train, ceiling = run_ceiling(data, sp.train), run_ceiling(data, test)
     selected, rule = _select(ceil_train, threshold, al.n_voxels)
@@ -491,9 +532,19 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
             m |= t if k == "model" else {f"{k}_truth_r_responsive_mean": t["truth_r_responsive_mean"]}
         factors = factor_table(preds, truth, al.mask, al.volume[test], al.run[test], al.tr, n_boot=n_boot, seed=seed)
         m["truth_factors"] = _records(factors)
+        if "stack" in preds: m["stack_truth_factors"] = _records(factor_table(preds, truth, al.mask, al.volume[test], al.run[test],
+                                                                              al.tr, model="stack", n_boot=n_boot, seed=seed))
     table = score_table(scores, ceiling, selected, truth_r)
     rois = roi_table(scores | ({} if ceiling is None else {"noise_ceiling": ceiling}), selected, roi, names)
     cmp = None if base is None else compare(preds["model"], {k: preds[k] for k in BASELINES}, true, selected, al.tr, n_boot=n_boot, seed=seed)
+    if w is not None:
+        sc = compare(preds["stack"], {"banded_ridge": preds["banded_ridge"]}, true, selected, al.tr, n_boot=n_boot, seed=seed)
+        share = model_share(w)
+        m |= dict(stack_test_voxel_r_selected=float(scores["stack"][selected].mean()), stack_test_voxel_r_mean=float(scores["stack"].mean()),
+                  stack_verdict=sc["differences"]["banded_ridge"]["verdict"], stack_comparison=sc,
+                  stack_weights=dict(model_share_selected=float(np.nanmean(share[selected])), model_share_mean=float(np.nanmean(share)),
+                                     method=f"per voxel, the non-negative weights of the model and the banded ridge fitted by least "
+                                            f"squares on the {len(sp.val)}-TR validation block"))
     vols = lambda trs: [int(v) for v in al.volume[trs]]
     m = dict(block="test", headline=dict(metric="mean test voxel r", voxels=rule, ceiling_threshold=threshold,
                                          n_selected=int(selected.sum())),
@@ -511,6 +562,6 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
              val_trs=vols(sp.val), val_runs=[int(r) for r in al.run[sp.val]], n_train_trs=len(sp.train), n_val_trs=len(sp.val),
              n_test_trs=len(test), n_voxels=int(al.n_voxels), n_subjects=int(al.n_subjects),
              table=table.reset_index().to_dict(orient="records"), roi_table=rois.reset_index().to_dict(orient="records")) | m
-    return dict(preds=preds, scores=scores, ceiling=ceiling, ceiling_train=ceil_train, selected=selected, roi=roi, roi_names=names,
+    return dict(preds=preds, val_pred=val_pred, stack_weights=w, scores=scores, ceiling=ceiling, ceiling_train=ceil_train, selected=selected, roi=roi, roi_names=names,
                 split_r2=None if base is None else base.split_r2(test, true), bands=[] if base is None else list(base.design.bands),
                 table=table, roi_table=rois, factors=factors, metrics=m)

@@ -229,6 +229,11 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
         n = c["null"]
         if n["n_shifts"]: lines += ["", f"Null of the model's prediction circularly shifted by {c['block_trs']}+ TRs ({n['n_shifts']} shifts): "
                                         f"mean {n['mean']:.4f}, 95th percentile {n['q95']:.4f}; p = {n['p']:.3g}."]
+        if sc := m.get("stack_comparison"):
+            d, sw = sc["differences"]["banded_ridge"], m["stack_weights"]
+            lines += ["", f"The model stacked with the banded ridge ({sw['method']}; the model's mean share over the headline's voxels "
+                          f"{sw['model_share_selected']:.2f}) minus the banded ridge: {d['difference']:+.4f} [{d['ci_low']:+.4f}, "
+                          f"{d['ci_high']:+.4f}]: **{d['verdict']}**."]
         b = m["baseline"]
         lines += ["", f"Baselines: himalaya ({b['backend']}), bands {b['bands']}, FIR delays {b['delays_s'][0]:g}–{b['delays_s'][-1]:g} s "
                       f"({len(b['delays_trs'])} delays), alphas by {b['inner_folds']}-fold leave-block-out CV inside the training block "
@@ -239,6 +244,10 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
         lines += ["Planted truth per factor: mean r with the noise-free signal over the factor's ROI"
                   + (", and model minus banded ridge with a block-bootstrap 95 % CI:" if "difference" in f[0] else ":"), "",
                   _md_table(pd.DataFrame(f).set_index("factor")), ""]
+    if f := m.get("stack_truth_factors"):
+        cols = ["factor", "stack", "banded_ridge", "difference", "ci_low", "ci_high", "verdict"]
+        lines += ["The same per factor for the model stacked with the banded ridge, minus the banded ridge:", "",
+                  _md_table(pd.DataFrame(f)[cols].set_index("factor")), ""]
     if d := m.get("decoding"):
         if "scores" not in d: lines += [f"Decoding: not scored ({d['skipped']}).", ""]
         else: lines += [f"Decoding on the test block ({d['n_trs']} TRs, volumes {d['volumes'][0]}–{d['volumes'][1]}), from the predicted brain "
@@ -280,7 +289,7 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
     from giblet.data.fmri import features_to_nii
     out, al, h = Path(out_dir), trainer.data.aligned, trainer.history
     ev = evaluate_run(trainer, baseline, **kwargs)
-    val_pred = trainer.predict(trainer.data.split.val)
+    val_pred = ev["val_pred"]
     m = ev["metrics"] | {"epochs": len(h), "best_epoch": trainer.best_epoch, "stopped_early": trainer.stopped,
                          "train_seconds": float(sum(r["seconds"] for r in h))} | (extra or {})
     dec = _report_decoding(trainer, m, kwargs.get("n_boot", 1000), kwargs.get("seed", 0)) if decoding else None
@@ -317,6 +326,7 @@ def fold_summary(metrics:list, # metrics.json of each fold, in fold order
         d = (m.get("comparison") or {}).get("differences", {}).get("banded_ridge", {})
         rows[f"fold {k}"] = dict(n_test_trs=m["n_test_trs"], model=m["test_voxel_r_selected"],
                                  banded_ridge=m.get("banded_ridge_test_voxel_r_selected", np.nan), ridge=m.get("ridge_test_voxel_r_selected", np.nan),
+                                 stack=m.get("stack_test_voxel_r_selected", np.nan),
                                  noise_ceiling=m.get("noise_ceiling_test_selected") or np.nan, difference=d.get("difference", np.nan),
                                  ci_low=d.get("ci_low", np.nan), ci_high=d.get("ci_high", np.nan), verdict=d.get("verdict", ""))
     df = pd.DataFrame.from_dict(rows, orient="index").astype({"n_test_trs": float})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from giblet.synthetic import load_truth, make_dataset
-from giblet.evaluation import factor_table, truth_rows, truth_scores
+from giblet.evaluation import factor_table, fit_baselines, model_share, stack, stack_weights, stimulus_bands, truth_rows, truth_scores
 from giblet.report import write_report
 from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data
 from test_evaluation import FAST, SMALL
@@ -82,3 +82,23 @@ def test_report_gives_the_planted_truth_per_factor(report):
         assert {"model", "banded_ridge", "ridge"} <= set(r) and r["ci_low"] <= r["difference"] <= r["ci_high"]
         assert r["verdict"] in ("ahead", "level", "behind")
     assert "Planted truth per factor" in (out / "report.md").read_text()
+
+
+def test_report_stacks_the_model_with_the_banded_ridge_by_the_validation_block(report):
+    "The stack is w·model + (1 - w)·banded ridge per voxel, w fitted on the validation block; the test block scores it with a CI, per factor too."
+    out, m, tr = report
+    ev, data = m["_eval"], tr.data
+    w, p, sp, al = ev["stack_weights"], ev["preds"], data.split, data.aligned
+    assert w.shape == (2, al.n_voxels) and (w >= 0).all() and 0 < np.nanmean(model_share(w)) < 1
+    np.testing.assert_array_equal(p["stack"], stack(p["model"], p["banded_ridge"], w))
+    base = fit_baselines(stimulus_bands(al.video, al.audio, al.text, al.has_text), data.average_bold(sp.train), sp.train, al.run, al.tr)
+    np.testing.assert_allclose(w, stack_weights(ev["val_pred"], base.predict("banded_ridge", sp.val), data.average_bold(sp.val)), atol=1e-5)
+    on_test = stack_weights(p["model"], p["banded_ridge"], data.average_bold(sp.test))   # what a leak would have chosen
+    assert np.abs(on_test - w).max() > 0.05
+    saved = json.loads((out / "metrics.json").read_text())
+    d = saved["stack_comparison"]["differences"]["banded_ridge"]
+    assert d["ci_low"] <= d["difference"] <= d["ci_high"] and saved["stack_verdict"] == d["verdict"]
+    np.testing.assert_allclose(saved["stack_test_voxel_r_selected"], d["difference"] + saved["banded_ridge_test_voxel_r_selected"], atol=1e-6)
+    for r in saved["stack_truth_factors"]:
+        assert r["ci_low"] <= r["difference"] <= r["ci_high"] and np.isclose(r["difference"], r["stack"] - r["banded_ridge"])
+    assert "stacked with the banded ridge" in (out / "report.md").read_text()
