@@ -58,7 +58,9 @@ def test_train_writes_the_report(run, study):
     assert mf["block"] == "test" and mf["epochs"] == 2 and mf["train_seconds"] > 0
     assert not any(k.startswith("val_voxel") for k in mf)                # no validation score is reported
     assert np.isfinite([mf["test_voxel_r_selected"], mf["banded_ridge_test_voxel_r_selected"], mf["noise_ceiling_test_selected"]]).all()
-    assert [r["row"] for r in mf["table"]] == ["giblet model", "himalaya banded ridge", "himalaya ridge", "noise ceiling"]
+    assert [r["row"] for r in mf["table"]] == ["giblet model", "himalaya banded ridge", "himalaya ridge",
+                                               "giblet model stacked with the banded ridge", "noise ceiling"]
+    assert mf["stack_verdict"] in ("ahead", "level", "behind") and 0 <= mf["stack_weights"]["model_share_selected"] <= 1
     assert mf["verdict"] in ("ahead", "level", "behind") and mf["baseline"]["delays_s"][-1] >= 12
     d = mf["comparison"]["differences"]["banded_ridge"]
     assert d["ci_low"] <= d["difference"] <= d["ci_high"] and mf["comparison"]["block_s"] >= 20
