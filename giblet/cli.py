@@ -135,9 +135,10 @@ def _train_in(cfg:TrainConfig, # the run's options
              if data.streams else None)
     m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size},
                      bands=bands)
-    logger.info("test voxel r %.4f over %s; banded ridge %s; %s; stacked with the banded ridge %s, %s", m["test_voxel_r_selected"],
-                m["headline"]["voxels"], m.get("banded_ridge_test_voxel_r_selected"), m["verdict"] or "no baseline",
-                m.get("stack_test_voxel_r_selected"), m.get("stack_verdict") or "not fitted")
+    r4 = lambda v: "none" if v is None else f"{v:.4f}"
+    logger.info("test voxel r %.4f over %s; banded ridge %s: %s; stacked with the banded ridge %s: %s", m["test_voxel_r_selected"],
+                m["headline"]["voxels"], r4(m.get("banded_ridge_test_voxel_r_selected")), m["verdict"] or "no baseline",
+                r4(m.get("stack_test_voxel_r_selected")), m.get("stack_verdict") or "not fitted")
     return m
 
 def run_training(cfg:TrainConfig, # the run's options
