@@ -233,7 +233,7 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
             d, sw = sc["differences"]["banded_ridge"], m["stack_weights"]
             lines += ["", f"The model stacked with the banded ridge ({sw['method']}; the model's mean share over the headline's voxels "
                           f"{sw['model_share_selected']:.2f}) minus the banded ridge: {d['difference']:+.4f} [{d['ci_low']:+.4f}, "
-                          f"{d['ci_high']:+.4f}]: **{d['verdict']}**."]
+                          f"{d['ci_high']:+.4f}]: **{d['verdict']}**. Each voxel's two weights are in `stack_weights.nii.gz`."]
         b = m["baseline"]
         lines += ["", f"Baselines: himalaya ({b['backend']}), bands {b['bands']}, FIR delays {b['delays_s'][0]:g}–{b['delays_s'][-1]:g} s "
                       f"({len(b['delays_trs'])} delays), alphas by {b['inner_folds']}-fold leave-block-out CV inside the training block "
@@ -283,7 +283,7 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
                  decoding:bool=True, # score every modality decoded on the test block (`run_decoding`)
                  **kwargs, # passed to `evaluate_run` (threshold, n_boot, seed, bands)
                 )->dict: # the metrics, and the evaluation under '_eval'
-    "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz, val_pred.nii.gz, mask.nii.gz, modality_r2.*, normaliser.npz and figures/."
+    "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz, val_pred.nii.gz, mask.nii.gz, modality_r2.*, stack_weights.nii.gz, normaliser.npz and figures/."
     import matplotlib.pyplot as plt
     import nibabel as nib
     from giblet.data.fmri import features_to_nii
@@ -301,6 +301,9 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
         img = features_to_nii(ev["split_r2"], al.mask)
         atomic_write(out / "modality_r2.nii.gz", lambda f: f.write(_nii_bytes(img)))
         atomic_write(out / "modality_r2.npz", lambda f: np.savez(f, split_r2=ev["split_r2"], bands=np.array(ev["bands"])))
+    if ev["stack_weights"] is not None:   # where the model adds to the ridge: volume 0 weighs the model, volume 1 the ridge
+        img = features_to_nii(ev["stack_weights"], al.mask)
+        atomic_write(out / "stack_weights.nii.gz", lambda f: f.write(_nii_bytes(img)))
     trainer.data.norm.save(out / "normaliser.npz")
     if figures:
         figs = {"loss_curves": lambda: plot_history(h), "voxel_r_hist": lambda: plot_r_hist(ev["scores"], ev["ceiling"]),

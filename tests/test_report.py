@@ -102,3 +102,5 @@ def test_report_stacks_the_model_with_the_banded_ridge_by_the_validation_block(r
     for r in saved["stack_truth_factors"]:
         assert r["ci_low"] <= r["difference"] <= r["ci_high"] and np.isclose(r["difference"], r["stack"] - r["banded_ridge"])
     assert "stacked with the banded ridge" in (out / "report.md").read_text()
+    img = nib.load(out / "stack_weights.nii.gz")   # the weights as a brain map: volume 0 the model's, 1 the ridge's
+    np.testing.assert_array_equal(np.asarray(img.dataobj)[np.asarray(al.mask.dataobj) > 0].T, w)
