@@ -25,7 +25,7 @@ from .evaluation import stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study
-from .training.trainer import (close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
+from .training.trainer import (checkpoint_folder, close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
                                      write_json)
 
@@ -105,6 +105,8 @@ def _train_in(cfg:TrainConfig, # the run's options
               di, # this process among the run's (`DistInfo`)
              )->dict: # the metrics
     "`_train_one` inside its locked run folder."
+    # a kill while an older layout's checkpoints/ moved over leaves no link: mend it before looking, or the run would restart
+    main_first(di, lambda: checkpoint_folder(out) if di.main and resume and out.is_dir() else None)
     if resume and not (out / "checkpoints" / "last.pt").is_file() and (out / "config.json").is_file():
         logger.warning("%s: the run ended before its first checkpoint; starting it from scratch", out)
         resume = False

@@ -291,6 +291,20 @@ def test_changed_inputs_refuse_resume_and_a_run_without_checkpoint_restarts(tmp_
     assert m["epochs"] == 1 and (fresh / "checkpoints" / "last.pt").is_file() and (fresh / "inputs.json").is_file()
 
 
+def test_resume_after_a_kill_while_an_older_layout_moved_over(tmp_path, cache, study, caplog):
+    "A kill between moving an older layout's checkpoints/ aside and linking it leaves no `checkpoints`: --resume mends it and continues."
+    out = tmp_path / "run"
+    train(out, cache, "--no-baseline", epochs=1)
+    snap = (out / "checkpoints").resolve()
+    (out / "checkpoints").unlink(); snap.rename(out / ".checkpoints.000000")   # the state such a kill leaves
+    (out / "metrics.json").unlink()                                            # killed mid-run: no report yet
+    with caplog.at_level("INFO", logger="giblet"):
+        m = train(out, cache, "--resume", "--no-baseline", epochs=2)
+    assert "resumed" in caplog.text and "from scratch" not in caplog.text and "afresh" not in caplog.text
+    log = json.loads((out / "log.json").read_text())
+    assert m["epochs"] == 2 and [r["epoch"] for r in log] == [1, 2]
+
+
 def test_a_user_error_on_rank_0_reaches_the_other_ranks_at_once(tmp_path, cache, study):
     "Under torchrun, a resume refused on rank 0 (the study changed) ends rank 1 too, instead of leaving it waiting for data."
     import os, time
