@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'StudyRun', 'StudySpec', 'SpecError', 'spec_from_dict', 'spec_to_dict', 'read_spec', 'write_spec',
            'check_spec', 'sherlock_spec', 'bids_spec', 'resolve_study', 'show_study', 'plan_subjects', 'spec_mask',
-           'load_spec', 'study_rates']
+           'study_inputs', 'load_spec', 'study_rates']
 
 # %% ../nbs/15_study.ipynb #953967ae
 @dataclass
@@ -439,6 +439,12 @@ def _run_spec(spec:StudySpec, run:StudyRun, tr:float)->RunSpec:
     if "part" in {f.name for f in fields(RunSpec)}: kw["part"] = run.part
     return RunSpec(**kw)
 
+def study_inputs(spec:StudySpec, # the study
+                )->list: # sorted paths: films, annotation tables, NIfTIs and the mask file
+    "The files a study is read from: what its cache is keyed by, and what a run fingerprints to refuse resuming on changed data."
+    return sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values())}
+                  | ({str(spec.mask)} if spec.mask not in (None, "nonzero") else set()))
+
 def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
               cache_dir:str|Path|None=None, # feature-cache root (default: `default_cache_dir()`)
               params:FeatureParams|None=None, # how the streams are cut
@@ -452,8 +458,7 @@ def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
     params = params or FeatureParams()
     tr = check_spec(spec)
     spec = plan_subjects(spec, tr, drop_short)
-    inputs = sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values())}
-                    | ({str(spec.mask)} if spec.mask not in (None, "nonzero") else set()))
+    inputs = study_inputs(spec)
     study = spec_to_dict(replace(spec, features=[]))   # the streams have caches of their own
     key = cache_key(inputs, dict(spec=study, params=asdict(params), tr=tr, mask_threshold=mask_threshold))
     logger.info("%s: %d subjects x %d runs", spec.source, len(spec.subjects), len(spec.runs))

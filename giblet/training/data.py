@@ -32,7 +32,7 @@ from ..models.encoder import PRESETS, ModelConfig
 from ..data.text import load_annotations
 from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key
 from ..windows import words_from_annotations
-from ..study import StudySpec, load_spec, resolve_study, study_rates
+from ..study import StudySpec, load_spec, resolve_study, study_inputs, study_rates
 from .metrics import noise_ceiling
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'WAIT_HOURS', 'DATA_OPTIONS',
            'TrainConfig', 'check_resumable', 'DistInfo', 'main_first', 'embedded_dataset', 'feature_params', 'RunData',
-           'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data', 'model_config', 'study_inputs',
-           'study_spec', 'study_data', 'prepare_data', 'study_streams', 'StreamTensors']
+           'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data', 'model_config', 'study_spec',
+           'study_data', 'prepare_data', 'study_streams', 'StreamTensors']
 
 # %% ../../nbs/31_training.data.ipynb #9a14f557
 HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
@@ -361,12 +361,6 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
             raise ValueError(f"{k}={getattr(cfg, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "
                              f"pass --set {k}=N with N < {mc.context_trs}, or a longer context_trs")
     return mc
-
-def study_inputs(spec:StudySpec, # the study
-                )->list: # sorted paths: films, annotation tables, NIfTIs and the mask file
-    "The files a study is read from: what a run fingerprints to refuse resuming on changed data."
-    return sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values())}
-                  | ({str(spec.mask)} if spec.mask not in (None, "nonzero") else set()))
 
 def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, annotations, film_start)
                di:DistInfo|None=None, # under torchrun, rank 0 generates the embedded study while the others wait
