@@ -532,8 +532,10 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
             m |= t if k == "model" else {f"{k}_truth_r_responsive_mean": t["truth_r_responsive_mean"]}
         factors = factor_table(preds, truth, al.mask, al.volume[test], al.run[test], al.tr, n_boot=n_boot, seed=seed)
         m["truth_factors"] = _records(factors)
-        if "stack" in preds: m["stack_truth_factors"] = _records(factor_table(preds, truth, al.mask, al.volume[test], al.run[test],
-                                                                              al.tr, model="stack", n_boot=n_boot, seed=seed))
+        if "stack" in preds:   # the same rows for the stack against the ridge (the other predictors' r are in the table above)
+            duo = {k: preds[k] for k in ("stack", "banded_ridge")}
+            m["stack_truth_factors"] = _records(factor_table(duo, truth, al.mask, al.volume[test], al.run[test], al.tr, model="stack",
+                                                             n_boot=n_boot, seed=seed))
     table = score_table(scores, ceiling, selected, truth_r)
     rois = roi_table(scores | ({} if ceiling is None else {"noise_ceiling": ceiling}), selected, roi, names)
     cmp = None if base is None else compare(preds["model"], {k: preds[k] for k in BASELINES}, true, selected, al.tr, n_boot=n_boot, seed=seed)

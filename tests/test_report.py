@@ -85,7 +85,7 @@ def test_report_gives_the_planted_truth_per_factor(report):
 
 
 def test_report_stacks_the_model_with_the_banded_ridge_by_the_validation_block(report):
-    "The stack is w·model + (1 - w)·banded ridge per voxel, w fitted on the validation block; the test block scores it with a CI, per factor too."
+    "The stack is a·model + c·banded ridge per voxel, (a, c) fitted on the validation block; the test block scores it with a CI, per factor too."
     out, m, tr = report
     ev, data = m["_eval"], tr.data
     w, p, sp, al = ev["stack_weights"], ev["preds"], data.split, data.aligned
