@@ -21,7 +21,7 @@ from fastcore.script import anno_parser, store_true
 from contextlib import contextmanager
 
 from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fingerprint_changes, input_fingerprint
-from .evaluation import stimulus_bands, truth_columns
+from .evaluation import headline_words, stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study
@@ -138,9 +138,10 @@ def _train_in(cfg:TrainConfig, # the run's options
     m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size},
                      bands=bands)
     r4 = lambda v: "none" if v is None else f"{v:.4f}"
-    logger.info("test voxel r %.4f over %s; banded ridge %s: %s; stacked with the banded ridge %s: %s", m["test_voxel_r_selected"],
+    logger.info("test voxel r %.4f over %s; banded ridge %s: %s; stacked with the banded ridge %s: %s%s", m["test_voxel_r_selected"],
                 m["headline"]["voxels"], r4(m.get("banded_ridge_test_voxel_r_selected")), m["verdict"] or "no baseline",
-                r4(m.get("stack_test_voxel_r_selected")), m.get("stack_verdict") or "not fitted")
+                r4(m.get("stack_test_voxel_r_selected")), m.get("stack_verdict") or "not fitted",
+                "".join(f"; {s}" for s in headline_words(m)))   # the point estimates in words, decided or not
     return m
 
 def run_training(cfg:TrainConfig, # the run's options

@@ -22,10 +22,12 @@ from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, atomic
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'BASELINES', 'ROW_NAMES', 'fir_delays', 'stimulus_bands', 'Design', 'baseline_design', 'block_folds',
-           'Baselines', 'fit_baselines', 'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null', 'verdict',
-           'compare', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores', 'factor_units', 'factor_table',
-           'score_table', 'roi_table', 'stack_weights', 'stack', 'model_share', 'evaluate_run']
+__all__ = ['logger', 'BASELINES', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'fir_delays', 'stimulus_bands', 'Design',
+           'baseline_design', 'block_folds', 'Baselines', 'fit_baselines', 'ZScoredSubjects', 'run_ceiling',
+           'block_bootstrap', 'shift_null', 'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed',
+           'block_resolution', 'voxel_signs', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores',
+           'factor_units', 'factor_table', 'score_table', 'roi_table', 'stack_weights', 'stack', 'model_share',
+           'evaluate_run']
 
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
@@ -267,8 +269,8 @@ def compare(model:np.ndarray, # (n_trs, n_voxels) the model's test prediction
             block_s:float=20.0, # the least length of a bootstrap block, in seconds
             n_boot:int=1000, # bootstrap resamples
             seed:int=0, # their seed
-           )->dict: # {'block_trs', 'n_boot', 'differences': {name: {...}}, 'null': {...}}
-    "Model minus each baseline in mean voxel r, with a block-bootstrap 95 % CI and verdict, and a time-shifted null."
+           )->dict: # {'block_trs', 'n_boot', 'means': {name: {r, ci_low, ci_high}}, 'differences': {name: {...}}, 'null': {...}}
+    "Model minus each baseline in mean voxel r, with a block-bootstrap 95 % CI and verdict, each one's mean r with its CI, and a time-shifted null."
     block = min(len(true), max(2, math.ceil(block_s / tr - 1e-9)))
     boot = block_bootstrap({"model": model, **baselines}, true, voxels, block, n_boot, seed)
     point = {k: float(voxel_r(np.asarray(p)[:, voxels], true[:, voxels]).mean()) for k, p in {"model": model, **baselines}.items()}
@@ -278,9 +280,80 @@ def compare(model:np.ndarray, # (n_trs, n_voxels) the model's test prediction
         diffs[k] = dict(difference=point["model"] - point[k], ci_low=float(lo), ci_high=float(hi), verdict=verdict(lo, hi))
     null = shift_null(model, true, voxels, block) if len(true) >= 2 * block else np.zeros(0)
     p = float((1 + (null >= point["model"]).sum()) / (1 + len(null))) if len(null) else None
-    return dict(block_trs=int(block), block_s=float(block * tr), n_boot=int(n_boot), differences=diffs,
+    means = {k: dict(r=r, ci_low=float(np.percentile(boot[k], 2.5)), ci_high=float(np.percentile(boot[k], 97.5))) for k, r in point.items()}
+    return dict(block_trs=int(block), block_s=float(block * tr), n_boot=int(n_boot), means=means, differences=diffs,
                 null=dict(n_shifts=int(len(null)), mean=float(null.mean()) if len(null) else None,
                           q95=float(np.percentile(null, 95)) if len(null) else None, p=p))
+
+# %% ../nbs/33_evaluation.ipynb #bdbc21e4
+RESOLVE = 0.05 # the difference in mean voxel r a test block should resolve: a CI half-width of at most this
+WORDS = {"model": "model", "stack": "stack", "banded_ridge": "banded ridge", "ridge": "ridge"} # predictors in words
+
+def difference_words(name:str, # the predictor in words ("model")
+                     other:str, # what it is measured against in words ("banded ridge", "0")
+                     d:dict, # `difference` (name minus other), `ci_low` and `ci_high` (absent: no CI), as in `compare`
+                     resolve:float=RESOLVE, # a CI wider than ±this is too wide to decide
+                    )->str: # e.g. "model below ridge by 0.120 (CI -0.410 to +0.160: too short a test block to decide)"
+    "The point estimate of a difference in words, decided or not, with its CI and whether the CI decides it."
+    x, lo, hi = d["difference"], d.get("ci_low"), d.get("ci_high")
+    head = f"{name} {'below' if x < 0 else 'above' if x > 0 else 'level with'} {other}" + (f" by {abs(x):.3f}" if x else "")
+    if lo is None or hi is None: return f"{head} (no CI)"
+    why = ("the CI excludes 0" if lo > 0 or hi < 0 else
+           "too short a test block to decide" if (hi - lo) / 2 > resolve else f"level within ±{resolve:g}")
+    return f"{head} (CI {lo:+.3f} to {hi:+.3f}: {why})"
+
+# %% ../nbs/33_evaluation.ipynb #37db6b42
+R_KEYS = {"model": ("comparison", "test_voxel_r_selected"), "stack": ("stack_comparison", "stack_test_voxel_r_selected")}
+
+def headline_words(m:dict, # metrics from `evaluate_run`: comparison, stack_comparison and their mean r
+                   resolve:float=RESOLVE, # a CI wider than ±this is too wide to decide
+                  )->list: # sentences (`difference_words`)
+    "The headline's point estimates in words: the model's and the stack's mean r when below 0, and each one against its baselines."
+    out = []
+    for name, (ck, rk) in R_KEYS.items():
+        c = m.get(ck)
+        if rk not in m or (c is None and name != "model"): continue
+        mean = ((c or {}).get("means") or {}).get("model") or dict(r=m[rk])   # the compared predictor is 'model' in its comparison
+        if mean["r"] < 0: out.append(difference_words(f"{name}'s mean test r", "0", mean | dict(difference=mean["r"]), resolve))
+        out += [difference_words(WORDS[name], WORDS.get(k, k), d, resolve) for k, d in (c or {}).get("differences", {}).items()]
+    return out
+
+# %% ../nbs/33_evaluation.ipynb #a07ccba2
+def trs_needed(half_width:float, # the CI's half-width on the test block
+               n_trs:int, # the test block's TRs
+               resolve:float=RESOLVE, # the half-width wanted
+              )->int: # test TRs for a CI half-width of `resolve`
+    "Test TRs a CI of ±`resolve` would need, from its half-width on `n_trs` TRs (the half-width shrinks as 1/sqrt(TRs))."
+    return max(1, math.ceil(n_trs * (half_width / resolve) ** 2 - 1e-9))
+
+# %% ../nbs/33_evaluation.ipynb #7fe7cced
+def block_resolution(d:dict, # the headline difference (model minus banded ridge) from `compare`
+                          n_trs:int, # the test block's TRs
+                          n_study_trs:int|None=None, # the study's TRs in all (what outer folds test together)
+                          n_folds:int|None=None, # the run's outer folds (None: one test block)
+                          resolve:float=RESOLVE, # the difference the CI should resolve
+                         )->dict: # resolve, ci_half_width, n_test_trs, trs_needed, too_short and, when too short, message
+    "Whether the headline's CI resolves a difference of `resolve`, and if not, the test TRs it would need and what to do."
+    hw = (d["ci_high"] - d["ci_low"]) / 2
+    out = dict(resolve=resolve, ci_half_width=float(hw), n_test_trs=int(n_trs), trs_needed=trs_needed(hw, n_trs, resolve), too_short=bool(hw > resolve))
+    if not out["too_short"]: return out
+    need, all_ = out["trs_needed"], f"all {n_study_trs} TRs" if n_study_trs else "every TR"
+    msg = (f"the {n_trs}-TR test block is too short to resolve a difference of {resolve:g} in mean r: the CI of model minus banded ridge "
+           f"is ±{hw:.3f}; about {need} test TRs would narrow it to ±{resolve:g} (the half-width shrinks as 1/sqrt(test TRs)); ")
+    msg += (f"the {n_folds} outer folds test {all_} of the study between them: read their mean" if n_folds else
+            f"--n-folds K (blocked outer cross-validation) tests {all_} of the study, one block per fold")
+    if n_study_trs and need > n_study_trs: msg += f"; the study's {n_study_trs} TRs fall short of {need}: only more data would resolve it"
+    return out | dict(message=msg)
+
+# %% ../nbs/33_evaluation.ipynb #d797474d
+def voxel_signs(scores:Mapping, # name -> (n_voxels,) test r: 'model' and the baselines
+                selected:np.ndarray, # bool (n_voxels,) the headline's voxels
+               )->dict: # n_selected, model_below_0 and model_below_<baseline>: fractions of the selected voxels
+    "The fraction of the headline's voxels where the model's test r is below 0, and where it is below each baseline's."
+    sel = np.asarray(selected, bool)
+    r = np.asarray(scores["model"])[sel]
+    out = dict(n_selected=int(sel.sum()), model_below_0=float((r < 0).mean()))
+    return out | {f"model_below_{k}": float((r < np.asarray(scores[k])[sel]).mean()) for k in BASELINES if k in scores}
 
 # %% ../nbs/33_evaluation.ipynb #86957d43
 def truth_columns(truth:dict, # from `giblet.synthetic.load_truth`
@@ -564,6 +637,11 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
              val_trs=vols(sp.val), val_runs=[int(r) for r in al.run[sp.val]], n_train_trs=len(sp.train), n_val_trs=len(sp.val),
              n_test_trs=len(test), n_voxels=int(al.n_voxels), n_subjects=int(al.n_subjects),
              table=table.reset_index().to_dict(orient="records"), roi_table=rois.reset_index().to_dict(orient="records")) | m
+    m["voxel_signs"] = voxel_signs(scores, selected)
+    if cmp is not None:
+        m["test_block_resolution"] = res = block_resolution(cmp["differences"]["banded_ridge"], len(test), al.n_trs, trainer.cfg.n_folds)
+        if res["too_short"]: logger.warning("%s", res["message"])
+    m["in_words"] = headline_words(m)
     return dict(preds=preds, val_pred=val_pred, stack_weights=w, scores=scores, ceiling=ceiling, ceiling_train=ceil_train, selected=selected, roi=roi, roi_names=names,
                 split_r2=None if base is None else base.split_r2(test, true), bands=[] if base is None else list(base.design.bands),
                 table=table, roi_table=rois, factors=factors, metrics=m)

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from .decoding import brain_series, decode_block, decode_series, decoding_scores, true_block
-from .evaluation import ROW_NAMES, _records, _roi_name_map, evaluate_run
+from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, evaluate_run, headline_words
 from .training.trainer import Trainer, atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,11 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
              f"fitted on the {m['n_train_trs']} training TRs).", "",
              f"**Headline**: {m['headline']['metric']} over {m['headline']['voxels']}.", "",
              _md_table(pd.DataFrame(m["table"]).set_index("row")), ""]
+    if words := headline_words(m): lines += ["**In words** (the point estimates, whether or not their CI decides):", ""] + [f"- {s}" for s in words] + [""]
+    if (res := m.get("test_block_resolution")) and res["too_short"]: lines += [f"**Test block too short**: {res['message']}.", ""]
+    if s := m.get("voxel_signs"):
+        below = [f"below 0 in {s['model_below_0']:.0%}"] + [f"below the {WORDS[k]}'s in {s['model_below_' + k]:.0%}" for k in BASELINES if "model_below_" + k in s]
+        lines += [f"Per voxel, over the {s['n_selected']} headline voxels, the model's test r is {', '.join(below)} of them.", ""]
     c = m.get("comparison")
     if c:
         lines.append(f"Model minus baseline in headline r, with a block-bootstrap 95 % CI ({c['n_boot']} resamples of "

@@ -96,10 +96,13 @@ def test_train_writes_the_report(run, study):
     assert len(log) == 2 and {"train_total", "val_total", "val_voxel_r_mean"} <= set(log.columns)
 
 
-def test_resume_continues_and_refuses_changes(run, cache):
+def test_resume_continues_and_refuses_changes(run, cache, caplog):
     out, _ = run
-    m = train(out, cache, "--resume", epochs=3)  # one more epoch, options kept from the saved run
+    with caplog.at_level("INFO", logger="giblet"):
+        m = train(out, cache, "--resume", epochs=3)  # one more epoch, options kept from the saved run
     assert m["epochs"] == 3
+    closing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("test voxel r")]   # its last line says report.md's words
+    assert len(closing) == 1 and m["in_words"] and all(f"; {w}" in closing[0] for w in m["in_words"])
     assert len(pd.read_csv(out / "log.csv")) == 3
     before = (out / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(ValueError, match=r"train\.lr"):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from giblet.synthetic import load_truth, make_dataset
-from giblet.evaluation import factor_table, fit_baselines, model_share, stack, stack_weights, stimulus_bands, truth_rows, truth_scores
+from giblet.evaluation import (WORDS, factor_table, fit_baselines, headline_words, model_share, stack, stack_weights, stimulus_bands,
+                               truth_rows, truth_scores)
 from giblet.report import write_report
 from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data
 from test_evaluation import FAST, SMALL
@@ -104,3 +105,25 @@ def test_report_stacks_the_model_with_the_banded_ridge_by_the_validation_block(r
     assert "stacked with the banded ridge" in (out / "report.md").read_text()
     img = nib.load(out / "stack_weights.nii.gz")   # the weights as a brain map: volume 0 the model's, 1 the ridge's
     np.testing.assert_array_equal(np.asarray(img.dataobj)[np.asarray(al.mask.dataobj) > 0].T, w)
+
+
+def test_report_says_the_point_estimates_in_words(report):
+    "Each difference's side in words with its CI, whether the test block resolves 0.05 (and the TRs it would need), the per-voxel signs."
+    out, m, tr = report
+    saved, md, ev = json.loads((out / "metrics.json").read_text()), (out / "report.md").read_text(), m["_eval"]
+    below_0 = sum(c["means"]["model"]["r"] < 0 for c in (saved["comparison"], saved["stack_comparison"]))
+    assert saved["in_words"] == headline_words(saved) and len(saved["in_words"]) == 3 + below_0   # vs both baselines, the stack vs one
+    for name, c in (("model", saved["comparison"]), ("stack", saved["stack_comparison"])):
+        for k, d in c["differences"].items():
+            s = (f"{name} {'below' if d['difference'] < 0 else 'above'} {WORDS[k]} by {abs(d['difference']):.3f} "
+                 f"(CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}")
+            assert f"- {s}" in md and any(w.startswith(s) for w in saved["in_words"])
+    d, res = saved["comparison"]["differences"]["banded_ridge"], saved["test_block_resolution"]
+    hw = (d["ci_high"] - d["ci_low"]) / 2
+    assert res["n_test_trs"] == len(tr.data.split.test) and np.isclose(res["ci_half_width"], hw)
+    assert abs(res["trs_needed"] - res["n_test_trs"] * (hw / 0.05) ** 2) <= 1 and res["too_short"] == (hw > 0.05)
+    assert ("**Test block too short**" in md) == res["too_short"] == (f"about {res['trs_needed']} test TRs" in md)
+    r, sel = ev["scores"]["model"], ev["selected"]
+    assert saved["voxel_signs"] == pytest.approx(dict(n_selected=int(sel.sum()), model_below_0=(r[sel] < 0).mean(),
+        **{f"model_below_{k}": (r[sel] < ev["scores"][k][sel]).mean() for k in ("banded_ridge", "ridge")}))
+    assert f"over the {int(sel.sum())} headline voxels, the model's test r is below 0 in {(r[sel] < 0).mean():.0%}" in md
