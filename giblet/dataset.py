@@ -51,9 +51,21 @@ class StudyFiles:
     nii: list[Path]
 
 def _visible(root:Path, pattern:str):
-    "Files under `root` matching `pattern`, skipping hidden files (a killed writer's temporaries), hidden and cache folders."
-    return sorted(p for p in root.rglob(pattern) if p.is_file() and not p.name.startswith(".")
-                  and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts[:-1]))
+    "Files under `root` matching `pattern`, skipping hidden files (a killed writer's temporaries), hidden and cache folders; a broken link is an error."
+    found = sorted(p for p in root.rglob(pattern) if not p.name.startswith(".")
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts[:-1]))
+    broken = [p for p in found if p.is_symlink() and not p.exists()]
+    if broken: raise FileNotFoundError(f"{root}: {len(broken)} broken link(s), their files are missing (an unfetched DataLad "
+                                       "file? `datalad get` it): " + ", ".join(f"{p} -> {os.readlink(p)}" for p in broken))
+    return [p for p in found if p.is_file()]
+
+def _one_per_subject(nii:list)->list:
+    "`nii`, refused when one subject is written twice in a folder (as `.nii` and as `.nii.gz`)."
+    by = {}
+    for p in nii: by.setdefault((p.parent, p.name.removesuffix(".gz").removesuffix(".nii")), []).append(p)
+    twice = [ps for ps in by.values() if len(ps) > 1]
+    if twice: raise ValueError("one subject in two files (keep one of each pair): " + "; ".join(" and ".join(map(str, ps)) for ps in twice))
+    return nii
 
 def _one(kind:str, found:list, exts, problems:list):
     "The single file of `kind` in `found`, or a note in `problems`."
@@ -89,7 +101,7 @@ def discover(data_dir:str|Path, # the study folder (the real release or the synt
                             _not_bold, "subjects' BOLD")
     if not nii: problems.append("no fMRI (sherlock_nii/*.nii.gz, or *.nii / *.nii.gz anywhere below)")
     if problems: raise FileNotFoundError(f"{root}: not a complete study folder:\n  - " + "\n  - ".join(problems))
-    return StudyFiles(film, annotations, sort_subjects(nii))
+    return StudyFiles(film, annotations, sort_subjects(_one_per_subject(nii)))
 
 # %% ../nbs/12_dataset.ipynb #e4e008ad
 @dataclass
@@ -206,7 +218,7 @@ def _run_stats(fmri, train, run, pooled, no_train_run):
     return ids, np.stack(means, 1), np.stack(stds, 1)
 
 def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (may be a memmap)
-                   audio:np.ndarray, # (n_trs, n_mels, frames_per_tr) log-mel
+                   audio:np.ndarray|None, # (n_trs, n_mels, frames_per_tr) log-mel; None: a study without sound (empty mel statistics)
                    train:np.ndarray, # training TR indices
                    run:np.ndarray|None=None, # (n_trs,) run id of each TR; None: `fmri.run` when the BOLD carries it (a cached study's does), else one run
                    no_train_run:str="pooled", # a run with no training TRs: "pooled" (the subject's statistics over the other runs' training TRs, warned) or "error"
@@ -223,8 +235,9 @@ def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (ma
         nz.run_ids, nz.run_mean, nz.run_std = _run_stats(fmri, train, run, pooled, no_train_run)
     r = None if run is None else run[train]
     avg = sum(nz.zscore(s, np.asarray(fmri[s][train], np.float32), r) for s in range(len(pooled[0]))) / len(pooled[0])
-    a = np.asarray(audio[train], dtype=np.float32)
     nz.avg_mean, nz.avg_std = avg.mean(0, dtype=np.float64).astype(np.float32), _safe_std(avg, 0)
+    if audio is None: nz.audio_mean = nz.audio_std = np.zeros(0, np.float32); return nz
+    a = np.asarray(audio[train], dtype=np.float32)
     nz.audio_mean = a.mean((0, 2), dtype=np.float64).astype(np.float32)
     nz.audio_std = _safe_std(a.transpose(1, 0, 2).reshape(a.shape[1], -1), 1)
     return nz
@@ -388,8 +401,8 @@ class StudyTensors:
                 ):
         self.subjects, self.device, self.run = subjects, torch.device(device), np.asarray(al.run)
         t = lambda a, dt=None: torch.as_tensor(np.array(a), dtype=dt).to(self.device)  # a copy: caches are read-only maps
-        self.video = t(al.video)
-        self.audio = (t(al.audio, torch.float32) - t(norm.audio_mean)[:, None]) / t(norm.audio_std)[:, None]
+        self.video = None if al.video is None else t(al.video)   # a study without a film has neither frames nor sound
+        self.audio = None if al.audio is None else (t(al.audio, torch.float32) - t(norm.audio_mean)[:, None]) / t(norm.audio_std)[:, None]
         self.text, self.has_text = t(al.text, torch.float32), t(al.has_text, torch.bool)
         if subjects not in ("average", "each"): raise ValueError(f"subjects must be 'average' or 'each', not {subjects!r}")
         z = lambda s: norm.zscore(s, al.fmri[s], self.run)    # per run when the statistics are
@@ -409,7 +422,8 @@ class StudyTensors:
         starts = torch.as_tensor(starts, device=self.device)
         trs = starts[:, None] + torch.arange(k, device=self.device)
         row = torch.zeros_like(starts) if subject is None else torch.as_tensor(subject, device=self.device)
-        return dict(video=self.video[trs], audio=self.audio[trs], text=self.text[trs], has_text=self.has_text[trs],
+        got = {m: x[trs] for m, x in (('video', self.video), ('audio', self.audio)) if x is not None}   # an absent modality has no key
+        return dict(**got, text=self.text[trs], has_text=self.has_text[trs],
                     fmri=self.fmri[row[:, None], trs], trs=trs,
                     subject=row if self.subjects == "each" else torch.full_like(row, -1))
 
@@ -452,8 +466,12 @@ class DeviceLoader:
 
 # %% ../nbs/12_dataset.ipynb #fa7311f4
 def default_cache_dir()->Path:
-    "Where feature caches go unless told otherwise: `$GIBLET_CACHE`, else `~/.cache/giblet`."
-    return Path(os.environ.get("GIBLET_CACHE", Path.home() / ".cache" / "giblet"))
+    "Where feature caches go unless told otherwise: `$GIBLET_CACHE` (`~` and `$VARS` expanded, made absolute), else `~/.cache/giblet`."
+    env = os.environ.get("GIBLET_CACHE", "").strip()
+    if not env: return Path.home() / ".cache" / "giblet"
+    path = os.path.expandvars(os.path.expanduser(env))
+    if "$" in path: raise ValueError(f"GIBLET_CACHE={env!r} names an unset variable ({path}); set it, or give the folder itself")
+    return Path(os.path.abspath(path))
 
 def _plan(runs, tr, params)->list:
     "Every run planned; the runs must share the TR and keep the same subjects."

@@ -186,10 +186,10 @@ def _lagged(x:np.ndarray, lags:int)->np.ndarray:
 # %% ../nbs/34_decoding.ipynb #d0000018
 def true_block(tensors, # a `giblet.dataset.StudyTensors`
                trs:np.ndarray, # TR indices
-              )->dict: # the true 'video', 'audio' (model units), 'text', 'has_text' at `trs`, numpy
+              )->dict: # the true 'video', 'audio' (model units), 'text', 'has_text' at `trs`, numpy (a modality the study lacks: no key)
     "The reconstruction targets of some TRs."
     i = torch.as_tensor(np.asarray(trs), device=tensors.device)
-    return {k: getattr(tensors, k)[i].cpu().numpy() for k in ("video", "audio", "text", "has_text")}
+    return {k: getattr(tensors, k)[i].cpu().numpy() for k in ("video", "audio", "text", "has_text") if getattr(tensors, k) is not None}
 
 @torch.no_grad()
 def brain_series(model, # a `giblet.models.autoencoder.BrainAutoencoder`

@@ -554,7 +554,9 @@ def _records(df:pd.DataFrame)->list:
     return [{k: None if nan(v) else v for k, v in r.items()} for r in df.reset_index().to_dict(orient="records")]
 
 def _roi_labels(data:RunData):
-    "The planted truth, ROI labels and names per model voxel, from a synthetic study's truth.npz (None when absent)."
+    "The planted truth, ROI labels and names per model voxel, from a synthetic study's truth.npz; a study of region tables: each region its own (no truth)."
+    units = data.aligned.units
+    if units: return None, np.arange(1, len(units) + 1), ["none", *units]   # every region gets its row in the report
     path = None if data.data_dir is None else Path(data.data_dir) / "truth.npz"
     if path is None or not path.is_file(): return None, None, None
     from giblet.synthetic import load_truth

@@ -17,13 +17,14 @@ import torch
 from .decoding import brain_series, decode_block, decode_series, decoding_scores, true_block
 from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, evaluate_run, headline_words
 from .training.trainer import Trainer, atomic_write, write_json
+from .alignment.sync import Aligned
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'MeanHeads', 'longest_stretch', 'run_decoding', 'decoding_metrics', 'plot_decoding', 'plot_history',
-           'plot_r_hist', 'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'write_report',
-           'fold_summary']
+           'plot_r_hist', 'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'write_map',
+           'write_report', 'fold_summary']
 
 # %% ../nbs/35_report.ipynb #6ac2551d
 class MeanHeads:
@@ -280,6 +281,21 @@ def _report_decoding(trainer:Trainer, m:dict, n_boot:int, seed:int, min_shift_s:
     m["decoding"] = decoding_metrics(dec, seg, al.volume, min_shift_s)
     return dec
 
+def write_map(out:Path, # the run folder
+              name:str, # the file's stem, e.g. "test_pred"
+              values:np.ndarray, # (n_rows, n_units): TRs, or bands, per voxel or region
+              al:Aligned, # the study: its mask (voxels), or its `units` (regions read from tables)
+              rows:list|None=None, # names of the rows (None: their TR index)
+             )->Path:
+    "A per-unit array as the study's data are: a NIfTI on its mask, or for region tables a TSV with a column per region."
+    from giblet.data.fmri import features_to_nii
+    if al.mask is not None:
+        img = features_to_nii(np.asarray(values, np.float32), al.mask, tr=al.tr)
+        return atomic_write(out / f"{name}.nii.gz", lambda f: f.write(_nii_bytes(img))) or out / f"{name}.nii.gz"
+    df = pd.DataFrame(np.asarray(values, np.float32), columns=al.units, index=pd.Index(rows if rows is not None else range(len(values)), name="row"))
+    atomic_write(out / f"{name}.tsv", lambda f: f.write(df.to_csv(sep="\t", float_format="%.6g").encode()))
+    return out / f"{name}.tsv"
+
 def write_report(trainer:Trainer, # a trained trainer, its model holding the weights to report
                  out_dir:str|Path, # the run folder
                  baseline:bool=True, # fit the himalaya baselines
@@ -298,22 +314,19 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
     m = ev["metrics"] | {"epochs": len(h), "best_epoch": trainer.best_epoch, "stopped_early": trainer.stopped,
                          "train_seconds": float(sum(r["seconds"] for r in h))} | (extra or {})
     dec = _report_decoding(trainer, m, kwargs.get("n_boot", 1000), kwargs.get("seed", 0)) if decoding else None
-    for name, pred in (("test_pred", ev["preds"]["model"]), ("val_pred", val_pred)):
-        img = features_to_nii(pred, al.mask, tr=al.tr)
-        atomic_write(out / f"{name}.nii.gz", lambda f: f.write(_nii_bytes(img)))
-    atomic_write(out / "mask.nii.gz", lambda f: f.write(_nii_bytes(nib.Nifti1Image(np.asarray(al.mask.dataobj, np.uint8), al.mask.affine))))
+    for name, pred in (("test_pred", ev["preds"]["model"]), ("val_pred", val_pred)): write_map(out, name, pred, al)
+    if al.mask is not None:
+        atomic_write(out / "mask.nii.gz", lambda f: f.write(_nii_bytes(nib.Nifti1Image(np.asarray(al.mask.dataobj, np.uint8), al.mask.affine))))
     if ev["split_r2"] is not None:
-        img = features_to_nii(ev["split_r2"], al.mask)
-        atomic_write(out / "modality_r2.nii.gz", lambda f: f.write(_nii_bytes(img)))
+        write_map(out, "modality_r2", ev["split_r2"], al, list(ev["bands"]))
         atomic_write(out / "modality_r2.npz", lambda f: np.savez(f, split_r2=ev["split_r2"], bands=np.array(ev["bands"])))
     if ev["stack_weights"] is not None:   # where the model adds to the ridge: volume 0 weighs the model, volume 1 the ridge
-        img = features_to_nii(ev["stack_weights"], al.mask)
-        atomic_write(out / "stack_weights.nii.gz", lambda f: f.write(_nii_bytes(img)))
+        write_map(out, "stack_weights", ev["stack_weights"], al, ["model", "banded_ridge"])
     trainer.data.norm.save(out / "normaliser.npz")
     if figures:
         figs = {"loss_curves": lambda: plot_history(h), "voxel_r_hist": lambda: plot_r_hist(ev["scores"], ev["ceiling"]),
-                "voxel_r_glass_brain": lambda: plot_r_brain(ev["scores"]["model"], al.mask),
-                "reconstructions": lambda: plot_reconstructions(trainer, trainer.data.split.test)}
+                **({"voxel_r_glass_brain": lambda: plot_r_brain(ev["scores"]["model"], al.mask)} if al.mask is not None else {}),
+                **({"reconstructions": lambda: plot_reconstructions(trainer, trainer.data.split.test)} if al.video is not None and al.audio is not None else {})}
         if dec is not None: figs["decoding"] = lambda: plot_decoding(dec)
         if ev["split_r2"] is not None:
             figs["modality_map"] = lambda: plot_modality(ev["split_r2"], ev["bands"], ev["roi"], ev["roi_names"])

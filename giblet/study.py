@@ -21,31 +21,36 @@ import pandas as pd
 import yaml
 from .io import atomic_write
 
-from .alignment.sync import Aligned, FeatureParams, RunSpec, tr_grid
+from .alignment.sync import Aligned, FeatureParams, RunPlan, RunSpec, _run_part, complete_trs, run_audio, run_text, run_video, tr_grid
 from .features import parse_stream_spec, with_model
 from .dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
 from .data.fmri import MaskRule, iter_volumes, load_nifti, read_tr, shared_mask
 from .data.video import video_info
+from .data.tables import read_table
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'StudyRun', 'StudySpec', 'SpecError', 'spec_from_dict', 'spec_to_dict', 'read_spec', 'write_spec',
-           'check_spec', 'sherlock_spec', 'bids_spec', 'resolve_study', 'show_study', 'plan_subjects', 'spec_mask',
-           'study_inputs', 'load_spec', 'study_rates']
+__all__ = ['logger', 'TABLE_EXTS', 'is_table', 'StudyRun', 'StudySpec', 'SpecError', 'spec_from_dict', 'spec_to_dict',
+           'read_spec', 'write_spec', 'check_spec', 'sherlock_spec', 'bids_spec', 'resolve_study', 'show_study',
+           'plan_subjects', 'spec_mask', 'study_inputs', 'load_spec', 'study_rates', 'table_study', 'study_predictors']
 
 # %% ../nbs/15_study.ipynb #953967ae
+TABLE_EXTS = (".txt", ".tsv", ".csv") # BOLD given as a table per subject (rows: volumes, columns: regions) instead of a NIfTI
+def is_table(path)->bool: return str(path).lower().endswith(TABLE_EXTS)
+
 @dataclass
 class StudyRun:
-    "One run: a NIfTI per subject, and where the run sits in its film and its annotations."
+    "One run: a NIfTI (or a table of region time courses) per subject, and where the run sits in its film and its annotations."
     name: str # e.g. "run-1"
-    nii: dict # subject name -> NIfTI path
+    nii: dict # subject name -> NIfTI path, or table path (`bold:` in a spec file; see `TABLE_EXTS`)
     film: Path|None = None # this run's film; None: the study's
     film_start: float = 0.0 # film time (s) where the run's segment starts (< 0: the film begins that many seconds after it)
     film_stop: float|None = None # film time (s) where it stops; None: the film's end
     scan_offset: float = 0.0 # volumes scanned before the segment starts (negative: volume 0 is that many TRs into it)
     annotations: Path|None = None # this run's annotation table; None: the study's
     part: int|None = None # the part of the annotations shown in this run (their clock restarts per part)
+    predictors: dict = field(default_factory=dict) # stimulus predictors of this run: name -> table, one row per volume
 
 @dataclass
 class StudySpec:
@@ -58,13 +63,17 @@ class StudySpec:
     mask: str|None = None # None: the shared mask; a NIfTI path (its non-zero voxels); "nonzero": voxels never 0 in any scan
     source: str = "" # where the spec came from (a file, or the folder it was discovered in)
     features: list = field(default_factory=list) # pretrained feature streams, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
+    units: list|None = None # with BOLD tables: the name of each column (e.g. its region)
+
+    @property
+    def tables(self)->bool: return is_table(next(iter(self.runs[0].nii.values())))
 
     def film_of(self, run:StudyRun)->Path: return run.film or self.film
     def annotations_of(self, run:StudyRun)->Path: return run.annotations or self.annotations
 
 # %% ../nbs/15_study.ipynb #b4da9610
-_TOP = ("tr", "film", "annotations", "mask", "subjects", "runs", "features")
-_RUN = ("name", "nii", "film", "film_start", "film_stop", "scan_offset", "annotations", "part")
+_TOP = ("tr", "film", "annotations", "mask", "subjects", "runs", "features", "units")
+_RUN = ("name", "nii", "bold", "film", "film_start", "film_stop", "scan_offset", "annotations", "part", "predictors")
 
 class SpecError(ValueError):
     "A mistake in a study spec, naming the spec and the field."
@@ -100,6 +109,12 @@ def _streams(v, base:Path, where, err)->list:
     if len(set(names)) < len(names): err(where, f"two streams share a name in {names}; give one a name=... option")
     return out
 
+def _units(v, err):
+    if v is None: return None
+    if not isinstance(v, list) or not v or not all(isinstance(u, str) and u for u in v) or len(set(v)) < len(v):
+        err("units", f"expected a list of distinct column names, got {v!r}")
+    return list(v)
+
 def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                    base:str|Path=".", # folder that relative paths are resolved against
                    source:str="", # the spec's name in messages (its file)
@@ -123,13 +138,19 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
         if not isinstance(r, dict): err(at, f"expected a mapping of {', '.join(_RUN)}, got {r!r}")
         for k in r:
             if k not in _RUN: err(f"{at}.{k}", f"unknown field (known: {', '.join(_RUN)})")
-        nii = r.get("nii")
+        if ("nii" in r) == ("bold" in r): err(at, "give each subject's scan under `nii` (NIfTIs) or its region time courses under `bold` (tables), one of the two")
+        nii = r.get("nii", r.get("bold"))
         if isinstance(nii, list):
             if subjects is None or len(nii) != len(subjects):
                 err(f"{at}.nii", "a list of NIfTIs needs `subjects` of the same length (or map subject -> NIfTI)")
             nii = dict(zip(subjects, nii))
         if not isinstance(nii, dict) or not nii: err(f"{at}.nii", f"expected subject -> NIfTI path, got {nii!r}")
         nii = {str(s): _path(p, base, f"{at}.nii.{s}", err, optional=False) for s, p in nii.items()}
+        if ("bold" in r) != all(map(is_table, nii.values())) or len({is_table(p) for p in nii.values()}) > 1:
+            err(f"{at}.{'bold' if 'bold' in r else 'nii'}", f"`bold` takes tables ({'|'.join(TABLE_EXTS)}) and `nii` NIfTIs; got {sorted(map(str, nii.values()))[:3]}")
+        preds = r.get("predictors") or {}
+        if not isinstance(preds, dict) or not all(isinstance(k, str) and k.isidentifier() for k in preds):
+            err(f"{at}.predictors", f"expected name -> table (names: letters, digits, _), got {preds!r}")
         subjects = subjects or list(nii)
         if set(nii) != set(subjects):
             err(f"{at}.nii", f"subjects {sorted(nii)} differ from {subjects}: every run needs a NIfTI per subject")
@@ -141,7 +162,8 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                        film_start=_number(r.get("film_start", 0.0), f"{at}.film_start", err),
                        film_stop=_number(r.get("film_stop"), f"{at}.film_stop", err, optional=True),
                        scan_offset=_number(r.get("scan_offset", 0.0), f"{at}.scan_offset", err),
-                       annotations=_path(r.get("annotations"), base, f"{at}.annotations", err), part=part)
+                       annotations=_path(r.get("annotations"), base, f"{at}.annotations", err), part=part,
+                       predictors={k: _path(v, base, f"{at}.predictors.{k}", err, optional=False) for k, v in preds.items()})
         if run.film_stop is not None and run.film_stop <= run.film_start:
             err(f"{at}.film_stop", f"{run.film_stop} s is not after film_start {run.film_start} s")
         runs.append(run)
@@ -150,9 +172,13 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
     if mask is not None and mask != "nonzero": mask = _path(mask, base, "mask", err)
     spec = StudySpec(subjects=subjects, runs=runs, tr=_number(d.get("tr"), "tr", err, positive=True, optional=True),
                      film=_path(d.get("film"), base, "film", err), annotations=_path(d.get("annotations"), base, "annotations", err),
-                     mask=mask, source=str(source), features=_streams(d.get("features"), base, "features", err))
+                     mask=mask, source=str(source), features=_streams(d.get("features"), base, "features", err), units=_units(d.get("units"), err))
+    if len({is_table(next(iter(r.nii.values()))) for r in runs}) > 1: err("runs", "some runs give NIfTIs and others tables; one kind per study")
+    if spec.tables and spec.tr is None: err("tr", "BOLD tables carry no header: give the study's `tr` in seconds")
+    if spec.tables and spec.mask is not None: err("mask", "a mask selects voxels of NIfTIs; BOLD tables are already regions")
+    if len({frozenset(r.predictors) for r in runs}) > 1: err("runs", "every run needs the same predictors")
     for i, r in enumerate(runs):
-        if spec.film_of(r) is None: err(f"runs[{i}].film", "no film: give the run's `film` or the study's")
+        if spec.film_of(r) is None and not spec.tables: err(f"runs[{i}].film", "no film: give the run's `film` or the study's (a study without a film gives its BOLD as tables under `bold`)")
         if spec.annotations_of(r) is None: err(f"runs[{i}].annotations", "no annotations: give the run's or the study's")
     return spec
 
@@ -163,21 +189,45 @@ def spec_to_dict(spec:StudySpec, # the spec to write
     rel = lambda p: None if p is None else str(p) if base is None or str(p) == "nonzero" else os.path.relpath(p, base)
     run = lambda r: {"name": r.name, "film": rel(r.film), "film_start": r.film_start, "film_stop": r.film_stop,
                      "scan_offset": r.scan_offset, "annotations": rel(r.annotations), "part": r.part,
-                     "nii": {s: rel(p) for s, p in r.nii.items()}}
+                     "predictors": {k: rel(v) for k, v in r.predictors.items()} or None,
+                     ("bold" if spec.tables else "nii"): {s: rel(p) for s, p in r.nii.items()}}
     model = lambda s: parse_stream_spec(s).model
     d = {"tr": spec.tr, "film": rel(spec.film), "annotations": rel(spec.annotations), "mask": rel(spec.mask),
          "subjects": list(spec.subjects), "runs": [{k: v for k, v in run(r).items() if v is not None} for r in spec.runs],
-         "features": [with_model(s, rel(model(s))) if os.path.isabs(model(s)) else s for s in spec.features] or None}
+         "features": [with_model(s, rel(model(s))) if os.path.isabs(model(s)) else s for s in spec.features] or None,
+         "units": spec.units}
     return {k: v for k, v in d.items() if v is not None}
 
 # %% ../nbs/15_study.ipynb #3ee172f6
+class _UniqueKeys(yaml.SafeLoader):
+    "A `yaml.SafeLoader` that refuses a key given twice in one mapping (YAML would let the last one win without a word)."
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for k, _ in node.value:
+            if k.tag == "tag:yaml.org,2002:merge": continue
+            key = self.construct_object(k, deep=True)
+            try: seen = first.setdefault(key, k)
+            except TypeError: continue   # an unhashable key: SafeLoader's own error follows
+            if seen is not k: raise SpecError(f"line {k.start_mark.line + 1}: duplicate key {key!r} (first on line "
+                                              f"{seen.start_mark.line + 1}); the last one would silently win")
+        return super().construct_mapping(node, deep)
+
+def _unique_pairs(pairs:list)->dict:
+    "A JSON object's pairs as a dict, refusing a repeated key."
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None: raise SpecError(f"duplicate key {dup!r}; the last one would silently win")
+    return dict(pairs)
+
 def read_spec(path:str|Path, # a .yaml / .yml / .json study spec
              )->StudySpec:
-    "Read a study spec file; relative paths are resolved against the spec's folder."
+    "Read a study spec file (a key given twice is refused); relative paths are resolved against the spec's folder."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such study spec")
     text = path.read_text()
-    try: d = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    try: d = (json.loads(text, object_pairs_hook=_unique_pairs) if path.suffix.lower() == ".json"
+              else yaml.load(text, Loader=_UniqueKeys))
+    except SpecError as e: raise SpecError(f"{path}: {e}") from None
     except (ValueError, yaml.YAMLError) as e: raise SpecError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from e
     return spec_from_dict(d, path.parent.resolve(), str(path))
 
@@ -200,9 +250,11 @@ def check_spec(spec:StudySpec, # the spec to check
                [("film", spec.film), ("annotations", spec.annotations)] +
                ([("mask", spec.mask)] if spec.mask not in (None, "nonzero") else []) +
                [(f"{r.name}.{k}", p) for r in spec.runs for k, p in
-                [("film", r.film), ("annotations", r.annotations), *((f"nii.{s}", q) for s, q in r.nii.items())]]
+                [("film", r.film), ("annotations", r.annotations), *((f"nii.{s}", q) for s, q in r.nii.items()),
+                 *((f"predictors.{k}", q) for k, q in r.predictors.items())]]
                if p is not None and not Path(p).is_file()]
     if missing: raise FileNotFoundError(f"{src}: missing files:\n  - " + "\n  - ".join(missing))
+    if spec.tables: return float(spec.tr)   # tables have no header to check the TR against
     trs = {str(p): read_tr(p) for r in spec.runs for p in r.nii.values()}
     want = spec.tr if spec.tr is not None else next(iter(trs.values()))
     bad = {p: t for p, t in trs.items() if abs(t - want) > 1e-3}
@@ -355,7 +407,7 @@ def resolve_study(source:str|Path, # a spec file (.yaml/.yml/.json), a BIDS data
 
 # %% ../nbs/15_study.ipynb #51bcd325
 def _volumes(p)->str:
-    try: return f"{load_nifti(p, ndim=4).shape[3]} volumes"
+    try: return f"{len(read_table(p, what='BOLD'))} volumes (rows)" if is_table(p) else f"{load_nifti(p, ndim=4).shape[3]} volumes"
     except Exception as e: return f"unreadable: {e}"
 
 def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
@@ -363,7 +415,7 @@ def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accept
     "The resolved study: TR, films, annotations, mask, and per run its segment, scan offset, part and NIfTIs."
     if not isinstance(spec, StudySpec): spec = resolve_study(spec)
     mask = {None: "shared mask (voxels with signal in most subjects)", "nonzero": "voxels never 0 in any scan"}.get(
-        spec.mask, f"non-zero voxels of {spec.mask}")
+        spec.mask, f"non-zero voxels of {spec.mask}") if not spec.tables else "none: the BOLD are region tables"
     lines = [f"study: {spec.source or '(in memory)'}",
              f"  TR: {'from the NIfTI headers' if spec.tr is None else f'{spec.tr:g} s'}; "
              f"{len(spec.subjects)} subjects x {len(spec.runs)} runs",
@@ -373,10 +425,13 @@ def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accept
         off = ("the scan and the segment start together" if r.scan_offset == 0 else
                f"{r.scan_offset:g} volume{'' if r.scan_offset == 1 else 's'} scanned before the segment" if r.scan_offset > 0
                else f"volume 0 is {-r.scan_offset:g} TR{'' if r.scan_offset == -1 else 's'} into the segment")
-        lines.append(f"  {r.name}: film {spec.film_of(r).name} from {r.film_start:g} s to {stop}; {off}; "
+        film = spec.film_of(r).name if spec.film_of(r) else "(no film: text and predictors only)"
+        lines.append(f"  {r.name}: film {film} from {r.film_start:g} s to {stop}; {off}; "
                      f"annotations {spec.annotations_of(r).name}, part {r.part or '(the only one)'}")
         lines += [f"    {s}: {p} ({_volumes(p)})" for s, p in r.nii.items()]
+        lines += [f"    predictor {k}: {q}" for k, q in r.predictors.items()]
     lines += [f"  feature stream {parse_stream_spec(s).name}: {s}" for s in spec.features]
+    if spec.units: lines.append(f"  BOLD columns: {', '.join(spec.units)}")
     return "\n".join(lines)
 
 # %% ../nbs/15_study.ipynb #403b829a
@@ -440,9 +495,10 @@ def _run_spec(spec:StudySpec, run:StudyRun, tr:float)->RunSpec:
     return RunSpec(**kw)
 
 def study_inputs(spec:StudySpec, # the study
-                )->list: # sorted paths: films, annotation tables, NIfTIs and the mask file
+                )->list: # sorted paths: films, annotation tables, NIfTIs (or BOLD tables), predictors and the mask file
     "The files a study is read from: what its cache is keyed by, and what a run fingerprints to refuse resuming on changed data."
-    return sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values())}
+    return sorted({str(p) for r in spec.runs for p in (spec.film_of(r), spec.annotations_of(r), *r.nii.values(), *r.predictors.values())
+                   if p is not None}
                   | ({str(spec.mask)} if spec.mask not in (None, "nonzero") else set()))
 
 def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
@@ -457,6 +513,7 @@ def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
     if not isinstance(spec, StudySpec): spec = resolve_study(spec)
     params = params or FeatureParams()
     tr = check_spec(spec)
+    if spec.tables: return table_study(spec, params)   # small enough to read whole; nothing to cache
     spec = plan_subjects(spec, tr, drop_short)
     inputs = study_inputs(spec)
     study = spec_to_dict(replace(spec, features=[]))   # the streams have caches of their own
@@ -471,8 +528,65 @@ def load_spec(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
                        mask_key=None if spec.mask is None else dict(mask=str(spec.mask), threshold=mask_threshold))
 
 def study_rates(spec:StudySpec, # the study
-               )->tuple: # (film frames per second, TR in seconds)
+               )->tuple: # (film frames per second, None without a film; TR in seconds)
     "The frame rate every film of `spec` shares and the TR every NIfTI agrees on: what feature parameters are cut from."
-    fps = {str(spec.film_of(r)): float(video_info(spec.film_of(r)).fps) for r in spec.runs}
+    fps = {str(spec.film_of(r)): float(video_info(spec.film_of(r)).fps) for r in spec.runs if spec.film_of(r) is not None}
+    if not fps: return None, check_spec(spec)
     if len(set(fps.values())) > 1: raise ValueError(f"{spec.source}: the films differ in frame rate: {fps}")
     return next(iter(fps.values())), check_spec(spec)
+
+# %% ../nbs/15_study.ipynb #1dc4656d
+def _table_plan(spec:StudySpec, run:StudyRun, i:int, tr:float, n_volumes:int, params:FeatureParams)->RunPlan:
+    "The TR grid of a run given as tables: its film's length, else `film_stop`, else the scan's own end."
+    film = spec.film_of(run)
+    end = (video_info(film).duration if film is not None else run.film_stop if run.film_stop is not None
+           else run.film_start + (n_volumes - run.scan_offset) * tr)
+    g = tr_grid(n_volumes, tr, end, run.film_start, run.film_stop, run.scan_offset * tr)
+    part, start = _run_part(spec.annotations_of(run), _run_spec(spec, run, tr), i, params.text_columns)
+    return RunPlan(film, spec.annotations_of(run), g, list(run.nii.values()), None, i, part, start, end)
+
+def table_study(spec:StudySpec, # a study whose BOLD are tables (`spec.tables`)
+                params:FeatureParams|None=None, # how the text (and a film, if any) are cut
+               )->Aligned: # video and audio None without a film; `units` names the columns; `mask` None
+    "A study given as region time-course tables, aligned on its TR grid in memory: every cut logged with its counts."
+    params, tr = params or FeatureParams(), check_spec(spec)
+    fmri, text, has_text, texts, video, audio, starts, run_ids, volumes, width = [], [], [], [], [], [], [], [], [], None
+    for i, r in enumerate(spec.runs):
+        bold = {s: read_table(p, len(spec.units) if spec.units else width, "BOLD") for s, p in r.nii.items()}
+        width = next(iter(bold.values())).shape[1]
+        n_vol = min(len(b) for b in bold.values())
+        if n_vol < max(len(b) for b in bold.values()):
+            logger.warning("%s: %s: every subject is cut to %d volumes by the shortest (%s)", spec.source, r.name, n_vol,
+                           ", ".join(f"{s}: {len(b)}" for s, b in bold.items() if len(b) > n_vol))
+        plan = _table_plan(spec, r, i, tr, n_vol, params)
+        g, n = plan.grid, plan.grid.n_trs
+        if plan.film is not None:
+            video.append(run_video(plan, params)); audio.append(run_audio(plan, params))
+            n = complete_trs(plan, len(video[-1]), len(audio[-1])); video[-1], audio[-1] = video[-1][:n], audio[-1][:n]
+        if g.first_volume or n_vol - g.first_volume - n:
+            logger.warning("%s: %s: %d volumes before and %d after the stimulus segment are dropped", spec.source, r.name,
+                           g.first_volume, n_vol - g.first_volume - n)
+        fmri.append(np.stack([b[g.first_volume:g.first_volume + n] for b in bold.values()]))
+        e, h, t = run_text(plan, params)
+        text.append(e[:n]); has_text.append(h[:n]); texts += t[:n]
+        starts.append(g.tr_start[:n]); run_ids.append(np.full(n, i)); volumes.append(g.first_volume + np.arange(n))
+    cat = lambda xs: np.concatenate(xs) if xs else None
+    units = spec.units or [f"unit-{j}" for j in range(width)]
+    logger.info("%s: %d subjects x %d runs, %d TRs of %d regions (%s)", spec.source, len(spec.subjects), len(spec.runs),
+                sum(map(len, starts)), width, ", ".join(units))
+    return Aligned(cat(video), cat(audio), cat(text).astype(np.float32), cat(has_text), np.concatenate(fmri, 1).astype(np.float32),
+                   tr, cat(starts), cat(run_ids), cat(volumes), texts, None, None, None, units)
+
+def study_predictors(spec:StudySpec, # the study
+                     al:Aligned, # it, aligned (`load_spec`): each TR's run and volume
+                    )->dict: # predictor name -> float32 (n_trs, d) on `al`'s TR grid
+    "The spec's per-volume stimulus predictors (e.g. sound power), read at each kept TR's volume of its run."
+    out = {}
+    for k in (spec.runs[0].predictors if spec.runs else {}):
+        parts = []
+        for i, r in enumerate(spec.runs):
+            a, vol = read_table(r.predictors[k], what="predictor"), al.volume[al.run == i]
+            if len(vol) and vol.max() >= len(a): raise ValueError(f"{r.predictors[k]}: {len(a)} rows, but {r.name} keeps volumes up to {vol.max()}")
+            parts.append(a[vol])
+        out[k] = np.concatenate(parts)
+    return out

@@ -29,8 +29,8 @@ __all__ = ['logger', 'Aligned', 'Grid', 'tr_grid', 'FeatureParams', 'RunSpec', '
 @dataclass
 class Aligned:
     "Every modality of a study on one TR grid ."
-    video: np.ndarray # (n_trs, frames_per_tr, H, W, 3) uint8
-    audio: np.ndarray # (n_trs, n_mels, A) float32 log-mel
+    video: np.ndarray|None # (n_trs, frames_per_tr, H, W, 3) uint8; None: the study has no film (e.g. a story)
+    audio: np.ndarray|None # (n_trs, n_mels, A) float32 log-mel; None: no sound track
     text: np.ndarray # (n_trs, d) float32 embeddings, zero where there is no text
     has_text: np.ndarray # (n_trs,) bool
     fmri: np.ndarray # (n_subjects, n_trs, n_voxels) raw BOLD
@@ -42,6 +42,7 @@ class Aligned:
     mask: object = None # the Nifti1Image whose in-mask voxels are the columns of `fmri`
     subjects: list | None = None # positions (in the run's NIfTI list) of the subjects in `fmri`; None: all of them
     cache: Path | None = None # the study folder of the cache it was loaded from (None: built in memory)
+    units: list | None = None # names of the columns of `fmri` when they are regions read from tables (then `mask` is None)
 
     @property
     def n_trs(self)->int: return len(self.run)

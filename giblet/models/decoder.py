@@ -98,15 +98,16 @@ class BrainDecoder(nn.Module):
         self.register_buffer("unit_gain", torch.ones(cfg.n_voxels))
         self.temporal = make_temporal(cfg, d, "both")
         self.mlp = MLPBlocks(d, cfg.mlp_layers, cfg.dropout)
-        self.video, self.audio, self.text = VideoHead(cfg), AudioHead(cfg), TextHead(cfg)
+        self.heads = tuple(cfg.modalities)   # a study without a film has no frames to rebuild
+        for m, head in zip(MODALITIES, (VideoHead, AudioHead, TextHead)): setattr(self, m, head(cfg) if m in self.heads else None)
 
     def forward(self, brain:torch.Tensor, # (B, K, n_voxels)
                 lesion:torch.Tensor|None=None, # bool (n_voxels,) or (B, n_voxels): units set to 0
                 keep:torch.Tensor|None=None, # bool mask of the only units kept
                 heads:Sequence[str]|None=None, # subset of MODALITIES to reconstruct (None: all)
                )->dict: # modality -> reconstruction
-        heads = MODALITIES if heads is None else tuple(heads)
-        if set(heads) - set(MODALITIES): raise ValueError(f"unknown heads {sorted(set(heads) - set(MODALITIES))}")
+        heads = self.heads if heads is None else tuple(heads)
+        if set(heads) - set(self.heads): raise ValueError(f"unknown heads {sorted(set(heads) - set(self.heads))}; the model has {list(self.heads)}")
         w = next(self.inp.parameters())
         x = apply_lesion(brain.to(w.device, non_blocking=True), lesion, keep) * self.unit_gain
         z = self.inp(x.to(w.dtype))

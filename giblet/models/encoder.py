@@ -42,6 +42,7 @@ class ModelConfig:
     context_trs:int=8 # K, TRs per window
     tr:float=1.5 # seconds per TR
     stream_dims:dict=field(default_factory=dict) # pretrained feature streams: name -> width d of its (n_trs, d) features
+    modalities:tuple=MODALITIES # the stimulus modalities the study has (a story has no video): only theirs are encoded and decoded
     # stimulus encoders
     video_channels:tuple=(8, 16) # conv stem widths; the first conv is a patchify conv, the rest stride 2
     video_patch:int=2 # kernel and stride of the first (patchify) conv
@@ -89,6 +90,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.linear_modalities must be a non-empty subset of {MODALITIES}; got {self.linear_modalities!r}")
         if not (self.linear_delay >= 0 and len(self.linear_grid) == 2 and min(self.linear_grid) >= 1):
             raise ValueError(f"ModelConfig: linear_delay must be >= 0 s and linear_grid 2 positive cells; got {self.linear_delay}, {self.linear_grid}")
+        if not set(self.modalities) <= set(MODALITIES) or not (self.modalities or self.stream_dims):
+            raise ValueError(f"ModelConfig.modalities must be a subset of {MODALITIES}, non-empty unless there are streams; got {self.modalities!r}")
         if not 0 <= self.modality_dropout < 1: raise ValueError("ModelConfig.modality_dropout must be in [0, 1)")
         if self.d_model % self.n_heads: raise ValueError("ModelConfig: d_model must be a multiple of n_heads")
         if self.video_dim % self.pool_heads: raise ValueError("ModelConfig: video_dim must be a multiple of pool_heads")
@@ -279,8 +282,8 @@ class Fusion(nn.Module):
                 ):
         super().__init__()
         dims = dict(video=cfg.video_dim, audio=cfg.audio_dim, text=cfg.text_hidden)
-        self.mode, self.p, self.names = cfg.fusion, cfg.modality_dropout, MODALITIES + cfg.stream_keys
-        proj = {m: nn.Sequential(nn.Linear(dims[m], cfg.d_model), nn.LayerNorm(cfg.d_model)) for m in MODALITIES}
+        self.mode, self.p, self.names = cfg.fusion, cfg.modality_dropout, tuple(cfg.modalities) + cfg.stream_keys
+        proj = {m: nn.Sequential(nn.Linear(dims[m], cfg.d_model), nn.LayerNorm(cfg.d_model)) for m in cfg.modalities}
         proj |= {stream_key(n): nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.d_model), nn.LayerNorm(cfg.d_model))
                  for n, d in cfg.stream_dims.items()}   # a stream's scale is its backbone's: normalise it first
         self.proj = nn.ModuleDict(proj)
@@ -456,11 +459,12 @@ def batch_size_and_k(batch:dict, # a batch per the batch contract
 def check_modalities(batch:dict, # a batch per the batch contract
                      modalities:Sequence[str]|None=None, # subset to use; None: every modality in the batch
                      streams:Sequence[str]=(), # the batch keys of the model's feature streams
+                     has:Sequence[str]=MODALITIES, # the stimulus modalities the model has (`ModelConfig.modalities`)
                     )->tuple:
     "The modalities (and stream keys) to encode; asking for one the batch lacks, or a stream the model lacks, is an error."
     extra = sorted(k for k in batch if k.startswith(STREAM_PREFIX) and k not in streams)
     if extra: raise ValueError(f"the batch holds feature streams {extra} the model has no input for (its streams: {list(streams)})")
-    known = MODALITIES + tuple(streams)
+    known = tuple(m for m in MODALITIES if m in has) + tuple(streams)
     if modalities is None: return tuple(m for m in known if batch.get(m) is not None)
     unknown = set(modalities) - set(known)
     if unknown: raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {known}")
@@ -474,7 +478,7 @@ class StimulusEncoder(nn.Module):
                 ):
         super().__init__()
         self.cfg = cfg
-        self.video, self.audio, self.text = VideoEncoder(cfg), AudioEncoder(cfg), TextEncoder(cfg)
+        for m, enc in zip(MODALITIES, (VideoEncoder, AudioEncoder, TextEncoder)): setattr(self, m, enc(cfg) if m in cfg.modalities else None)
         self.fusion = Fusion(cfg)
         self.mlp = MLPBlocks(cfg.d_model, cfg.mlp_layers, cfg.dropout)
         self.temporal = make_temporal(cfg, cfg.d_model, "causal")
@@ -484,7 +488,7 @@ class StimulusEncoder(nn.Module):
     def forward(self, batch:dict, # per the batch contract; tensors may be on the CPU
                 modalities:Sequence[str]|None=None, # subset of MODALITIES and stream keys to use
                )->torch.Tensor: # (B, K, n_voxels)
-        mods = check_modalities(batch, modalities, self.cfg.stream_keys)
+        mods = check_modalities(batch, modalities, self.cfg.stream_keys, self.cfg.modalities)
         B, K = batch_size_and_k(batch)
         dev = self.head.basis.weight.device
         get = lambda k: batch[k].to(dev, non_blocking=True)
@@ -510,7 +514,7 @@ class LinearPath(nn.Module):
         super().__init__()
         gw, gh = cfg.linear_grid
         sizes = dict(video=4 * gw * gh, audio=2 * cfg.n_mels, text=cfg.text_dim)
-        self.grid, self.sizes = (gh, gw), {m: sizes[m] for m in MODALITIES if m in cfg.linear_modalities}
+        self.grid, self.sizes = (gh, gw), {m: sizes[m] for m in MODALITIES if m in cfg.linear_modalities and m in cfg.modalities}
         p = sum(self.sizes.values())
         self.register_buffer("mean", torch.zeros(p)); self.register_buffer("std", torch.ones(p))
         lags = math.ceil(cfg.linear_delay / cfg.tr - 1e-9) + 1   # delays 0 .. linear_delay seconds

@@ -28,11 +28,11 @@ from ..alignment.hrf import hrf_kernel
 from ..alignment.sync import Aligned, FeatureParams
 from ..dataset import Normaliser, Split, StudyTensors, block_split, default_cache_dir, fit_normaliser
 from ..models.autoencoder import target_variances
-from ..models.encoder import PRESETS, ModelConfig
+from ..models.encoder import MODALITIES, PRESETS, ModelConfig
 from ..data.text import load_annotations
 from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key
 from ..windows import words_from_annotations
-from ..study import StudySpec, load_spec, resolve_study, study_inputs, study_rates
+from ..study import StudySpec, load_spec, resolve_study, study_inputs, study_predictors, study_rates
 from .metrics import noise_ceiling
 
 logger = logging.getLogger(__name__)
@@ -227,12 +227,12 @@ def embedded_dataset(cache_dir:str|Path|None=None, # cache root (None: `default_
     return root
 
 def feature_params(cfg:TrainConfig, # the run's options (preset, overrides, text model)
-                   fps:float, # the film's frame rate
+                   fps:float|None, # the film's frame rate (None: a study without a film)
                    tr:float, # seconds per TR
                   )->FeatureParams:
     "How the streams are cut for this run's model: its frame size, frames per TR, mel bands and text width."
     p = {f.name: f.default for f in fields(ModelConfig)} | PRESETS[cfg.preset] | cfg.model_overrides
-    skip = max(1, math.ceil(fps * tr / p["frames_per_tr"] - 1e-6))
+    skip = max(1, math.ceil(fps * tr / p["frames_per_tr"] - 1e-6)) if fps else 1   # no film: no frames to skip
     return FeatureParams(size=(int(p["frame_width"]), int(p["frame_height"])), frame_skip=skip, n_mels=int(p["n_mels"]),
                          text_dim=int(p["text_dim"]), text_model=cfg.text_model, allow_silence=bool(cfg.allow_silence),
                          text_columns=None if cfg.text_columns is None else tuple([cfg.text_columns] if isinstance(cfg.text_columns, str) else cfg.text_columns))
@@ -331,8 +331,8 @@ def run_data(al:Aligned, # the aligned study
     norm = fit_normaliser(al.fmri, al.audio, split.train)
     tensors = StreamTensors(al, norm, device, cfg.subjects, streams) if streams else StudyTensors(al, norm, device, cfg.subjects)
     tr_idx = split.train
-    variances = target_variances(video=_rows(al.video, tr_idx),
-                                 audio=tensors.audio[torch.as_tensor(tr_idx, device=tensors.device)].cpu().numpy(),
+    variances = target_variances(video=None if al.video is None else _rows(al.video, tr_idx),
+                                 audio=None if tensors.audio is None else tensors.audio[torch.as_tensor(tr_idx, device=tensors.device)].cpu().numpy(),
                                  text=_rows(al.text, tr_idx), has_text=_rows(al.has_text, tr_idx))
     w = reliability_weights(al, split.train) if cfg.voxel_weights == "reliability" else None
     return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
@@ -349,8 +349,10 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
         differ = [k for k in DATA_OPTIONS if getattr(cfg, k) != getattr(data.cfg, k)]
         if differ: raise ValueError(f"the data was prepared with other {', '.join(differ)} than this run asks for")
     al = data.aligned
-    sizes = dict(frame_height=al.video.shape[2], frame_width=al.video.shape[3], frames_per_tr=al.video.shape[1],
-                 n_mels=al.audio.shape[1], mel_frames=al.audio.shape[2], text_dim=al.text.shape[1], n_voxels=al.n_voxels,
+    has = {m: getattr(al, m) is not None for m in MODALITIES}
+    sizes = dict(modalities=tuple(m for m in MODALITIES if has[m]), text_dim=al.text.shape[1], n_voxels=al.n_voxels,
+                 **(dict(frame_height=al.video.shape[2], frame_width=al.video.shape[3], frames_per_tr=al.video.shape[1]) if has["video"] else {}),
+                 **(dict(n_mels=al.audio.shape[1], mel_frames=al.audio.shape[2]) if has["audio"] else {}),
                  n_subjects=al.n_subjects if cfg.subjects == "each" else 0, tr=float(al.tr),
                  stream_dims={n: int(np.shape(a)[1]) for n, a in data.streams.items()})
     clash = {k: v for k, v in cfg.model_overrides.items() if k in sizes and v != sizes[k]}
@@ -388,7 +390,8 @@ def study_data(cfg:TrainConfig, # the run's options
     if cfg.features and spec.features and main:
         logger.warning("the run's --features %s replace the streams %s names %s", cfg.features, spec.source, spec.features)
     get = lambda: study_streams(features, spec, al, cfg.cache_dir, progress=cfg.progress and main, text_columns=fp.text_columns)
-    return spec, fp, al, main_first(di, get) if features else None
+    streams = {**(main_first(di, get) if features else {}), **study_predictors(spec, al)}   # the spec's own predictors are streams too
+    return spec, fp, al, streams or None
 
 def prepare_data(cfg:TrainConfig, # the run's options
                  device:torch.device|str="cpu", # where the tensors go
