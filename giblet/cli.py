@@ -20,6 +20,7 @@ from fastcore.script import anno_parser, store_true
 
 from contextlib import contextmanager
 
+from .dataset import default_cache_dir
 from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fingerprint_changes, input_fingerprint
 from .evaluation import headline_words, stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
@@ -211,6 +212,8 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
     given = {k: v for k, v in dict(options, data_dir=data_dir).items() if v is not None}
     if not resume or "data_dir" not in base or data_dir is not None: base |= given
     else: base |= {k: v for k, v in given.items() if k != "data_dir"}
+    if base.get("cache_dir") is None and os.environ.get("GIBLET_CACHE", "").strip():
+        base["cache_dir"] = str(default_cache_dir())   # recorded absolute: a resume from another folder finds the same cache
     try: return TrainConfig.from_dict(base)
     except TypeError as e: raise ValueError(f"bad training option: {e}") from None
 
@@ -280,7 +283,10 @@ def _entry(func, prog:str, argv=None):
     args = cli_args(func, prog, argv)
     if not logging.getLogger().handlers: logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     one_line = lambda e: " ".join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
-    try: return func(**args)
+    try:
+        empty = [k for k, v in args.items() if isinstance(v, str) and not v.strip()]
+        if empty: raise ValueError(f"--{empty[0].replace('_', '-')} is empty (an unset shell variable?); give a path or value, or leave the option out")
+        return func(**args)
     except NonFiniteLoss as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr); raise SystemExit(1)
     except USER_ERRORS as e:

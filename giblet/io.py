@@ -48,7 +48,7 @@ def usual_mode(folder:bool=False, # a folder (0o777 less the umask) rather than 
     "The mode `open()` or `mkdir` would give a new file or folder."
     return (0o777 if folder else 0o666) & ~current_umask()
 
-_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{4}\.tmp(?P<ext>\..+)?$")
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{4}\.giblet\.tmp(?P<ext>\..+)?$")
 
 def host_tag()->str:
     "Four hex digits naming this machine, so cleaning a shared folder never judges another machine's process ids."
@@ -57,10 +57,10 @@ def host_tag()->str:
 def temp_name(path:str|Path, # the file or folder the temporary one will replace
               keep_suffix:bool=False, # end the name with `path`'s suffixes (for writers that pick a format by suffix)
              )->Path:
-    "A hidden, unique temporary name beside `path` that records this process's id and machine."
+    "A hidden, unique temporary name beside `path` that records this process's id and machine, and that it is giblet's."
     path = Path(path)
     ext = "".join(path.suffixes) if keep_suffix else ""
-    return path.parent / f".{path.name}.{os.getpid()}-{host_tag()}{secrets.token_hex(2)}.tmp{ext}"
+    return path.parent / f".{path.name}.{os.getpid()}-{host_tag()}{secrets.token_hex(2)}.giblet.tmp{ext}"
 
 # %% ../nbs/00_io.ipynb #6362f27b
 def _human(n:float)->str:
@@ -215,8 +215,6 @@ def atomic_folder(folder:str|Path, # the folder to create or replace
         raise
 
 # %% ../nbs/00_io.ipynb #54622a6d
-_LEGACY_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|part(\..+)?)$")
-_LEGACY_DIR = re.compile(r"^\.[0-9a-f]{20}\.[a-z0-9_]{8}$")
 FOREIGN_AGE = 7 * 86400   # seconds after which another machine's temporary counts as abandoned
 
 def _boot_time()->float|None:
@@ -252,20 +250,18 @@ def _writer_gone(pid:int, mtime:float)->bool:
     return started is not None and started > mtime + 1    # the id now belongs to a younger process
 
 def clean_leftovers(folder:str|Path, # a run folder or cache root
+                    name:str|None=None, # only the temporaries of this file or folder in `folder`; None: of any
                    )->list[Path]:
     "Remove temporary files and folders left by killed giblet writers in `folder` (not below it); log and return them."
     folder = Path(folder)
     if not folder.is_dir(): return []
-    me = process_start(os.getpid()) or time.time()
     gone = []
     for p in folder.iterdir():
-        if not p.name.startswith("."): continue
+        m = _TMP.match(p.name)
+        if not m or (name is not None and m["name"] != name): continue   # not giblet's temporary (of `name`)
         try: mtime = p.lstat().st_mtime
         except FileNotFoundError: continue
-        m = _TMP.match(p.name)
-        if m: stale = _writer_gone(int(m["pid"]), mtime) if m["host"] == host_tag() else time.time() - mtime > FOREIGN_AGE
-        elif p.is_dir(): stale = bool(_LEGACY_DIR.match(p.name)) and mtime < me
-        else: stale = bool(_LEGACY_FILE.match(p.name)) and mtime < me
+        stale = _writer_gone(int(m["pid"]), mtime) if m["host"] == host_tag() else time.time() - mtime > FOREIGN_AGE
         if not stale: continue
         if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
         else: p.unlink(missing_ok=True)

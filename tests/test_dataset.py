@@ -141,11 +141,11 @@ def test_leftovers_of_a_killed_build_are_removed_on_the_next_load(study, tmp_pat
     root, _ = study
     cache = tmp_path / "cache"; cache.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"]); dead.wait()
-    new = cache / f".{'0' * 20}.{dead.pid}-{gio.host_tag()}abcd.tmp"; new.mkdir(); (new / "video.npy").write_bytes(b"x" * 100)
-    old = cache / f".{'1' * 20}.k2j_x9q1"; old.mkdir(); os.utime(old, (0, 0))     # an older giblet's mkdtemp name
+    new = cache / f".{'0' * 20}.{dead.pid}-{gio.host_tag()}abcd.giblet.tmp"; new.mkdir(); (new / "video.npy").write_bytes(b"x" * 100)
+    old = cache / f".{'1' * 20}.k2j_x9q1"; old.mkdir(); os.utime(old, (0, 0))     # unmarked (an older giblet's, or not giblet's): kept
     keep = cache / ".not-ours"; keep.mkdir()
     _build(root / "study", cache)
-    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [".not-ours"]
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == sorted([".not-ours", old.name])
 
 
 def test_cache_files_get_umask_derived_modes(study, tmp_path):

@@ -1,0 +1,133 @@
+"""Faults, round two (issue 22): each case a new user met, as a cheap test. Wrong subjects (a broken link, one subject
+written twice), a spec that repeats a key, empty and unexpanded paths, giblet's cleaning of temporary files that are not
+its own, lesion runs that share a folder or were killed, option pairs and run folders that cannot work, exit codes, and
+messages that name the file and the fix."""
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+import giblet.io as gio
+from giblet import cli
+from giblet.dataset import default_cache_dir, discover
+from giblet.study import SpecError, read_spec, resolve_study
+
+
+def _flat_study(root:Path, subjects=("s1.nii.gz", "s2.nii.gz"))->Path:
+    "A study folder that `discover` accepts: film, annotations and NIfTIs (names only; nothing here is read)."
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "film.m4v").write_bytes(b"x"); (root / "ann.csv").write_text("a\n")
+    for s in subjects: (root / s).write_bytes(b"x")
+    return root
+
+
+def _python(code:str)->subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True)
+
+
+# --- wrong subjects ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["sherlock_nii", "."])
+def test_a_broken_nifti_link_is_an_error_naming_link_and_target(tmp_path, where):
+    "An unfetched DataLad file is a symlink to nothing: it used to drop out of the study without a word."
+    root = _flat_study(tmp_path / "study", ())
+    d = root / where; d.mkdir(exist_ok=True)
+    (d / "s1.nii.gz").write_bytes(b"x")
+    target = tmp_path / "annex" / "objects" / "MD5E-s123--abc.nii.gz"
+    os.symlink(target, d / "s2.nii.gz")
+    for find in (discover, resolve_study):
+        with pytest.raises(FileNotFoundError) as e: find(root)
+        msg = str(e.value)
+        assert "s2.nii.gz" in msg and str(target) in msg and "broken" in msg, msg
+
+
+def test_one_subject_as_nii_and_nii_gz_is_refused(tmp_path):
+    "Two files of one subject counted as two subjects; subject 1 then weighed twice."
+    root = _flat_study(tmp_path / "study", ("s1.nii", "s1.nii.gz", "s2.nii.gz"))
+    for find in (discover, resolve_study):
+        with pytest.raises(ValueError) as e: find(root)
+        msg = str(e.value)
+        assert str(root / "s1.nii") in msg and str(root / "s1.nii.gz") in msg, msg
+    (root / "s1.nii").unlink()
+    assert [p.name for p in discover(root).nii] == ["s1.nii.gz", "s2.nii.gz"]
+
+
+def test_a_spec_that_repeats_a_key_is_refused_with_the_line(tmp_path):
+    "YAML lets the last of two equal keys win: `s1` then pointed at s2's scan."
+    spec = tmp_path / "study.yaml"
+    spec.write_text(textwrap.dedent("""\
+        film: film.m4v
+        annotations: ann.csv
+        runs:
+          - name: run-1
+            nii:
+              s1: s1.nii.gz
+              s1: s2.nii.gz
+        """))
+    with pytest.raises(SpecError) as e: read_spec(spec)
+    msg = str(e.value)
+    assert str(spec) in msg and "duplicate key" in msg and "'s1'" in msg and "line 7" in msg, msg
+    spec.write_text(spec.read_text().replace("      s1: s2", "      s2: s2"))
+    assert sorted(read_spec(spec).runs[0].nii) == ["s1", "s2"]
+
+
+# --- paths ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script,argv", [(cli.giblet_train, ["--out", ""]), (cli.giblet_train, ["--data-dir", "", "--out", "o"]),
+                                         (cli.giblet_lesion, ["ck.pt", "--out", ""]), (cli.giblet_synth, ["--out", ""])])
+def test_an_empty_path_is_refused(tmp_path, monkeypatch, capsys, script, argv):
+    "`--out $UNSET` used to write the whole run into the current folder."
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e: script(argv)
+    err = capsys.readouterr().err
+    name = "--data-dir" if "--data-dir" in argv else "--out"
+    assert e.value.code == 2 and f"{name} is empty" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_giblet_cache_expands_home_and_variables_and_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home")); monkeypatch.setenv("WHERE", "gc")
+    monkeypatch.setenv("GIBLET_CACHE", "~/gcache")
+    assert default_cache_dir() == tmp_path / "home" / "gcache"
+    monkeypatch.setenv("GIBLET_CACHE", "$HOME/${WHERE}")
+    assert default_cache_dir() == tmp_path / "home" / "gc"
+    monkeypatch.chdir(tmp_path); monkeypatch.setenv("GIBLET_CACHE", "rel/cache")
+    assert default_cache_dir() == tmp_path / "rel" / "cache"
+    monkeypatch.setenv("GIBLET_CACHE", "$NO_SUCH_VARIABLE_HERE/c")
+    with pytest.raises(ValueError, match="GIBLET_CACHE"): default_cache_dir()
+
+
+def test_a_relative_giblet_cache_is_recorded_absolute(tmp_path, monkeypatch):
+    "Resuming from another folder used to build a second cache there."
+    monkeypatch.chdir(tmp_path); monkeypatch.setenv("GIBLET_CACHE", "gcache")
+    cfg = cli.train_config(out=str(tmp_path / "run"))
+    assert cfg.cache_dir == str(tmp_path / "gcache")
+    assert cli.train_config(out=str(tmp_path / "run"), cache_dir="other").cache_dir == str(tmp_path / "other")
+
+
+# --- giblet cleans only its own temporaries ---------------------------------------------------------------------------
+
+def test_cleaning_removes_only_giblets_own_temporaries(tmp_path):
+    "Other programs' hidden `.NAME.xxxxxxxx.tmp` files beside a lesion --out or in a shared cache used to go too."
+    child = _python(f"""
+        import time
+        from giblet.io import atomic_write
+        def slow(f): f.write(b"x"); print("writing", flush=True); time.sleep(60)
+        atomic_write({str(tmp_path / 'mine.bin')!r}, slow)
+    """)
+    assert child.stdout.readline().strip() == "writing"
+    child.kill(); child.wait(); child.stdout.close()
+    (mine,) = [p for p in tmp_path.iterdir()]
+    assert "giblet" in mine.name
+    dead = subprocess.Popen([sys.executable, "-c", "pass"]); dead.wait()
+    others = [tmp_path / ".notes.txt.k2j_x9q1.tmp", tmp_path / f".report.{dead.pid}-{gio.host_tag()}abcd.tmp",
+              tmp_path / ".swap.part", tmp_path / f".{'1' * 20}.k2j_x9q1"]
+    for p in others[:3]: p.write_text("someone else's"); os.utime(p, (0, 0))
+    others[3].mkdir(); os.utime(others[3], (0, 0))
+    assert gio.clean_leftovers(tmp_path) == [mine]
+    assert sorted(tmp_path.iterdir()) == sorted(others)
