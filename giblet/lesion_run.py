@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .io import atomic_folder, atomic_write, clean_leftovers
+from .io import RunLock, atomic_folder, atomic_write, clean_leftovers
 from .lesion import _atomic_text, _slug, lesion_data, lesion_effects, load_run, plot_effects, render
 from .regions import parse_regions
 
@@ -28,7 +28,6 @@ def _check_out(out:Path, overwrite:bool):
     "Refuse an output folder that holds a lesion run (unless overwriting) or anything else."
     if not out.exists(): return
     if not out.is_dir(): raise FileExistsError(f"{out} exists and is not a folder")
-    clean_leftovers(out.parent)
     if (out / RUN_MARKER).is_file():
         if not overwrite: raise FileExistsError(f"{out} already holds a lesion run; pass --overwrite to replace it as a whole")
     elif any(out.iterdir()): raise FileExistsError(f"{out} holds other files, not a lesion run; give a new or empty folder")
@@ -56,20 +55,22 @@ def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or
         if value not in ok: raise ValueError(f"--{name} must be {' or '.join(ok)}, got {value!r}")
     if n_null < 1 or n_boot < 1 or render_trs < 0: raise ValueError("--n_null and --n_boot must be >= 1 and --render_trs >= 0")
     out = Path(out).absolute()
-    _check_out(out, overwrite)
-    model, run = load_run(checkpoint, data_dir, cache_dir, device)
-    data = lesion_data(run, split)
-    regs = parse_regions(regions, data.mask, run.data_dir)
-    table = lesion_effects(model, data, regs, mode=mode, source=source, replace=replace, n_null=n_null,
-                           gain_tolerance=gain_tolerance, n_boot=n_boot, seed=seed)
-    with atomic_folder(out) as tmp:
-        _atomic_text(tmp / RUN_MARKER, table.to_csv(index=False))
-        png, fig = io.BytesIO(), plot_effects(table)
-        fig.savefig(png, format="png", dpi=120); plt.close(fig)
-        atomic_write(tmp / "effects.png", lambda f: f.write(png.getvalue()))
-        for r in regs if render_trs > 0 else ():
-            render(model, data, r, tmp / _slug(r.name), mode=mode, source=source, n_trs=render_trs, replace=replace)
-    logger.info("%s", table[["region", "modality", "metric", "intact", "value", "effect", "null_mean", "specific", "p", "rank",
-                             "n_null"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    logger.info("effect table: %s", out / RUN_MARKER)
-    return table
+    with RunLock(out.parent, f".{out.name}.lock"):   # a second run into the same --out is refused while this one runs
+        clean_leftovers(out.parent, name=out.name)     # a killed run's partial folder (giblet's temporaries of `out` only)
+        _check_out(out, overwrite)
+        model, run = load_run(checkpoint, data_dir, cache_dir, device)
+        data = lesion_data(run, split)
+        regs = parse_regions(regions, data.mask, run.data_dir)
+        table = lesion_effects(model, data, regs, mode=mode, source=source, replace=replace, n_null=n_null,
+                               gain_tolerance=gain_tolerance, n_boot=n_boot, seed=seed)
+        with atomic_folder(out) as tmp:
+            _atomic_text(tmp / RUN_MARKER, table.to_csv(index=False))
+            png, fig = io.BytesIO(), plot_effects(table)
+            fig.savefig(png, format="png", dpi=120); plt.close(fig)
+            atomic_write(tmp / "effects.png", lambda f: f.write(png.getvalue()))
+            for r in regs if render_trs > 0 else ():
+                render(model, data, r, tmp / _slug(r.name), mode=mode, source=source, n_trs=render_trs, replace=replace)
+        logger.info("%s", table[["region", "modality", "metric", "intact", "value", "effect", "null_mean", "specific", "p", "rank",
+                                 "n_null"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        logger.info("effect table: %s", out / RUN_MARKER)
+        return table

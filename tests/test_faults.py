@@ -131,3 +131,42 @@ def test_cleaning_removes_only_giblets_own_temporaries(tmp_path):
     others[3].mkdir(); os.utime(others[3], (0, 0))
     assert gio.clean_leftovers(tmp_path) == [mine]
     assert sorted(tmp_path.iterdir()) == sorted(others)
+
+
+# --- lesion runs ------------------------------------------------------------------------------------------------------
+
+def test_two_lesion_runs_into_one_new_folder_the_second_is_refused(tmp_path, monkeypatch):
+    "Both used to exit 0, and one run's results were gone."
+    from giblet import lesion_run
+    inside, go = threading.Event(), threading.Event()
+    def slow_load(*a, **k): inside.set(); go.wait(30); raise FileNotFoundError("stop here")
+    monkeypatch.setattr(lesion_run, "load_run", slow_load)
+    out = tmp_path / "lesions"
+    first = threading.Thread(target=lambda: pytest.raises(FileNotFoundError, lesion_run.lesion_main, "ck.pt", str(out)))
+    first.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(gio.FolderLockedError, match="in use by process"): lesion_run.lesion_main("ck.pt", str(out))
+    finally: go.set(); first.join()
+    with pytest.raises(FileNotFoundError, match="stop here"): lesion_run.lesion_main("ck.pt", str(out))   # free again
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_killed_lesions_partial_folder_goes_on_the_next_run(tmp_path, monkeypatch):
+    "A kill -9 while the run folder was written left a hidden partial folder beside --out for good."
+    from giblet import lesion_run
+    out = tmp_path / "lesions"
+    child = _python(f"""
+        import time
+        from giblet.io import atomic_folder
+        with atomic_folder({str(out)!r}) as tmp:
+            (tmp / "effects.png").write_bytes(b"x" * 1000); print("writing", flush=True); time.sleep(60)
+    """)
+    assert child.stdout.readline().strip() == "writing"
+    child.kill(); child.wait(); child.stdout.close()
+    (partial,) = tmp_path.iterdir()
+    other = tmp_path / ".other.k2j_x9q1.tmp"; other.write_text("not giblet's")
+    def no_run(*a, **k): raise FileNotFoundError("no checkpoint")
+    monkeypatch.setattr(lesion_run, "load_run", no_run)
+    with pytest.raises(FileNotFoundError): lesion_run.lesion_main("ck.pt", str(out))
+    assert not partial.exists() and other.exists() and not out.exists()
