@@ -5,6 +5,7 @@
 # %% ../nbs/50_cli.ipynb #3dbd60e4
 from __future__ import annotations
 
+import errno
 import inspect
 import itertools
 import json
@@ -34,9 +35,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'RUN_FILES', 'INPUTS', 'USER_ERRORS', 'MANY', 'HEADLINE', 'run_folder', 'check_inputs', 'check_out_dir',
-           'run_training', 'parse_sets', 'train_config', 'train_main', 'cli_args', 'giblet_train', 'giblet_lesion',
-           'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep',
-           'plot_synthetic', 'synth_main', 'giblet_synth']
+           'check_run_plan', 'run_training', 'parse_sets', 'train_config', 'train_main', 'cli_args', 'giblet_train',
+           'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook', 'sweep_main',
+           'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #39d54600
 RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
@@ -81,6 +82,18 @@ def check_out_dir(out:str|Path, # the run folder
         raise FileNotFoundError(f"{out}: nothing to resume (no checkpoints/last.pt); start a new run without --resume")
     if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{out} exists and is not a folder")
     return out
+
+def check_run_plan(cfg:TrainConfig, # the run's options
+                   out:str|Path, # the run folder
+                  ):
+    "Refuse, before any data is read, a run that cannot end in a report: no test block, or a run folder inside the study folder."
+    if not cfg.n_folds and cfg.test_frac <= 0:
+        raise ValueError("test_frac=0 leaves no test block, and every reported number is a test-block number; "
+                         "set test_frac above 0 (--set test_frac=0.2) or use --n-folds")
+    study = next((Path(p) for p in (cfg.study, cfg.data_dir) if p and Path(p).is_dir()), None)
+    if study is not None and Path(out).resolve().is_relative_to(study.resolve()):
+        raise ValueError(f"--out {out} is inside the study folder {study}: the run's files would join the study in later "
+                         "runs; choose a run folder outside it")
 
 # %% ../nbs/50_cli.ipynb #8a44d9b4
 def _train_one(cfg:TrainConfig, # the run's options
@@ -214,6 +227,9 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
     else: base |= {k: v for k, v in given.items() if k != "data_dir"}
     if base.get("cache_dir") is None and os.environ.get("GIBLET_CACHE", "").strip():
         base["cache_dir"] = str(default_cache_dir())   # recorded absolute: a resume from another folder finds the same cache
+    if base.get("data_dir") and base.get("study"):
+        raise ValueError(f"--data-dir {base['data_dir']} and --study {base['study']} both name the study; give one "
+                         "(--study also takes a study folder)")
     try: return TrainConfig.from_dict(base)
     except TypeError as e: raise ValueError(f"bad training option: {e}") from None
 
@@ -248,6 +264,7 @@ def train_main(data_dir:str=None, # the study folder (Sherlock layout or BIDS); 
     if show_study:
         print(describe_study(study_spec(cfg)))
         return {}
+    check_run_plan(cfg, out)
     m = run_training(cfg, out, resume=resume, baseline=not no_baseline)
     return {k: v for k, v in m.items() if k != "_eval"}
 
@@ -278,8 +295,19 @@ def cli_args(func, # a function documented with docments (its parameters are the
     args.pop("pdb", None); args.pop("xtra", None)
     return args | got
 
+def _interrupted(prog:str, args:dict)->str:
+    "What Ctrl-C leaves: for `giblet-train`, the epoch it stopped in and how to resume."
+    if prog != "giblet-train" or not args.get("out"): return "interrupted"
+    out = Path(args["out"])
+    logs = [p for p in (out / "log.csv", *sorted(out.glob("fold_*/log.csv"))) if p.is_file()]
+    run = max(logs, key=lambda p: p.stat().st_mtime).parent if logs else out
+    if not (run / "checkpoints" / "last.pt").is_file():
+        return "interrupted before the first checkpoint; run the same command again to start afresh"
+    epochs = len(pd.read_csv(run / "log.csv")) if logs else 0
+    return f"interrupted at epoch {epochs + 1}; resume with {prog} --resume --out {out}"
+
 def _entry(func, prog:str, argv=None):
-    "Run `func` on parsed arguments: a user error is one line on stderr and exit 2, a NaN loss one line and exit 1."
+    "Run `func` on parsed arguments: a user error (an unwritable folder too) is one line on stderr and exit 2, a NaN loss one line and exit 1, Ctrl-C one line and exit 130."
     args = cli_args(func, prog, argv)
     if not logging.getLogger().handlers: logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     one_line = lambda e: " ".join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
@@ -291,6 +319,12 @@ def _entry(func, prog:str, argv=None):
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr); raise SystemExit(1)
     except USER_ERRORS as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr); raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: {_interrupted(prog, args)}", file=sys.stderr); raise SystemExit(130)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM): raise   # anything else is no user error: the traceback stays
+        print(f"{prog}: error: {e.filename or 'a file'}: {e.strerror}; choose a folder you can write (--out, --cache-dir or "
+              "GIBLET_CACHE) or fix its permissions", file=sys.stderr); raise SystemExit(2)
 
 HEADLINE = ("block", "test_voxel_r_selected", "banded_ridge_test_voxel_r_selected", "ridge_test_voxel_r_selected",
             "noise_ceiling_test_selected", "verdict", "verdicts", "truth_r_responsive_mean", "epochs", "train_seconds")

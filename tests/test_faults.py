@@ -170,3 +170,67 @@ def test_a_killed_lesions_partial_folder_goes_on_the_next_run(tmp_path, monkeypa
     monkeypatch.setattr(lesion_run, "load_run", no_run)
     with pytest.raises(FileNotFoundError): lesion_run.lesion_main("ck.pt", str(out))
     assert not partial.exists() and other.exists() and not out.exists()
+
+
+# --- option pairs and run folders that cannot work; exit codes --------------------------------------------------------
+
+def _exit(script, argv, capsys)->tuple:
+    "(exit code, stderr) of a console script run in this process."
+    with pytest.raises(SystemExit) as e: script(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_data_dir_with_study_is_refused(tmp_path, capsys):
+    "--data-dir used to be ignored without a word when --study was given."
+    a, b = _flat_study(tmp_path / "a"), _flat_study(tmp_path / "b")
+    for script in (cli.giblet_train, cli.giblet_cache):
+        code, err = _exit(script, ["--data-dir", str(a), "--study", str(b), "--cache-dir", str(tmp_path / "c")]
+                          + (["--out", str(tmp_path / "o")] if script is cli.giblet_train else []), capsys)
+        assert code == 2 and "--data-dir" in err and "--study" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--study"])
+def test_out_inside_the_study_folder_is_refused(tmp_path, capsys, option):
+    "Its NIfTIs (test_pred.nii.gz, ...) would become subjects of the study for every later run."
+    root = _flat_study(tmp_path / "study")
+    code, err = _exit(cli.giblet_train, [option, str(root), "--out", str(root / "runs" / "a")], capsys)
+    assert code == 2 and "inside the study folder" in err and str(root) in err, err
+    assert sorted(p.name for p in root.iterdir()) == ["ann.csv", "film.m4v", "s1.nii.gz", "s2.nii.gz"]
+
+
+def test_test_frac_0_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    "It used to be refused only when the report was written, after the whole training."
+    monkeypatch.setattr(cli, "run_training", lambda *a, **k: pytest.fail("trained"))
+    code, err = _exit(cli.giblet_train, ["--out", str(tmp_path / "o"), "--set", "test_frac=0"], capsys)
+    assert code == 2 and "test_frac" in err and "--n-folds" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("errno_", ["EROFS", "EACCES"])
+def test_a_read_only_folder_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, errno_):
+    "An unwritable --out or GIBLET_CACHE gave `OSError: [Errno 30]` with a traceback."
+    import errno
+    ro = tmp_path / "ro"
+    def unwritable(cfg, out, **k): raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)), str(ro / "run" / ".lock"))
+    monkeypatch.setattr(cli, "run_training", unwritable)
+    code, err = _exit(cli.giblet_train, ["--out", str(ro / "run")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(ro / "run") in err, err
+    assert os.strerror(getattr(errno, errno_)) in err and "--out" in err, err
+    monkeypatch.setattr(cli, "run_training", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError): cli.giblet_train(["--out", str(ro / "run")])          # not a user error: the traceback stays
+
+
+def test_ctrl_c_is_exit_130_with_how_to_resume(tmp_path, capsys, monkeypatch):
+    "Ctrl-C printed a traceback, though --resume then finished the run exactly."
+    out = tmp_path / "run"
+    def interrupted(cfg, out_dir, **k):
+        ck = Path(out_dir) / "checkpoints"; ck.mkdir(parents=True); (ck / "last.pt").write_bytes(b"x")
+        (Path(out_dir) / "log.csv").write_text("epoch,train_total\n1,0.5\n2,0.4\n")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "run_training", interrupted)
+    code, err = _exit(cli.giblet_train, ["--out", str(out)], capsys)
+    assert code == 130 and err.strip() == f"giblet-train: interrupted at epoch 3; resume with giblet-train --resume --out {out}", err
+    monkeypatch.setattr(cli, "run_training", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code, err = _exit(cli.giblet_train, ["--out", str(tmp_path / "new")], capsys)
+    assert code == 130 and "interrupted before the first checkpoint" in err and "Traceback" not in err, err
