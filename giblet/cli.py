@@ -485,7 +485,8 @@ def synth_main(out:str="runs/synthetic", # the study folder to write
     import matplotlib.pyplot as plt
     from giblet.synthetic import make_dataset
     kw = {k: v for k, v in dict(n_subjects=n_subjects, n_trs=n_trs).items() if v is not None}   # only what was typed: it wins over the preset
-    make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, **kw)
+    try: make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, **kw)
+    except FileExistsError as e: raise FileExistsError(str(e).replace("overwrite=True", "--overwrite")) from None   # the flag, not the argument
     fig = plot_synthetic(out)
     path = atomic_write(Path(out) / "synthetic_summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

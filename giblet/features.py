@@ -106,8 +106,17 @@ def with_model(text:str, # a stream in its command-line form
     return f"{kind.strip()}={model}{rest[len(old):]}"
 
 # %% ../nbs/14_features.ipynb #e8e2ec6c
+def _looks_like_path(name:str)->bool:
+    "Whether a model name is written as a path (absolute, ./, ~, or deeper than a hub's ORG/NAME) rather than a hub name."
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).expanduser().is_absolute()
+
+def _no_folder(name:str)->str:
+    return (f"{name}: no such folder (a feature stream's model written as a path; a Hugging Face hub model is named "
+            "ORG/NAME)")
+
 def _from_pretrained(cls, name:str, what:str, revision:str=""):
     "`cls.from_pretrained(name)`, or one clear line: how to pass a local folder (neither local nor cached), or which package is missing."
+    if _looks_like_path(name) and not Path(name).expanduser().is_dir(): raise FileNotFoundError(_no_folder(name))
     try: return cls.from_pretrained(name, **({"revision": revision} if revision else {}))
     except ImportError as e:   # e.g. V-JEPA 2's video processor needs torchvision
         need = re.search(r"requires the (\w+) library", str(e))
@@ -269,6 +278,7 @@ def _model_identity(name:str, revision:str="")->dict:
     "A local folder by the size and head checksum of its files (a retrained model is a new one); a hub name by its commit."
     p = Path(name).expanduser()
     if not p.is_dir():
+        if _looks_like_path(name): raise FileNotFoundError(_no_folder(name))
         from huggingface_hub import try_to_load_from_cache
         found = try_to_load_from_cache(name, "config.json", revision=revision or None)
         commit = Path(found).parent.name if isinstance(found, str) else revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None

@@ -234,3 +234,25 @@ def test_ctrl_c_is_exit_130_with_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "run_training", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     code, err = _exit(cli.giblet_train, ["--out", str(tmp_path / "new")], capsys)
     assert code == 130 and "interrupted before the first checkpoint" in err and "Traceback" not in err, err
+
+
+# --- messages that name the file and the fix ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["/nonexistent/models/clip", "./models/clip", "~/models/clip", "models/deep/clip"])
+def test_a_missing_local_model_folder_says_no_such_folder(name, monkeypatch):
+    "It got Hugging Face's 'Repo id must be in the form ...'."
+    import transformers
+    from giblet.features import _from_pretrained, _model_identity
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for f in (lambda: _model_identity(name), lambda: _from_pretrained(transformers.AutoModel, name, "model")):
+        with pytest.raises(FileNotFoundError) as e: f()
+        assert str(e.value).startswith(f"{name}: no such folder"), e.value
+
+
+def test_giblet_synth_advises_its_own_flag(tmp_path, capsys, monkeypatch):
+    "It advised `overwrite=True`, which a command line cannot take."
+    from giblet import synthetic
+    def exists(root, **k): raise FileExistsError(f"{root}: already holds a dataset (truth.npz); pass overwrite=True to replace it")
+    monkeypatch.setattr(synthetic, "make_dataset", exists)
+    code, err = _exit(cli.giblet_synth, ["--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "--overwrite" in err and "overwrite=True" not in err, err
