@@ -27,7 +27,7 @@ __all__ = ['logger', 'BASELINES', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'fi
            'block_bootstrap', 'shift_null', 'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed',
            'block_resolution', 'voxel_signs', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores',
            'factor_units', 'factor_table', 'score_table', 'roi_table', 'stack_weights', 'stack', 'model_share',
-           'evaluate_run']
+           'cv_stack_weights', 'evaluate_run']
 
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
@@ -547,6 +547,52 @@ def model_share(weights:np.ndarray, # (2, n_voxels) from `stack_weights`
     tot = weights.sum(0)
     return np.where(tot > 0, weights[0] / np.where(tot > 0, tot, 1), np.nan)
 
+# %% ../nbs/33_evaluation.ipynb #e2ec8ff1
+def _standard(x):
+    "Centred series and their std per voxel (1 where constant)."
+    x = np.asarray(x, np.float64); x = x - x.mean(0); s = x.std(0)
+    return x, np.where(s > 0, s, 1.0)
+
+def _pooled_weights(m, b, y)->np.ndarray:
+    "(2,) non-negative weights of the standardised members that fit the standardised target best, pooled over voxels."
+    (m, sm), (b, sb), (y, sy) = _standard(m), _standard(b), _standard(y)
+    flat = lambda x, s: (x / s).reshape(-1, 1)
+    return stack_weights(flat(m, sm), flat(b, sb), flat(y, sy))[:, 0].astype(np.float64)
+
+def _candidates(m, b, y, shrinks)->dict:
+    "Per-voxel weights (2, n_voxels) of each candidate: each shrink towards the pooled weights, and the baseline alone."
+    (_, sm), (_, sb), (_, sy) = _standard(m), _standard(b), _standard(y)
+    unit = np.stack([sm / sy, sb / sy])                           # raw weight -> weight of the standardised member
+    own, pooled = stack_weights(m, b, y).astype(np.float64) * unit, _pooled_weights(m, b, y)[:, None]
+    out = {f"shrink {s:g}": ((1 - s) * own + s * pooled) / unit for s in shrinks}
+    return out | {"baseline alone": np.stack([np.zeros(m.shape[1]), np.ones(m.shape[1])])}   # the baseline itself, voxel for voxel
+
+def cv_stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's prediction of the validation block
+                     baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
+                     true:np.ndarray, # (n_trs, n_voxels) the target there
+                     n_blocks:int=4, # contiguous blocks of the validation block held out in turn
+                     shrinks:tuple=(0.0, 0.5, 1.0), # shares of the pooled weights tried (0: each voxel's own, 1: the pooled)
+                     min_trs:int=8, # fewer TRs per block than this: no weight for the model is fitted at all
+                    )->tuple: # (float32 (2, n_voxels) weights, dict: the choice, each candidate's held-out error)
+    "Stack weights shrunk towards the voxels' pooled weights by block cross-validation inside the validation block; the baseline alone where the model adds nothing."
+    m, b, y = (np.asarray(x, np.float64) for x in (model, baseline, true))
+    if not (m.shape == b.shape == y.shape and m.ndim == 2): raise ValueError(f"cv_stack_weights needs three (n_trs, n_voxels) arrays of one shape; got {m.shape}, {b.shape}, {y.shape}")
+    names = [*(f"shrink {s:g}" for s in shrinks), "baseline alone"]
+    if len(m) < n_blocks * min_trs:
+        logger.info("stack: the %d-TR validation block is too short to fit the model's weight (%d blocks of >= %d TRs); the banded ridge alone",
+                    len(m), n_blocks, min_trs)
+        return _candidates(m, b, y, shrinks)["baseline alone"].astype(np.float32), dict(choice="baseline alone", cv_error={}, n_trs=len(m))
+    edges = np.linspace(0, len(m), n_blocks + 1).astype(int)
+    err = dict.fromkeys(names, 0.0)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        fit = np.r_[0:lo, hi:len(m)]
+        yt, sy = _standard(y[lo:hi])
+        for k, w in _candidates(m[fit], b[fit], y[fit], shrinks).items():
+            p = w[0] * m[lo:hi] + w[1] * b[lo:hi]
+            err[k] += float(((((p - p.mean(0)) - yt) / sy) ** 2).sum())
+    choice = min(names, key=lambda k: (err[k], k != "baseline alone"))   # a tie keeps the model out
+    return _candidates(m, b, y, shrinks)[choice].astype(np.float32), dict(choice=choice, cv_error=err, n_trs=len(m))
+
 # %% ../nbs/33_evaluation.ipynb #67c20799
 def _records(df:pd.DataFrame)->list:
     "A table as JSON records (its index a column), NaN as None."
@@ -593,7 +639,7 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
         base = fit_baselines(bands, data.average_bold(sp.train), sp.train, al.run, al.tr, device=str(data.tensors.device), seed=seed)
         preds |= {k: base.predict(k, test) for k in BASELINES}
         if len(sp.val) >= 2:   # the blend is chosen on the validation block, never on the test block
-            w = stack_weights(val_pred, base.predict("banded_ridge", sp.val), data.average_bold(sp.val))
+            w, stack_choice = cv_stack_weights(val_pred, base.predict("banded_ridge", sp.val), data.average_bold(sp.val))
             preds["stack"] = stack(preds["model"], preds["banded_ridge"], w)
     scores = {k: voxel_r(p, true) for k, p in preds.items()}
     ceil_train, ceiling = run_ceiling(data, sp.train), run_ceiling(data, test)
@@ -621,7 +667,9 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
                   stack_verdict=sc["differences"]["banded_ridge"]["verdict"], stack_comparison=sc,
                   stack_weights=dict(model_share_selected=float(np.nanmean(share[selected])), model_share_mean=float(np.nanmean(share)),
                                      method=f"per voxel, the non-negative weights of the model and the banded ridge fitted by least "
-                                            f"squares on the {len(sp.val)}-TR validation block"))
+                                            f"squares on the {len(sp.val)}-TR validation block, shrunk towards the weights pooled over voxels "
+                                            f"as 4-block cross-validation inside that block chose ({stack_choice['choice']})",
+                                     choice=stack_choice["choice"], cv_error=stack_choice["cv_error"]))
     vols = lambda trs: [int(v) for v in al.volume[trs]]
     m = dict(block="test", headline=dict(metric="mean test voxel r", voxels=rule, ceiling_threshold=threshold,
                                          n_selected=int(selected.sum())),

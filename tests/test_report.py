@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from giblet.synthetic import load_truth, make_dataset
-from giblet.evaluation import (WORDS, factor_table, fit_baselines, headline_words, model_share, stack, stack_weights, stimulus_bands,
+from giblet.evaluation import (WORDS, cv_stack_weights, factor_table, fit_baselines, headline_words, model_share, stack, stack_weights, stimulus_bands,
                                truth_rows, truth_scores)
 from giblet.report import write_report
 from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data
@@ -86,15 +86,17 @@ def test_report_gives_the_planted_truth_per_factor(report):
 
 
 def test_report_stacks_the_model_with_the_banded_ridge_by_the_validation_block(report):
-    "The stack is a·model + c·banded ridge per voxel, (a, c) fitted on the validation block; the test block scores it with a CI, per factor too."
+    "The stack is a·model + c·banded ridge per voxel, (a, c) fitted (and shrunk by cross-validation) on the validation block; the test block scores it with a CI, per factor too."
     out, m, tr = report
     ev, data = m["_eval"], tr.data
     w, p, sp, al = ev["stack_weights"], ev["preds"], data.split, data.aligned
     assert w.shape == (2, al.n_voxels) and (w >= 0).all() and 0 < np.nanmean(model_share(w)) < 1
     np.testing.assert_array_equal(p["stack"], stack(p["model"], p["banded_ridge"], w))
     base = fit_baselines(stimulus_bands(al.video, al.audio, al.text, al.has_text), data.average_bold(sp.train), sp.train, al.run, al.tr)
-    np.testing.assert_allclose(w, stack_weights(ev["val_pred"], base.predict("banded_ridge", sp.val), data.average_bold(sp.val)), atol=1e-5)
-    on_test = stack_weights(p["model"], p["banded_ridge"], data.average_bold(sp.test))   # what a leak would have chosen
+    on_val, choice = cv_stack_weights(ev["val_pred"], base.predict("banded_ridge", sp.val), data.average_bold(sp.val))
+    np.testing.assert_allclose(w, on_val, atol=1e-5)
+    assert choice["choice"] == m["stack_weights"]["choice"] != "baseline alone"   # the planted study's model adds to the ridge
+    on_test = cv_stack_weights(p["model"], p["banded_ridge"], data.average_bold(sp.test))[0]   # what a leak would have chosen
     assert np.abs(on_test - w).max() > 0.05
     saved = json.loads((out / "metrics.json").read_text())
     d = saved["stack_comparison"]["differences"]["banded_ridge"]
