@@ -331,7 +331,11 @@ def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its t
     layout = _bids_layout(root, derivatives if derivatives is not None else bool(space), validate)
     tasks = layout.get_tasks()
     if task is None:
-        if len(tasks) != 1: raise ValueError(f"{root}: tasks {tasks}; name the movie task with task=")
+        if not tasks: raise ValueError(f"{root}: read as BIDS because it holds dataset_description.json, but no BOLD file names a "
+                                       "task (sub-*/func/*_task-NAME_bold.nii.gz); if this is a Sherlock-layout folder, move the "
+                                       "stray dataset_description.json away")
+        if len(tasks) > 1: raise ValueError(f"{root}: tasks {tasks}; name the movie task with task= (from the command line: "
+                                            "write_spec(bids_spec(root, task=...)) and pass --study)")
         task = tasks[0]
     query = dict(task=task, suffix="bold", extension=[".nii.gz", ".nii"])
     raw = layout.get(scope="raw", **query)

@@ -256,3 +256,13 @@ def test_giblet_synth_advises_its_own_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(synthetic, "make_dataset", exists)
     code, err = _exit(cli.giblet_synth, ["--out", str(tmp_path / "s")], capsys)
     assert code == 2 and "--overwrite" in err and "overwrite=True" not in err, err
+
+
+def test_a_stray_dataset_description_says_which_layout_and_why(tmp_path):
+    "It turned a Sherlock folder into 'BIDS', with the message 'tasks []'."
+    pytest.importorskip("bids")
+    root = _flat_study(tmp_path / "study")
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    with pytest.raises(ValueError) as e: resolve_study(root)
+    msg = str(e.value)
+    assert "read as BIDS because it holds dataset_description.json" in msg and "Sherlock-layout" in msg, msg
