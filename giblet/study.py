@@ -50,6 +50,7 @@ class StudyRun:
     scan_offset: float = 0.0 # volumes scanned before the segment starts (negative: volume 0 is that many TRs into it)
     annotations: Path|None = None # this run's annotation table; None: the study's
     part: int|None = None # the part of the annotations shown in this run (their clock restarts per part)
+    part_start: float|None = None # film time (s) where that part's clock reads 0; None: 0 for part 1, else the segment's start
     predictors: dict = field(default_factory=dict) # stimulus predictors of this run: name -> table, one row per volume
 
 @dataclass
@@ -73,7 +74,7 @@ class StudySpec:
 
 # %% ../nbs/15_study.ipynb #b4da9610
 _TOP = ("tr", "film", "annotations", "mask", "subjects", "runs", "features", "units")
-_RUN = ("name", "nii", "bold", "film", "film_start", "film_stop", "scan_offset", "annotations", "part", "predictors")
+_RUN = ("name", "nii", "bold", "film", "film_start", "film_stop", "scan_offset", "annotations", "part", "part_start", "predictors")
 
 class SpecError(ValueError):
     "A mistake in a study spec, naming the spec and the field."
@@ -163,6 +164,7 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                        film_stop=_number(r.get("film_stop"), f"{at}.film_stop", err, optional=True),
                        scan_offset=_number(r.get("scan_offset", 0.0), f"{at}.scan_offset", err),
                        annotations=_path(r.get("annotations"), base, f"{at}.annotations", err), part=part,
+                       part_start=_number(r.get("part_start"), f"{at}.part_start", err, optional=True),
                        predictors={k: _path(v, base, f"{at}.predictors.{k}", err, optional=False) for k, v in preds.items()})
         if run.film_stop is not None and run.film_stop <= run.film_start:
             err(f"{at}.film_stop", f"{run.film_stop} s is not after film_start {run.film_start} s")
@@ -189,6 +191,7 @@ def spec_to_dict(spec:StudySpec, # the spec to write
     rel = lambda p: None if p is None else str(p) if base is None or str(p) == "nonzero" else os.path.relpath(p, base)
     run = lambda r: {"name": r.name, "film": rel(r.film), "film_start": r.film_start, "film_stop": r.film_stop,
                      "scan_offset": r.scan_offset, "annotations": rel(r.annotations), "part": r.part,
+                     "part_start": r.part_start,
                      "predictors": {k: rel(v) for k, v in r.predictors.items()} or None,
                      ("bold" if spec.tables else "nii"): {s: rel(p) for s, p in r.nii.items()}}
     model = lambda s: parse_stream_spec(s).model
@@ -431,7 +434,8 @@ def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accept
                else f"volume 0 is {-r.scan_offset:g} TR{'' if r.scan_offset == -1 else 's'} into the segment")
         film = spec.film_of(r).name if spec.film_of(r) else "(no film: text and predictors only)"
         lines.append(f"  {r.name}: film {film} from {r.film_start:g} s to {stop}; {off}; "
-                     f"annotations {spec.annotations_of(r).name}, part {r.part or '(the only one)'}")
+                     f"annotations {spec.annotations_of(r).name}, part {r.part or '(the only one)'}"
+                     + ("" if r.part_start is None else f" (its clock at 0 at film time {r.part_start:g} s)"))
         lines += [f"    {s}: {p} ({_volumes(p)})" for s, p in r.nii.items()]
         lines += [f"    predictor {k}: {q}" for k, q in r.predictors.items()]
     lines += [f"  feature stream {parse_stream_spec(s).name}: {s}" for s in spec.features]
@@ -496,6 +500,7 @@ def _run_spec(spec:StudySpec, run:StudyRun, tr:float)->RunSpec:
     "The alignment's `RunSpec` of one run (the scan offset in seconds, the annotation part when the alignment takes one)."
     kw = dict(nii=list(run.nii.values()), film_start=run.film_start, film_stop=run.film_stop, scan_offset=run.scan_offset * tr)
     if "part" in {f.name for f in fields(RunSpec)}: kw["part"] = run.part
+    if run.part_start is not None: kw["part_start"] = run.part_start
     return RunSpec(**kw)
 
 def study_inputs(spec:StudySpec, # the study

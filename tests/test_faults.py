@@ -266,3 +266,51 @@ def test_a_stray_dataset_description_says_which_layout_and_why(tmp_path):
     with pytest.raises(ValueError) as e: resolve_study(root)
     msg = str(e.value)
     assert "read as BIDS because it holds dataset_description.json" in msg and "Sherlock-layout" in msg, msg
+
+
+# --- every stream of a TR from the same film time ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_part_study(tmp_path_factory):
+    "A synthetic study of two runs whose annotation table restarts its clock for run 2 (two parts)."
+    from giblet.synthetic import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("parts") / "study", n_subjects=1, n_trs=160, n_runs=2, seed=3,
+                        shape=(8, 10, 8), size=(32, 18))
+
+
+def _annotation_parts(path)->list:
+    "The rows of each part of a synthetic annotation table (the seconds restart at part 2), read with pandas alone."
+    import numpy as np, pandas as pd
+    raw = pd.read_excel(path)
+    cut = [0, *(np.flatnonzero(np.diff(raw["Start Time (s) "].to_numpy()) < 0) + 1), len(raw)]
+    return [raw.iloc[a:b] for a, b in zip(cut[:-1], cut[1:])]
+
+
+@pytest.mark.parametrize("case", ["one part", "part 1 of 2", "part 2 of 2"])
+def test_a_film_start_moves_the_text_with_the_frames(two_part_study, tmp_path, case):
+    "`film_start: 39` with `scan_offset: 23` moved the frames, but each TR's annotation text came from 39 s away."
+    import numpy as np, yaml
+    from giblet.alignment.sync import FeatureParams, plan_run, run_text
+    from giblet.study import _run_spec
+    lay = two_part_study
+    parts, ann = _annotation_parts(lay.annotations), lay.annotations
+    r1, r2 = lay.runs
+    if case == "one part": ann = tmp_path / "part1.csv"; parts[0].to_csv(ann, index=False)
+    if case != "part 2 of 2":   # skip a 39 s opening: the scan began 23 volumes before the segment
+        run, rows, origin = dict(film_start=39.0, film_stop=r1["film_stop"], scan_offset=23, part=1, nii={"s1": str(r1["nii"][0])}), parts[0], 0.0
+    else:                       # skip 9 s of run 2's segment; its part's clock reads 0 where the part starts (`part_start`)
+        run, rows, origin = dict(film_start=r2["film_start"] + 9, scan_offset=0, part=2, part_start=r2["film_start"],
+                                 nii={"s1": str(r2["nii"][0])}), parts[1], r2["film_start"]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(dict(tr=1.5, film=str(lay.film), annotations=str(ann), runs=[run])))
+    spec = read_spec(tmp_path / "study.yaml")
+    (run,) = spec.runs
+    plan = plan_run(spec.film_of(run), spec.annotations_of(run), _run_spec(spec, run, 1.5))
+    g = plan.grid
+    assert g.film_time == run.film_start + (g.first_volume - run.scan_offset) * 1.5
+    film_time = g.film_time + np.arange(g.n_trs) * 1.5           # where each TR's frames and sound are read (`run_video`)
+    _, has_text, texts = run_text(plan, FeatureParams(text_dim=16))
+    start, end = rows["Start Time (s) "].to_numpy(), rows["End Time (s) "].to_numpy()
+    for t, text in zip(film_time - origin, texts):               # the part's own clock at each TR
+        want = set(rows["Scene Details - A Level "][(start < t + 1.5) & (end > t)])
+        assert all(w in text for w in want) and bool(want) == bool(text), (t, want, text)
+    assert has_text.sum() > 30

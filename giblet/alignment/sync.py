@@ -118,7 +118,7 @@ class RunSpec:
     film_stop: float | None = None # film time (s) where it stops
     scan_offset: float = 0.0 # seconds from the scan's start to the segment's start
     part: int | None = None # the annotation part shown in this run (1, 2, ...); None: part run_id + 1
-    part_start: float | None = None # film time (s) where that part's clock reads 0; None: the segment's start (one part: 0)
+    part_start: float | None = None # film time (s) where that part's clock reads 0; None: 0 for part 1 (or a table of one part), else the segment's start
 
 def _check_tr(paths, tr):
     trs = {str(p): read_tr(p) for p in paths}
@@ -130,15 +130,20 @@ def _check_tr(paths, tr):
     return hdr
 
 def _run_part(annotations, run:RunSpec, run_id:int, text_columns=None)->tuple[int, float]:
-    "The annotation part of a run (`run.part`, or part `run_id + 1`, said in the log) and the film time its clock starts."
+    "The annotation part of a run (`run.part`, or part `run_id + 1`, said in the log) and the film time where its clock reads 0."
     n_parts = load_annotations(annotations, text_columns=text_columns).attrs.get("n_parts", 1)
-    start = run.part_start if run.part_start is not None else max(run.film_start, 0.0) if n_parts > 1 else 0.0
-    if run.part is not None: return int(run.part), start
-    part = run_id + 1 if n_parts > 1 else 1
-    if part > n_parts: raise ValueError(f"{annotations}: run {run_id} has no annotation part of its own (the table holds "
-                                        f"{n_parts}); name it with RunSpec.part")
-    logger.info("%s: run %d shows annotation part %d of %d (set RunSpec.part to choose another)",
-                annotations, run_id, part, n_parts)
+    if run.part is not None: part = int(run.part)
+    else:
+        part = run_id + 1 if n_parts > 1 else 1
+        if part > n_parts: raise ValueError(f"{annotations}: run {run_id} has no annotation part of its own (the table holds "
+                                            f"{n_parts}); name it with RunSpec.part")
+        logger.info("%s: run %d shows annotation part %d of %d (set RunSpec.part to choose another)",
+                    annotations, run_id, part, n_parts)
+    if run.part_start is not None: return part, float(run.part_start)
+    if part == 1: return part, 0.0   # the first part (or the only one) runs on the film's own clock, wherever the segment starts
+    start = max(run.film_start, 0.0)
+    logger.info("%s: run %d: part %d's clock is taken to read 0 where the run's segment starts (film time %g s); set part_start "
+                "if the part starts elsewhere", annotations, run_id, part, start)
     return part, start
 
 def _subject_trs(vols, tr, info, run, run_id, min_trs)->list:
