@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NOT_ANNOTATIONS', 'NOT_SUBJECTS', 'NO_TRAIN_RUN', 'STREAMS',
-           'STREAM_PARAMS', 'StudyFiles', 'discover', 'Split', 'block_split', 'Normaliser', 'fit_normaliser',
-           'stream_keys', 'cached_stream', 'stream_folders', 'context_starts', 'StudyTensors', 'ContextDataset',
-           'DeviceLoader', 'default_cache_dir', 'align_study', 'load_study', 'cache_main']
+           'STREAM_PARAMS', 'StudyFiles', 'discover', 'Split', 'block_split', 'block_folds', 'Normaliser',
+           'fit_normaliser', 'stream_keys', 'cached_stream', 'stream_folders', 'context_starts', 'StudyTensors',
+           'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'align_study', 'load_study', 'cache_main']
 
 # %% ../nbs/12_dataset.ipynb #efe36119
 FILM_EXTS = (".m4v", ".mp4", ".mkv", ".avi")
@@ -141,6 +141,20 @@ def block_split(n_trs:int, # number of TRs in the (concatenated) data
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{n_trs} TRs are too few for these blocks with a {gap} s gap ({gap_trs} TRs)")
     return Split(train, val, test)
+
+# %% ../nbs/12_dataset.ipynb #c7d60b9c
+def block_folds(trs, # sorted TR indices of the training block
+                n_folds:int=5, # contiguous validation blocks
+                gap:int=0, # TRs on each side of a validation block left out of its fit
+               )->list: # [(fit positions, validation positions)] into `trs`
+    "Leave-one-block-out folds inside the training block, for himalaya's `cv`."
+    trs, out = np.asarray(trs), []
+    for pos in np.array_split(np.arange(len(trs)), n_folds):
+        fit = np.flatnonzero((trs < trs[pos[0]] - gap) | (trs > trs[pos[-1]] + gap)) if len(pos) else pos
+        if len(pos) < 2 or len(fit) < 2:
+            raise ValueError(f"{len(trs)} training TRs are too few for {n_folds} inner folds with a {gap}-TR gap")
+        out.append((fit, pos))
+    return out
 
 # %% ../nbs/12_dataset.ipynb #f6919975
 NO_TRAIN_RUN = ("pooled", "error") # what `fit_normaliser` does with a run that has no training TRs

@@ -17,17 +17,17 @@ import pandas as pd
 import torch
 
 from .training.metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
+from .dataset import block_folds
 from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'BASELINES', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'fir_delays', 'stimulus_bands', 'Design',
-           'baseline_design', 'block_folds', 'Baselines', 'fit_baselines', 'ZScoredSubjects', 'run_ceiling',
-           'block_bootstrap', 'shift_null', 'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed',
-           'block_resolution', 'voxel_signs', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores',
-           'factor_units', 'factor_table', 'score_table', 'roi_table', 'stack_weights', 'stack', 'model_share',
-           'cv_stack_weights', 'evaluate_run']
+           'baseline_design', 'Baselines', 'fit_baselines', 'ZScoredSubjects', 'run_ceiling', 'block_bootstrap',
+           'shift_null', 'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed', 'block_resolution',
+           'voxel_signs', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores', 'factor_units', 'factor_table',
+           'score_table', 'roi_table', 'stack_weights', 'stack', 'model_share', 'cv_stack_weights', 'evaluate_run']
 
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
@@ -86,19 +86,6 @@ def baseline_design(bands:Mapping, # name -> (n_trs, p) features of the whole se
         z = delay_features((b - m) / np.where(s > 1e-8 * np.maximum(1.0, np.abs(m)), s, 1.0), delays, run_ids)
         xs.append(z.astype(np.float32)); cols[name] = slice(c, c + z.shape[1]); c += z.shape[1]
     return Design(np.concatenate(xs, 1), cols, np.asarray(delays))
-
-def block_folds(trs, # sorted TR indices of the training block
-                n_folds:int=5, # contiguous validation blocks
-                gap:int=0, # TRs on each side of a validation block left out of its fit
-               )->list: # [(fit positions, validation positions)] into `trs`
-    "Leave-one-block-out folds inside the training block, for himalaya's `cv`."
-    trs, out = np.asarray(trs), []
-    for pos in np.array_split(np.arange(len(trs)), n_folds):
-        fit = np.flatnonzero((trs < trs[pos[0]] - gap) | (trs > trs[pos[-1]] + gap)) if len(pos) else pos
-        if len(pos) < 2 or len(fit) < 2:
-            raise ValueError(f"{len(trs)} training TRs are too few for {n_folds} inner folds with a {gap}-TR gap")
-        out.append((fit, pos))
-    return out
 
 # %% ../nbs/33_evaluation.ipynb #1e8974c8
 BASELINES = {"banded_ridge": "himalaya banded ridge", "ridge": "himalaya ridge"}

@@ -69,6 +69,7 @@ class ModelConfig:
     linear_grid:tuple=(4, 4) # linear path: (width, height) cells of its colour and motion grids
     linear_modalities:tuple=MODALITIES # linear path: the modalities whose cheap features it reads
     linear_rank:int=0 # linear path: rank of its read-out into the brain layer (0: full, one weight per feature, kernel and voxel)
+    linear_basis:str="hrf" # linear path: "hrf" (`hrf_basis` HRF-shaped kernels per feature) or "fir" (one delay per TR, the ridge baselines' design)
     # decoder
     decoder_rank:int=16 # rank of the brain -> decoder map (0: full linear)
     decoder_dim:int=32 # decoder width
@@ -92,6 +93,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: linear_delay must be >= 0 s and linear_grid 2 positive cells; got {self.linear_delay}, {self.linear_grid}")
         if not set(self.modalities) <= set(MODALITIES) or not (self.modalities or self.stream_dims):
             raise ValueError(f"ModelConfig.modalities must be a subset of {MODALITIES}, non-empty unless there are streams; got {self.modalities!r}")
+        if self.linear_basis not in ("hrf", "fir"): raise ValueError(f"ModelConfig.linear_basis must be 'hrf' or 'fir', got {self.linear_basis!r}")
         if not 0 <= self.modality_dropout < 1: raise ValueError("ModelConfig.modality_dropout must be in [0, 1)")
         if self.d_model % self.n_heads: raise ValueError("ModelConfig: d_model must be a multiple of n_heads")
         if self.video_dim % self.pool_heads: raise ValueError("ModelConfig: video_dim must be a multiple of pool_heads")
@@ -341,16 +343,18 @@ class TemporalConv(nn.Module):
                  kernel:int, # HRF length in TRs
                  tr:float, # seconds per TR
                  direction:str="causal", # "causal", "anticausal" or "both"
-                 basis:int=2, # kernels per channel
+                 basis:int|str=2, # kernels per channel, HRF-shaped (see `hrf_kernels`); "fir": one delay per tap (`kernel` kernels)
                  out:int|None=None, # output width (None: d)
                 ):
         super().__init__()
         if direction not in ("causal", "anticausal", "both"): raise ValueError(f"unknown direction {direction!r}")
         self.direction, self.kernel = direction, kernel
+        fir = basis == "fir"
+        basis = kernel if fir else basis
         size = 2 * kernel - 1 if direction == "both" else kernel
         self.conv = nn.Conv1d(d, d * basis, size, groups=d, bias=False)
         self.mix = nn.Linear(d * basis, out or d)
-        h = torch.from_numpy(hrf_kernels(tr, kernel, basis))  # (basis, kernel) over lags 0..kernel-1
+        h = torch.eye(kernel) if fir else torch.from_numpy(hrf_kernels(tr, kernel, basis))  # (basis, kernel) over lags 0..kernel-1
         w = torch.zeros(basis, size)
         # conv1d is a correlation: output t reads input t - pad_left + j at tap j
         if direction == "causal": w[:] = h.flip(-1)  # tap j reads lag kernel-1-j
@@ -508,26 +512,28 @@ class StimulusEncoder(nn.Module):
 
 # %% ../../nbs/20_models.encoder.ipynb #b1e7a0c2
 class LinearPath(nn.Module):
-    "Cheap per-TR features (colour and motion grids, mel mean and std, text), standardised, through a causal HRF-initialised FIR into the brain layer."
+    "Cheap per-TR features (colour and motion grids, mel mean and std, text, feature streams), standardised, through a causal HRF-initialised FIR into the brain layer."
     def __init__(self, cfg:ModelConfig, # every size of the model (`linear_delay`, `linear_grid`)
                 ):
         super().__init__()
         gw, gh = cfg.linear_grid
         sizes = dict(video=4 * gw * gh, audio=2 * cfg.n_mels, text=cfg.text_dim)
         self.grid, self.sizes = (gh, gw), {m: sizes[m] for m in MODALITIES if m in cfg.linear_modalities and m in cfg.modalities}
+        self.sizes |= dict(zip(cfg.stream_keys, cfg.stream_dims.values()))   # a feature stream is read as it is
         p = sum(self.sizes.values())
         self.register_buffer("mean", torch.zeros(p)); self.register_buffer("std", torch.ones(p))
         lags = math.ceil(cfg.linear_delay / cfg.tr - 1e-9) + 1   # delays 0 .. linear_delay seconds
         r = cfg.linear_rank
-        self.fir = TemporalConv(p, lags, cfg.tr, "causal", cfg.hrf_basis, out=r or cfg.n_voxels)
+        self.fir = TemporalConv(p, lags, cfg.tr, "causal", "fir" if cfg.linear_basis == "fir" else cfg.hrf_basis, out=r or cfg.n_voxels)
         self.basis = nn.Linear(r, cfg.n_voxels) if r else None   # a low-rank read-out: features -> rank -> voxels
         last = self.basis or self.fir.mix
         nn.init.zeros_(last.weight); nn.init.zeros_(last.bias)
 
     def raw(self, batch:dict, # per the batch contract
-            mods:Sequence[str]=MODALITIES, # modalities present; the others get zeros
+            mods:Sequence[str]|None=None, # modalities (and stream keys) present, the others get zeros; None: all the batch holds
            )->torch.Tensor: # float32 (B, K, p) unstandardised features
         "The cheap features of every TR, as the ridge baseline's `stimulus_features` computes them, on a coarser grid."
+        mods = self.sizes if mods is None else mods
         B, K = batch_size_and_k(batch)
         dev = self.mean.device
         out = []
@@ -556,12 +562,40 @@ class LinearPath(nn.Module):
         mean = s / n; std = (ss / n - mean ** 2).clamp_min(0).sqrt()
         self.mean.copy_(mean); self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
-    def forward(self, batch:dict, # per the batch contract
-                mods:Sequence[str]=MODALITIES, # modalities to use; the others contribute their training mean
-               )->torch.Tensor: # (B, K, n_voxels)
+    def design(self, batch:dict, # per the batch contract
+               mods:Sequence[str]|None=None, # modalities (and stream keys) to use, the others at their training mean; None: all the batch holds
+              )->torch.Tensor: # (B, K, p * hrf_basis) what the read-out weighs: each standardised feature through each HRF kernel
+        "The FIR's basis outputs of the standardised features: the design matrix of the linear path's read-out."
+        mods = self.sizes if mods is None else mods
         z = (self.raw(batch, mods) - self.mean) / self.std
         for a, m in zip(np.cumsum([0, *self.sizes.values()]), self.sizes):   # an absent modality sits at its training mean
             if m not in mods or batch.get(m) is None: z[..., a:a + self.sizes[m]] = 0
-        y = self.fir(z.to(self.fir.mix.weight.dtype))
+        k = self.fir.kernel - 1
+        return self.fir.conv(F.pad(z.to(self.fir.mix.weight.dtype).transpose(1, 2), (k, 0))).transpose(1, 2)
+
+    def forward(self, batch:dict, # per the batch contract
+                mods:Sequence[str]|None=None, # modalities (and stream keys) to use, the others at their training mean; None: all the batch holds
+               )->torch.Tensor: # (B, K, n_voxels)
+        y = self.fir.mix(self.design(batch, mods))
         return y if self.basis is None else self.basis(y)
 
+    @torch.no_grad()
+    def fit_ridge(self, x:torch.Tensor, # (n, p * hrf_basis) design rows (`design`) of training TRs with their whole history
+                  y:torch.Tensor, # (n, n_voxels) the BOLD they predict
+                  folds:list, # [(fit rows, held-out rows)] that choose each voxel's alpha, e.g. `giblet.dataset.block_folds`
+                  alphas:Sequence[float]=tuple(np.logspace(-1, 7, 17)), # candidate penalties
+                 )->np.ndarray: # (n_voxels,) the alpha each voxel chose
+        "Set the read-out to himalaya's ridge of `y` on `x`, each voxel's alpha chosen by the folds: the path becomes a ridge encoding model."
+        if self.basis is not None: raise ValueError("LinearPath.fit_ridge needs the full read-out (linear_rank=0)")
+        from himalaya.backend import get_backend, set_backend
+        from himalaya.ridge import RidgeCV
+        X, Y = x.double().cpu().numpy(), y.double().cpu().numpy()
+        xm, ym = X.mean(0), Y.mean(0)
+        before = get_backend().name
+        set_backend("numpy", on_error="raise")
+        try: fit = RidgeCV(alphas=np.asarray(alphas, np.float64), cv=folds).fit(X - xm, Y - ym)
+        finally: set_backend(before, on_error="raise")
+        coef = np.asarray(fit.coef_, np.float64)                              # (p * hrf_basis, n_voxels)
+        mix = self.fir.mix
+        mix.weight.copy_(torch.as_tensor(coef.T, dtype=mix.weight.dtype)); mix.bias.copy_(torch.as_tensor(ym - xm @ coef, dtype=mix.bias.dtype))
+        return np.asarray(fit.best_alphas_, np.float64)

@@ -84,6 +84,7 @@ class TrainConfig:
     ema: float = 0.95 # per-step decay of a moving average of the weights, which is what is validated and saved (0: off)
     stride: int = 1 # TRs between the starts of training windows
     patience: int = 5 # stop after this many epochs without a better validation r (0: never stop early)
+    ridge_start: bool = False # start from a ridge: the linear path is fitted as himalaya's ridge on the training block (alphas by inner folds) and frozen, the deep path learns its correction from zero, and the start is itself a checkpoint that validation may keep
     amp: bool = True # bf16 autocast on CUDA
     # loss (see `compute_losses`)
     w_fmri: float = 1.0 # weight of the BOLD MSE
@@ -358,6 +359,9 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
     clash = {k: v for k, v in cfg.model_overrides.items() if k in sizes and v != sizes[k]}
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
     mc = ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
+    if cfg.ridge_start:   # unless told otherwise, the ridge the run starts from has the baselines' design: FIR delays 0-12 s
+        mc = replace(mc, linear_delay=mc.linear_delay or 12.0, linear_basis=cfg.model_overrides.get("linear_basis", "fir"))
+    if cfg.ridge_start and mc.linear_rank: raise ValueError(f"ridge_start fits the linear path's full read-out; linear_rank={mc.linear_rank} must be 0")
     for k in ("skip_first", "skip_last"):   # a window with no TR left in a loss gives NaN gradients, not an error
         if getattr(cfg, k) >= mc.context_trs:
             raise ValueError(f"{k}={getattr(cfg, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "

@@ -25,7 +25,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from ..io import DiskFullError, fsync_folder, temp_name, atomic_write as io_atomic_write
-from ..dataset import ContextDataset
+from ..dataset import ContextDataset, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
 from .data import (DATA_OPTIONS, EMBEDDED, HRF_SECONDS, PATH_OPTIONS, PRESET_OVERRIDES, RESUMABLE, WAIT_HOURS, DistInfo,
                                   RunData, StreamTensors, SubjectRows, TrainConfig, check_resumable, embedded_dataset, feature_params,
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'CHECKPOINTS', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'close_distributed',
            'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses',
-           'NonFiniteLoss', 'Trainer', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
+           'ridge_start', 'NonFiniteLoss', 'Trainer', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #4636823f
 class DeviceUnavailable(RuntimeError):
@@ -184,6 +184,30 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
     total = terms.pop("total") + r.pop("total")
     return terms | {k: v for k, v in r.items() if k not in terms} | {"total": total}
 
+# %% ../../nbs/31_training.trainer.ipynb #b4834e67
+@torch.no_grad()
+def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linear_delay > 0`, `fit_scale` done)
+                data:RunData, # the run's data: the ridge sees its training block only
+                n_folds:int=5, # inner leave-block-out folds that choose each voxel's alpha
+               )->np.ndarray: # (n_voxels,) the alphas chosen
+    "Make `model` a ridge encoding model: its linear path fitted as himalaya's ridge on the training block and frozen, its deep path silent until trained."
+    lin, t, train = model.encoder.linear, data.tensors, np.asarray(data.split.train)
+    skip = lin.fir.kernel - 1                                   # the first TRs of a stretch lack their stimulus history
+    cut = np.flatnonzero((np.diff(train) != 1) | (np.diff(t.run[train]) != 0)) + 1
+    xs, ys, rows = [], [], []
+    for s in (s for s in np.split(train, cut) if len(s) > skip):
+        b = t.gather(torch.as_tensor(s[:1], device=t.device), len(s))
+        xs.append(lin.design(b)[0, skip:]); ys.append(t.fmri[:, torch.as_tensor(s[skip:], device=t.device)].float().mean(0)); rows.append(s[skip:])
+    if not xs: raise ValueError(f"ridge_start: no stretch of the training block is longer than the linear path's {skip + 1} TRs")
+    rows = np.concatenate(rows)
+    alphas = lin.fit_ridge(torch.cat(xs), torch.cat(ys), block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)))
+    lin.requires_grad_(False)
+    model.encoder.head.gain.zero_()                             # the deep path adds nothing until it learns a correction
+    logger.info("ridge start: the linear path is a ridge on %d training TRs x %d features (alpha per voxel by %d inner folds: median %.3g, "
+                "range %.3g-%.3g), frozen; the deep path learns its correction from zero", len(rows), xs[0].shape[1], n_folds,
+                np.median(alphas), alphas.min(), alphas.max())
+    return alphas
+
 # %% ../../nbs/31_training.trainer.ipynb #42f89604
 class NonFiniteLoss(FloatingPointError):
     "A loss term or the gradient became NaN or infinite."
@@ -206,6 +230,7 @@ class Trainer:
         if self.model.encoder.linear is not None:  # the linear path's features are standardised with training statistics
             train = data.split.train
             self.model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
+        if cfg.ridge_start: ridge_start(self.model, data)
         torch.manual_seed(cfg.seed + 1 + self.di.rank)  # dropout differs between processes
         self.net = TrainStep(self.model, cfg.decode_from, cfg.detach_brain)
         if self.di.world_size > 1:
@@ -348,6 +373,10 @@ def fit(self:Trainer, until_epoch:int|None=None, # stop after this epoch (as if 
        )->list: # the history: one dict per epoch
     "Train to `cfg.epochs` (or early stop), validating, logging and checkpointing after every epoch."
     stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
+    if self.cfg.ridge_start and self.epoch == 0 and self.best_r == -math.inf:   # the ridge it starts from is a candidate too
+        self.best_r = self.evaluate()["val_voxel_r_mean"]
+        self.save(best=True)
+        if self.di.main: logger.info("epoch 0 (the ridge start): val voxel r %.4f", self.best_r)
     while self.epoch < stop and not self.stopped:
         t0 = time.perf_counter()
         row = self.train_epoch()
