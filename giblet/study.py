@@ -19,11 +19,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import yaml
+from contextlib import contextmanager
 from .io import atomic_write
 
 from .alignment.sync import Aligned, FeatureParams, RunPlan, RunSpec, _run_part, complete_trs, run_audio, run_text, run_video, tr_grid
 from .features import parse_stream_spec, with_model
-from .dataset import ANNOTATION_EXTS, FILM_EXTS, align_study, cache_key, default_cache_dir, discover
+from .dataset import ANNOTATION_EXTS, FILM_EXTS, _plan, align_study, cache_key, default_cache_dir, discover
 from .data.fmri import MaskRule, iter_volumes, load_nifti, read_tr, shared_mask
 from .data.video import video_info
 from .data.tables import read_table
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'TABLE_EXTS', 'is_table', 'StudyRun', 'StudySpec', 'SpecError', 'spec_from_dict', 'spec_to_dict',
            'read_spec', 'write_spec', 'check_spec', 'sherlock_spec', 'bids_spec', 'resolve_study', 'show_study',
-           'plan_subjects', 'spec_mask', 'study_inputs', 'load_spec', 'study_rates', 'table_study', 'study_predictors']
+           'plan_subjects', 'spec_mask', 'study_inputs', 'load_spec', 'study_rates', 'table_study', 'study_predictors',
+           'study_timing', 'show_timing', 'read_label_names', 'atlas_labels']
 
 # %% ../nbs/15_study.ipynb #953967ae
 TABLE_EXTS = (".txt", ".tsv", ".csv") # BOLD given as a table per subject (rows: volumes, columns: regions) instead of a NIfTI
@@ -65,6 +67,8 @@ class StudySpec:
     source: str = "" # where the spec came from (a file, or the folder it was discovered in)
     features: list = field(default_factory=list) # pretrained feature streams, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
     units: list|None = None # with BOLD tables: the name of each column (e.g. its region)
+    atlas: Path|None = None # a label NIfTI on the BOLD grid: each voxel's region (0: none); the report summarises each region
+    atlas_names: Path|None = None # the atlas's region names: a TSV/CSV of label and name, or JSON (label -> name, or a list by label)
 
     @property
     def tables(self)->bool: return is_table(next(iter(self.runs[0].nii.values())))
@@ -73,7 +77,7 @@ class StudySpec:
     def annotations_of(self, run:StudyRun)->Path: return run.annotations or self.annotations
 
 # %% ../nbs/15_study.ipynb #b4da9610
-_TOP = ("tr", "film", "annotations", "mask", "subjects", "runs", "features", "units")
+_TOP = ("tr", "film", "annotations", "mask", "subjects", "runs", "features", "units", "atlas", "atlas_names")
 _RUN = ("name", "nii", "bold", "film", "film_start", "film_stop", "scan_offset", "annotations", "part", "part_start", "predictors")
 
 class SpecError(ValueError):
@@ -174,10 +178,13 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
     if mask is not None and mask != "nonzero": mask = _path(mask, base, "mask", err)
     spec = StudySpec(subjects=subjects, runs=runs, tr=_number(d.get("tr"), "tr", err, positive=True, optional=True),
                      film=_path(d.get("film"), base, "film", err), annotations=_path(d.get("annotations"), base, "annotations", err),
-                     mask=mask, source=str(source), features=_streams(d.get("features"), base, "features", err), units=_units(d.get("units"), err))
+                     mask=mask, source=str(source), features=_streams(d.get("features"), base, "features", err), units=_units(d.get("units"), err),
+                     atlas=_path(d.get("atlas"), base, "atlas", err), atlas_names=_path(d.get("atlas_names"), base, "atlas_names", err))
+    if spec.atlas_names is not None and spec.atlas is None: err("atlas_names", "names without an `atlas` (the label NIfTI they name)")
     if len({is_table(next(iter(r.nii.values()))) for r in runs}) > 1: err("runs", "some runs give NIfTIs and others tables; one kind per study")
     if spec.tables and spec.tr is None: err("tr", "BOLD tables carry no header: give the study's `tr` in seconds")
     if spec.tables and spec.mask is not None: err("mask", "a mask selects voxels of NIfTIs; BOLD tables are already regions")
+    if spec.tables and spec.atlas is not None: err("atlas", "an atlas groups the voxels of NIfTIs; BOLD tables are already regions (name them with `units`)")
     if len({frozenset(r.predictors) for r in runs}) > 1: err("runs", "every run needs the same predictors")
     for i, r in enumerate(runs):
         if spec.film_of(r) is None and not spec.tables: err(f"runs[{i}].film", "no film: give the run's `film` or the study's (a study without a film gives its BOLD as tables under `bold`)")
@@ -198,7 +205,7 @@ def spec_to_dict(spec:StudySpec, # the spec to write
     d = {"tr": spec.tr, "film": rel(spec.film), "annotations": rel(spec.annotations), "mask": rel(spec.mask),
          "subjects": list(spec.subjects), "runs": [{k: v for k, v in run(r).items() if v is not None} for r in spec.runs],
          "features": [with_model(s, rel(model(s))) if os.path.isabs(model(s)) else s for s in spec.features] or None,
-         "units": spec.units}
+         "units": spec.units, "atlas": rel(spec.atlas), "atlas_names": rel(spec.atlas_names)}
     return {k: v for k, v in d.items() if v is not None}
 
 # %% ../nbs/15_study.ipynb #3ee172f6
@@ -252,6 +259,7 @@ def check_spec(spec:StudySpec, # the spec to check
     missing = [f"{what}: {p}" for what, p in
                [("film", spec.film), ("annotations", spec.annotations)] +
                ([("mask", spec.mask)] if spec.mask not in (None, "nonzero") else []) +
+               [("atlas", spec.atlas), ("atlas_names", spec.atlas_names)] +
                [(f"{r.name}.{k}", p) for r in spec.runs for k, p in
                 [("film", r.film), ("annotations", r.annotations), *((f"nii.{s}", q) for s, q in r.nii.items()),
                  *((f"predictors.{k}", q) for k, q in r.predictors.items())]]
@@ -440,6 +448,7 @@ def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accept
         lines += [f"    predictor {k}: {q}" for k, q in r.predictors.items()]
     lines += [f"  feature stream {parse_stream_spec(s).name}: {s}" for s in spec.features]
     if spec.units: lines.append(f"  BOLD columns: {', '.join(spec.units)}")
+    if spec.atlas: lines.append(f"  regions: the labels of {spec.atlas}" + (f", named by {spec.atlas_names}" if spec.atlas_names else ", unnamed (roi K)"))
     return "\n".join(lines)
 
 # %% ../nbs/15_study.ipynb #403b829a
@@ -554,6 +563,21 @@ def _table_plan(spec:StudySpec, run:StudyRun, i:int, tr:float, n_volumes:int, pa
     part, start = _run_part(spec.annotations_of(run), _run_spec(spec, run, tr), i, params.text_columns)
     return RunPlan(film, spec.annotations_of(run), g, list(run.nii.values()), None, i, part, start, end)
 
+def _table_bold(spec:StudySpec, run:StudyRun, width:int|None)->tuple:
+    "A run's tables read (each of `width` columns), every subject cut to the shortest (warned): `(subject -> array, volumes kept)`."
+    bold = {s: read_table(p, len(spec.units) if spec.units else width, "BOLD") for s, p in run.nii.items()}
+    n_vol = min(len(b) for b in bold.values())
+    if n_vol < max(len(b) for b in bold.values()):
+        logger.warning("%s: %s: every subject is cut to %d volumes by the shortest (%s)", spec.source, run.name, n_vol,
+                       ", ".join(f"{s}: {len(b)}" for s, b in bold.items() if len(b) > n_vol))
+    return bold, n_vol
+
+def _table_cuts(spec:StudySpec, run:StudyRun, g, n_vol:int, n:int):
+    "Warn of the volumes of a table run outside its stimulus segment, with counts."
+    if g.first_volume or n_vol - g.first_volume - n:
+        logger.warning("%s: %s: %d volumes before and %d after the stimulus segment are dropped", spec.source, run.name,
+                       g.first_volume, n_vol - g.first_volume - n)
+
 def table_study(spec:StudySpec, # a study whose BOLD are tables (`spec.tables`)
                 params:FeatureParams|None=None, # how the text (and a film, if any) are cut
                )->Aligned: # video and audio None without a film; `units` names the columns; `mask` None
@@ -561,20 +585,14 @@ def table_study(spec:StudySpec, # a study whose BOLD are tables (`spec.tables`)
     params, tr = params or FeatureParams(), check_spec(spec)
     fmri, text, has_text, texts, video, audio, starts, run_ids, volumes, width = [], [], [], [], [], [], [], [], [], None
     for i, r in enumerate(spec.runs):
-        bold = {s: read_table(p, len(spec.units) if spec.units else width, "BOLD") for s, p in r.nii.items()}
+        bold, n_vol = _table_bold(spec, r, width)
         width = next(iter(bold.values())).shape[1]
-        n_vol = min(len(b) for b in bold.values())
-        if n_vol < max(len(b) for b in bold.values()):
-            logger.warning("%s: %s: every subject is cut to %d volumes by the shortest (%s)", spec.source, r.name, n_vol,
-                           ", ".join(f"{s}: {len(b)}" for s, b in bold.items() if len(b) > n_vol))
         plan = _table_plan(spec, r, i, tr, n_vol, params)
         g, n = plan.grid, plan.grid.n_trs
         if plan.film is not None:
             video.append(run_video(plan, params)); audio.append(run_audio(plan, params))
             n = complete_trs(plan, len(video[-1]), len(audio[-1])); video[-1], audio[-1] = video[-1][:n], audio[-1][:n]
-        if g.first_volume or n_vol - g.first_volume - n:
-            logger.warning("%s: %s: %d volumes before and %d after the stimulus segment are dropped", spec.source, r.name,
-                           g.first_volume, n_vol - g.first_volume - n)
+        _table_cuts(spec, r, g, n_vol, n)
         fmri.append(np.stack([b[g.first_volume:g.first_volume + n] for b in bold.values()]))
         e, h, t = run_text(plan, params)
         text.append(e[:n]); has_text.append(h[:n]); texts += t[:n]
@@ -599,3 +617,149 @@ def study_predictors(spec:StudySpec, # the study
             parts.append(a[vol])
         out[k] = np.concatenate(parts)
     return out
+
+# %% ../nbs/15_study.ipynb #1b973e98
+class _Kept(logging.Handler):
+    "Keeps every record it is handed."
+    def __init__(self): super().__init__(logging.INFO); self.records = []
+    def emit(self, record): self.records.append(record)
+
+@contextmanager
+def _kept_logs(name:str="giblet"):
+    "The records giblet's loggers emit inside the block, at INFO and above, kept (not printed: the caller shows them)."
+    lg, h = logging.getLogger(name), _Kept()
+    level, propagate = lg.level, lg.propagate
+    lg.addHandler(h); lg.setLevel(logging.INFO); lg.propagate = False
+    try: yield h.records
+    finally: lg.removeHandler(h); lg.setLevel(level); lg.propagate = propagate
+
+def _no_embedding(texts:list)->np.ndarray: return np.zeros((len(texts), 1), np.float32)   # the texts' cut, not their meaning
+
+def _mask_rule(spec:StudySpec, threshold:float)->str:
+    if spec.tables: return "none: the BOLD are region tables"
+    if spec.mask is None: return (f"the shared mask: voxels with signal (temporal std above the 10th percentile of their scan's; "
+                                  f"in z-scored input, any non-constant voxel) in at least {threshold:.0%} of the scans")
+    if spec.mask == "nonzero": return "'nonzero': voxels never 0 or non-finite in any scan"
+    return f"the non-zero voxels of {spec.mask}"
+
+def study_timing(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
+                 params:FeatureParams|None=None, # how the streams are cut (its annotation columns decide the parts)
+                 drop_short:bool=False, # as `load_spec`: drop short subjects instead of cutting every subject
+                 mask_threshold:float=0.5, # as `load_spec`: for the shared mask, the share of scans a voxel must pass
+                 voxels:bool=True, # count the voxels the mask keeps (the shared mask reads every scan once)
+                )->tuple: # (a DataFrame row per run, a dict: voxels, mask_rule, mask_log, warnings)
+    "Every run's resolved timing, planned as `load_spec` plans it (`plan_run`, `tr_grid`) with nothing decoded or cached, and every warning that a first cache build would log."
+    if not isinstance(spec, StudySpec): spec = resolve_study(spec)
+    params, tr = params or FeatureParams(), check_spec(spec)
+    rows, n_vox, mask_log = [], None, []
+    with _kept_logs() as logs:
+        if spec.tables:
+            width = None
+            for i, r in enumerate(spec.runs):
+                bold, n_vol = _table_bold(spec, r, width)
+                width = next(iter(bold.values())).shape[1]
+                p = _table_plan(spec, r, i, tr, n_vol, params)
+                _table_cuts(spec, r, p.grid, n_vol, p.grid.n_trs)
+                rows.append((r, p, n_vol))
+            n_vox = width
+        else:
+            spec = plan_subjects(spec, tr, drop_short)
+            plans = _plan([(spec.film_of(r), spec.annotations_of(r), _run_spec(spec, r, tr)) for r in spec.runs], tr, params)
+            rows = [(r, p, min(load_nifti(q, ndim=4).shape[3] for q in p.nii)) for r, p in zip(spec.runs, plans)]
+        text = [run_text(p, params, _no_embedding)[1].sum() for _, p, _ in rows]   # the annotations cut as the cache cuts them
+    said = lambda keep: list(dict.fromkeys(rec.getMessage() for rec in logs if keep(rec.levelno)))
+    warnings, notes = said(lambda l: l >= logging.WARNING), said(lambda l: l < logging.WARNING)
+    if voxels and not spec.tables:
+        with _kept_logs() as logs:
+            mask = (shared_mask([p for r in spec.runs for p in r.nii.values()], threshold=mask_threshold) if spec.mask is None
+                    else spec_mask(spec, mask_threshold))
+        n_vox, mask_log = int(np.count_nonzero(np.asarray(mask.dataobj))), [rec.getMessage() for rec in logs]
+        warnings += said(lambda l: l >= logging.WARNING)
+    table = pd.DataFrame([dict(run=r.name, volumes=n_vol, first_volume=p.grid.first_volume, last_volume=p.grid.first_volume + p.grid.n_trs - 1,
+                               trs=p.grid.n_trs, film_first_s=p.grid.film_time, film_last_s=p.grid.film_time + (p.grid.n_trs - 1) * tr,
+                               annotations=Path(p.annotations).name, part=p.part, part_start_s=p.part_start, text_trs=int(t))
+                          for (r, p, n_vol), t in zip(rows, text)])
+    return table, dict(voxels=n_vox, units="regions" if spec.tables else "voxels", mask_rule=_mask_rule(spec, mask_threshold),
+                       mask_log=mask_log, warnings=warnings, notes=notes)
+
+def show_timing(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
+                params:FeatureParams|None=None, # how the streams are cut
+                **kwargs, # `study_timing` options (drop_short, mask_threshold, voxels)
+               )->str: # what `giblet-train --show-study` prints below the study
+    "The resolved timing as text: a row per run (TRs kept, the film time of the first and last kept volume, the annotation part), the voxels the mask keeps, and every warning."
+    table, info = study_timing(spec, params, **kwargs)
+    lines = ["resolved timing (film times are the starts of the kept volumes' TR windows; nothing is decoded or cached):",
+             *("  " + l for l in table.to_string(index=False, float_format=lambda v: f"{v:.2f}").splitlines()),
+             f"  {info['units']}: {'not counted' if info['voxels'] is None else info['voxels']}; mask: {info['mask_rule']}"]
+    lines += [f"    {m}" for m in info["mask_log"]] + [f"  note: {m}" for m in info["notes"]]
+    lines += [f"  warning: {w}" for w in info["warnings"]] or ["  no warnings"]
+    return "\n".join(lines)
+
+# %% ../nbs/15_study.ipynb #b3cf3f65
+_LABEL_COLS, _NAME_COLS = ("index", "label_index", "value", "id", "label"), ("name", "label_name", "region", "roi", "label", "abbreviation")
+
+def _names_table(path:Path)->list:
+    "(label, name) pairs of a TSV/CSV (a header naming the columns, or none: label, then name) or a whitespace .txt (label name...)."
+    if path.suffix.lower() == ".txt":
+        rows = [l.strip().split(None, 1) for l in path.read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
+        return [(r[0], r[1] if len(r) > 1 else "") for r in rows]
+    df = pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t", header=None, dtype=str, keep_default_na=False)
+    if df.empty: return []
+    if not re.fullmatch(r"\s*-?\d+(\.0*)?\s*", df.iat[0, 0]):           # a header row: find the label and name columns by name
+        head = [str(c).strip().lower() for c in df.iloc[0]]
+        lab = next((head.index(c) for c in _LABEL_COLS if c in head), 0)
+        name = next((head.index(c) for c in _NAME_COLS if c in head and head.index(c) != lab), 1 if lab != 1 else 0)
+        df = df.iloc[1:]
+    else: lab, name = 0, 1
+    if df.shape[1] < 2: raise ValueError(f"{path}: expected a label and a name on every row, got {df.shape[1]} column")
+    return list(zip(df.iloc[:, lab], df.iloc[:, name]))
+
+def read_label_names(path:str|Path, # TSV/CSV (label and name: BIDS `index`/`name` columns, or two plain columns), .txt (label name), or JSON (label -> name, or a list by label)
+                    )->dict: # int label -> name
+    "The names of an atlas's labels; a label that is not a whole number, given twice, or without a name is refused, naming the file."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such atlas names file")
+    if path.suffix.lower() == ".json":
+        try: d = json.loads(path.read_text())
+        except ValueError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(d, list): pairs = list(enumerate(d))
+        elif isinstance(d, dict): pairs = list(d.items())
+        else: raise ValueError(f"{path}: expected a mapping of label -> name, or a list of names by label; got {type(d).__name__}")
+    else: pairs = _names_table(path)
+    out = {}
+    for k, v in pairs:
+        try: lab = int(float(k)); assert lab == float(k)
+        except (ValueError, TypeError, AssertionError): raise ValueError(f"{path}: label {k!r} is not a whole number") from None
+        if not str(v).strip(): raise ValueError(f"{path}: label {lab} has no name")
+        if lab in out: raise ValueError(f"{path}: label {lab} is named twice ({out[lab]!r}, {v!r})")
+        out[lab] = str(v).strip()
+    if not out: raise ValueError(f"{path}: names no label")
+    return out
+
+def atlas_labels(atlas:str|Path|nib.Nifti1Image, # a 3-D label NIfTI (whole numbers; 0: no region) on the BOLD grid
+                 mask:nib.Nifti1Image, # the study's voxel mask (`Aligned.mask`): the model's voxels
+                 names:str|Path|dict|None=None, # the labels' names: a file for `read_label_names`, a dict, or None ("roi K")
+                )->tuple: # (int32 (n_voxels,) each model voxel's label in the mask's C order, {label: name} of the labels it holds)
+    "Each model voxel's region in an atlas on the BOLD grid, and the names of the regions the mask holds."
+    where = atlas if isinstance(atlas, (str, os.PathLike)) else "the atlas"
+    img = load_nifti(atlas, ndim=3) if isinstance(atlas, (str, os.PathLike)) else atlas
+    a = np.asarray(img.dataobj)
+    a = a[..., 0] if a.ndim == 4 and a.shape[3] == 1 else a
+    m = np.asarray(mask.dataobj) != 0
+    if a.shape != m.shape or not np.allclose(img.affine, mask.affine, atol=1e-3):
+        raise ValueError(f"{where}: its grid {a.shape} or affine differs from the BOLD's {m.shape}; resample it onto a scan first "
+                         "(nilearn.image.resample_to_img(atlas, scan, interpolation='nearest'))")
+    if not np.isfinite(a).all() or not np.allclose(a, np.round(a)):
+        raise ValueError(f"{where}: an atlas holds whole-number labels; this holds fractions (a probabilistic map? take its argmax)")
+    labels = np.round(a[m]).astype(np.int32)
+    present = sorted(int(k) for k in np.unique(labels) if k > 0)
+    if not present: raise ValueError(f"{where}: no labelled voxel lies in the study's mask ({int(m.sum())} voxels)")
+    if names is None: named = {k: f"roi {k}" for k in present}
+    else: named = dict(names) if isinstance(names, dict) else read_label_names(names)
+    missing = [k for k in present if k not in named]
+    if missing: raise ValueError(f"{names}: no name for label(s) {missing[:10]}{' ...' if len(missing) > 10 else ''} of {where}")
+    empty = sorted(set(int(k) for k in np.unique(a) if k > 0) - set(present))
+    if empty: logger.warning("%s: %d regions have no voxel in the study's mask: %s", where, len(empty),
+                             ", ".join(named.get(k, f"roi {k}") for k in empty[:10]) + (" ..." if len(empty) > 10 else ""))
+    logger.info("%s: %d regions over %d of the mask's %d voxels", where, len(present), int((labels > 0).sum()), len(labels))
+    return labels, {k: named[k] for k in present}

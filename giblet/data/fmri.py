@@ -225,8 +225,10 @@ def _mask_from_stats(stats:list, names:list, affine, threshold, percentile, brai
     keep = inside & ~bad & (count >= need)
     if not keep.any(): raise ValueError(f"no voxel passes in {threshold:.0%} of the subjects: {', '.join(names)}")
     removed = [f"{int((~inside).sum())} outside {what}"] if what else []
-    removed += [f"{int((inside & bad).sum())} NaN or infinite",
-                f"{int((inside & ~bad & (count < need)).sum())} not {' or '.join(sorted(rules))} in {need} of the subjects"]
+    fail = " or ".join(sorted("constant" if r == "non-constant" else r.replace("std above", "with std at or below") for r in rules))
+    removed += [f"{int((inside & bad).sum())} NaN or infinite",   # a voxel is kept when it passes in `need` subjects: dropped when it fails in the rest
+                f"{int((inside & ~bad & (count < need)).sum())} {fail}" + ("" if len(stats) == 1 else f" in all {len(stats)} subjects" if need == 1
+                                                               else f" in {len(stats) - need + 1} or more of the {len(stats)} subjects")]
     logger.info(f"shared mask: {int(keep.sum())} of {keep.size} voxels kept from {len(stats)} subjects; removed: "
                 + ", ".join(removed))
     mask = nib.Nifti1Image(keep.astype(np.uint8), affine)

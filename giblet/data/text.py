@@ -10,6 +10,7 @@ import importlib
 import logging
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from functools import lru_cache
@@ -94,7 +95,9 @@ def _read_table(path: Path, sheet_name) -> pd.DataFrame:
                          f"expected one of {', '.join(ANNOTATION_SUFFIXES)} (save .xls or .ods files as .xlsx)")
     try:
         if suffix in (".xlsx", ".xlsm"):
-            raw = pd.read_excel(path, sheet_name=sheet_name, engine="openpyxl", dtype=object)
+            with warnings.catch_warnings():   # openpyxl says it on every load of a sheet with data validation or the like
+                warnings.filterwarnings("ignore", message="Unknown extension is not supported", category=UserWarning, module="openpyxl")
+                raw = pd.read_excel(path, sheet_name=sheet_name, engine="openpyxl", dtype=object)
         else:
             raw = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=object, skip_blank_lines=False)
     except Exception as e:
