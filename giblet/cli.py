@@ -10,6 +10,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,23 +22,24 @@ from fastcore.script import anno_parser, store_true
 
 from contextlib import contextmanager
 
-from .dataset import default_cache_dir
+from .dataset import block_folds, default_cache_dir
 from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fingerprint_changes, input_fingerprint
-from .evaluation import headline_words, stimulus_bands, truth_columns
+from .evaluation import fit_baselines, headline_words, stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study
 from .training.trainer import (checkpoint_folder, close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
                                      write_json)
+from .training.data import run_split
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'RUN_FILES', 'INPUTS', 'USER_ERRORS', 'MANY', 'HEADLINE', 'run_folder', 'check_inputs', 'check_out_dir',
-           'check_run_plan', 'run_training', 'parse_sets', 'train_config', 'train_main', 'cli_args', 'giblet_train',
-           'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook', 'sweep_main',
-           'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
+           'check_run_plan', 'check_study_size', 'run_training', 'parse_sets', 'train_config', 'train_main', 'cli_args',
+           'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook',
+           'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #39d54600
 RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
@@ -95,6 +97,36 @@ def check_run_plan(cfg:TrainConfig, # the run's options
         raise ValueError(f"--out {out} is inside the study folder {study}: the run's files would join the study in later "
                          "runs; choose a run folder outside it")
 
+def _report_gap(n_trs:int, # TRs in the study
+                tr:float, # seconds per TR
+                cfg:TrainConfig, # the run's blocks (val_frac, test_frac, gap, n_folds)
+                baseline:bool, # the report fits the himalaya baselines
+               )->str|None: # why the report cannot be written; None: it can
+    "What a study of `n_trs` TRs lacks for the report: its blocks (every outer fold's), or the baselines' inner folds in the training block."
+    p = inspect.signature(fit_baselines).parameters
+    try:
+        for k in range(cfg.n_folds or 1):
+            sp = run_split(n_trs, tr, TrainConfig.from_dict(cfg.to_dict() | {"fold": k}) if cfg.n_folds else cfg)
+            if len(sp.test) < 2: return f"{len(sp.test)} test TRs are left after the {cfg.gap:g} s gaps; the report needs 2"
+            if baseline: block_folds(sp.train, p["n_folds"].default, math.ceil(p["cv_gap"].default / tr - 1e-9))
+    except ValueError as e: return str(e)
+    return None
+
+def check_study_size(n_trs:int, # TRs in the study
+                     tr:float, # seconds per TR
+                     cfg:TrainConfig, # the run's options
+                     baseline:bool=True, # the report fits the himalaya baselines
+                    ):
+    "Refuse, before training, a study too short to end in a report, saying the smallest study that would (and without the baselines)."
+    why = _report_gap(n_trs, tr, cfg, baseline)
+    if why is None: return
+    least = lambda b: next((n for n in range(n_trs + 1, 20 * n_trs + 5000) if _report_gap(n, tr, cfg, b) is None), None)
+    need, bare = least(baseline), least(False) if baseline else None
+    name = cfg.study or cfg.data_dir or "the embedded study"
+    raise ValueError(f"{name}: {n_trs} TRs ({n_trs * tr:g} s) are too few for a run that ends in a report ({why}); the smallest study "
+                     f"that works with these options has {need} TRs" + (f", {bare} with --no-baseline" if bare and bare < need else "")
+                     + "; nothing was trained")
+
 # %% ../nbs/50_cli.ipynb #8a44d9b4
 def _train_one(cfg:TrainConfig, # the run's options
                out_dir:str|Path, # the run folder
@@ -135,6 +167,7 @@ def _train_in(cfg:TrainConfig, # the run's options
         return now
     inputs = main_first(di, checked)
     data = prepare_data(cfg, device, di)
+    check_study_size(data.aligned.n_trs, data.aligned.tr, cfg, baseline)   # before training: a short study fails now, not after it
     trainer = Trainer(data, cfg, out, di)
     if resume: trainer.resume()
     if di.main:
@@ -149,8 +182,12 @@ def _train_in(cfg:TrainConfig, # the run's options
     al = data.aligned   # each feature stream is one more band of the banded ridge
     bands = (stimulus_bands(al.video, al.audio, al.text, al.has_text, extra={stream_key(n): a for n, a in data.streams.items()})
              if data.streams else None)
-    m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size},
-                     bands=bands)
+    try: m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size},
+                          bands=bands)
+    except Exception:   # the training is kept: say where, and how to write the report again without training
+        logger.error("%s: the training finished and its checkpoints are kept in %s, but the report failed; once the cause below is "
+                     "fixed, giblet-train --resume --out %s writes the report without training again", out, out / "checkpoints", out)
+        raise
     r4 = lambda v: "none" if v is None else f"{v:.4f}"
     logger.info("test voxel r %.4f over %s; banded ridge %s: %s; stacked with the banded ridge %s: %s%s", m["test_voxel_r_selected"],
                 m["headline"]["voxels"], r4(m.get("banded_ridge_test_voxel_r_selected")), m["verdict"] or "no baseline",
@@ -165,6 +202,7 @@ def run_training(cfg:TrainConfig, # the run's options
                  figures:bool=True, # write the figures
                 )->dict: # the metrics written to metrics.json
     "Train a model (or resume one) and write its test-block report; every problem found before training leaves the folder untouched."
+    check_run_plan(cfg, out_dir)
     if not cfg.n_folds: return _train_one(cfg, out_dir, resume, baseline, figures)
     out, ms = Path(out_dir), []
     if not resume and (out / "metrics.json").exists(): check_out_dir(out)

@@ -260,6 +260,7 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
                         f"layer and from measured fMRI: each score with its block-bootstrap 95 % CI, beside a null whose brain input is "
                         f"circularly shifted by at least {d['min_shift_s']:g} s (its mean and 95th percentile, the empirical p) and chance:", "",
                         _md_table(pd.DataFrame(d["scores"]).set_index("source")), ""]
+    if r := m.get("reconstructions"): lines += [f"Reconstructions: not drawn ({r['skipped']}).", ""]
     return "\n".join(lines)
 
 # %% ../nbs/35_report.ipynb #14c4b032
@@ -314,6 +315,11 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
     m = ev["metrics"] | {"epochs": len(h), "best_epoch": trainer.best_epoch, "stopped_early": trainer.stopped,
                          "train_seconds": float(sum(r["seconds"] for r in h))} | (extra or {})
     dec = _report_decoding(trainer, m, kwargs.get("n_boot", 1000), kwargs.get("seed", 0)) if decoding else None
+    seg, window = longest_stretch(trainer.data.split.test, trainer.data.tensors.run), trainer.model.config.context_trs
+    if al.video is not None and al.audio is not None and len(seg) < window:   # a short test block: no figure, and report.md says why
+        m["reconstructions"] = dict(skipped=f"the test block's longest stretch within one run has {len(seg)} TRs, fewer than the "
+                                            f"model's window of {window}")
+        logger.warning("no reconstructions figure: %s", m["reconstructions"]["skipped"])
     for name, pred in (("test_pred", ev["preds"]["model"]), ("val_pred", val_pred)): write_map(out, name, pred, al)
     if al.mask is not None:
         atomic_write(out / "mask.nii.gz", lambda f: f.write(_nii_bytes(nib.Nifti1Image(np.asarray(al.mask.dataobj, np.uint8), al.mask.affine))))
@@ -326,7 +332,7 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
     if figures:
         figs = {"loss_curves": lambda: plot_history(h), "voxel_r_hist": lambda: plot_r_hist(ev["scores"], ev["ceiling"]),
                 **({"voxel_r_glass_brain": lambda: plot_r_brain(ev["scores"]["model"], al.mask)} if al.mask is not None else {}),
-                **({"reconstructions": lambda: plot_reconstructions(trainer, trainer.data.split.test)} if al.video is not None and al.audio is not None else {})}
+                **({"reconstructions": lambda: plot_reconstructions(trainer, trainer.data.split.test)} if al.video is not None and al.audio is not None and "reconstructions" not in m else {})}
         if dec is not None: figs["decoding"] = lambda: plot_decoding(dec)
         if ev["split_r2"] is not None:
             figs["modality_map"] = lambda: plot_modality(ev["split_r2"], ev["bands"], ev["roi"], ev["roi_names"])

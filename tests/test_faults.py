@@ -314,3 +314,49 @@ def test_a_film_start_moves_the_text_with_the_frames(two_part_study, tmp_path, c
         want = set(rows["Scene Details - A Level "][(start < t + 1.5) & (end > t)])
         assert all(w in text for w in want) and bool(want) == bool(text), (t, want, text)
     assert has_text.sum() > 30
+
+
+# --- a study too short for the report ----------------------------------------------------------------------------------
+
+def test_run_training_refuses_test_frac_0_before_reading_the_study(tmp_path, monkeypatch):
+    "Only the command line refused it; `run_training` from Python trained fully and then had no test block to report."
+    from giblet.training.trainer import TrainConfig
+    monkeypatch.setattr(cli, "prepare_data", lambda *a, **k: pytest.fail("read the study"))
+    with pytest.raises(ValueError, match="test_frac=0 leaves no test block"): cli.run_training(TrainConfig(test_frac=0.0), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_study_size_says_the_smallest_study(capsys):
+    from giblet.training.trainer import TrainConfig
+    cfg = TrainConfig()
+    cli.check_study_size(400, 1.5, cfg)                                   # long enough: nothing said
+    with pytest.raises(ValueError) as e: cli.check_study_size(120, 1.5, cfg)
+    msg = str(e.value)
+    assert "120 TRs (180 s) are too few" in msg and "inner folds" in msg and "--no-baseline" in msg, msg
+    need = int(msg.split("has ")[1].split(" TRs")[0])
+    cli.check_study_size(need, 1.5, cfg)                                 # the size it names works, one TR less does not
+    with pytest.raises(ValueError): cli.check_study_size(need - 1, 1.5, cfg)
+    with pytest.raises(ValueError, match="test TRs are left after the"): cli.check_study_size(100, 1.5, cfg, baseline=False)
+
+
+@pytest.fixture(scope="module")
+def short_study(tmp_path_factory):
+    "A 120-TR synthetic study (the tiny preset's length): 2 test TRs are left after the gaps."
+    from giblet.synthetic import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("short") / "study", n_subjects=2, n_trs=120, seed=4, shape=(8, 10, 8), size=(32, 18))
+
+
+def test_a_short_study_is_refused_before_training_or_reported_without_decoding(short_study, tmp_path, capsys, monkeypatch):
+    "A study under about 190 TRs trained fully, then died writing the report (`decode_series: 2 TRs are fewer than the model's window of 16`)."
+    from giblet.training.trainer import Trainer
+    args = ["--data-dir", str(short_study.root), "--preset", "tiny", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--device", "cpu"]
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", lambda self, *a, **k: pytest.fail("trained"))
+        code, err = _exit(cli.giblet_train, args + ["--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "120 TRs" in err and "smallest study" in err, err
+    assert not (tmp_path / "a").exists()
+    cli.giblet_train(args + ["--out", str(tmp_path / "b"), "--no-baseline"])   # without the baselines a report is written
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "Decoding: not scored" in report and "Reconstructions: not drawn" in report, report
+    assert (tmp_path / "b" / "metrics.json").is_file() and not (tmp_path / "b" / "figures" / "reconstructions.png").exists()
