@@ -27,7 +27,9 @@ from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fing
 from .evaluation import fit_baselines, headline_words, stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
-from .study import show_study as describe_study
+from .study import show_study as describe_study, show_timing, study_rates
+from .training.data import feature_params
+from .io import no_bar
 from .training.trainer import (checkpoint_folder, close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
                                      write_json)
@@ -37,9 +39,10 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'RUN_FILES', 'INPUTS', 'USER_ERRORS', 'MANY', 'HEADLINE', 'run_folder', 'check_inputs', 'check_out_dir',
-           'check_run_plan', 'check_study_size', 'run_training', 'parse_sets', 'train_config', 'train_main', 'cli_args',
-           'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook',
-           'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
+           'check_run_plan', 'check_study_size', 'default_threads', 'use_threads', 'run_training', 'parse_sets',
+           'train_config', 'train_main', 'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache',
+           'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main',
+           'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #39d54600
 RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
@@ -127,6 +130,30 @@ def check_study_size(n_trs:int, # TRs in the study
                      f"that works with these options has {need} TRs" + (f", {bare} with --no-baseline" if bare and bare < need else "")
                      + "; nothing was trained")
 
+# %% ../nbs/50_cli.ipynb #1e741e1d
+def default_threads()->int:
+    "The CPU threads a run takes when not told: OMP_NUM_THREADS when set, else half the CPUs this process may use (at least 1), leaving room for another job."
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0: return int(env)
+    try: n = len(os.sched_getaffinity(0))
+    except AttributeError: n = os.cpu_count() or 1   # no affinity on this platform
+    return max(1, n // 2)
+
+def use_threads(n:int|None=None, # CPU threads (None: `default_threads()`)
+               )->int: # the number set
+    "Limit torch's CPU threads and the BLAS libraries' (through threadpoolctl when installed; else only those that read OMP_NUM_THREADS when they load) to `n`."
+    n = default_threads() if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"--threads must be a whole number >= 1, got {n!r}")
+    torch.set_num_threads(n)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.environ[k] = str(n)   # and this run's child processes
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+        how = "torch and BLAS (threadpoolctl)"
+    except ImportError: how = "torch (without threadpoolctl, BLAS libraries already loaded keep their own count)"
+    logger.info("%d CPU threads for %s", n, how)
+    return n
+
 # %% ../nbs/50_cli.ipynb #8a44d9b4
 def _train_one(cfg:TrainConfig, # the run's options
                out_dir:str|Path, # the run folder
@@ -135,6 +162,7 @@ def _train_one(cfg:TrainConfig, # the run's options
                figures:bool, # write the figures
               )->dict: # the metrics
     "One training run and its report (see `run_training`)."
+    cfg = TrainConfig.from_dict(cfg.to_dict() | {"threads": use_threads(cfg.threads)})   # the number used goes into config.json
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     di = init_distributed(device)
     try:
@@ -292,15 +320,20 @@ def train_main(data_dir:str=None, # the study folder (Sherlock layout or BIDS); 
                config:str=None, # more TrainConfig fields: a JSON file or a JSON object
                set:str=None, # one TrainConfig field as KEY=VALUE (VALUE read as JSON when it parses); repeat for more
                no_baseline:store_true=False, # skip the himalaya baselines
+               atlas:str=None, # a label NIfTI on the BOLD grid (0: no region): the report gets a row per region (default: the spec's atlas)
+               atlas_names:str=None, # the atlas's region names: TSV/CSV of index and name, or JSON label -> name
+               threads:int=None, # CPU threads for torch and BLAS (default: half the CPUs, or OMP_NUM_THREADS when set)
               )->dict: # the metrics written to OUT/metrics.json
     "Train a giblet model and write OUT/metrics.json, report.md, test_pred.nii.gz, val_pred.nii.gz, config.json, checkpoints/ and figures/."
     sets = set if isinstance(set, list) else None if set is None else [set]
     cfg = train_config(data_dir, out, resume, config, sets, epochs=epochs, device=device, seed=seed, preset=preset,
                        batch_size=batch_size, lr=lr, cache_dir=cache_dir, n_folds=n_folds, study=study, film=film,
                        annotations=annotations, film_start=film_start,
-                       features=[features] if isinstance(features, str) else features)
-    if show_study:
-        print(describe_study(study_spec(cfg)))
+                       features=[features] if isinstance(features, str) else features, atlas=atlas, atlas_names=atlas_names,
+                       threads=threads)
+    if show_study:   # the study, then its timing as the first cache build will resolve it (nothing is decoded or cached)
+        spec = study_spec(cfg)
+        print(describe_study(spec)); print(show_timing(spec, feature_params(cfg, *study_rates(spec)), drop_short=cfg.drop_short))
         return {}
     check_run_plan(cfg, out)
     m = run_training(cfg, out, resume=resume, baseline=not no_baseline)
@@ -446,7 +479,7 @@ def sweep_main(grid:str, # YAML or JSON file: parameter -> list of values
     points, out = expand_grid(spec), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, p in enumerate(tqdm(points, desc="sweep", unit="run")):
+    for i, p in enumerate(tqdm(points, desc="sweep", unit="run", disable=no_bar(True))):
         run = out / f"run_{i:03d}"
         row = {"run": run.name, **p}
         try:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .io import no_bar
 from .io import (StreamedArray, atomic_write, cache_key, cache_manifest, clean_leftovers, input_fingerprint,
                        load_arrays, save_arrays)
 from .alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, check_same_subjects, complete_trs, plan_run, run_audio, run_text,
@@ -263,7 +264,7 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
     center, scale = np.zeros((n_sub, n_vox), np.float32), np.ones((n_sub, n_vox), np.float32)
     step = max(1, 2**22 // max(n_trs, 1))   # voxels per statistics block: float64 temporaries of 32 MB, not a subject's
     def subjects():
-        for s in tqdm(range(n_sub), desc="cache fMRI", disable=not show_progress):
+        for s in tqdm(range(n_sub), desc="cache fMRI", disable=no_bar(show_progress)):
             x = np.asarray(fmri[s], dtype=np.float32)  # one subject (read now if `fmri` is lazy), scaled in place
             if not (x.flags.owndata and x.flags.writeable): x = x.copy()    # never scale the caller's array
             for v in range(0, n_vox, step):
@@ -336,7 +337,7 @@ def _build_stream(name:str, plans, params, mask, root:Path, progress:bool):
         return (dict(text=np.concatenate([t for t, _, _ in runs]).astype(np.float32), has_text=np.concatenate([h for _, h, _ in runs])),
                 dict(lengths=[len(t) for t, _, _ in runs], texts=[s for _, _, x in runs for s in x]), lambda: None)
     cut = run_video if name == "video" else run_audio
-    runs = [cut(r, params) for r in tqdm(plans, desc=name, disable=not progress or len(plans) == 1)]
+    runs = [cut(r, params) for r in tqdm(plans, desc=name, disable=no_bar(progress and len(plans) > 1))]
     lengths = [len(a) for a in runs]
     a = runs[0] if len(runs) == 1 else np.concatenate(runs); del runs
     if name == "audio": a = a.astype(np.float16)

@@ -23,11 +23,12 @@ from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, atomic
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'BASELINES', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'fir_delays', 'stimulus_bands', 'Design',
-           'baseline_design', 'Baselines', 'fit_baselines', 'ZScoredSubjects', 'run_ceiling', 'block_bootstrap',
-           'shift_null', 'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed', 'block_resolution',
-           'voxel_signs', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores', 'factor_units', 'factor_table',
-           'score_table', 'roi_table', 'stack_weights', 'stack', 'model_share', 'cv_stack_weights', 'evaluate_run']
+__all__ = ['logger', 'BASELINES', 'PRESHIFT_WARNING', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'fir_delays', 'stimulus_bands',
+           'Design', 'baseline_design', 'Baselines', 'weight_by_delay', 'lag_summary', 'fit_baselines',
+           'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null', 'verdict', 'compare', 'difference_words',
+           'headline_words', 'trs_needed', 'block_resolution', 'voxel_signs', 'truth_columns', 'truth_rows',
+           'truth_block', 'truth_scores', 'factor_units', 'factor_table', 'score_table', 'roi_table', 'stack_weights',
+           'stack', 'model_share', 'cv_stack_weights', 'evaluate_run']
 
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
@@ -122,6 +123,46 @@ class Baselines:
         y = b.asarray(y - y.mean(0), dtype=split.dtype)  # R² about the block's own mean, as `voxel_r2`: offsets aside
         return b.to_numpy(r2_score_split(y, split - split.mean(1, keepdims=True))).astype(np.float32)
 
+# %% ../nbs/33_evaluation.ipynb #6334a498
+def weight_by_delay(model, # the fitted banded ridge: a pipeline of himalaya's ColumnKernelizer and MultipleKernelRidgeCV on linear kernels
+                    design:Design, # its design (bands, delays)
+                    backend, # the himalaya backend it was fitted on
+                   )->dict: # band -> float64 (n_delays,) its share of the squared primal weights at each delay; 'all': pooled over bands
+    "Where the banded ridge puts its weight in time: the squared norm of its primal weights at each FIR delay, per band and pooled, as shares."
+    coefs = model[-1].get_primal_coef(model[0].get_X_fit())
+    per = {k: (backend.to_numpy(w).astype(np.float64) ** 2).reshape(len(design.delays), -1).sum(1) for k, w in zip(design.bands, coefs)}
+    total = sum(per.values())
+    share = lambda e: e / e.sum() if e.sum() > 0 else np.full(len(e), np.nan)
+    return {k: share(e) for k, e in per.items()} | {"all": share(total)}
+
+PRESHIFT_WARNING = ("the banded ridge's weight peaks at a stimulus-BOLD delay of {peak:g} s ({share:.0%} of it; a haemodynamic response "
+                    "peaks 4-6 s after its stimulus): the BOLD looks shifted earlier than the stimulus, as in releases that pre-shift it to "
+                    "line up with annotations (the Sherlock tutorial kits: 3 TRs earlier). A causal model cannot use a response that comes "
+                    "before its stimulus: give each run its scan_offset in the study spec (there: scan_offset: -3)")
+
+def lag_summary(model, # the fitted banded ridge
+                design:Design, # its design
+                backend, # the himalaya backend
+                tr:float, # seconds per TR
+                n_trs:int, # training TRs it was fitted on
+                clear:float=1.25, # a peak counts when its share is at least this many times a flat profile's (1 / n_delays)
+                min_trs:int=100, # fewer training TRs than this: too noisy a profile to judge (on synthetic studies of 60-70 training TRs, unshifted BOLD peaked at 0 s as clearly as shifted BOLD)
+               )->dict: # delays_s, weight_share (pooled), peak_s, peak_over_flat, band_peak_s, preshifted
+    "The banded ridge's weight over its delays and where it peaks; a clear peak at or before 0 s is warned of (pre-shifted BOLD, see `PRESHIFT_WARNING`)."
+    w = weight_by_delay(model, design, backend)
+    secs = design.delays * tr
+    peak = lambda s: None if np.isnan(s).all() else float(secs[int(np.nanargmax(s))])
+    over = None if np.isnan(w["all"]).all() else float(np.nanmax(w["all"]) * len(secs))
+    out = dict(delays_s=[float(s) for s in secs], weight_share=[round(float(v), 4) for v in w["all"]], peak_s=peak(w["all"]),
+               peak_over_flat=over, band_peak_s={k: peak(v) for k, v in w.items() if k != "all"})
+    early = out["peak_s"] is not None and out["peak_s"] <= 0
+    out["preshifted"] = early and over >= clear and n_trs >= min_trs
+    if out["preshifted"]: logger.warning(PRESHIFT_WARNING.format(peak=out["peak_s"], share=float(np.nanmax(w["all"]))))
+    elif early:   # a flat profile's noise, on a short training block as often as not
+        logger.info("the banded ridge's weight peaks at %g s, but %s: not judged a sign of pre-shifted BOLD", out["peak_s"],
+                    f"on only {n_trs} training TRs" if n_trs < min_trs else f"barely ({over:.2f} times a flat profile's share)")
+    return out
+
 # %% ../nbs/33_evaluation.ipynb #4737cf17
 def fit_baselines(bands:Mapping, # name -> (n_trs, p) features of the whole series (see `stimulus_bands`)
                   y_train:np.ndarray, # (len(train), n_voxels) the target at the training TRs only
@@ -164,7 +205,8 @@ def fit_baselines(bands:Mapping, # name -> (n_trs, p) features of the whole seri
     best = b.to_numpy(models["ridge"].best_alphas_)
     edge = float(np.mean((best <= alphas[0]) | (best >= alphas[-1])))
     if edge > 0.05: logger.warning("ridge: %.0f%% of voxels chose an alpha at the edge of the grid", 100 * edge)
-    info = dict(device=str(device), backend=b.name, delays_s=[float(d) for d in design.delays * tr],
+    lag = lag_summary(models["banded_ridge"], design, b, tr, len(train))   # where its weight peaks in time (warned at or before 0 s)
+    info = dict(device=str(device), backend=b.name, delays_s=[float(d) for d in design.delays * tr], lag=lag,
                 delays_trs=[int(d) for d in design.delays], bands={k: int(np.shape(v)[1]) for k, v in bands.items()},
                 alphas=[float(alphas[0]), float(alphas[-1]), len(alphas)], n_iter=n_iter, inner_folds=n_folds,
                 inner_gap_s=float(cv_gap), n_train_trs=len(train), seconds=seconds, ridge_alpha_at_edge=edge)
@@ -587,9 +629,12 @@ def _records(df:pd.DataFrame)->list:
     return [{k: None if nan(v) else v for k, v in r.items()} for r in df.reset_index().to_dict(orient="records")]
 
 def _roi_labels(data:RunData):
-    "The planted truth, ROI labels and names per model voxel, from a synthetic study's truth.npz; a study of region tables: each region its own (no truth)."
+    "The planted truth, ROI labels and names per model voxel, from a synthetic study's truth.npz; a study of region tables: each region its own (no truth); a spec's atlas: its regions (no truth)."
     units = data.aligned.units
     if units: return None, np.arange(1, len(units) + 1), ["none", *units]   # every region gets its row in the report
+    if data.spec is not None and data.spec.atlas is not None and data.aligned.mask is not None:
+        from giblet.study import atlas_labels
+        return None, *atlas_labels(data.spec.atlas, data.aligned.mask, data.spec.atlas_names)
     path = None if data.data_dir is None else Path(data.data_dir) / "truth.npz"
     if path is None or not path.is_file(): return None, None, None
     from giblet.synthetic import load_truth

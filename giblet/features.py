@@ -23,7 +23,7 @@ import torch
 from .data.audio import load_audio
 from .data.video import video_info, video_to_frames
 from .windows import _check_words, audio_clips, read_transcript, text_contexts, video_clips, words_from_annotations
-from .io import FolderLockedError, RunLock, atomic_write, clean_leftovers, file_checksum, input_fingerprint
+from .io import FolderLockedError, RunLock, atomic_write, clean_leftovers, file_checksum, input_fingerprint, no_bar
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
         logger.info("%s: resuming; %d of this rank's chunks are already done", folder, len(range(rank, n_chunks, world)) - len(mine))
     if mine:
         bb, inputs = bb or load_backbone(spec, device, dtype), _Inputs(spec, source, times, tr)
-        for c in tqdm(mine, desc=f"{spec.name} features", unit="chunk", disable=not progress):
+        for c in tqdm(mine, desc=f"{spec.name} features", unit="chunk", disable=no_bar(progress)):
             _write_npy(path(c), _compute_chunk(bb, inputs, rows(c), batch_size))
     if world > 1 and wait: _wait_for(lambda: all(path(c).is_file() for c in range(n_chunks)) or _valid_entry(folder, key), timeout, folder)
     if (rank == 0 or world == 1) and not _valid_entry(folder, key):

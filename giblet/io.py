@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'HASH_BYTES', 'CHUNK', 'FOREIGN_AGE', 'FINGERPRINT_BYTES', 'CACHE_VERSION', 'VERIFIED', 'RACY_SECONDS',
-           'current_umask', 'usual_mode', 'host_tag', 'temp_name', 'DiskFullError', 'is_disk_full', 'check_space',
-           'new_hash', 'HashingWriter', 'file_checksum', 'fsync_folder', 'write_file', 'atomic_write', 'atomic_folder',
-           'process_start', 'pid_alive', 'clean_leftovers', 'FolderLockedError', 'RunLock', 'input_fingerprint',
-           'fingerprint_changes', 'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays', 'cache_manifest']
+           'current_umask', 'usual_mode', 'host_tag', 'temp_name', 'no_bar', 'DiskFullError', 'is_disk_full',
+           'check_space', 'new_hash', 'HashingWriter', 'file_checksum', 'fsync_folder', 'write_file', 'atomic_write',
+           'atomic_folder', 'process_start', 'pid_alive', 'clean_leftovers', 'FolderLockedError', 'RunLock',
+           'input_fingerprint', 'fingerprint_changes', 'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays',
+           'cache_manifest']
 
 # %% ../nbs/00_io.ipynb #b2d03d6a
 def current_umask()->int:
@@ -61,6 +63,13 @@ def temp_name(path:str|Path, # the file or folder the temporary one will replace
     path = Path(path)
     ext = "".join(path.suffixes) if keep_suffix else ""
     return path.parent / f".{path.name}.{os.getpid()}-{host_tag()}{secrets.token_hex(2)}.giblet.tmp{ext}"
+
+# %% ../nbs/00_io.ipynb #6a331600
+def no_bar(show:bool, # whether the caller wants a progress bar
+          )->bool|None: # tqdm's `disable`
+    "tqdm's `disable` for a bar: hidden when not wanted, and in a redirected log (tqdm's non-terminal rule); shown in a terminal or a notebook."
+    if not show: return True
+    return False if type(sys.stderr).__module__.startswith("ipykernel") else None
 
 # %% ../nbs/00_io.ipynb #6362f27b
 def _human(n:float)->str:
@@ -441,7 +450,7 @@ def _damage(folder:Path, files:dict, verify:bool|None, progress:bool)->str|None:
         verify = seen != _mtimes(folder, files)
     if not verify: return None
     with tqdm(total=sum(r["bytes"] for r in files.values()), unit="B", unit_scale=True, desc=f"verify {folder.name}",
-              disable=not progress) as bar:
+              disable=no_bar(progress)) as bar:
         for n, rec in files.items():
             if file_checksum(folder / n, bar.update) != rec["blake2b"]:
                 return f"{folder / n} does not match its checksum (its bytes changed after the cache was built)"

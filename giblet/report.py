@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from .decoding import brain_series, decode_block, decode_series, decoding_scores, true_block
-from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, evaluate_run, headline_words
+from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, model_share, verdict
+from .training.metrics import voxel_r
 from .training.trainer import Trainer, atomic_write, write_json
 from .alignment.sync import Aligned
 
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'MeanHeads', 'longest_stretch', 'run_decoding', 'decoding_metrics', 'plot_decoding', 'plot_history',
-           'plot_r_hist', 'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'write_map',
-           'write_report', 'fold_summary']
+           'plot_r_hist', 'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'region_table',
+           'write_map', 'write_report', 'fold_summary']
 
 # %% ../nbs/35_report.ipynb #6ac2551d
 class MeanHeads:
@@ -246,6 +247,16 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
                       f"({b['inner_gap_s']:g} s gaps)."]
     if m.get("noise_ceiling_method"): lines += ["", f"Noise ceiling: {m['noise_ceiling_method']}."]
     lines += ["", "Mean test r per region:", "", _md_table(pd.DataFrame(m["roi_table"]).set_index("region")), ""]
+    if rt := m.get("region_table"):
+        lines += [f"Per region, each predictor's mean test r and the model's and the stack's difference from the banded ridge, with "
+                  f"block-bootstrap 95 % CIs ({m['comparison']['n_boot']} resamples of {m['comparison']['block_trs']}-TR blocks) and "
+                  "verdicts; the model's share of the stack; each band's share of the banded ridge's test R². Every voxel's test "
+                  "prediction is in `test_pred`, `baseline_test_pred` (the banded ridge), `ridge_test_pred` and `stack_test_pred`.", "",
+                  _region_markdown(rt), ""]
+    if (lag := (m.get("baseline") or {}).get("lag")) and lag.get("preshifted"):
+        lines += [f"**The BOLD may be pre-shifted**: the banded ridge's weight peaks at a delay of {lag['peak_s']:g} s, where a "
+                  "haemodynamic response peaks 4-6 s after its stimulus. If the data were shifted to line up with the stimulus, give "
+                  "each run its `scan_offset` in the study spec (e.g. `scan_offset: -3` for BOLD shifted 3 TRs earlier).", ""]
     if f := m.get("truth_factors"):
         lines += ["Planted truth per factor: mean r with the noise-free signal over the factor's ROI"
                   + (", and model minus banded ridge with a block-bootstrap 95 % CI:" if "difference" in f[0] else ":"), "",
@@ -262,6 +273,60 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
                         _md_table(pd.DataFrame(d["scores"]).set_index("source")), ""]
     if r := m.get("reconstructions"): lines += [f"Reconstructions: not drawn ({r['skipped']}).", ""]
     return "\n".join(lines)
+
+# %% ../nbs/35_report.ipynb #9211f247
+def region_table(preds:Mapping, # name -> (n_trs, n_voxels) test predictions: 'model', the baselines and 'stack' (any present)
+                 true:np.ndarray, # (n_trs, n_voxels) the scored target
+                 roi_labels, # (n_voxels,) each voxel's region label (0: none)
+                 roi_names=None, # label -> name, or a sequence (a leading 'none' is label 0), as for `roi_table`
+                 tr:float=1.5, # seconds per TR
+                 ceiling:np.ndarray|None=None, # (n_voxels,) the test block's noise ceiling
+                 stack_weights:np.ndarray|None=None, # (2, n_voxels) the stack's weights: the model's share per region
+                 split_r2:np.ndarray|None=None, # (n_bands, n_voxels) each band's share of the banded ridge's test R²
+                 bands:list|None=None, # the names of those bands
+                 block_s:float=20.0, # the least length of a bootstrap block, in seconds
+                 n_boot:int=1000, # bootstrap resamples
+                 seed:int=0, # their seed
+                )->pd.DataFrame: # a row per region
+    "Per region: each predictor's mean test r with a block-bootstrap 95 % CI, the model and the stack minus the banded ridge with theirs, the noise ceiling, the model's share of the stack, and each band's share of the banded ridge's R²."
+    labels, true = np.asarray(roi_labels), np.asarray(true)
+    block = min(len(true), max(2, math.ceil(block_s / tr - 1e-9)))
+    ci = lambda x: np.percentile(x, [2.5, 97.5])
+    share = None if stack_weights is None else model_share(np.asarray(stack_weights))
+    rows = {}
+    for k, name in _roi_name_map(roi_names, labels).items():
+        v = labels == k
+        row = dict(n_voxels=int(v.sum()))
+        boot = block_bootstrap(preds, true, v, block, n_boot, seed)
+        for p, x in preds.items():
+            lo, hi = ci(boot[p])
+            row |= {p: float(voxel_r(np.asarray(x)[:, v], true[:, v]).mean()), f"{p}_ci_low": float(lo), f"{p}_ci_high": float(hi)}
+        for p in ("model", "stack"):
+            if p in preds and "banded_ridge" in preds:
+                lo, hi = ci(boot[p] - boot["banded_ridge"])
+                row |= {f"{p}_minus_banded_ridge": row[p] - row["banded_ridge"], f"{p}_minus_banded_ridge_ci_low": float(lo),
+                        f"{p}_minus_banded_ridge_ci_high": float(hi), f"{p}_verdict": verdict(lo, hi)}
+        if ceiling is not None: row["noise_ceiling"] = float(np.nanmean(np.asarray(ceiling)[v]))
+        if share is not None: row["stack_model_share"] = float(np.nanmean(share[v])) if np.isfinite(share[v]).any() else np.nan
+        if split_r2 is not None: row |= {f"r2_share_{b}": float(np.asarray(split_r2)[j, v].mean()) for j, b in enumerate(bands)}
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("region")
+
+def _region_markdown(records:list)->str:
+    "The region table in words: each r with its CI, the differences with theirs and a verdict, shares as percentages."
+    r3 = lambda v: "—" if v is None else f"{v:.3f}"
+    with_ci = lambda d, k, sign="": "—" if d.get(k) is None else f"{d[k]:{sign}.3f} [{d[k + '_ci_low']:{sign}.3f}, {d[k + '_ci_high']:{sign}.3f}]"
+    out = {}
+    for d in records:
+        row = {"voxels": str(d["n_voxels"])}
+        row |= {WORDS.get(p, p): with_ci(d, p) for p in ("model", "stack", "banded_ridge", "ridge") if p in d}
+        if "noise_ceiling" in d: row["noise ceiling"] = r3(d["noise_ceiling"])
+        row |= {f"{WORDS[p]} − banded ridge": f"{with_ci(d, p + '_minus_banded_ridge', '+')} {d[p + '_verdict']}"
+                for p in ("model", "stack") if f"{p}_verdict" in d}
+        if "stack_model_share" in d: row["model's share of the stack"] = "—" if d["stack_model_share"] is None else f"{d['stack_model_share']:.0%}"
+        row |= {f"R² share {k[9:]}": r3(v) for k, v in d.items() if k.startswith("r2_share_")}
+        out[d["region"]] = row
+    return _md_table(pd.DataFrame.from_dict(out, orient="index").rename_axis("region"))
 
 # %% ../nbs/35_report.ipynb #14c4b032
 def _nii_bytes(img)->bytes:
@@ -305,7 +370,7 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
                  decoding:bool=True, # score every modality decoded on the test block (`run_decoding`)
                  **kwargs, # passed to `evaluate_run` (threshold, n_boot, seed, bands)
                 )->dict: # the metrics, and the evaluation under '_eval'
-    "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz, val_pred.nii.gz, mask.nii.gz, modality_r2.*, stack_weights.nii.gz, normaliser.npz and figures/."
+    "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz (and the baselines' and the stack's), val_pred.nii.gz, mask.nii.gz, modality_r2.*, stack_weights.nii.gz, normaliser.npz and figures/."
     import matplotlib.pyplot as plt
     import nibabel as nib
     from giblet.data.fmri import features_to_nii
@@ -321,6 +386,13 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
                                             f"model's window of {window}")
         logger.warning("no reconstructions figure: %s", m["reconstructions"]["skipped"])
     for name, pred in (("test_pred", ev["preds"]["model"]), ("val_pred", val_pred)): write_map(out, name, pred, al)
+    for k, name in (("banded_ridge", "baseline_test_pred"), ("ridge", "ridge_test_pred"), ("stack", "stack_test_pred")):
+        if k in ev["preds"]: write_map(out, name, ev["preds"][k], al)   # beside the model's: any region can be scored later
+    if ev["roi"] is not None and "banded_ridge" in ev["preds"]:
+        test = trainer.data.split.test
+        m["region_table"] = _records(region_table(ev["preds"], trainer.data.average_bold(test), ev["roi"], ev["roi_names"], al.tr,
+                                                  ev["ceiling"], ev["stack_weights"], ev["split_r2"], ev["bands"],
+                                                  n_boot=kwargs.get("n_boot", 1000), seed=kwargs.get("seed", 0)))
     if al.mask is not None:
         atomic_write(out / "mask.nii.gz", lambda f: f.write(_nii_bytes(nib.Nifti1Image(np.asarray(al.mask.dataobj, np.uint8), al.mask.affine))))
     if ev["split_r2"] is not None:

@@ -266,6 +266,12 @@ def check_spec(spec:StudySpec, # the spec to check
                if p is not None and not Path(p).is_file()]
     if missing: raise FileNotFoundError(f"{src}: missing files:\n  - " + "\n  - ".join(missing))
     if spec.tables: return float(spec.tr)   # tables have no header to check the TR against
+    if spec.atlas is not None:   # refused now, not when the report is written after training
+        scan = next(iter(spec.runs[0].nii.values()))
+        a, s = load_nifti(spec.atlas, ndim=3), load_nifti(scan, ndim=4)
+        if a.shape[:3] != s.shape[:3] or not np.allclose(a.affine, s.affine, atol=1e-3):
+            raise ValueError(f"{spec.atlas}: the atlas's grid {a.shape[:3]} or affine differs from the BOLD's ({scan}: {s.shape[:3]}); "
+                             "resample it onto a scan (nilearn.image.resample_to_img(atlas, scan, interpolation='nearest'))")
     trs = {str(p): read_tr(p) for r in spec.runs for p in r.nii.values()}
     want = spec.tr if spec.tr is not None else next(iter(trs.values()))
     bad = {p: t for p, t in trs.items() if abs(t - want) > 1e-3}

@@ -21,7 +21,7 @@ from .alignment.hrf import convolve_hrf
 from .data.video import frames_to_video
 from .synthetic_nonlinear import (NONLINEAR_FACTORS, NONLINEAR_ROI_NAMES, NONLINEAR_ROI_SEEDS,
                                              nonlinear_factors, nonlinear_painter, nonlinear_sound, nonlinear_states)
-from .io import atomic_write
+from .io import atomic_write, no_bar
 
 logger = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ def make_dataset(root, # the study folder to write (created if needed)
     n_frames = int(round((n_film_trs * tr + args["tail"]) * fps))
     n_chunks = -(-n_frames // _chunk_frames(args["size"]))
     bar = tqdm(total=n_subjects + n_chunks + 2, desc="synthetic dataset", unit="step", mininterval=1.0,
-               disable=not args["progress"])
+               disable=no_bar(args["progress"]))
 
     # stimulus factors, on film time; each run's annotation part on its own clock (0 = its segment's start)
     tracks = {name: _track(streams[0], n_frames, fps, *spec) for name, spec in _TRACKS.items()}

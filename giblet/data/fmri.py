@@ -19,7 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from ..io import DiskFullError, atomic_write, check_space, is_disk_full, temp_name
+from ..io import DiskFullError, atomic_write, check_space, is_disk_full, no_bar, temp_name
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
@@ -342,7 +342,7 @@ def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a fold
     if not 0 <= start < stop: raise ValueError(f"TRs {start}..{stop} requested: nothing to load")
     if isinstance(mask, (str, os.PathLike)): mask = load_nifti(mask, ndim=3)
     shape = (len(imgs), stop - start, int(_mask_array(mask).sum()))
-    subjects = tqdm(list(zip(imgs, names)), desc="fMRI", disable=not progress)
+    subjects = tqdm(list(zip(imgs, names)), desc="fMRI", disable=no_bar(progress))
     if not isinstance(out, (str, os.PathLike)):
         arr = np.empty(shape, np.float32) if out is None else out
         if arr.shape != shape or arr.dtype != np.float32:
@@ -503,7 +503,7 @@ class OnePassBold(SubjectBold):
         self.copies, stats, self._tmp = {}, {}, []
         self._finalizer = weakref.finalize(self, _remove, self._tmp)     # copies go when closed, collected or on exit
         try:
-            for k, (p, img) in enumerate(zip(tqdm(scans, desc="read scans", disable=not progress), imgs)):
+            for k, (p, img) in enumerate(zip(tqdm(scans, desc="read scans", disable=no_bar(progress)), imgs)):
                 stats[p] = self._read_once(p, img, span.get(p), workdir, k)
         except BaseException: self.close(); raise
         self.mask = _mask_from_stats([stats[p] for p in rule_scans], [str(p) for p in rule_scans], imgs[0].affine,

@@ -103,6 +103,10 @@ class TrainConfig:
     seed: int = 0 # seed of the weights, the shuffling and dropout
     device: str = "auto" # "cpu", "cuda" or "auto" (CUDA when available)
     progress: bool = True # tqdm progress bars
+    threads: int|None = None # CPU threads for torch and BLAS (None: half the CPUs, or OMP_NUM_THREADS when set); the run records the number used
+    # report
+    atlas: str|None = None # a label NIfTI on the BOLD grid: the report gets a row per region (None: the study spec's `atlas`)
+    atlas_names: str|None = None # its region names (TSV/CSV/JSON); None: the spec's, else "roi K"
 
     def __post_init__(self):
         if self.subjects not in ("average", "each"): raise ValueError(f"TrainConfig.subjects must be 'average' or 'each', got {self.subjects!r}")
@@ -140,7 +144,7 @@ class TrainConfig:
         if unknown: raise ValueError(f"TrainConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**d)
 
-RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir")
+RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir", "threads", "atlas", "atlas_names")
 
 def _absolute_model(text:str)->str:
     "A stream spec string with its model made an absolute path when it names a local folder (a hub name stays as it is)."
@@ -148,7 +152,7 @@ def _absolute_model(text:str)->str:
     rest = rest.strip()
     if os.path.isabs(model) or not os.path.exists(os.path.expanduser(model)) or not rest.startswith(model): return text
     return f"{kind.strip()}={os.path.abspath(os.path.expanduser(model))}{rest[len(model):]}"
-PATH_OPTIONS = ("data_dir", "study", "film", "annotations", "cache_dir") # TrainConfig fields that name files or folders
+PATH_OPTIONS = ("data_dir", "study", "film", "annotations", "cache_dir", "atlas", "atlas_names") # TrainConfig fields that name files or folders
 
 PRESET_OVERRIDES = { # what a run changes in each `ModelConfig` preset unless told otherwise (see "Choosing the defaults")
     "tiny": dict(context_trs=16, temporal_kernel=12, brain_rank=16, dropout=0.2, modality_dropout=0.0, text_dim=64, n_mels=32,
@@ -377,6 +381,8 @@ def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, an
         source = main_first(di, lambda: embedded_dataset(cfg.cache_dir, progress=cfg.progress and (di is None or di.main), **cfg.synthetic))
     spec = resolve_study(source, film=cfg.film, annotations=cfg.annotations)
     if cfg.film_start is not None: spec = replace(spec, runs=[replace(r, film_start=float(cfg.film_start)) for r in spec.runs])
+    if cfg.atlas is not None: spec = replace(spec, atlas=Path(cfg.atlas), atlas_names=None if cfg.atlas_names is None else Path(cfg.atlas_names))
+    elif cfg.atlas_names is not None: raise ValueError(f"atlas_names {cfg.atlas_names} without an atlas: give --atlas, the label NIfTI it names")
     return spec
 
 def study_data(cfg:TrainConfig, # the run's options

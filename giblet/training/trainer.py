@@ -25,6 +25,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from ..io import DiskFullError, fsync_folder, temp_name, atomic_write as io_atomic_write
+from ..io import no_bar
 from ..dataset import ContextDataset, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
 from .data import (DATA_OPTIONS, EMBEDDED, HRF_SECONDS, PATH_OPTIONS, PRESET_OVERRIDES, RESUMABLE, WAIT_HOURS, DistInfo,
@@ -291,7 +292,7 @@ def train_epoch(self:Trainer)->dict:
     self.net.train()
     sums, n = None, 0
     bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
-               disable=not (self.cfg.progress and self.di.main))
+               disable=no_bar(self.cfg.progress and self.di.main))
     for i, batch in enumerate(bar):
         terms = self._losses(batch, self.cfg.recon_frac)
         vals = self._check(terms, f"epoch {self.epoch + 1}, batch {i + 1}")
