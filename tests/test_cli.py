@@ -14,23 +14,12 @@ import torch
 
 from giblet import cli
 from giblet.training import trainer as T
-from giblet.training.trainer import embedded_dataset
+from conftest import SMALL   # the small study of the `cache` and `study` fixtures
 
-SMALL = dict(n_subjects=2, n_trs=160, seed=0, shape=[14, 17, 14], size=[64, 36])
 FAST = dict(batch_size=8, recon_frac=0.5, patience=0, synthetic=SMALL, stride=3,
             skip_first=3, val_frac=0.2, test_frac=0.3,
             model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "giblet-cache"
-
-
-@pytest.fixture(scope="session")
-def study(cache):
-    return embedded_dataset(cache, **SMALL)
 
 
 def train(out, cache, *extra, config=FAST, epochs=2):
@@ -167,6 +156,7 @@ def test_console_script_help():
     assert res.returncode == 0 and "--data_dir" in res.stdout and "--resume" in res.stdout
 
 
+@pytest.mark.slow   # three fresh kernels
 def test_papermill_notebook_and_sweep(tmp_path, cache, study):
     "The training notebook runs under papermill (as documented) and giblet-sweep runs it over a grid."
     nb = REPO / "nbs" / "tutorials" / "train.ipynb"
@@ -308,6 +298,7 @@ def test_resume_after_a_kill_while_an_older_layout_moved_over(tmp_path, cache, s
     assert m["epochs"] == 2 and [r["epoch"] for r in log] == [1, 2]
 
 
+@pytest.mark.slow   # torchrun: two fresh processes
 def test_a_user_error_on_rank_0_reaches_the_other_ranks_at_once(tmp_path, cache, study):
     "Under torchrun, a resume refused on rank 0 (the study changed) ends rank 1 too, instead of leaving it waiting for data."
     import os, time

@@ -8,23 +8,9 @@ import torch
 
 from giblet.evaluation import block_bootstrap, compare, fir_delays, fit_baselines, stimulus_bands
 from giblet.training.metrics import delay_features, voxel_r
-from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data, run_data
+from giblet.training.trainer import Trainer, TrainConfig, prepare_data, run_data
 
-# The small study shared with tests/test_trainer.py and tests/test_cli.py (one cache per session).
-SMALL = dict(n_subjects=2, n_trs=160, seed=0, shape=[14, 17, 14], size=[64, 36])
-FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_from="both", recon_frac=0.5, patience=0, stride=3,
-            skip_first=3, val_frac=0.2, test_frac=0.3, epochs=2,
-            model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "giblet-cache"
-
-
-@pytest.fixture(scope="session")
-def study(cache):
-    return embedded_dataset(cache, **SMALL)
+from conftest import FAST   # two epochs of the tiny model on the small study of the `cache` and `study` fixtures
 
 
 # ---------------------------------------------------------------- the test block is untouched

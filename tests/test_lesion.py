@@ -27,6 +27,9 @@ TRAIN = dict(preset="tiny", epochs=20, batch_size=8, lr=3e-3, stride=4, patience
 ROIS = ("visual", "auditory", "language")
 TARGET = dict(visual="video", auditory="audio", language="text")
 NULL = "no signal"  # the negative control: a contiguous blob of units with no planted signal
+# the slow lane: a model trained to tell the planted regions apart, a papermill kernel, a stream-trained run (the lesion
+# notebooks and the lesion tutorial run in the fast lane's nbdev_test)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,10 @@ def readme_commands():
 def test_ci_runs_the_readme_test_command():
     main, tests = readme_commands()
     assert "giblet-" in main and "pytest" in tests
-    test_cmd = tests.split("&& ", 4)[-1]          # the part after the three setup steps
-    assert test_cmd in (ROOT / ".ci" / "run").read_text().splitlines()
+    test_cmd = tests.split("&& ", 4)[-1]          # the part after the venv and the setup steps
+    # .ci/run runs it in two lanes, one line each, to time them: the fast lane, then the slow lane
+    lanes = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.startswith(("nbdev_test", "pytest"))]
+    assert " && ".join(lanes) == test_cmd, (lanes, test_cmd)
+    assert lanes == ['nbdev_test && pytest tests -m "not slow"', "pytest tests -m slow"], lanes   # together: every test
     for setup in ("pip install torch==2.13.0", 'pip install -e ".[dev]"'):
         assert setup in tests

@@ -11,7 +11,7 @@ from giblet.evaluation import (WORDS, cv_stack_weights, factor_table, fit_baseli
                                truth_rows, truth_scores)
 from giblet.report import write_report
 from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data
-from test_evaluation import FAST, SMALL
+from conftest import FAST, SMALL
 
 
 def test_multi_run_truth_reads_each_runs_own_rows(tmp_path):

@@ -18,26 +18,14 @@ from giblet.evaluation import evaluate_run
 from giblet.training.trainer import (NonFiniteLoss, Trainer, TrainConfig, embedded_dataset, load_checkpoint,
                                      prepare_data)
 
-# A small study shared by the tests of this session (tests/test_cli.py uses the same cache folder).
-SMALL = dict(n_subjects=2, n_trs=160, seed=0, shape=[14, 17, 14], size=[64, 36])
+from conftest import SMALL   # the small study of the `cache` and `study` fixtures
+
 # The planted-truth target is checked on a study like the embedded one (600 TRs, 10 subjects, noise at the generator's
 # default), on a coarser grid and a 10 fps film so that it is quick to write.
 PLANTED = dict(n_subjects=10, n_trs=600, shape=[14, 17, 14], size=[64, 36], fps=10, seed=0)
 FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_from="both", recon_frac=0.5, patience=0, stride=3,
             skip_first=3, val_frac=0.2, test_frac=0.3,
             model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    "A feature and synthetic-data cache shared by the test modules of this session."
-    return tmp_path_factory.getbasetemp() / "giblet-cache"
-
-
-@pytest.fixture(scope="session")
-def study(cache):
-    "The small synthetic study (generated once per session)."
-    return embedded_dataset(cache, **SMALL)
 
 
 def cfg_for(cache, study, **kw):
@@ -147,6 +135,7 @@ def test_nan_loss_stops_and_names_the_term(tmp_path, cache, study, data, monkeyp
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow   # torchrun: two fresh processes
 def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
     """torchrun with 2 gloo processes of batch 4 trains the same model as 1 process of batch 8, the validation
     prediction is all-reduced, and only rank 0 writes; the windows are chosen so that no rank gets padding."""
@@ -186,6 +175,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".checkpoints.000001", "checkpoints", "log.csv", "log.json"]
 
 
+@pytest.mark.slow   # trains the default model to its target on a study like the embedded one
 def test_planted_truth(tmp_path, cache):
     """With the default options, the best checkpoint's test-block prediction of the subject average correlates >= 0.8
     with the planted noise-free signal (mean voxel r over responsive voxels, roi > 0), and its headline test r
@@ -255,6 +245,7 @@ def test_a_run_folder_of_the_older_layout_is_resumed(tmp_path, cache, study, dat
     assert ck.is_symlink() and _agree(tmp_path) == 2
 
 
+@pytest.mark.slow   # two fresh processes and a 6 s wait
 def test_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path):
     "Two gloo processes with a 3 s collective timeout: rank 0 builds for 6 s while rank 1 waits, and neither times out."
     import socket
