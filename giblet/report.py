@@ -215,7 +215,7 @@ def _md_table(df:pd.DataFrame, fmt:str="{:.3f}")->str:
 def report_markdown(m:dict, # metrics from `evaluate_run`
                    )->str:
     "The run's report in Markdown: block, headline rule, score table, CIs and verdicts, null, regions, factors, decoding."
-    lines = ["# giblet run report", "",
+    lines = ["# giblet run report", ""] + ([f"**Audio**: {m['silent_film']}.", ""] if m.get("silent_film") else []) + [
              f"Every number below is computed on the **test block**: {m['n_test_trs']} TRs (volumes {m['test_trs'][0]}–{m['test_trs'][-1]}), "
              f"which chose nothing (early stopping and the checkpoint read the {m['n_val_trs']}-TR validation block; the baselines were "
              f"fitted on the {m['n_train_trs']} training TRs).", "",
@@ -380,6 +380,8 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
     m = ev["metrics"] | {"epochs": len(h), "best_epoch": trainer.best_epoch, "stopped_early": trainer.stopped,
                          "train_seconds": float(sum(r["seconds"] for r in h))} | (extra or {})
     dec = _report_decoding(trainer, m, kwargs.get("n_boot", 1000), kwargs.get("seed", 0)) if decoding else None
+    if al.video is not None and al.audio is None:   # a film whose sound `run_data` found silent throughout
+        m["silent_film"] = "the film is silent throughout, so the model was trained without audio: no audio encoder, decoder, loss or baseline band"
     seg, window = longest_stretch(trainer.data.split.test, trainer.data.tensors.run), trainer.model.config.context_trs
     if al.video is not None and al.audio is not None and len(seg) < window:   # a short test block: no figure, and report.md says why
         m["reconstructions"] = dict(skipped=f"the test block's longest stretch within one run has {len(seg)} TRs, fewer than the "

@@ -350,7 +350,7 @@ def test_a_short_study_is_refused_before_training_or_reported_without_decoding(s
     "A study under about 190 TRs trained fully, then died writing the report (`decode_series: 2 TRs are fewer than the model's window of 16`)."
     from giblet.training.trainer import Trainer
     args = ["--data-dir", str(short_study.root), "--preset", "tiny", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"),
-            "--device", "cpu"]
+            "--device", "cpu", "--set", "progress=false"]
     with monkeypatch.context() as m:
         m.setattr(Trainer, "fit", lambda self, *a, **k: pytest.fail("trained"))
         code, err = _exit(cli.giblet_train, args + ["--out", str(tmp_path / "a")], capsys)
@@ -360,3 +360,73 @@ def test_a_short_study_is_refused_before_training_or_reported_without_decoding(s
     report = (tmp_path / "b" / "report.md").read_text()
     assert "Decoding: not scored" in report and "Reconstructions: not drawn" in report, report
     assert (tmp_path / "b" / "metrics.json").is_file() and not (tmp_path / "b" / "figures" / "reconstructions.png").exists()
+
+
+def _strip_audio(film:Path):
+    "Rewrite `film` with its video stream alone (a silent film), its packets copied as they are."
+    import av
+    tmp = film.with_name("silent_" + film.name)
+    with av.open(str(film)) as src, av.open(str(tmp), "w", format="mp4") as dst:
+        v = src.streams.video[0]
+        out = dst.add_stream_from_template(v)
+        for pkt in src.demux(v):
+            if pkt.dts is None: continue
+            pkt.stream = out; dst.mux(pkt)
+    tmp.replace(film)
+
+
+def test_a_silent_film_trains_without_audio_and_says_so(short_study, tmp_path, capsys, caplog):
+    "The advice '--set allow_silence=true' led to 'target_variances: the training audio is constant': no silent film trained."
+    import json, shutil
+    root = tmp_path / "silent"; shutil.copytree(short_study.root, root); _strip_audio(root / short_study.film.name)
+    args = ["--data-dir", str(root), "--preset", "tiny", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--no-baseline", "--set", "progress=false"]
+    code, err = _exit(cli.giblet_train, args + ["--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "no audio stream" in err and "--set allow_silence=true" in err, err
+    with caplog.at_level(logging.WARNING): cli.giblet_train(args + ["--out", str(tmp_path / "b"), "--set", "allow_silence=true"])
+    assert "the film is silent throughout" in caplog.text and "training without audio" in caplog.text
+    assert "**Audio**: the film is silent throughout" in (tmp_path / "b" / "report.md").read_text()
+    assert "audio" not in json.loads((tmp_path / "b" / "config.json").read_text())["model"]["modalities"]
+
+
+# --- annotation tables that give no usable text ---------------------------------------------------------------------------
+
+def test_annotation_times_in_milliseconds_are_named(tmp_path):
+    "They ended in 'the training text is constant': every segment started past the film's end and was dropped."
+    import pandas as pd
+    from giblet.data.text import load_annotations
+    rows = pd.DataFrame({"onset": [0.0, 30.0, 61.5, 90.0], "offset": [30.0, 61.5, 90.0, 118.0], "text": list("abcd")})
+    (tmp_path / "s.csv").write_text(rows.to_csv(index=False))
+    rows[["onset", "offset"]] *= 1000; (tmp_path / "ms.csv").write_text(rows.to_csv(index=False))
+    assert len(load_annotations(tmp_path / "s.csv", film_duration=120.0)) == 4
+    with pytest.raises(ValueError) as e: load_annotations(tmp_path / "ms.csv", film_duration=120.0)
+    msg = str(e.value)
+    assert str(tmp_path / "ms.csv") in msg and "times look like milliseconds" in msg and "'onset'" in msg, msg
+    assert len(load_annotations(tmp_path / "s.csv", film_duration=20.0)) == 1      # a shorter film: cut, not called milliseconds
+
+
+def test_empty_text_columns_name_the_spreadsheet_and_the_columns(tmp_path):
+    "'no training text' said neither which table nor which columns were read."
+    import pandas as pd
+    from giblet.data.text import load_annotations
+    path = tmp_path / "ann.csv"
+    pd.DataFrame({"Start Time (s) ": [0.0, 5.0], "End Time (s) ": [5.0, 9.0], "Scene Details - A Level ": [None, " "],
+                  "Location": [None, None], "Notes": ["x", "y"]}).to_csv(path, index=False)
+    with pytest.raises(ValueError) as e: load_annotations(path)
+    msg = str(e.value)
+    assert str(path) in msg and "no annotation text" in msg and "'Scene Details - A Level'" in msg and "'Location'" in msg, msg
+    assert "text_columns" in msg and load_annotations(path, text_columns=["Notes"])["text"].tolist() == ["x", "y"]
+
+
+def test_no_training_text_names_the_spreadsheet(short_study, tmp_path):
+    "Text only late in the film: the training block had none, and target_variances said only 'no training text'."
+    import pandas as pd, shutil
+    from giblet.training.trainer import TrainConfig, prepare_data
+    root = tmp_path / "late"; shutil.copytree(short_study.root, root)
+    ann = pd.read_excel(root / "annotations.xlsx")
+    ann.loc[ann["Start Time (s) "] < 150, ["Scene Details - A Level ", "Name - All", "Location"]] = None
+    ann.to_excel(root / "annotations.xlsx", index=False)
+    cfg = TrainConfig(data_dir=str(root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
+    with pytest.raises(ValueError) as e: prepare_data(cfg)
+    msg = str(e.value)
+    assert msg.startswith("no training text") and str(root / "annotations.xlsx") in msg and "text_columns" in msg, msg

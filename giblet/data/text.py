@@ -125,6 +125,14 @@ def _check_times(start: pd.Series, end: pd.Series, path, names) -> None:
                          f"(row numbers as in the file, header = row 1): " + "; ".join(problems))
 
 # %% ../../nbs/03_data.text.ipynb #2ec6c169
+def _check_seconds(df: pd.DataFrame, film_duration: float, path, names) -> None:
+    "Refuse times that look like milliseconds: most segments end past the film, and divided by 1000 they would span it (10-105 %)."
+    end = df["end"].to_numpy(float)
+    if len(end) and (end > film_duration).mean() > 0.5 and 0.1 * film_duration <= end.max() / 1000 <= 1.05 * film_duration:
+        raise ValueError(f"{path}: times look like milliseconds: the segments in columns {names[0]!r} and {names[1]!r} end at up to "
+                         f"{end.max():g}, past the film's end ({film_duration:g} s) in {int((end > film_duration).sum())} of {len(end)} "
+                         f"rows, but within it divided by 1000; give the times in seconds")
+
 def _fit_to_film(df: pd.DataFrame, film_duration: float, past_end: str, path) -> pd.DataFrame:
     "Segments cut at `film_duration` (those starting at or after it removed), with a warning; or an error."
     over = df["end"] > film_duration
@@ -255,6 +263,10 @@ def load_annotations(
         if missing: raise ValueError(f"{path}: no text columns named {missing}; columns found: {found}")
     text = _join_cells(raw, text_cols, sep)
     n_empty = sum(not t for t in text)
+    if n_empty == len(text):
+        raise ValueError(f"{path}: no annotation text: the text columns read, {[str(c).strip() for c in text_cols]}, are empty in every "
+                         f"row; name the columns that hold it with text_columns=[...] (giblet-train: --set text_columns='[\"COLUMN\"]'); "
+                         f"columns found: {found}")
     if n_empty: logger.info("%s: %d segments have no text in %s", path, n_empty, text_cols)
     zero = end == start
     if zero.any(): logger.info("%s: %d zero-length segments (rows %s) count in the TR holding their instant",
@@ -275,7 +287,9 @@ def load_annotations(
         df = df.loc[df["part"] == part]
     df = df.sort_values(["part", "start", "end"], kind="stable")
     df.attrs["n_parts"] = n_parts
-    if film_duration is not None: df = _fit_to_film(df, float(film_duration), past_end, path)
+    if film_duration is not None:
+        _check_seconds(df, float(film_duration), path, (start_col, end_col if end_col is not None else dur_col))
+        df = _fit_to_film(df, float(film_duration), past_end, path)
     for p, g in df.groupby("part"):
         logger.info("%s: part %d: %d segments from %.1f s to %.1f s", path, p, len(g), g["start"].min(), g["end"].max())
     return df

@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'WAIT_HOURS', 'DATA_OPTIONS',
            'TrainConfig', 'check_resumable', 'DistInfo', 'main_first', 'embedded_dataset', 'feature_params', 'RunData',
-           'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'run_data', 'model_config', 'study_spec',
-           'study_data', 'prepare_data', 'study_streams', 'StreamTensors']
+           'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'silent_audio', 'run_data', 'model_config',
+           'study_spec', 'study_data', 'prepare_data', 'study_streams', 'StreamTensors']
 
 # %% ../../nbs/31_training.data.ipynb #9a14f557
 HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
@@ -323,6 +323,13 @@ def run_split(n_trs:int, # TRs in the (concatenated) series
     if cfg.n_folds: return outer_split(n_trs, tr, cfg.n_folds, cfg.fold, cfg.gap)
     return block_split(n_trs, tr, cfg.val_frac, cfg.test_frac, cfg.gap)
 
+def silent_audio(audio, # (n_trs, n_mels, A) log-mel windows (a memory map is read in chunks)
+                )->bool: # True when every value is the same: silence
+    "Whether a study's audio holds one value throughout, as a film without sound read with `allow_silence` does."
+    if not len(audio): return False
+    first = np.asarray(audio[:1]).flat[0]
+    return all(bool((np.asarray(audio[i:i + 256]) == first).all()) for i in range(0, len(audio), 256))
+
 def run_data(al:Aligned, # the aligned study
              cfg:TrainConfig, # the run's options
              device:torch.device|str="cpu", # where the tensors go
@@ -332,7 +339,16 @@ def run_data(al:Aligned, # the aligned study
              streams:dict|None=None, # pretrained feature streams: name -> (n_trs, d), batched under `stream_key(name)`
             )->RunData:
     "Split a study into blocks, normalise it with training statistics and move it to the device."
+    if al.audio is not None and silent_audio(al.audio):   # nothing to hear, nothing to learn: the run has no audio stream
+        logger.warning("the film is silent throughout (a film without sound, read with allow_silence): training without audio, "
+                       "so no audio encoder, decoder, loss or baseline band")
+        al = replace(al, audio=None)
     split = run_split(al.n_trs, al.tr, cfg)
+    if not np.asarray(al.has_text)[split.train].any():   # target_variances would say only "no training text"
+        tables = sorted({str(spec.annotations_of(r)) for r in spec.runs}) if spec is not None else ["the study's annotation table"]
+        raise ValueError(f"no training text: no TR of the training block has annotation text in {', '.join(tables)} (columns read: "
+                         f"{[cfg.text_columns] if isinstance(cfg.text_columns, str) else cfg.text_columns or 'the default text columns'}); name the columns that hold "
+                         "it with --set text_columns='[\"COLUMN\"]' (--annotations for another table), or check its times")
     norm = fit_normaliser(al.fmri, al.audio, split.train)
     tensors = StreamTensors(al, norm, device, cfg.subjects, streams) if streams else StudyTensors(al, norm, device, cfg.subjects)
     tr_idx = split.train
