@@ -502,6 +502,8 @@ def giblet_sweep(argv:list|None=None, # command-line arguments (default: sys.arg
 
 # %% ../nbs/50_cli.ipynb #4bcb2db1
 def plot_synthetic(root:str|Path, # a study written by `make_dataset`
+                   film:str|Path|None=None, # its film (None: the Sherlock layout's, root/stimuli_Sherlock.m4v)
+                   nii:list|None=None, # its first run's NIfTIs (None: the Sherlock layout's, root/sherlock_nii/*)
                   )->plt.Figure:
     "The planted factors, a few film frames, the ROIs, and one subject's BOLD against the truth per ROI."
     import matplotlib.pyplot as plt
@@ -510,7 +512,7 @@ def plot_synthetic(root:str|Path, # a study written by `make_dataset`
     from giblet.data.video import video_to_frames
     root = Path(root)
     t = load_truth(root)
-    film = root / "stimuli_Sherlock.m4v"
+    film = Path(film) if film is not None else root / "stimuli_Sherlock.m4v"
     fig = plt.figure(figsize=(12, 6))
     ax = fig.add_subplot(2, 3, (1, 2))
     f = t["factors"]; time_s = np.arange(len(f)) * t["tr"]
@@ -527,7 +529,7 @@ def plot_synthetic(root:str|Path, # a study written by `make_dataset`
         fr = video_to_frames(film, tr=t["tr"], size=(160, 90), max_trs=1, start=float(tr_i * t["tr"]))[0, 0]
         ax.imshow(fr); ax.axis("off"); ax.set_title(f"t = {tr_i * t['tr']:.0f} s", fontsize=7)
     ax = fig.add_subplot(2, 2, 4)
-    nii = sorted((root / "sherlock_nii").glob("*.nii*"))
+    nii = list(nii) if nii is not None else sorted((root / "sherlock_nii").glob("*.nii*"))
     if nii:
         mask = shared_mask(nii[:1])
         x = nii_to_features(nii[0], mask)
@@ -551,14 +553,16 @@ def synth_main(out:str="runs/synthetic", # the study folder to write
                seed:int=0, # random seed (the same seed writes the same data)
                preset:str=None, # a `giblet.synthetic.PRESETS` name: tiny, small or sherlock
                overwrite:store_true=False, # replace a dataset already in --out
+               layout:str="sherlock", # the file layout: sherlock (flat folder) or bids
               )->Path: # the summary figure
-    "Write a synthetic Sherlock-layout study with planted truth, and OUT/synthetic_summary.png."
+    "Write a synthetic study (Sherlock or BIDS layout) with planted truth, and OUT/synthetic_summary.png."
     import matplotlib.pyplot as plt
     from giblet.synthetic import make_dataset
+    if layout not in ("sherlock", "bids"): raise ValueError(f"--layout {layout!r}: expected sherlock or bids")
     kw = {k: v for k, v in dict(n_subjects=n_subjects, n_trs=n_trs).items() if v is not None}   # only what was typed: it wins over the preset
-    try: make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, **kw)
+    try: lay = make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, layout=layout, **kw)
     except FileExistsError as e: raise FileExistsError(str(e).replace("overwrite=True", "--overwrite")) from None   # the flag, not the argument
-    fig = plot_synthetic(out)
+    fig = plot_synthetic(out, lay.film, lay.nii)
     path = atomic_write(Path(out) / "synthetic_summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path

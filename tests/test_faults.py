@@ -430,3 +430,40 @@ def test_no_training_text_names_the_spreadsheet(short_study, tmp_path):
     with pytest.raises(ValueError) as e: prepare_data(cfg)
     msg = str(e.value)
     assert msg.startswith("no training text") and str(root / "annotations.xlsx") in msg and "text_columns" in msg, msg
+
+
+# --- films too short to cut -------------------------------------------------------------------------------------------------
+
+def _write_film(path:Path, n_frames:int, fps:int=25):
+    "A grey film of `n_frames` frames, 32x18, without sound."
+    import av, numpy as np
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps); s.width, s.height, s.pix_fmt = 32, 18, "yuv420p"
+        for _ in range(n_frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((18, 32, 3), 100, np.uint8), format="rgb24")): c.mux(p)
+        for p in s.encode(): c.mux(p)
+
+
+@pytest.mark.parametrize("frames", [0, 1, 25])
+def test_an_empty_or_one_frame_film_is_named(short_study, tmp_path, frames):
+    "A 1-frame film said 'the scan (120 volumes of 1.5 s, offset 0.0 s) and the film segment (0.04 s) share no complete TR', naming no file."
+    from giblet.study import load_spec
+    film = tmp_path / "film.mp4"
+    if frames: _write_film(film, frames)
+    else: film.write_bytes(b"")                                  # an empty file (an interrupted download)
+    with pytest.raises(ValueError) as e:
+        load_spec(resolve_study(short_study.root, film=film), tmp_path / "cache", show_progress=False)
+    assert str(e.value).startswith(str(film)), e.value
+    if frames == 1: assert "holds 1 frame" in str(e.value)
+
+
+def test_giblet_synth_writes_bids(tmp_path, capsys):
+    "BIDS could only be written from Python: giblet-synth had no --layout."
+    pytest.importorskip("bids")
+    out = tmp_path / "bids"
+    cli.giblet_synth(["--out", str(out), "--layout", "bids", "--n-subjects", "1", "--n-trs", "40"])
+    assert (out / "dataset_description.json").is_file() and (out / "synthetic_summary.png").is_file()
+    spec = resolve_study(out)
+    assert spec.subjects == ["sub-01"] and next(iter(spec.runs[0].nii.values())).name == "sub-01_task-movie_bold.nii.gz"
+    code, err = _exit(cli.giblet_synth, ["--out", str(tmp_path / "x"), "--layout", "flat"], capsys)
+    assert code == 2 and "--layout 'flat'" in err, err

@@ -214,7 +214,8 @@ def plan_run(film:str|Path, # the film file
     info = video_info(film)
     keep = _subject_trs(vols, tr, info, run, run_id, min_trs)
     n_vols = min(vols[p] for p in keep)
-    g = tr_grid(n_vols, tr, info.duration, run.film_start, run.film_stop, run.scan_offset)
+    try: g = tr_grid(n_vols, tr, info.duration, run.film_start, run.film_stop, run.scan_offset)
+    except ValueError as e: raise ValueError(f"{film} ({info.n_frames} frames, {info.duration:.3g} s): {e}") from None
     _log_cuts(g, n_vols, info, run, run_id)
     part, part_start = _run_part(annotations, run, run_id, text_columns)
     idx = [k for k, p in enumerate(map(str, run.nii)) if p in keep]

@@ -115,6 +115,8 @@ def video_info(path, # path to a film PyAV can read
         n_frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
         duration = _stream_duration(container, stream)
         if duration is None: duration = Fraction(n_frames) / fps
+        if n_frames < 2: raise ValueError(f"{path}: the film holds {n_frames} frame{'' if n_frames == 1 else 's'} "
+                                          f"({float(duration):.3g} s): nothing to cut into TR windows")
         w, h, rot = stream.codec_context.width, stream.codec_context.height, _rotation(path)
         if rot % 180: w, h = h, w
         return VideoInfo(Path(path), float(fps), int(n_frames), float(duration), w, h, bool(container.streams.audio),
