@@ -594,7 +594,12 @@ def _candidates(m, b, y, shrinks)->dict:
     unit = np.stack([sm / sy, sb / sy])                           # raw weight -> weight of the standardised member
     own, pooled = stack_weights(m, b, y).astype(np.float64) * unit, _pooled_weights(m, b, y)[:, None]
     out = {f"shrink {s:g}": ((1 - s) * own + s * pooled) / unit for s in shrinks}
-    return out | {"baseline alone": np.stack([np.zeros(m.shape[1]), np.ones(m.shape[1])])}   # the baseline itself, voxel for voxel
+    alone = _pooled_weights(np.zeros_like(m), b, y)[:, None]    # the baseline alone, at its pooled least-squares scale
+    return out | {"baseline alone": alone / unit}
+
+def _alone(n_voxels:int)->np.ndarray:
+    "Stack weights that are the baseline itself, voxel for voxel."
+    return np.stack([np.zeros(n_voxels), np.ones(n_voxels)]).astype(np.float32)
 
 def cv_stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's prediction of the validation block
                      baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
@@ -603,24 +608,29 @@ def cv_stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's predictio
                      shrinks:tuple=(0.0, 0.5, 1.0), # shares of the pooled weights tried (0: each voxel's own, 1: the pooled)
                      min_trs:int=8, # fewer TRs per block than this: no weight for the model is fitted at all
                     )->tuple: # (float32 (2, n_voxels) weights, dict: the choice, each candidate's held-out error)
-    "Stack weights shrunk towards the voxels' pooled weights by block cross-validation inside the validation block; the baseline alone where the model adds nothing."
+    "Stack weights shrunk towards the voxels' pooled weights by block cross-validation inside the validation block; the baseline alone unless the model's best stack wins by more than one standard error over the blocks."
     m, b, y = (np.asarray(x, np.float64) for x in (model, baseline, true))
     if not (m.shape == b.shape == y.shape and m.ndim == 2): raise ValueError(f"cv_stack_weights needs three (n_trs, n_voxels) arrays of one shape; got {m.shape}, {b.shape}, {y.shape}")
     names = [*(f"shrink {s:g}" for s in shrinks), "baseline alone"]
     if len(m) < n_blocks * min_trs:
         logger.info("stack: the %d-TR validation block is too short to fit the model's weight (%d blocks of >= %d TRs); the banded ridge alone",
                     len(m), n_blocks, min_trs)
-        return _candidates(m, b, y, shrinks)["baseline alone"].astype(np.float32), dict(choice="baseline alone", cv_error={}, n_trs=len(m))
+        return _alone(m.shape[1]), dict(choice="baseline alone", cv_error={}, n_trs=len(m))
     edges = np.linspace(0, len(m), n_blocks + 1).astype(int)
-    err = dict.fromkeys(names, 0.0)
+    err = {k: [] for k in names}                                 # each candidate's held-out error, block by block
     for lo, hi in zip(edges[:-1], edges[1:]):
         fit = np.r_[0:lo, hi:len(m)]
         yt, sy = _standard(y[lo:hi])
         for k, w in _candidates(m[fit], b[fit], y[fit], shrinks).items():
             p = w[0] * m[lo:hi] + w[1] * b[lo:hi]
-            err[k] += float(((((p - p.mean(0)) - yt) / sy) ** 2).sum())
-    choice = min(names, key=lambda k: (err[k], k != "baseline alone"))   # a tie keeps the model out
-    return _candidates(m, b, y, shrinks)[choice].astype(np.float32), dict(choice=choice, cv_error=err, n_trs=len(m))
+            err[k].append(float(((((p - p.mean(0)) - yt) / sy) ** 2).sum()))
+    best = min(names[:-1], key=lambda k: sum(err[k]))
+    gain = np.array(err["baseline alone"]) - np.array(err[best])    # per block: how much the model's best stack saves
+    se = gain.std(ddof=1) / np.sqrt(len(gain))
+    choice = best if gain.mean() > se else "baseline alone"      # one standard error: the model must win clearly, not by chance
+    err = {k: sum(v) for k, v in err.items()}
+    w = _alone(m.shape[1]) if choice == "baseline alone" else _candidates(m, b, y, shrinks)[choice].astype(np.float32)
+    return w, dict(choice=choice, cv_error=err, n_trs=len(m))
 
 # %% ../nbs/33_evaluation.ipynb #67c20799
 def _records(df:pd.DataFrame)->list:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'ROI_NAMES', 'FACTORS', 'FACTOR_NAMES', 'FACTOR_MODALITY', 'ROI_MODALITY', 'TOPIC_NAMES',
            'ANNOTATION_COLUMNS', 'PRESETS', 'mni_affine', 'brain_mask', 'plant_rois', 'plant_bold', 'SyntheticLayout',
-           'make_dataset', 'load_truth']
+           'shared_signal', 'slow_drift', 'make_dataset', 'load_truth']
 
 # %% ../nbs/17_synthetic.ipynb #596125d8
 ROI_NAMES = ("none", "visual", "auditory", "language")
@@ -344,10 +344,12 @@ PRESETS = {
     "sherlock": dict(n_subjects=17, n_trs=946, shape=(61, 73, 61), size=(640, 360), sample_rate=44100, progress=True),
     "realistic": dict(n_subjects=12, n_trs=946, shape=(14, 17, 14), size=(64, 36), fps=10, snr=0.5, noise_ar=0.8,
                       factors="nonlinear", zscore=True, weak=0.15),
+    "real": dict(n_subjects=17, n_trs=946, shape=(14, 17, 14), size=(64, 36), fps=10, snr=0.4, noise_ar=0.8,
+                 zscore=True, weak=0.15, shared=1.0, drift=0.5),   # fails the way real BOLD fails (below)
 }
 
 # %% ../nbs/17_synthetic.ipynb #655bd254
-def _subject_raw(rng, bold, mask, affine, snr:float, noise_ar:float)->np.ndarray:
+def _subject_raw(rng, bold, mask, affine, snr:float, noise_ar:float, drift=None)->np.ndarray:
     "(n_trs, n_voxels) int16 raw scanner values of one subject: baseline · (1 + gain · (bold + noise / snr))."
     n_trs, n_vox = bold.shape
     burn = 20
@@ -360,6 +362,7 @@ def _subject_raw(rng, bold, mask, affine, snr:float, noise_ar:float)->np.ndarray
     spread = np.stack([_smooth_field(rng, mask, affine, 40.0) for _ in range(3)])
     spread /= np.linalg.norm(spread, axis=0, keepdims=True)
     noise += (np.float32(np.sqrt(0.3)) * sources.astype(np.float32)) @ spread.astype(np.float32)
+    if drift is not None: noise += drift                       # this subject's slow drift, in noise units
     base = 1000.0 * rng.uniform(0.9, 1.1) * np.clip(1.0 + 0.15 * _smooth_field(rng, mask, affine, 24.0), 0.6, 1.4)
     base += rng.normal(0.0, 10.0, n_vox)
     gain = rng.uniform(0.01, 0.02)
@@ -389,6 +392,35 @@ def _write_nii(path:Path, raw, mask, affine, tr:float):
     img.header.set_sform(affine, code=4)
     atomic_write(path, lambda tmp: nib.save(img, tmp), as_path=True)
 
+# %% ../nbs/17_synthetic.ipynb #7344fe67
+def shared_signal(rng, # random generator
+                  n_trs:int, # TRs of the run
+                  mask, # the brain mask (its voxels, C order, are the columns)
+                  affine, # the mask's affine (mm)
+                  sd:float, # standard deviation at every voxel
+                  n_sources:int=4, # slow latent series, each a smooth map
+                  ar:float=0.95, # their AR(1) coefficient per TR
+                 )->np.ndarray: # float32 (n_trs, n_voxels)
+    "A signal every subject shares but no stimulus feature explains: slow latent series (arousal, attention, the story's state), each on a smooth map."
+    src = lfilter([np.sqrt(1 - ar ** 2)], [1.0, -ar], rng.standard_normal((n_trs + 100, n_sources)), axis=0)[100:]
+    maps = np.stack([_smooth_field(rng, mask, affine, 40.0) for _ in range(n_sources)])
+    maps /= np.linalg.norm(maps, axis=0, keepdims=True)        # each voxel: unit variance over the sources
+    x = src @ maps
+    return (sd * (x - x.mean(0)) / x.std(0)).astype(np.float32)
+
+def slow_drift(rng, # random generator
+               n_trs:int, # TRs of the run
+               n_voxels:int, # brain voxels
+               tr:float, # seconds per TR
+               sd:float, # standard deviation at every voxel
+               min_period:float=100.0, # seconds: the fastest drift component
+              )->np.ndarray: # float32 (n_trs, n_voxels)
+    "One subject's scanner drift: random mixes of the discrete cosines slower than `min_period`, per voxel."
+    k = np.arange(1, max(1, int(2 * n_trs * tr / min_period)) + 1)          # cosine k has period 2 n_trs tr / k
+    basis = np.cos(np.pi * k[None] * (np.arange(n_trs)[:, None] + 0.5) / n_trs)
+    x = basis @ (rng.standard_normal((len(k), n_voxels)) / np.sqrt(k)[:, None])   # slower components carry more
+    return (sd * (x - x.mean(0)) / x.std(0)).astype(np.float32)
+
 # %% ../nbs/17_synthetic.ipynb #4850aa6d
 def _run_plan(n_trs:int, n_runs:int)->list:
     "Per run: (volumes, scan offset in volumes, first film TR of its segment, film TRs in the segment)."
@@ -412,7 +444,7 @@ def _scan_factors(film_factors, n_vol:int, offset:int, first:int)->np.ndarray:
 
 # %% ../nbs/17_synthetic.ipynb #a3c9e1f0
 _DEFAULTS = dict(n_subjects=3, n_trs=300, tr=1.5, shape=(20, 24, 20), size=(160, 90), fps=25, sample_rate=16000,
-                 tail=4.0, snr=1.0, noise_ar=0.5, progress=False, factors="linear", zscore=False, weak=0.0)
+                 tail=4.0, snr=1.0, noise_ar=0.5, progress=False, factors="linear", zscore=False, weak=0.0, shared=0.0, drift=0.0)
 _TASK = "movie"
 
 def _paths(root:Path, layout:str, n_subjects:int, n_runs:int)->tuple:
@@ -469,10 +501,12 @@ def make_dataset(root, # the study folder to write (created if needed)
                  factors:str|None=None, # "linear" (None) or "nonlinear": also plant `NONLINEAR_FACTORS`, each in its own ROI
                  zscore:bool|None=None, # write float32 volumes z-scored per voxel and run (as the Sherlock release); None: int16 raw
                  weak:float|None=None, # signal amplitude of every voxel outside the ROIs (a weak mix of the linear factors); None: 0
+                 shared:float|None=None, # sd of a signal all subjects share that no stimulus feature explains (relative to a full-amplitude voxel's); None: 0
+                 drift:float|None=None, # sd of each subject's own slow drift (periods of 100 s and more), relative to its noise; None: 0
                 )->SyntheticLayout: # where everything was written
     "Write a synthetic study (film, annotations, one NIfTI per subject and run) and its planted truth."
     args = dict(n_subjects=n_subjects, n_trs=n_trs, tr=tr, shape=shape, size=size, fps=fps, sample_rate=sample_rate,
-                tail=tail, snr=snr, noise_ar=noise_ar, progress=progress, factors=factors, zscore=zscore, weak=weak)
+                tail=tail, snr=snr, noise_ar=noise_ar, progress=progress, factors=factors, zscore=zscore, weak=weak, shared=shared, drift=drift)
     if preset is not None:
         if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         args.update({k: v for k, v in PRESETS[preset].items() if args[k] is None})
@@ -484,6 +518,7 @@ def make_dataset(root, # the study folder to write (created if needed)
         raise ValueError(f"need tr > 0, fps > 0, tail >= 0, snr > 0 and 0 <= noise_ar < 1, got {args}")
     if tr * fps < 1: raise ValueError(f"a TR of {tr} s holds no frame at {fps} fps")
     if args["factors"] not in ("linear", "nonlinear"): raise ValueError(f"factors must be 'linear' or 'nonlinear', not {args['factors']!r}")
+    if not (args["shared"] >= 0 and args["drift"] >= 0): raise ValueError(f"shared and drift must be >= 0, got {args['shared']}, {args['drift']}")
     if not 0 <= args["weak"] < 0.5: raise ValueError(f"weak must be in [0, 0.5) (ROI voxels have 0.5 .. 1), got {args['weak']}")
     nonlinear = args["factors"] == "nonlinear"
     if layout not in ("sherlock", "bids"): raise ValueError(f"layout must be 'sherlock' or 'bids', not {layout!r}")
@@ -510,6 +545,7 @@ def make_dataset(root, # the study folder to write (created if needed)
     seq = np.random.SeedSequence(seed)
     streams = [np.random.default_rng(s) for s in seq.spawn(4 + n_subjects)]
     opt = [np.random.default_rng(s) for s in seq.spawn(1)[0].spawn(3)]   # the opt-in parts: the streams above stay as they were
+    real = np.random.default_rng(seq.spawn(1)[0])                        # shared signal and drift, drawn only when asked for
     n_film_trs = sum(p[3] for p in plan)
     n_frames = int(round((n_film_trs * tr + args["tail"]) * fps))
     n_chunks = -(-n_frames // _chunk_frames(args["size"]))
@@ -549,9 +585,11 @@ def make_dataset(root, # the study folder to write (created if needed)
         factors.append(f[-n_vol:]); bold.append(plant_bold(f, loadings, amp, tr)[-n_vol:])
     bar.update(1)
 
+    shown = [b + shared_signal(real, len(b), mask, affine, args["shared"]) if args["shared"] else b for b in bold]   # the truth stays the stimulus's
     for s, rng in enumerate(streams[4:]):
-        for r, b in enumerate(bold):
-            raw = _subject_raw(rng, b, mask, affine, args["snr"], args["noise_ar"])
+        for r, b in enumerate(shown):
+            d = slow_drift(real, len(b), int(mask.sum()), tr, args["drift"]) if args["drift"] else None
+            raw = _subject_raw(rng, b, mask, affine, args["snr"], args["noise_ar"], d)
             _write_nii(nii[r][s], _zscore_run(raw) if args["zscore"] else raw, mask, affine, tr)
         bar.update(1)
 
