@@ -2,7 +2,7 @@
 study that the end-to-end tests share (one cache folder per session).
 
 Two lanes: `pytest tests -m "not slow"` is the fast lane (with `nbdev_test`); `pytest tests -m slow` runs the tests that
-train a model to a target or run fresh kernels and processes (papermill, torchrun)."""
+train a model to a target, start fresh kernels and processes (papermill, torchrun, console scripts) or render the docs."""
 import os
 from pathlib import Path
 
@@ -20,7 +20,7 @@ FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_fr
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains to a target or starts fresh kernels and processes; "
+    config.addinivalue_line("markers", "slow: trains to a target, starts fresh kernels and processes, or renders the docs; "
                                        "the slow lane is `pytest tests -m slow`, the fast lane `pytest tests -m \"not slow\"`")
 
 

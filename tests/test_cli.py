@@ -150,6 +150,7 @@ def test_nan_loss_exits_naming_the_term(tmp_path, cache, study, monkeypatch, cap
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow   # a fresh process (python, torch and giblet imported)
 def test_console_script_help():
     exe = Path(sys.executable).parent / "giblet-train"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
@@ -183,6 +184,7 @@ def test_synth(tmp_path):
         cli.synth_main(out=str(tmp_path / "syn"), n_trs=40, preset="tiny")
 
 
+@pytest.mark.slow   # three runs and their summary
 def test_outer_folds(tmp_path, cache, study):
     "--n-folds 3: one run per fold, each testing on its own block, and a summary over the folds."
     out = tmp_path / "cv"
@@ -242,6 +244,7 @@ def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.slow   # two fresh processes per script
 @pytest.mark.parametrize("script", ["giblet-train", "giblet-sweep", "giblet-synth", "giblet-cache"])
 def test_console_scripts_exit_0_and_2(script, tmp_path):
     exe = Path(sys.executable).parent / script

@@ -202,6 +202,7 @@ def test_cache_main_builds_and_verify_removes_damaged_caches(study, tmp_path, ca
     with pytest.raises(ValueError, match="give a study folder"): cache_main(None, cache)
 
 
+@pytest.mark.slow   # a fresh process, killed outright
 def test_a_build_killed_midway_leaves_nothing_that_survives_the_next_load(study, tmp_path):
     root, _ = study
     cache = tmp_path / "cache"

@@ -15,6 +15,9 @@ from nbconvert import HTMLExporter
 
 from conftest import ROOT
 
+# the slow lane: every notebook's doc cells run again and every page is rendered (about a minute)
+pytestmark = pytest.mark.slow
+
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|\w+Error: ")
 
 

@@ -51,7 +51,10 @@ def run(tmp_path_factory):
 
 def no_signal_region(data_dir, mask, size):
     "A contiguous blob of `size` units without planted signal, grown from the no-signal unit farthest from every planted ROI."
-    roi = np.asarray(load_truth(data_dir)["roi"])
+    truth = load_truth(data_dir)
+    inside = np.asarray(truth["brain_mask"]) != 0
+    roi_vol = np.zeros(inside.shape, np.int16); roi_vol[inside] = truth["roi"]
+    roi = roi_vol[np.asarray(mask.dataobj) != 0]   # on the units of the subjects' shared mask, which may leave out brain voxels
     grid = UnitGrid(mask)
     dist = np.linalg.norm(grid.xyz[:, None] - grid.xyz[None, roi > 0], axis=-1).min(1)
     far = grid.xyz[np.argmax(np.where(roi == 0, dist, -1))]

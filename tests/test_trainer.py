@@ -94,6 +94,7 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, cache, study, d
     assert Trainer(data, cfg_for(cache, study, epochs=3), tmp_path).resume().epoch == 1
 
 
+@pytest.mark.slow   # a fresh process, killed outright
 def test_hard_kill_while_writing_keeps_previous_checkpoint(tmp_path, cache, study, data):
     "A process killed outright (no cleanup) while writing last.pt leaves the previous checkpoint loadable."
     cfg = cfg_for(cache, study, epochs=3)
