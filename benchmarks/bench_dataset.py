@@ -1,4 +1,4 @@
-"""Feature-cache size, write time, checksum-verification time and peak memory at Sherlock scale, and DeviceLoader batch rate.
+"""Feature-cache size, write time, checksum-verification time and peak memory at Sherlock scale, and the training loader's batch rate.
 
 The study is stood in for by arrays of the real shapes (946 TRs, 19 frames/TR at 160x90, 128 mels x 64 frames,
 17 subjects x 85k voxels) whose BOLD is produced one subject at a time, so the benchmark needs no 5.5 GB input.
@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from giblet.alignment.sync import Aligned
-from giblet.dataset import (ContextDataset, DeviceLoader, StreamedArray, StudyTensors, _DecodedBold, _encode_fmri,
+from giblet.dataset import (ContextDataset, StreamedArray, StudyTensors, _DecodedBold, _encode_fmri,
                                  block_split, fit_normaliser, load_arrays, load_study, save_arrays, stream_folders)
 from giblet.io import file_checksum
+from giblet.training.trainer import ShardedLoader
 
 
 def peak_rss_gb()->float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -85,13 +86,13 @@ def main(n_sub, n_vox, where):
     sp = block_split(n_trs, 1.5)
     t0 = time.perf_counter(); nz = fit_normaliser(back.fmri, back.audio, sp.train)
     st = StudyTensors(back, nz, subjects="average"); print(f"normaliser + tensors: {time.perf_counter() - t0:.1f} s")
-    dl = DeviceLoader(ContextDataset(st, sp.train, k=16), batch_size=8, shuffle=True)
+    dl = ShardedLoader(ContextDataset(st, sp.train, k=16), batch_size=8, shuffle=True)
     t0 = time.perf_counter(); n = 0
     for i, b in enumerate(dl):
         n += b["video"].shape[0]
         if i == 20: break
     dt = time.perf_counter() - t0
-    print(f"DeviceLoader (CPU): {n / dt:.0f} windows/s of 16 TRs ({n * 16 / dt:.0f} TRs/s)")
+    print(f"ShardedLoader (CPU): {n / dt:.0f} windows/s of 16 TRs ({n * 16 / dt:.0f} TRs/s)")
     print(f"peak RSS {peak_rss_gb():.2f} GB")
     shutil.rmtree(root)
 

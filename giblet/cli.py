@@ -23,14 +23,14 @@ from fastcore.script import anno_parser, store_true
 from contextlib import contextmanager
 
 from .dataset import block_folds, default_cache_dir
-from .io import DiskFullError, FolderLockedError, RunLock, clean_leftovers, fingerprint_changes, input_fingerprint
+from .io import DiskFullError, FolderLockedError, RunLock, atomic_write, clean_leftovers, fingerprint_changes, input_fingerprint
 from .evaluation import fit_baselines, headline_words, stimulus_bands, truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study, show_timing, study_rates
 from .training.data import feature_params
 from .io import no_bar
-from .training.trainer import (checkpoint_folder, close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, atomic_write, check_resumable,
+from .training.trainer import (checkpoint_folder, close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, check_resumable,
                                      init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
                                      write_json)
 from .training.data import run_split
@@ -563,7 +563,8 @@ def synth_main(out:str="runs/synthetic", # the study folder to write
     try: lay = make_dataset(out, seed=seed, preset=preset, overwrite=overwrite, progress=True, layout=layout, **kw)
     except FileExistsError as e: raise FileExistsError(str(e).replace("overwrite=True", "--overwrite")) from None   # the flag, not the argument
     fig = plot_synthetic(out, lay.film, lay.nii)
-    path = atomic_write(Path(out) / "synthetic_summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    path = Path(out) / "synthetic_summary.png"
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
 

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NOT_ANNOTATIONS', 'NOT_SUBJECTS', 'NO_TRAIN_RUN', 'STREAMS',
            'STREAM_PARAMS', 'StudyFiles', 'discover', 'Split', 'block_split', 'block_folds', 'Normaliser',
            'fit_normaliser', 'stream_keys', 'cached_stream', 'stream_folders', 'context_starts', 'StudyTensors',
-           'ContextDataset', 'DeviceLoader', 'default_cache_dir', 'align_study', 'load_study', 'cache_main']
+           'ContextDataset', 'default_cache_dir', 'align_study', 'load_study', 'cache_main']
 
 # %% ../nbs/12_dataset.ipynb #efe36119
 FILM_EXTS = (".m4v", ".mp4", ".mkv", ".avi")
@@ -458,26 +458,6 @@ class ContextDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         b = self.tensors.gather(self.starts[[i]], self.k, self.rows[[i]])
         return {k: v[0] for k, v in b.items()}
-
-class DeviceLoader:
-    "Batches of a `ContextDataset` gathered by index on the tensors' own device: no worker processes, no copies."
-    def __init__(self, ds:ContextDataset, # the windows to serve
-                 batch_size:int=8, # windows per batch
-                 shuffle:bool=False, # reshuffle every epoch
-                 seed:int=0, # seed of the shuffling
-                 drop_last:bool=False, # drop a last, smaller batch
-                ):
-        self.ds, self.bs, self.shuffle, self.drop_last, self.epoch, self.seed = ds, batch_size, shuffle, drop_last, 0, seed
-    def __len__(self):
-        n = len(self.ds); return n // self.bs if self.drop_last else math.ceil(n / self.bs)
-    def __iter__(self):
-        n = len(self.ds)
-        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-                 if self.shuffle else torch.arange(n)).numpy()
-        self.epoch += 1
-        for i in range(len(self)):
-            idx = order[i * self.bs:(i + 1) * self.bs]
-            yield self.ds.tensors.gather(self.ds.starts[idx], self.ds.k, self.ds.rows[idx])
 
 # %% ../nbs/12_dataset.ipynb #fa7311f4
 def default_cache_dir()->Path:

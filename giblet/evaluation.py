@@ -18,7 +18,8 @@ import torch
 
 from .training.metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
 from .dataset import block_folds
-from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, atomic_write, write_json
+from .io import atomic_write
+from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, write_json
 
 logger = logging.getLogger(__name__)
 

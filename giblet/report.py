@@ -17,7 +17,8 @@ import torch
 from .decoding import brain_series, decode_block, decode_series, decoding_scores, true_block
 from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, model_share, verdict
 from .training.metrics import voxel_r
-from .training.trainer import Trainer, atomic_write, write_json
+from .io import atomic_write
+from .training.trainer import Trainer, write_json
 from .alignment.sync import Aligned
 
 logger = logging.getLogger(__name__)
@@ -357,7 +358,8 @@ def write_map(out:Path, # the run folder
     from giblet.data.fmri import features_to_nii
     if al.mask is not None:
         img = features_to_nii(np.asarray(values, np.float32), al.mask, tr=al.tr)
-        return atomic_write(out / f"{name}.nii.gz", lambda f: f.write(_nii_bytes(img))) or out / f"{name}.nii.gz"
+        atomic_write(out / f"{name}.nii.gz", lambda f: f.write(_nii_bytes(img)))
+        return out / f"{name}.nii.gz"
     df = pd.DataFrame(np.asarray(values, np.float32), columns=al.units, index=pd.Index(rows if rows is not None else range(len(values)), name="row"))
     atomic_write(out / f"{name}.tsv", lambda f: f.write(df.to_csv(sep="\t", float_format="%.6g").encode()))
     return out / f"{name}.tsv"

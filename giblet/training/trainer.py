@@ -24,7 +24,7 @@ import torch.distributed as dist
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from ..io import DiskFullError, fsync_folder, temp_name, atomic_write as io_atomic_write
+from ..io import DiskFullError, atomic_write, fsync_folder, temp_name
 from ..io import no_bar
 from ..dataset import ContextDataset, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'CHECKPOINTS', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'close_distributed',
-           'ShardedLoader', 'lr_factor', 'atomic_write', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses',
-           'ridge_start', 'NonFiniteLoss', 'Trainer', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
+           'ShardedLoader', 'lr_factor', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses', 'ridge_start',
+           'NonFiniteLoss', 'Trainer', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
 
 # %% ../../nbs/31_training.trainer.ipynb #4636823f
 class DeviceUnavailable(RuntimeError):
@@ -110,18 +110,12 @@ def lr_factor(step:int, # optimiser steps taken
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p))
 
 # %% ../../nbs/31_training.trainer.ipynb #70bb8cc4
-def atomic_write(path:str|Path, # the file to (re)place
-                 write:Callable, # write(binary file object)
-                )->Path:
-    "Write through a temporary file in the same folder, flushed to disk, then renamed over `path` (`giblet.io.atomic_write`)."
-    io_atomic_write(path, write)
-    return Path(path)
-
 def write_json(path:str|Path, # the file
                obj, # JSON-serialisable
               )->Path:
-    "Write `obj` as indented JSON, atomically."
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+    "Write `obj` as indented JSON, atomically (`giblet.io.atomic_write`)."
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+    return Path(path)
 
 def load_checkpoint(path:str|Path, # a file written by `Trainer.save`
                     map_location:str|torch.device="cpu", # where tensors go
@@ -514,7 +508,8 @@ def save(self:Trainer, best:bool=False, # also make this the best checkpoint
     for name in ("log.csv", "log.json"): _log_link(self.out / name)
     with new_checkpoint_folder(self.out) as ck:
         write_json(ck / "config.json", self.config())
-        last = atomic_write(ck / "last.pt", lambda f: torch.save(state, f))
+        last = ck / "last.pt"
+        atomic_write(last, lambda f: torch.save(state, f))
         if best or before is None or not (before / "best.pt").is_file(): _link_best(last, ck / "best.pt")
         else: _link_best(before / "best.pt", ck / "best.pt")
         write_log(ck, self.history)
