@@ -123,7 +123,8 @@ def test_report_says_the_point_estimates_in_words(report):
     assert saved["in_words"] == headline_words(saved) and len(saved["in_words"]) == 3 + below_0   # vs both baselines, the stack vs one
     for name, c in (("model", saved["comparison"]), ("stack", saved["stack_comparison"])):
         for k, d in c["differences"].items():
-            s = (f"{name} {'below' if d['difference'] < 0 else 'above'} {WORDS[k]} by {abs(d['difference']):.3f} "
+            x = d["difference"]   # exactly 0 where the stack kept the banded ridge alone
+            s = (f"{name} {'below' if x < 0 else 'above' if x > 0 else 'level with'} {WORDS[k]}{f' by {abs(x):.3f}' if x else ''} "
                  f"(CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}")
             assert f"- {s}" in md and any(w.startswith(s) for w in saved["in_words"])
     d, res = saved["comparison"]["differences"]["banded_ridge"], saved["test_block_resolution"]

@@ -582,7 +582,7 @@ class LinearPath(nn.Module):
     @torch.no_grad()
     def fit_ridge(self, x:torch.Tensor, # (n, p * hrf_basis) design rows (`design`) of training TRs with their whole history
                   y:torch.Tensor, # (n, n_voxels) the BOLD they predict
-                  folds:list, # [(fit rows, held-out rows)] that choose each voxel's alpha, e.g. `giblet.dataset.block_folds`
+                  folds:list, # [(fit rows, held-out rows)] that choose each voxel's alpha, e.g. from `block_folds` of the splits
                   alphas:Sequence[float]=tuple(np.logspace(-1, 7, 17)), # candidate penalties
                  )->np.ndarray: # (n_voxels,) the alpha each voxel chose
         "Set the read-out to himalaya's ridge of `y` on `x`, each voxel's alpha chosen by the folds: the path becomes a ridge encoding model."
