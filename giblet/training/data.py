@@ -84,7 +84,7 @@ class TrainConfig:
     ema: float = 0.95 # per-step decay of a moving average of the weights, which is what is validated and saved (0: off)
     stride: int = 1 # TRs between the starts of training windows
     patience: int = 5 # stop after this many epochs without a better validation r (0: never stop early)
-    ridge_start: bool = False # start from a ridge: the linear path is fitted as himalaya's ridge on the training block (alphas by inner folds) and frozen, the deep path learns its correction from zero, and the start is itself a checkpoint that validation may keep
+    ridge_start: str = "" # start from a ridge: "ridge" (or true) fits the linear path as himalaya's ridge on the training block (alphas by inner folds), "banded" as its banded ridge (a penalty per band); it is frozen, the deep path learns its correction from zero, and the start is itself a checkpoint that validation may keep ("" or false: off)
     amp: bool = True # bf16 autocast on CUDA
     # loss (see `compute_losses`)
     w_fmri: float = 1.0 # weight of the BOLD MSE
@@ -109,6 +109,9 @@ class TrainConfig:
     atlas_names: str|None = None # its region names (TSV/CSV/JSON); None: the spec's, else "roi K"
 
     def __post_init__(self):
+        self.ridge_start = {False: "", True: "ridge", "false": "", "true": "ridge"}.get(self.ridge_start, self.ridge_start)   # old runs saved a bool
+        if self.ridge_start not in ("", "ridge", "banded"):
+            raise ValueError(f"TrainConfig.ridge_start must be 'ridge', 'banded' or '' (off), got {self.ridge_start!r}")
         if self.subjects not in ("average", "each"): raise ValueError(f"TrainConfig.subjects must be 'average' or 'each', got {self.subjects!r}")
         if self.voxel_weights not in ("reliability", "uniform"):
             raise ValueError(f"TrainConfig.voxel_weights must be 'reliability' or 'uniform', got {self.voxel_weights!r}")

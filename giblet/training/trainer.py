@@ -184,8 +184,9 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
 def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linear_delay > 0`, `fit_scale` done)
                 data:RunData, # the run's data: the ridge sees its training block only
                 n_folds:int=5, # inner leave-block-out folds that choose each voxel's alpha
+                banded:bool=False, # himalaya's banded ridge (a penalty per band and voxel) instead of the ridge
                )->np.ndarray: # (n_voxels,) the alphas chosen
-    "Make `model` a ridge encoding model: its linear path fitted as himalaya's ridge on the training block and frozen, its deep path silent until trained."
+    "Make `model` a ridge encoding model: its linear path fitted as himalaya's ridge (or banded ridge) on the training block and frozen, its deep path silent until trained."
     lin, t, train = model.encoder.linear, data.tensors, np.asarray(data.split.train)
     skip = lin.fir.kernel - 1                                   # the first TRs of a stretch lack their stimulus history
     cut = np.flatnonzero((np.diff(train) != 1) | (np.diff(t.run[train]) != 0)) + 1
@@ -195,11 +196,11 @@ def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linea
         xs.append(lin.design(b)[0, skip:]); ys.append(t.fmri[:, torch.as_tensor(s[skip:], device=t.device)].float().mean(0)); rows.append(s[skip:])
     if not xs: raise ValueError(f"ridge_start: no stretch of the training block is longer than the linear path's {skip + 1} TRs")
     rows = np.concatenate(rows)
-    alphas = lin.fit_ridge(torch.cat(xs), torch.cat(ys), block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)))
+    alphas = lin.fit_ridge(torch.cat(xs), torch.cat(ys), block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)), banded=banded)
     lin.requires_grad_(False)
     model.encoder.head.gain.zero_()                             # the deep path adds nothing until it learns a correction
-    logger.info("ridge start: the linear path is a ridge on %d training TRs x %d features (alpha per voxel by %d inner folds: median %.3g, "
-                "range %.3g-%.3g), frozen; the deep path learns its correction from zero", len(rows), xs[0].shape[1], n_folds,
+    logger.info("ridge start: the linear path is a %s on %d training TRs x %d features (alpha per voxel by %d inner folds: median %.3g, "
+                "range %.3g-%.3g), frozen; the deep path learns its correction from zero", "banded ridge" if banded else "ridge", len(rows), xs[0].shape[1], n_folds,
                 np.median(alphas), alphas.min(), alphas.max())
     return alphas
 
@@ -225,7 +226,7 @@ class Trainer:
         if self.model.encoder.linear is not None:  # the linear path's features are standardised with training statistics
             train = data.split.train
             self.model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
-        if cfg.ridge_start: ridge_start(self.model, data)
+        if cfg.ridge_start: ridge_start(self.model, data, banded=cfg.ridge_start == "banded")
         torch.manual_seed(cfg.seed + 1 + self.di.rank)  # dropout differs between processes
         self.net = TrainStep(self.model, cfg.decode_from, cfg.detach_brain)
         if self.di.world_size > 1:
