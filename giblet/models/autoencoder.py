@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from ..io import atomic_write
 import torch.nn as nn
 
@@ -187,6 +188,91 @@ def compute_losses(out:dict, # model output ('brain' and reconstructions)
             total = total + w * terms[key]
     terms["total"] = total
     return terms
+
+# %% ../../nbs/22_models.autoencoder.ipynb #dd047129
+@patch
+def predict_brain(self:BrainAutoencoder, batch:dict, # a batch of windows (its subject ids are ignored)
+                 )->torch.Tensor: # float32 (B, K, n_voxels) on the model's device
+    "The brain layer predicted from the stimulus: the mean of the subject heads, or the average head when there are none."
+    head = self.encoder.head
+    if head.n_subjects == 0: return self.encode(batch | {"subject": None}).float()
+    def mean_of_heads(mod, args, out):  # replaces the head's output: the trunk's features `h` are computed once
+        h = args[0]
+        return torch.stack([mod.forward(h, torch.full((h.shape[0],), s, device=h.device)).float() for s in range(mod.n_subjects)]).mean(0)
+    hook = head.register_forward_hook(mean_of_heads)
+    try: return self.encode(batch | {"subject": None}).float()
+    finally: hook.remove()
+
+# %% ../../nbs/22_models.autoencoder.ipynb #976a5b22
+@patch
+def context_windows(self:BrainAutoencoder, tensors, # a study's tensors: `run` (n_trs,) and `gather(starts, k)` -> a batch
+                    trs:np.ndarray, # sorted, distinct TR indices
+                    position:int|None=None, # where in its window each TR is read (None: the last TR, K - 1)
+                    within:str="run", # windows stay within the TR's "run", or its "block" of consecutive `trs`
+                    batch_size:int=16, # windows per forward pass
+                    predict:bool=True, # predict the brain layer (else it is None)
+                   ): # yields (index into `trs`, batch, brain layer, window row and position of each TR read)
+    "Batches of the windows that hold `trs`, each TR read at `position` of one window, with their predicted brain layer."
+    k, trs, run = self.config.context_trs, np.asarray(trs, np.int64), np.asarray(tensors.run)
+    position = k - 1 if position is None else int(position)
+    if not 0 <= position < k: raise ValueError(f"position must be in 0..{k - 1}, got {position}")
+    if within not in ("run", "block"): raise ValueError(f"within must be 'run' or 'block', got {within!r}")
+    if np.any(np.diff(trs) <= 0): raise ValueError("context_windows: the TRs must be sorted and distinct")
+    if not len(trs): return
+    cut = np.flatnonzero((run[trs[1:]] != run[trs[:-1]]) | ((np.diff(trs) != 1) & (within == "block"))) + 1
+    for seg in np.split(np.arange(len(trs)), cut):
+        t = trs[seg]
+        lo, hi = (t[0], t[-1]) if within == "block" else np.flatnonzero(run == run[t[0]])[[0, -1]]
+        if within == "run" and hi - lo + 1 < k: raise ValueError(f"run {run[t[0]]} has {hi - lo + 1} TRs, fewer than the model's window of {k}")
+        w = min(k, hi - lo + 1)
+        s = np.clip(t - position, lo, hi - w + 1)
+        starts, inv = np.unique(s, return_inverse=True)
+        for i in range(0, len(starts), batch_size):
+            sel = (inv >= i) & (inv < i + batch_size)
+            batch = tensors.gather(torch.as_tensor(starts[i:i + batch_size]), w)
+            yield seg[sel], batch, self.predict_brain(batch) if predict else None, torch.as_tensor(inv[sel] - i), torch.as_tensor(t[sel] - s[sel])
+
+# %% ../../nbs/22_models.autoencoder.ipynb #e3a53edb
+@patch
+@torch.no_grad()
+def predict_series(self:BrainAutoencoder, tensors, # a study's tensors (see `context_windows`)
+                   trs, # TR indices, in any order
+                   position:int|None=None, # where in its window each TR is read (None: the window's last TR)
+                   within:str="run", # windows stay within the TR's "run", or its "block" of consecutive `trs`
+                   batch_size:int=16, # windows per forward pass
+                  )->torch.Tensor: # float32 (len(trs), n_voxels) on the model's device
+    "The predicted brain layer at `trs` (the mean of the subject heads), each TR read from its own window."
+    u, inv = np.unique(np.asarray(trs, np.int64), return_inverse=True)
+    dev, was = next(self.parameters()).device, self.training
+    out = torch.empty(len(u), self.config.n_voxels, device=dev)
+    self.eval()
+    try:
+        for idx, _, brain, row, pos in self.context_windows(tensors, u, position, within, batch_size):
+            out[torch.as_tensor(idx, device=dev)] = brain[row.to(dev), pos.to(dev)]
+    finally: self.train(was)
+    return out[torch.as_tensor(inv.ravel(), device=dev)]
+
+# %% ../../nbs/22_models.autoencoder.ipynb #c790a2d6
+@patch
+@torch.no_grad()
+def decode_series(self:BrainAutoencoder, series:torch.Tensor, # (n_trs, n_voxels) a brain series, predicted or measured
+                  position:int|None=None, # where in its window each TR sits (None: the middle, K // 2)
+                  batch_size:int=16, # windows per forward pass
+                 )->dict: # modality -> float32 CPU tensor (n_trs, ...)
+    "Each TR of a brain series decoded from the window of the series in which it sits at `position` (clipped at the ends)."
+    k, n = self.config.context_trs, len(series)
+    if n < k: raise ValueError(f"decode_series: {n} TRs are fewer than the model's window of {k}")
+    position = k // 2 if position is None else position
+    if not 0 <= position < k: raise ValueError(f"decode_series: position {position} is outside a window of {k} TRs")
+    starts, out, was = np.clip(np.arange(n) - position, 0, n - k), {}, self.training
+    self.eval()
+    try:
+        for a in range(0, n, batch_size):
+            s = starts[a:a + batch_size]
+            rec = self.decode(series[torch.as_tensor(s[:, None] + np.arange(k), device=series.device)])
+            for m, v in rec.items(): out.setdefault(m, []).append(v.float()[torch.arange(len(s)), torch.as_tensor(np.arange(a, a + len(s)) - s)].cpu())
+    finally: self.train(was)
+    return {m: torch.cat(v) for m, v in out.items()}
 
 # %% ../../nbs/22_models.autoencoder.ipynb #c7d1c5f2
 def param_breakdown(model:nn.Module, # usually a BrainAutoencoder
