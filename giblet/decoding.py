@@ -16,8 +16,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'METRICS', 'frame_corr', 'identify', 'band_moments', 'band_corr', 'text_retrieval', 'boot_counts',
-           'null_shifts', 'roll_decoded', 'decoding_scores', 'true_block', 'brain_series', 'decode_series',
-           'decode_block']
+           'null_shifts', 'roll_decoded', 'decoding_scores', 'true_block', 'decode_block']
 
 # %% ../nbs/34_decoding.ipynb #d0000006
 def _zrows(x:np.ndarray)->np.ndarray:
@@ -191,60 +190,21 @@ def true_block(tensors, # a `giblet.dataset.StudyTensors`
     i = torch.as_tensor(np.asarray(trs), device=tensors.device)
     return {k: getattr(tensors, k)[i].cpu().numpy() for k in ("video", "audio", "text", "has_text") if getattr(tensors, k) is not None}
 
-@torch.no_grad()
-def brain_series(model, # a `giblet.models.autoencoder.BrainAutoencoder`
-                 tensors, # a `giblet.dataset.StudyTensors`
-                 trs:np.ndarray, # contiguous TR indices of one run
-                 source:str="brain", # "brain" (the predicted brain layer) or "fmri" (measured, the mean of the rows)
-                 batch_size:int=16, # windows per forward pass
-                )->torch.Tensor: # float32 (len(trs), n_voxels)
-    "The brain layer at each TR of a block: predicted from the window that ends on the TR, or the measured z-scored fMRI."
-    trs = np.asarray(trs, np.int64)
-    if len(trs) < 2 or np.any(np.diff(trs) != 1) or len(np.unique(tensors.run[trs])) != 1:
-        raise ValueError(f"brain_series: TRs {trs[:3].tolist()}..{trs[-1:].tolist()} are not one contiguous block of one run")
-    if source == "fmri": return tensors.fmri[:, torch.as_tensor(trs, device=tensors.device)].float().mean(0)
-    if source != "brain": raise ValueError(f"brain_series: source must be 'brain' or 'fmri', got {source!r}")
-    k, run = model.config.context_trs, np.flatnonzero(tensors.run == tensors.run[trs[0]])
-    if len(run) < k: raise ValueError(f"brain_series: the run has {len(run)} TRs, fewer than the model's window of {k}")
-    starts = np.clip(trs - k + 1, run[0], run[-1] - k + 1)
-    model.eval(); out = []
-    for a in range(0, len(trs), batch_size):
-        b = tensors.gather(starts[a:a + batch_size], k)
-        brain = model.encode(b | {"subject": torch.full_like(b["subject"], -1)}).float()
-        out.append(brain[torch.arange(len(brain)), torch.as_tensor(trs[a:a + batch_size] - starts[a:a + batch_size], device=brain.device)])
-    return torch.cat(out)
-
-@torch.no_grad()
-def decode_series(model, # a `giblet.models.autoencoder.BrainAutoencoder`
-                  series:torch.Tensor, # (n_trs, n_voxels) a brain series
-                  position:int|None=None, # where in its window each TR sits (None: the middle, K // 2)
-                  batch_size:int=16, # windows per forward pass
-                 )->dict: # modality -> numpy (n_trs, ...)
-    "Each TR decoded from the window of the series in which it sits at `position` (clipped at the ends)."
-    k, n = model.config.context_trs, len(series)
-    if n < k: raise ValueError(f"decode_series: {n} TRs are fewer than the model's window of {k}")
-    position = k // 2 if position is None else position
-    if not 0 <= position < k: raise ValueError(f"decode_series: position {position} is outside a window of {k} TRs")
-    starts = np.clip(np.arange(n) - position, 0, n - k)
-    model.eval(); out = {}
-    for a in range(0, n, batch_size):
-        s = starts[a:a + batch_size]
-        win = series[torch.as_tensor(s[:, None] + np.arange(k), device=series.device)]
-        rec = model.decode(win)
-        pos = torch.as_tensor(np.arange(a, a + len(s)) - s, device=series.device)
-        for m, v in rec.items(): out.setdefault(m, []).append(v.float()[torch.arange(len(s)), pos].cpu().numpy())
-    return {m: np.concatenate(v) for m, v in out.items()}
-
+# %% ../nbs/34_decoding.ipynb #d000001b
 def decode_block(model, # a `giblet.models.autoencoder.BrainAutoencoder`
                  tensors, # a `giblet.dataset.StudyTensors`
                  trs:np.ndarray, # contiguous TR indices of one run (e.g. the test block)
-                 source:str="brain", # "brain" or "fmri"
+                 source:str="brain", # "brain" (the predicted brain layer) or "fmri" (measured, the mean of the rows)
                  tr:float=1.5, # seconds per TR
                  min_shift_s:float=30.0, # least shift of the null, seconds
                  n_shifts:int=20, # shifts of the null
                  position:int|None=None, # where in its window each TR sits (None: the middle)
-                )->tuple: # (decoded dict, list of decodings of the shifted series)
+                )->tuple: # (decoded dict, list of decodings of the shifted series): modality -> numpy (len(trs), ...)
     "A block decoded from its brain series, and from that series circularly shifted by each of `null_shifts`."
-    series = brain_series(model, tensors, trs, source)
-    null = [decode_series(model, torch.roll(series, int(s), 0), position) for s in null_shifts(len(trs), tr, min_shift_s, n_shifts)]
-    return decode_series(model, series, position), null
+    trs = np.asarray(trs, np.int64)
+    if len(trs) < 2 or np.any(np.diff(trs) != 1) or len(np.unique(tensors.run[trs])) != 1:
+        raise ValueError(f"decode_block: TRs {trs[:3].tolist()}..{trs[-1:].tolist()} are not one contiguous block of one run")
+    if source not in ("brain", "fmri"): raise ValueError(f"decode_block: source must be 'brain' or 'fmri', got {source!r}")
+    series = model.predict_series(tensors, trs) if source == "brain" else tensors.fmri[:, torch.as_tensor(trs, device=tensors.device)].float().mean(0)
+    decode = lambda s: {m: v.numpy() for m, v in model.decode_series(s, position).items()}
+    return decode(series), [decode(torch.roll(series, int(s), 0)) for s in null_shifts(len(trs), tr, min_shift_s, n_shifts)]

@@ -30,8 +30,8 @@ from .training.data import StreamTensors
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'METRICS', 'LesionData', 'predict_brain', 'unit_means', 'reconstruct', 'collect_errors', 'lesion_effects',
-           'plot_effects', 'Rendering', 'render', 'read_checkpoint', 'load_run', 'lesion_data']
+__all__ = ['logger', 'METRICS', 'LesionData', 'unit_means', 'reconstruct', 'collect_errors', 'lesion_effects', 'plot_effects',
+           'Rendering', 'render', 'read_checkpoint', 'load_run', 'lesion_data']
 
 # %% ../nbs/41_lesion.ipynb #00833145
 @dataclass
@@ -72,18 +72,6 @@ class LesionData:
         return list(first), self.tensors.text[list(first.values())].float().cpu().numpy()
 
 # %% ../nbs/41_lesion.ipynb #7ef7e8c6
-def _windows(data:LesionData, k:int, position:int, batch_size:int):
-    "Batches of (window starts, window length, index into data.trs of the TRs read, their window row, their position)."
-    trs, run = data.trs, data.tensors.run
-    cut = np.flatnonzero((np.diff(trs) != 1) | (run[trs[1:]] != run[trs[:-1]])) + 1
-    for seg in np.split(np.arange(len(trs)), cut):
-        t = trs[seg]; w = min(k, len(t))
-        s = np.clip(t - position, t[0], t[-1] - w + 1)
-        starts, inv = np.unique(s, return_inverse=True)
-        for i in range(0, len(starts), batch_size):
-            sel = (inv >= i) & (inv < i + batch_size)
-            yield starts[i:i + batch_size], w, seg[sel], inv[sel] - i, t[sel] - s[sel]
-
 def _as_mask(region, n_units:int, device)->torch.Tensor|None:
     if region is None: return None
     mask = region.mask if isinstance(region, Region) else np.asarray(region, bool)
@@ -93,20 +81,6 @@ def _as_mask(region, n_units:int, device)->torch.Tensor|None:
                          "was it built on the model's mask?")
     return torch.as_tensor(mask, device=device)
 
-def predict_brain(model, # a BrainAutoencoder
-                  batch:dict, # a batch of windows (its subject ids are ignored)
-                 )->torch.Tensor: # (B, K, n_voxels) on the model's device
-    "The brain layer predicted from the stimulus: the average-subject head, or the mean of the subject heads when there are some."
-    head = model.encoder.head
-    if head.n_subjects == 0: return model.encode(batch | {"subject": None})
-    def mean_of_heads(mod, args, out):  # the trunk runs once; each subject's head reads its features
-        h, total = args[0], 0
-        for s in range(mod.n_subjects): total = total + mod.forward(h, torch.full((h.shape[0],), s, device=h.device))
-        return total / mod.n_subjects
-    hook = head.register_forward_hook(mean_of_heads)
-    try: return model.encode(batch | {"subject": None})
-    finally: hook.remove()
-
 def _brains(model, data:LesionData, source:str, position:int|None, batch_size:int):
     "Yield (index into data.trs, batch, brain layer, window row, position) batch by batch: what the decoder reads."
     if source not in ("stimulus", "fmri"): raise ValueError(f"source must be 'stimulus' or 'fmri', got {source!r}")
@@ -115,13 +89,9 @@ def _brains(model, data:LesionData, source:str, position:int|None, batch_size:in
         raise ValueError(f"the data has {data.n_units} brain units but the model has {cfg.n_voxels}; they must share a mask")
     lacking = [n for n in cfg.stream_dims if stream_key(n) not in getattr(data.tensors, "streams", {})]
     if lacking: raise ValueError(f"the model reads feature stream(s) {lacking}; build the data with them (`lesion_data` does)")
-    k = cfg.context_trs
-    position = k // 4 if position is None else int(position)
-    if not 0 <= position < k: raise ValueError(f"position must be in 0..{k - 1}, got {position}")
-    for starts, w, idx, row, pos in _windows(data, k, position, batch_size):
-        batch = data.tensors.gather(torch.as_tensor(starts), w)
-        brain = predict_brain(model, batch) if source == "stimulus" else batch["fmri"].to(dev)
-        yield idx, batch, brain.float(), torch.as_tensor(row), torch.as_tensor(pos)
+    position = cfg.context_trs // 4 if position is None else int(position)
+    for idx, batch, brain, row, pos in model.context_windows(data.tensors, data.trs, position, "block", batch_size, predict=source == "stimulus"):
+        yield idx, batch, brain if source == "stimulus" else batch["fmri"].to(dev).float(), row, pos
 
 def _silence(brain:torch.Tensor, mask:torch.Tensor, mode:str, baseline:torch.Tensor|None)->torch.Tensor:
     "The brain layer with the region's units (lesion) or all others (keep) at their baseline (None: 0)."

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .decoding import brain_series, decode_block, decode_series, decoding_scores, true_block
+from .decoding import decode_block, decoding_scores, true_block
 from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, model_share, verdict
 from .training.metrics import voxel_r
 from .io import atomic_write
@@ -24,23 +24,9 @@ from .alignment.sync import Aligned
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'MeanHeads', 'longest_stretch', 'run_decoding', 'decoding_metrics', 'plot_decoding', 'plot_history',
-           'plot_r_hist', 'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'region_table',
-           'write_map', 'write_report', 'fold_summary']
-
-# %% ../nbs/35_report.ipynb #6ac2551d
-class MeanHeads:
-    "A model whose `encode` gives the mean of the subject heads' brain layers (the average head when it has no subject heads)."
-    def __init__(self, model, # a `giblet.models.autoencoder.BrainAutoencoder`
-                ): self.model, self.config = model, model.config
-    def eval(self): self.model.eval(); return self
-    def decode(self, brain:torch.Tensor, # (B, K, n_voxels) a brain layer
-              )->dict: return self.model.decode(brain)
-    def encode(self, batch:dict, # a batch of windows (its subject ids are ignored)
-              )->torch.Tensor: # (B, K, n_voxels)
-        s, n = batch["subject"], self.config.n_subjects
-        if not n: return self.model.encode(batch | {"subject": torch.full_like(s, -1)})
-        return torch.stack([self.model.encode(batch | {"subject": torch.full_like(s, i)}).float() for i in range(n)]).mean(0)
+__all__ = ['logger', 'longest_stretch', 'run_decoding', 'decoding_metrics', 'plot_decoding', 'plot_history', 'plot_r_hist',
+           'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'region_table', 'write_map',
+           'write_report', 'fold_summary']
 
 # %% ../nbs/35_report.ipynb #0e64ca6c
 def longest_stretch(trs:np.ndarray, # sorted TR indices
@@ -66,7 +52,7 @@ def run_decoding(model, # a `giblet.models.autoencoder.BrainAutoencoder`
                                            len(seg), len(trs))
     true, out = true_block(tensors, seg), {}
     for source in ("brain", "fmri"):
-        dec, null = decode_block(MeanHeads(model), tensors, seg, source, tr, min_shift_s, n_shifts)
+        dec, null = decode_block(model, tensors, seg, source, tr, min_shift_s, n_shifts)
         out[source] = decoding_scores(dec, true, tr, null, min_shift_s, n_boot=n_boot, seed=seed)
     return pd.concat(out, names=["source"])
 
@@ -176,10 +162,9 @@ def plot_reconstructions(trainer:Trainer, # a trained trainer
     data = trainer.data
     seg = longest_stretch(np.asarray(trs), data.tensors.run)
     sel = np.linspace(0, len(seg) - 1, n + 2).astype(int)[1:-1]; ends = seg[sel]
-    model = MeanHeads(trainer.model).eval()  # the trained heads' mean, not the untrained average head
     # each TR decoded in the middle of its window, as the decoding scores are: at a window's end the BOLD that the
     # TR's stimulus evokes 4-8 s later is not yet in the window, and the decoder falls back to the training mean
-    rec = decode_series(model, brain_series(model, data.tensors, seg, "brain"))
+    rec = trainer.model.decode_series(trainer.model.predict_series(data.tensors, seg))  # the subject heads' mean
     true = true_block(data.tensors, ends)
     frames_true, mel_true = torch.from_numpy(true["video"]), torch.from_numpy(true["audio"])
     frames_rec, mel_rec = (torch.from_numpy(np.asarray(rec[m][sel], np.float32)) for m in ("video", "audio"))

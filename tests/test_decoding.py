@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from giblet.decoding import brain_series, decode_series, decoding_scores, null_shifts, roll_decoded
+from giblet.decoding import decode_block, decoding_scores, null_shifts, roll_decoded
 from giblet.models.autoencoder import BrainAutoencoder
 from giblet.models.encoder import ModelConfig
 
@@ -67,13 +67,15 @@ def test_shifted_brain_is_the_rolled_decoding_away_from_the_turn():
     model = BrainAutoencoder(ModelConfig.preset("tiny", context_trs=8, temporal_kernel=3)).eval()
     series = torch.randn(60, model.config.n_voxels)
     s = 25
-    a, b = roll_decoded(decode_series(model, series), s), decode_series(model, torch.roll(series, s, 0))
+    a, b = roll_decoded(model.decode_series(series), s), model.decode_series(torch.roll(series, s, 0))
     far = np.r_[8:s - 8, s + 8:52]
     for m in a: np.testing.assert_allclose(a[m][far], b[m][far], atol=1e-5)
     assert not np.allclose(a["audio"][s - 1:s + 1], b["audio"][s - 1:s + 1], atol=1e-5)
 
 
-def test_brain_series_rejects_gaps():
-    class T: run = np.zeros(100, int)
+def test_decode_block_rejects_gaps_and_runs():
+    "The null rolls the brain series, so a block with a gap or across two runs is refused."
+    class T: run = np.repeat([0, 1], 50)
     model = BrainAutoencoder(ModelConfig.preset("tiny", context_trs=8))
-    with pytest.raises(ValueError, match="contiguous"): brain_series(model, T(), np.r_[10:20, 30:40])
+    with pytest.raises(ValueError, match="contiguous"): decode_block(model, T(), np.r_[10:20, 30:40])
+    with pytest.raises(ValueError, match="one run"): decode_block(model, T(), np.r_[40:60])

@@ -314,30 +314,14 @@ def predict(self:Trainer, trs, # TR indices to predict (any order)
             batch_size:int|None=None, # windows per forward pass
            )->np.ndarray: # float32 (len(trs), n_voxels) predicted subject-average BOLD, z-scored
     "Predicted subject-average BOLD at `trs`, each TR read from the window of `context_trs` that ends on it."
-    trs, run, k = np.asarray(trs, dtype=np.int64), self.data.tensors.run, self.k
-    starts = np.empty_like(trs)
-    for r in np.unique(run[trs]):
-        lo, hi = np.flatnonzero(run == r)[[0, -1]]
-        if hi - lo + 1 < k: raise ValueError(f"run {r} has {hi - lo + 1} TRs, fewer than the model's window of {k}")
-        sel = run[trs] == r
-        starts[sel] = np.clip(trs[sel] - k + 1, lo, hi - k + 1)
-    uniq, inv = np.unique(starts, return_inverse=True)
-    mine, bs = self._shard(len(uniq)), batch_size or self.cfg.batch_size
-    each = self.data.tensors.subjects == "each"
-    out = torch.zeros(len(trs), self.model_config.n_voxels, device=self.device)
+    uniq, inv = np.unique(np.asarray(trs, dtype=np.int64), return_inverse=True)
+    mine = self._shard(len(uniq))   # each process predicts its share of the TRs; the sum over processes fills every row
+    out = torch.zeros(len(uniq), self.model_config.n_voxels, device=self.device)
     self.model.eval()
-    for a in range(0, len(mine), bs):
-        u = mine[a:a + bs]
-        b = self.data.tensors.gather(uniq[u], k)
-        with self._autocast():
-            if each: brain = torch.stack([self.model.encode(b | {"subject": torch.full_like(b["subject"], s)})
-                                          for s in range(self.data.tensors.n_subjects)]).float().mean(0)
-            else: brain = self.model.encode(b | {"subject": torch.full_like(b["subject"], -1)})
-        rows = np.flatnonzero(np.isin(inv, u))
-        pos_in_batch = np.searchsorted(u, inv[rows])
-        out[torch.as_tensor(rows, device=self.device)] = brain.float()[pos_in_batch, trs[rows] - starts[rows]]
-    out = self._reduce(out).cpu().numpy()
-    if each: out = (out - self.data.norm.avg_mean) / self.data.norm.avg_std
+    with self._autocast():
+        out[torch.as_tensor(mine, device=self.device)] = self.model.predict_series(self.data.tensors, uniq[mine], batch_size=batch_size or self.cfg.batch_size)
+    out = self._reduce(out)[torch.as_tensor(inv.ravel(), device=self.device)].cpu().numpy()
+    if self.data.tensors.subjects == "each": out = (out - self.data.norm.avg_mean) / self.data.norm.avg_std
     return out.astype(np.float32)
 
 # %% ../../nbs/31_training.trainer.ipynb #18675d40
