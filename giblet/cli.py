@@ -476,6 +476,12 @@ def sweep_main(grid:str, # YAML or JSON file: parameter -> list of values
     spec = yaml.safe_load(gpath.read_text())
     if not isinstance(spec, dict) or not spec: raise ValueError(f"{gpath}: expected a mapping of parameter names to lists of values")
     if "out_dir" in spec: raise ValueError(f"{gpath}: out_dir is set by the sweep, per run")
+    for key in ("data_dir", "study"):   # a study that is not there would fail every run, one by one: say so once, now
+        vals = spec[key] if isinstance(spec.get(key), list) else [spec.get(key)]
+        if missing := [v for v in vals if v is not None and not Path(v).exists()]:
+            raise FileNotFoundError(f"{gpath}: {key} {missing[0]}: no such file or folder (the grid's {key} is what "
+                                    f"giblet-train's --{key.replace('_', '-')} gives one run)")
+        if key in spec: spec[key] = [None if v is None else str(Path(v).absolute()) for v in vals]   # the runs start in OUT
     points, out = expand_grid(spec), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -488,7 +494,7 @@ def sweep_main(grid:str, # YAML or JSON file: parameter -> list of values
             mf = json.loads((run / "metrics.json").read_text())
             row |= {k: mf.get(k) for k in HEADLINE + ("best_epoch",) if k in mf} | {"status": "ok"}
         except Exception as e:
-            logger.error("%s failed: %s", run.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            logger.error("%s failed: %s", run.name, getattr(e, "evalue", None) or (str(e).splitlines() or [type(e).__name__])[0])
             row["status"] = f"failed: {type(e).__name__}"
         rows.append(row)
         pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)

@@ -22,20 +22,22 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import no_bar
-from .io import (StreamedArray, atomic_write, cache_key, cache_manifest, clean_leftovers, input_fingerprint,
-                       load_arrays, save_arrays)
+from .io import (StreamedArray, atomic_write, cache_damage, cache_key, cache_manifest, clean_leftovers, env_folder,
+                       free_space, input_fingerprint, load_arrays, save_arrays)
 from .alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, check_same_subjects, complete_trs, plan_run, run_audio, run_text,
                                    run_video)
 from .data.bold_stats import zscore_stats
 from .data.fmri import MaskRule, OnePassBold, SubjectBold, sort_subjects
+from .data.video import frames_per_tr, video_info
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'FILM_EXTS', 'ANNOTATION_EXTS', 'NOT_ANNOTATIONS', 'NOT_SUBJECTS', 'NO_TRAIN_RUN', 'STREAMS',
-           'STREAM_PARAMS', 'StudyFiles', 'discover', 'Split', 'block_split', 'block_folds', 'Normaliser',
-           'fit_normaliser', 'stream_keys', 'cached_stream', 'stream_folders', 'context_starts', 'StudyTensors',
-           'ContextDataset', 'default_cache_dir', 'align_study', 'load_study', 'cache_main']
+           'STREAM_PARAMS', 'StudyFiles', 'broken_links', 'discover', 'Split', 'block_split', 'block_folds',
+           'Normaliser', 'fit_normaliser', 'blame_cache', 'stream_keys', 'cached_stream', 'stream_folders',
+           'context_starts', 'StudyTensors', 'ContextDataset', 'default_cache_dir', 'align_study', 'load_study',
+           'cache_main']
 
 # %% ../nbs/12_dataset.ipynb #efe36119
 FILM_EXTS = (".m4v", ".mp4", ".mkv", ".avi")
@@ -55,10 +57,15 @@ def _visible(root:Path, pattern:str):
     "Files under `root` matching `pattern`, skipping hidden files (a killed writer's temporaries), hidden and cache folders; a broken link is an error."
     found = sorted(p for p in root.rglob(pattern) if not p.name.startswith(".")
                    and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts[:-1]))
-    broken = [p for p in found if p.is_symlink() and not p.exists()]
-    if broken: raise FileNotFoundError(f"{root}: {len(broken)} broken link(s), their files are missing (an unfetched DataLad "
-                                       "file? `datalad get` it): " + ", ".join(f"{p} -> {os.readlink(p)}" for p in broken))
+    if broken := broken_links(found): raise FileNotFoundError(f"{root}: {broken}")
     return [p for p in found if p.is_file()]
+
+def broken_links(paths:Iterable, # files to look at
+                )->str|None: # the broken links among them and their targets; None: no broken link
+    "Say which of `paths` are links to nothing (an unfetched DataLad file) and where each points."
+    broken = [Path(p) for p in paths if Path(p).is_symlink() and not Path(p).exists()]
+    if broken: return (f"{len(broken)} broken link(s), their files are missing (an unfetched DataLad file? `datalad get` it): "
+                       + ", ".join(f"{p} -> {os.readlink(p)}" for p in broken))
 
 def _one_per_subject(nii:list)->list:
     "`nii`, refused when one subject is written twice in a folder (as `.nii` and as `.nii.gz`)."
@@ -71,8 +78,9 @@ def _one_per_subject(nii:list)->list:
 def _one(kind:str, found:list, exts, problems:list):
     "The single file of `kind` in `found`, or a note in `problems`."
     if len(found) == 1: return found[0]
-    if not found: problems.append(f"no {kind} file ({'|'.join('*' + e for e in exts)})")
-    else: problems.append(f"{len(found)} {kind} files, expected one: " + ", ".join(str(p) for p in found))
+    opt = {"film": "--film", "annotation": "--annotations"}[kind]
+    if not found: problems.append(f"no {kind} file ({'|'.join('*' + e for e in exts)}); name it with {opt}")
+    else: problems.append(f"{len(found)} {kind} files, expected one: " + ", ".join(str(p) for p in found) + f"; choose one with {opt}")
 
 def _drop(found:list, is_other:Callable, kind:str)->list:
     "`found` without the files `is_other` flags, logging how many were ignored and which."
@@ -90,7 +98,7 @@ def discover(data_dir:str|Path, # the study folder (the real release or the synt
             )->StudyFiles:
     "Find the film, the annotations and the subjects' NIfTIs (in numeric subject order) under `data_dir`."
     root = Path(data_dir)
-    if not root.is_dir(): raise FileNotFoundError(f"{root}: the data folder does not exist")
+    if not root.is_dir(): raise FileNotFoundError(f"{root}: the data folder does not exist (check --data-dir)")
     problems = []
     films = [Path(film)] if film else [p for e in FILM_EXTS for p in _visible(root, "*" + e)]
     anns = [Path(annotations)] if annotations else _drop(
@@ -100,7 +108,7 @@ def discover(data_dir:str|Path, # the study folder (the real release or the synt
     nii = _drop(_visible(nii_dir, "*.nii.gz"), _not_bold, "subjects' BOLD") if nii_dir.is_dir() else []
     if not nii: nii = _drop([p for p in _visible(root, "*.nii*") if p.name.endswith((".nii", ".nii.gz"))],
                             _not_bold, "subjects' BOLD")
-    if not nii: problems.append("no fMRI (sherlock_nii/*.nii.gz, or *.nii / *.nii.gz anywhere below)")
+    if not nii: problems.append("no fMRI (sherlock_nii/*.nii.gz, or *.nii / *.nii.gz anywhere below); is --data-dir the study folder?")
     if problems: raise FileNotFoundError(f"{root}: not a complete study folder:\n  - " + "\n  - ".join(problems))
     return StudyFiles(film, annotations, sort_subjects(_one_per_subject(nii)))
 
@@ -274,10 +282,18 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
             yield codes; del codes
     return center, scale, StreamedArray((n_sub, n_trs, n_vox), np.float16, subjects())
 
+def blame_cache(folder:Path|None, # the cache folder the array came from (None: not from a cache)
+                what:str, # the array, for the message
+               ):
+    "Called when a cached array holds NaN or inf: checksum its cache folder (`giblet.io.cache_damage`, as `giblet-cache --verify` does) and, when a file changed, raise naming it; an intact cache returns."
+    if folder is None or (bad := cache_damage(folder)) is None: return
+    raise ValueError(f"{what} holds NaN or inf values because the cache is corrupt: {bad}; the next run rebuilds it "
+                     "(giblet-cache --verify checks every cache and removes the damaged ones)")
+
 class _DecodedBold:
-    "A lazy `(n_subjects, n_trs, n_voxels)` float32 view of float16 cache BOLD: subjects decode when indexed; `run` is each TR's run; `rows` the cache rows of the study's TRs (None: all)."
-    def __init__(self, codes, center, scale, run=None, rows=None):
-        self.codes, self.center, self.scale, self.run, self.rows = codes, center, scale, run, rows
+    "A lazy `(n_subjects, n_trs, n_voxels)` float32 view of float16 cache BOLD: subjects decode when indexed; `run` is each TR's run; `rows` the cache rows of the study's TRs (None: all); `folder` the cache it reads."
+    def __init__(self, codes, center, scale, run=None, rows=None, folder=None):
+        self.codes, self.center, self.scale, self.run, self.rows, self.folder = codes, center, scale, run, rows, folder
     shape = property(lambda self: self.codes.shape if self.rows is None else (self.codes.shape[0], len(self.rows), self.codes.shape[2]))
     dtype, ndim = np.dtype(np.float32), 3
     def __len__(self): return self.shape[0]
@@ -285,7 +301,9 @@ class _DecodedBold:
         if isinstance(s, tuple): return self[s[0]][s[1:]] if len(s) > 1 else self[s[0]]
         if isinstance(s, (int, np.integer)):
             x = self.codes[s] if self.rows is None else self.codes[s][self.rows]
-            return x.astype(np.float32) * self.scale[s] + self.center[s]
+            x = x.astype(np.float32) * self.scale[s] + self.center[s]
+            if not np.isfinite(x).all(): blame_cache(self.folder, f"the cached BOLD of subject {s + 1} (of {len(self)})")
+            return x
         return np.stack([self[i] for i in range(self.shape[0])[s]])
     def __array__(self, dtype=None, copy=None):
         a = self[:]; return a if dtype is None else a.astype(dtype)
@@ -322,6 +340,22 @@ def stream_keys(plans:Sequence[RunPlan], # the study's runs, planned
     return {s: (cache_key(inputs[s], dict(stream=s, params=own(s), runs=grids[s], **extra.get(s, {}))), inputs[s])
             for s in STREAMS}
 
+def _check_frames_room(plans, params:FeatureParams, root:Path):
+    "Refuse, before a frame is decoded, frames that would not fit in free memory (held whole, twice while runs are joined) or on the disk under `root`."
+    fps = {f: video_info(f).fps for f in {r.film for r in plans}}
+    n = [(r.grid.n_trs, frames_per_tr(fps[r.film], r.grid.tr, params.frame_skip)) for r in plans]
+    (w, h), need = params.size, sum(t * k for t, k in n) * params.size[0] * params.size[1] * 3
+    ram, disk = need * (2 if len(plans) > 1 else 1), need + (64 << 10)
+    free_ram, free_disk = free_space(root)
+    gb = lambda b: f"{b / 1e9:.3g} GB"
+    short = [f"{gb(ram)} of memory ({gb(free_ram)} free)"] * (free_ram is not None and ram > free_ram) + \
+            [f"{gb(disk)} of disk in {root} ({gb(free_disk)} free)"] * (free_disk is not None and disk > free_disk)
+    if short: raise ValueError(
+        f"the study's frames ({sum(t for t, _ in n)} TRs x {max(k for _, k in n)} frames of {w}x{h} px) need about "
+        + " and ".join(short) + "; nothing was decoded. Cut smaller frames or fewer per TR (giblet-train and giblet-cache: "
+        "--preset tiny, or --set 'model_overrides={\"frame_width\": 80, \"frame_height\": 45, \"frames_per_tr\": 4}'; "
+        "in Python FeatureParams size and frame_skip), or cache on a larger disk with --cache-dir")
+
 def _build_stream(name:str, plans, params, mask, root:Path, progress:bool):
     "The arrays and metadata of one stream over every run, and a callable that frees what the build held."
     if name == "fmri":
@@ -336,6 +370,7 @@ def _build_stream(name:str, plans, params, mask, root:Path, progress:bool):
         runs = [run_text(r, params) for r in plans]
         return (dict(text=np.concatenate([t for t, _, _ in runs]).astype(np.float32), has_text=np.concatenate([h for _, h, _ in runs])),
                 dict(lengths=[len(t) for t, _, _ in runs], texts=[s for _, _, x in runs for s in x]), lambda: None)
+    if name == "video": _check_frames_room(plans, params, root)
     cut = run_video if name == "video" else run_audio
     runs = [cut(r, params) for r in tqdm(plans, desc=name, disable=no_bar(progress and len(plans) > 1))]
     lengths = [len(a) for a in runs]
@@ -379,8 +414,11 @@ def _assemble(index:tuple, streams:dict, folder:Path)->Aligned:
     n, run = meta["n_trs"], np.asarray(arrays["run"])
     rows = {s: _rows(streams[s][1]["lengths"], n) for s in STREAMS}
     (v, _), (a, _), (t, tm), (f, fm) = (streams[s] for s in STREAMS)
+    where = stream_folders(folder)
+    for s, x in (("audio", a["audio"]), ("text", t["text"])):      # small: checked whole; the BOLD a subject at a time
+        if not np.isfinite(x).all(): blame_cache(where[s], f"the cached {s}")
     fmri = _DecodedBold(f["fmri"], f["fmri_center"], f["fmri_scale"], run,
-                        None if len(rows["fmri"]) == f["fmri"].shape[1] else rows["fmri"])
+                        None if len(rows["fmri"]) == f["fmri"].shape[1] else rows["fmri"], where["fmri"])
     return Aligned(_take(v["video"], rows["video"]), _take(a["audio"], rows["audio"]), _take(t["text"], rows["text"]),
                    np.asarray(_take(t["has_text"], rows["text"])), fmri, float(meta["tr"]), np.asarray(arrays["tr_start"]),
                    run, np.asarray(arrays["volume"]), [tm["texts"][i] for i in rows["text"]],
@@ -462,11 +500,7 @@ class ContextDataset(torch.utils.data.Dataset):
 # %% ../nbs/12_dataset.ipynb #fa7311f4
 def default_cache_dir()->Path:
     "Where feature caches go unless told otherwise: `$GIBLET_CACHE` (`~` and `$VARS` expanded, made absolute), else `~/.cache/giblet`."
-    env = os.environ.get("GIBLET_CACHE", "").strip()
-    if not env: return Path.home() / ".cache" / "giblet"
-    path = os.path.expandvars(os.path.expanduser(env))
-    if "$" in path: raise ValueError(f"GIBLET_CACHE={env!r} names an unset variable ({path}); set it, or give the folder itself")
-    return Path(os.path.abspath(path))
+    return env_folder("GIBLET_CACHE", Path.home() / ".cache" / "giblet")
 
 def _plan(runs, tr, params)->list:
     "Every run planned; the runs must share the TR and keep the same subjects."

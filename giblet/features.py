@@ -23,7 +23,8 @@ import torch
 from .data.audio import load_audio
 from .data.video import video_info, video_to_frames
 from .windows import _check_words, audio_clips, read_transcript, text_contexts, video_clips, words_from_annotations
-from .io import FolderLockedError, RunLock, atomic_write, clean_leftovers, file_checksum, input_fingerprint, no_bar
+from .io import (FolderLockedError, RunLock, atomic_write, clean_leftovers, env_folder, file_checksum, input_fingerprint,
+                       no_bar)
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +272,8 @@ def embed(bb:Backbone, # a loaded backbone
 CACHE_VERSION = 1
 
 def default_cache_dir()->Path:
-    "Where streams are cached unless told otherwise: $GIBLET_FEATURES_CACHE, else ~/.cache/giblet/features."
-    return Path(os.environ.get("GIBLET_FEATURES_CACHE") or Path.home() / ".cache" / "giblet" / "features")
+    "Where streams are cached unless told otherwise: `$GIBLET_FEATURES_CACHE` (`~` and `$VARS` expanded, made absolute), else ~/.cache/giblet/features."
+    return env_folder("GIBLET_FEATURES_CACHE", Path.home() / ".cache" / "giblet" / "features")
 
 def _model_identity(name:str, revision:str="")->dict:
     "A local folder by the size and head checksum of its files (a retrained model is a new one); a hub name by its commit."

@@ -31,10 +31,10 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'HASH_BYTES', 'CHUNK', 'FOREIGN_AGE', 'FINGERPRINT_BYTES', 'CACHE_VERSION', 'VERIFIED', 'RACY_SECONDS',
            'current_umask', 'usual_mode', 'host_tag', 'temp_name', 'no_bar', 'DiskFullError', 'is_disk_full',
-           'check_space', 'new_hash', 'HashingWriter', 'file_checksum', 'fsync_folder', 'write_file', 'atomic_write',
-           'atomic_folder', 'process_start', 'pid_alive', 'clean_leftovers', 'FolderLockedError', 'RunLock',
-           'input_fingerprint', 'fingerprint_changes', 'cache_key', 'StreamedArray', 'save_arrays', 'load_arrays',
-           'cache_manifest']
+           'check_space', 'free_space', 'new_hash', 'HashingWriter', 'file_checksum', 'fsync_folder', 'write_file',
+           'atomic_write', 'atomic_folder', 'process_start', 'pid_alive', 'clean_leftovers', 'FolderLockedError',
+           'RunLock', 'input_fingerprint', 'fingerprint_changes', 'cache_key', 'StreamedArray', 'save_arrays',
+           'load_arrays', 'cache_damage', 'cache_manifest', 'env_folder']
 
 # %% ../nbs/00_io.ipynb #b2d03d6a
 def current_umask()->int:
@@ -110,6 +110,16 @@ def check_space(folder:str|Path, # where the write goes
     "Raise `DiskFullError` before writing if `folder`'s device holds fewer than `need` free bytes."
     folder = Path(folder); free = _free(folder)
     if free is not None and free < need: raise DiskFullError(what or folder, need)
+
+def free_space(folder:str|Path, # where a write would go (the nearest existing folder above it is asked)
+              )->tuple: # (memory, disk) free bytes, each None when unknown
+    "Memory a new allocation can take without swapping (`MemAvailable` in /proc/meminfo, else free pages) and free disk under `folder`."
+    mem = None
+    try: mem = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try: mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError): pass
+    return mem, _free(Path(folder))
 
 # %% ../nbs/00_io.ipynb #9eb0c1bc
 HASH_BYTES = 16    # blake2b digest size: 32 hex digits
@@ -479,7 +489,26 @@ def load_arrays(folder:str|Path, # a folder written by `save_arrays`
         logger.warning("%s: unreadable cache (%s); rebuilding", folder, e); return None
     return arrays, man["meta"]
 
+def cache_damage(folder:str|Path, # a cache folder
+                 progress:bool=False, # a progress bar while checksumming
+                )->str|None: # what is wrong, naming the file; None: intact
+    "Checksum every file of a cache folder, as `verify=True` does; a damaged folder forgets its last check, so its next load rebuilds it."
+    folder = Path(folder)
+    if bad := _damage(folder, cache_manifest(folder)["files"], True, progress): (folder / VERIFIED).unlink(missing_ok=True)
+    return bad
+
 def cache_manifest(folder:str|Path, # a cache folder
                   )->dict:
     "The manifest of a cache folder: `files` (bytes, blake2b), `inputs` (fingerprint) and `meta`."
     return json.loads((Path(folder) / "manifest.json").read_text())
+
+# %% ../nbs/00_io.ipynb #a59efe53
+def env_folder(name:str, # the environment variable
+               default:Path, # the folder when it is unset or blank
+              )->Path:
+    "The folder the environment variable `name` names: `~` and `$VARS` expanded, made absolute; `default` when unset or blank."
+    env = os.environ.get(name, "").strip()
+    if not env: return default
+    path = os.path.expandvars(os.path.expanduser(env))
+    if "$" in path: raise ValueError(f"{name}={env!r} names an unset variable ({path}); set it, or give the folder itself")
+    return Path(os.path.abspath(path))

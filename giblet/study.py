@@ -24,7 +24,7 @@ from .io import atomic_write
 
 from .alignment.sync import Aligned, FeatureParams, RunPlan, RunSpec, _run_part, complete_trs, run_audio, run_text, run_video, tr_grid
 from .features import parse_stream_spec, with_model
-from .dataset import ANNOTATION_EXTS, FILM_EXTS, _plan, align_study, cache_key, default_cache_dir, discover
+from .dataset import ANNOTATION_EXTS, FILM_EXTS, _plan, align_study, broken_links, cache_key, default_cache_dir, discover
 from .data.fmri import MaskRule, iter_volumes, load_nifti, read_tr, shared_mask
 from .data.video import video_info
 from .data.tables import read_table
@@ -256,7 +256,7 @@ def check_spec(spec:StudySpec, # the spec to check
               )->float: # the TR (s) every NIfTI header agrees on
     "Check that every file of `spec` exists and that every NIfTI's header TR matches the spec's; return the TR."
     src = spec.source or "study spec"
-    missing = [f"{what}: {p}" for what, p in
+    missing = [(what, p) for what, p in
                [("film", spec.film), ("annotations", spec.annotations)] +
                ([("mask", spec.mask)] if spec.mask not in (None, "nonzero") else []) +
                [("atlas", spec.atlas), ("atlas_names", spec.atlas_names)] +
@@ -264,7 +264,8 @@ def check_spec(spec:StudySpec, # the spec to check
                 [("film", r.film), ("annotations", r.annotations), *((f"nii.{s}", q) for s, q in r.nii.items()),
                  *((f"predictors.{k}", q) for k, q in r.predictors.items())]]
                if p is not None and not Path(p).is_file()]
-    if missing: raise FileNotFoundError(f"{src}: missing files:\n  - " + "\n  - ".join(missing))
+    if missing: raise FileNotFoundError(f"{src}: missing files:\n  - " + "\n  - ".join(f"{w}: {p}" for w, p in missing)
+                                        + (f"\n{b}" if (b := broken_links(p for _, p in missing)) else ""))
     if spec.tables: return float(spec.tr)   # tables have no header to check the TR against
     if spec.atlas is not None:   # refused now, not when the report is written after training
         scan = next(iter(spec.runs[0].nii.values()))
@@ -320,7 +321,7 @@ def _film_event(events:Path, root:Path, film:Path|None):
     ev = pd.read_csv(events, sep="\t", na_values=["n/a"], keep_default_na=True)
     if "onset" not in ev.columns: raise ValueError(f"{events}: no 'onset' column")
     if film is None:
-        if "stim_file" not in ev.columns: raise ValueError(f"{events}: no 'stim_file' column naming the film; pass film=")
+        if "stim_file" not in ev.columns: raise ValueError(f"{events}: no 'stim_file' column naming the film; pass film= (--film from the command line)")
         ev = ev[ev["stim_file"].astype(str).str.lower().str.endswith(FILM_EXTS) & ev["stim_file"].notna()]
         films = sorted(set(ev["stim_file"]))
         if len(ev) != 1: raise ValueError(f"{events}: expected one film event (a stim_file ending in "
@@ -371,7 +372,8 @@ def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its t
         found = sorted(p for p in (root / "stimuli").glob("*") if p.suffix.lower() in ANNOTATION_EXTS
                        and not p.name.endswith("_events.tsv") and not p.name.startswith((".", "~$")))
         if len(found) != 1: raise FileNotFoundError(f"{root}/stimuli: expected one annotation table "
-                                                    f"({'|'.join(ANNOTATION_EXTS)}), found {[p.name for p in found]}; pass annotations=")
+                                                    f"({'|'.join(ANNOTATION_EXTS)}), found {[p.name for p in found]}; pass annotations= "
+                                                    "(--annotations from the command line)")
         annotations = found[0]
     spec_runs, run_trs = [], []
     for i, k in enumerate(sorted(runs, key=lambda k: tuple("" if v is None else str(v).zfill(6) for v in k))):

@@ -467,3 +467,102 @@ def test_giblet_synth_writes_bids(tmp_path, capsys):
     assert spec.subjects == ["sub-01"] and next(iter(spec.runs[0].nii.values())).name == "sub-01_task-movie_bold.nii.gz"
     code, err = _exit(cli.giblet_synth, ["--out", str(tmp_path / "x"), "--layout", "flat"], capsys)
     assert code == 2 and "--layout 'flat'" in err, err
+
+
+# --- a corrupt cache, a cache too large, messages that name the option --------------------------------------------------
+
+def test_a_corrupt_cache_with_its_time_stamp_kept_is_named_not_the_subject(short_study, tmp_path):
+    "Bytes changed in place with the time stamp kept: training said 'subject 1 holds NaN or inf values'; only --verify found it."
+    import numpy as np
+    from giblet.dataset import stream_folders
+    from giblet.study import load_spec
+    from giblet.training.trainer import TrainConfig, prepare_data
+    cfg = TrainConfig(data_dir=str(short_study.root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
+    al = prepare_data(cfg).aligned
+    folder = stream_folders(al.cache)["fmri"]
+    for f in folder.iterdir(): os.utime(f, (1e9, 1e9))
+    gio.load_arrays(folder)                                        # checked once: the time stamps are recorded
+    f = folder / "fmri.npy"; stamp = f.stat().st_mtime_ns
+    m = np.load(f, mmap_mode="r+"); m[1, 5, 3] = np.nan; m.flush(); del m
+    os.utime(f, ns=(stamp, stamp))
+    with pytest.raises(ValueError) as e: prepare_data(cfg)
+    msg = str(e.value)
+    assert "because the cache is corrupt" in msg and str(f) in msg and "giblet-cache --verify" in msg, msg
+    assert "subject 2 (of 2)" in msg and "rebuilds" in msg, msg
+    assert prepare_data(cfg).aligned.cache == al.cache              # the next run rebuilds the damaged stream
+
+
+def test_frames_too_large_for_memory_or_disk_are_refused_before_decoding(short_study, tmp_path, monkeypatch):
+    "A frame size that needed 24 GiB was decoded into memory before any size check: the machine swapped, or the process was killed."
+    import giblet.dataset as ds
+    from giblet.alignment.sync import FeatureParams, RunSpec
+    from giblet.study import load_spec
+    params = FeatureParams(size=(32, 18))
+    plans = ds._plan([(short_study.film, short_study.annotations, RunSpec(nii=list(short_study.nii)))], None, params)
+    frames = ds.run_video(plans[0], params)                       # what the build holds, for the exact estimate
+    need, lots = frames.nbytes, 10**15
+    with monkeypatch.context() as m:
+        m.setattr(ds, "run_video", lambda *a: pytest.fail("decoded before the size check"))
+        for free, short in (((need - 1, lots), f"{need / 1e9:.3g} GB of memory ({(need - 1) / 1e9:.3g} GB free)"),
+                            ((lots, need), f"of disk in {tmp_path / 'cache'}")):
+            m.setattr(ds, "free_space", lambda root, free=free: free)
+            with pytest.raises(ValueError) as e: load_spec(short_study.root, tmp_path / "cache", params=params, show_progress=False)
+            msg = str(e.value)
+            assert len(msg.splitlines()) == 1 and short in msg and "nothing was decoded" in msg, msg
+            assert f"({len(frames)} TRs x {frames.shape[1]} frames of 32x18 px)" in msg, msg
+            assert "--preset tiny" in msg and '"frame_width"' in msg and "--cache-dir" in msg, msg
+        m.setattr(ds, "free_space", lambda root: (need, need + 2**16))
+        ds._check_frames_room(plans, params, tmp_path)            # exactly enough room: no refusal
+
+
+def test_a_sweep_over_a_missing_study_names_data_dir(tmp_path):
+    "Every run of the sweep failed in turn ('run_000 failed: ...'), and nothing said the grid's data_dir was the fix."
+    (tmp_path / "grid.yaml").write_text(f"epochs: [1]\ndata_dir: [{tmp_path / 'nowhere'}]\n")
+    with pytest.raises(FileNotFoundError) as e: cli.sweep_main(str(tmp_path / "grid.yaml"), str(tmp_path / "sweep"))
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "--data-dir" in msg and "data_dir" in msg, msg
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_discovery_and_annotation_errors_name_the_option(tmp_path):
+    "'no annotation file', '2 film files, expected one' and 'annotation file not found' named no option that fixes them."
+    from giblet.data.text import load_annotations
+    with pytest.raises(FileNotFoundError, match="does not exist \\(check --data-dir\\)"): discover(tmp_path / "nowhere")
+    root = _flat_study(tmp_path / "study"); (root / "ann.csv").unlink(); (root / "film2.mp4").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as e: discover(root)
+    msg = str(e.value)
+    assert "no annotation file (*.xlsx|*.csv|*.tsv); name it with --annotations" in msg, msg
+    assert "2 film files, expected one" in msg and "choose one with --film" in msg, msg
+    with pytest.raises(FileNotFoundError) as e: load_annotations(tmp_path / "gone.xlsx")
+    assert str(e.value).startswith(str(tmp_path / "gone.xlsx")) and "--annotations" in str(e.value), e.value
+
+
+def test_giblet_features_cache_expands_like_giblet_cache(tmp_path, monkeypatch):
+    "GIBLET_FEATURES_CACHE='~/f' made a folder named '~' in the working folder; GIBLET_CACHE was already expanded."
+    from giblet.features import default_cache_dir as features_cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home")); monkeypatch.setenv("WHERE", "f"); monkeypatch.chdir(tmp_path)
+    for value, want in (("~/f", tmp_path / "home" / "f"), ("$HOME/${WHERE}", tmp_path / "home" / "f"), ("rel", tmp_path / "rel")):
+        monkeypatch.setenv("GIBLET_FEATURES_CACHE", value)
+        assert features_cache() == want, value
+    monkeypatch.setenv("GIBLET_FEATURES_CACHE", "$NO_SUCH_VARIABLE_HERE/f")
+    with pytest.raises(ValueError, match="GIBLET_FEATURES_CACHE='\\$NO_SUCH_VARIABLE_HERE/f' names an unset variable"): features_cache()
+
+
+def test_a_broken_link_in_a_spec_is_named_with_its_target(tmp_path):
+    "check_spec said only 'nii.s2: PATH' under 'missing files', though PATH was there: a link to an unfetched file."
+    from giblet.study import check_spec
+    root = _flat_study(tmp_path / "study", ("s1.nii.gz",))
+    target = tmp_path / "annex" / "objects" / "MD5E-s123--abc.nii.gz"
+    os.symlink(target, root / "s2.nii.gz")
+    (tmp_path / "spec.yaml").write_text(textwrap.dedent(f"""\
+        tr: 1.5
+        film: {root / 'film.m4v'}
+        annotations: {root / 'ann.csv'}
+        runs:
+          - nii: {{s1: {root / 's1.nii.gz'}, s2: {root / 's2.nii.gz'}}}
+        """))
+    spec = read_spec(tmp_path / "spec.yaml")
+    with pytest.raises(FileNotFoundError) as e: check_spec(spec)
+    msg = str(e.value)
+    assert f"nii.s2: {root / 's2.nii.gz'}" in msg and "broken link" in msg and f"{root / 's2.nii.gz'} -> {target}" in msg, msg
+    assert "nii.s1" not in msg, msg

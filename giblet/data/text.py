@@ -88,7 +88,7 @@ def _join_cells(frame: pd.DataFrame, columns, sep: str) -> list[str]:
 def _read_table(path: Path, sheet_name) -> pd.DataFrame:
     "The raw table of an annotation file, every cell as read, indexed by its row number in the file."
     if not path.exists():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise FileNotFoundError(f"{path}: no such annotation file (give the table with --annotations, or fix the study spec's annotations)")
     suffix = path.suffix.lower()
     if suffix not in ANNOTATION_SUFFIXES:
         raise ValueError(f"{path}: unsupported annotation file type {path.suffix!r}; "
