@@ -5,6 +5,7 @@
 # %% ../nbs/50_cli.ipynb #3dbd60e4
 from __future__ import annotations
 
+import argparse
 import errno
 import inspect
 import itertools
@@ -13,12 +14,15 @@ import logging
 import math
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from fastcore.script import anno_parser, store_true
+from fastcore.docments import docments
+from fastcore.script import Param, store_true
 
 from contextlib import contextmanager
 
@@ -40,9 +44,9 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'RUN_FILES', 'INPUTS', 'USER_ERRORS', 'MANY', 'HEADLINE', 'run_folder', 'check_inputs', 'check_out_dir',
            'check_run_plan', 'check_study_size', 'default_threads', 'use_threads', 'run_training', 'parse_sets',
-           'train_config', 'train_main', 'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache',
-           'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main',
-           'giblet_synth']
+           'train_config', 'train_main', 'cli_parser', 'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli',
+           'giblet_cache', 'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep', 'plot_synthetic',
+           'synth_main', 'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #39d54600
 RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
@@ -340,31 +344,39 @@ def train_main(data_dir:str=None, # the study folder (Sherlock layout or BIDS); 
     return {k: v for k, v in m.items() if k != "_eval"}
 
 # %% ../nbs/50_cli.ipynb #4e923edc
-def _norm(a:str)->str:
-    "--a-b[=v] -> --a_b[=v]: both spellings name parameter a_b."
+def _dashed(a:str)->str:
+    "--a_b[=v] -> --a-b[=v]: the old underscore spelling, still taken from scripts, names the same option."
     name, sep, val = a[2:].partition("=")
-    return "--" + name.replace("-", "_") + sep + val
+    return "--" + name.replace("_", "-") + sep + val
 
-MANY = ("set", "features") # options that take several values: `--set` repeats, `--features` takes every value up to the next option
+MANY = dict(set=dict(action="append"), features=dict(nargs="+", action="extend")) # options that take several values: `--set` repeats, `--features` takes every value up to the next option
+
+def _arg_type(anno):
+    "The one type of an `X | None` annotation; any other annotation as it is."
+    if typing.get_origin(anno) in (typing.Union, types.UnionType):
+        ts = [t for t in typing.get_args(anno) if t is not type(None)]
+        if len(ts) == 1: return ts[0]
+    return anno
+
+def cli_parser(func, # a function documented with docments (its parameters are the options)
+               prog:str, # the command's name
+              )->argparse.ArgumentParser:
+    "The parser fastcore's `anno_parser` builds for `func`, with every option spelled with dashes (`--data-dir` fills `data_dir`) and `MANY` options gathering lists."
+    p = argparse.ArgumentParser(description=func.__doc__, prog=prog)
+    for k, v in docments(func, full=True, returns=False, eval_str=True).items():
+        param = v.anno if isinstance(v.anno, Param) else Param((v.docment or "").replace("%", "%%"), _arg_type(v.anno), **MANY.get(k, {}))
+        param.set_default(v.default)
+        if not param.opt: p.add_argument(k, **param.kwargs); continue
+        p.add_argument("--" + ("no-" if param.negated else "") + k.replace("_", "-"), **param.kwargs, dest=k)
+    return p
 
 def cli_args(func, # a function documented with docments (its parameters are the options)
              prog:str, # the command's name
              argv:list|None=None, # the arguments (default: sys.argv[1:])
             )->dict: # keyword arguments for `func`
-    "Parse command-line arguments with the parser `fastcore.script.anno_parser` builds for `func`; `MANY` options gather lists."
-    argv = [_norm(a) if a.startswith("--") else a for a in (sys.argv[1:] if argv is None else argv)]
-    many = [n for n in MANY if n in inspect.signature(func).parameters]
-    got, rest, i = {}, [], 0
-    while i < len(argv):
-        a = argv[i]; name, eq, val = a[2:].partition("=")
-        if not a.startswith("--") or name not in many: rest.append(a); i += 1; continue
-        vals, i = ([val] if eq else []), i + 1
-        while i < len(argv) and not argv[i].startswith("--") and (name != "set" or not vals): vals.append(argv[i]); i += 1
-        if not vals: raise SystemExit(f"{prog}: error: --{name} needs a value")
-        got.setdefault(name, []).extend(vals)
-    args = vars(anno_parser(func, prog).parse_args(rest))
-    args.pop("pdb", None); args.pop("xtra", None)
-    return args | got
+    "Parse command-line arguments with `cli_parser(func)`; an option spelled with underscores (`--data_dir`) is taken as its dashed self."
+    argv = [_dashed(a) if a.startswith("--") else a for a in (sys.argv[1:] if argv is None else argv)]
+    return vars(cli_parser(func, prog).parse_args(argv))
 
 def _interrupted(prog:str, args:dict)->str:
     "What Ctrl-C leaves: for `giblet-train`, the epoch it stopped in and how to resume."

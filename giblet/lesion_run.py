@@ -53,7 +53,7 @@ def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or
     for name, value, ok in (("mode", mode, ("lesion", "keep")), ("replace", replace, ("zero", "mean")),
                             ("source", source, ("stimulus", "fmri")), ("split", split, ("val", "test", "train", "all"))):
         if value not in ok: raise ValueError(f"--{name} must be {' or '.join(ok)}, got {value!r}")
-    if n_null < 1 or n_boot < 1 or render_trs < 0: raise ValueError("--n_null and --n_boot must be >= 1 and --render_trs >= 0")
+    if n_null < 1 or n_boot < 1 or render_trs < 0: raise ValueError("--n-null and --n-boot must be >= 1 and --render-trs >= 0")
     out = Path(out).absolute()
     with RunLock(out.parent, f".{out.name}.lock"):   # a second run into the same --out is refused while this one runs
         clean_leftovers(out.parent, name=out.name)     # a killed run's partial folder (giblet's temporaries of `out` only)

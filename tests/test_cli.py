@@ -154,7 +154,7 @@ def test_nan_loss_exits_naming_the_term(tmp_path, cache, study, monkeypatch, cap
 def test_console_script_help():
     exe = Path(sys.executable).parent / "giblet-train"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "--data_dir" in res.stdout and "--resume" in res.stdout
+    assert res.returncode == 0 and "--data-dir" in res.stdout and "--data_dir" not in res.stdout and "--resume" in res.stdout
 
 
 @pytest.mark.slow   # three fresh kernels
@@ -211,6 +211,22 @@ def test_every_option_is_reachable_and_user_errors_exit_2(tmp_path, cache, capsy
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("script", [cli.giblet_train, cli.giblet_cache, cli.giblet_lesion])
+def test_help_spells_every_option_with_dashes(script, capsys):
+    "giblet-train --help printed --data_dir and --n_folds while the README wrote --data-dir and --n-folds."
+    with pytest.raises(SystemExit) as e: script(["--help"])
+    out = capsys.readouterr().out
+    options = [w.strip("[],") for w in out.split() if w.startswith(("--", "[--"))]
+    assert e.value.code == 0 and "--data-dir" in options and "--data_dir" not in out, out
+    assert not [o for o in options if "_" in o], out
+
+
+def test_the_underscore_spelling_is_still_taken(capsys):
+    "Scripts written for the old help keep working: --data_dir and --n_boot name the dashed options."
+    args = cli.cli_args(cli.train_main, "giblet-train", ["--data_dir", "d", "--no_baseline", "--n_folds=3", "--set", "a=1"])
+    assert (args["data_dir"], args["no_baseline"], args["n_folds"], args["set"]) == ("d", True, 3, ["a=1"])
+
+
 def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
     "A fault in giblet is not a user error: it propagates (the console script prints the traceback and exits 1)."
     def broken(*a, **k): raise KeyError("a bug")
@@ -234,7 +250,7 @@ def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
         return pd.DataFrame({"region": ["visual"], "effect": [0.5]})
 
     monkeypatch.setattr(lesion_run, "lesion_main", fake_main, raising=False)
-    assert cli.giblet_lesion(["ck.pt", "--data-dir", "d", "--n_boot", "5"]) is None
+    assert cli.giblet_lesion(["ck.pt", "--data-dir", "d", "--n-boot", "5"]) is None
     assert seen == dict(checkpoint="ck.pt", data_dir="d", n_boot=5) and "visual" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e: cli.giblet_lesion(["missing"])
     err = capsys.readouterr().err

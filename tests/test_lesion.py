@@ -242,7 +242,7 @@ def test_cli_user_errors(run, tmp_path, capsys):
              (str(run["checkpoint"]), "--regions", "synthetic:hippocampus"): "no label named 'hippocampus'",
              (str(run["checkpoint"]), "--mode", "cut"): "--mode must be lesion or keep"}
     for args, message in cases.items():
-        with pytest.raises(SystemExit) as e: giblet_lesion([*args, "--out", str(tmp_path / "o"), "--render_trs", "0"])
+        with pytest.raises(SystemExit) as e: giblet_lesion([*args, "--out", str(tmp_path / "o"), "--render-trs", "0"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and message in err, (args, err)
         assert "Traceback" not in err and "weights_only" not in err, err
@@ -302,8 +302,8 @@ def test_lesion_on_a_stream_trained_run(tmp_path, monkeypatch, capsys):
     assert batch["stream_video"].shape == (2, model.config.context_trs, 16)
     np.testing.assert_array_equal(batch["stream_video"][:, 0].numpy(), rd.streams["video"][data.trs[:2]])
     try:
-        cli.giblet_lesion([str(checkpoint), "--out", str(tmp_path / "lesion"), "--regions", "synthetic:visual", "--n_null", "2",
-                           "--n_boot", "50", "--render_trs", "2"])
+        cli.giblet_lesion([str(checkpoint), "--out", str(tmp_path / "lesion"), "--regions", "synthetic:visual", "--n-null", "2",
+                           "--n-boot", "50", "--render-trs", "2"])
     finally: torch.set_num_threads(threads)
     table = pd.read_csv(tmp_path / "lesion" / "effects.csv")
     assert set(table.region) == {"visual"} and {"video", "audio", "text"} <= set(table.modality)
