@@ -16,7 +16,8 @@ from ..io import atomic_write
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'average_subjects']
+__all__ = ['logger', 'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'average_subjects', 'cosine_drift', 'stretches',
+           'high_pass']
 
 # %% ../../nbs/04_data.bold_stats.ipynb #8a3c514e
 _BLOCK = 4_000_000  # float64 elements per working block (32 MB)
@@ -122,3 +123,39 @@ def average_subjects(features, # (n_subjects, n_trs, n_voxels) array/memmap, or 
         for s in subs: acc += s[t:t + step]
         out[t:t + step] = acc / len(subs)
     return out
+
+# %% ../../nbs/04_data.bold_stats.ipynb #d1780fd7
+def cosine_drift(n_trs:int, # TRs in the stretch
+                 tr:float, # seconds per TR
+                 cutoff:float, # period in seconds: components slower than this are drift
+                )->np.ndarray: # float64 (n_trs, k) orthonormal columns, the constant first
+    "The discrete cosine basis of the drift slower than `cutoff` seconds over a stretch of `n_trs` TRs."
+    k = int(np.floor(2 * n_trs * tr / cutoff)) + 1
+    b = np.cos(np.pi * np.arange(k)[None] * (np.arange(n_trs)[:, None] + 0.5) / n_trs)
+    return b / np.linalg.norm(b, axis=0)
+
+# %% ../../nbs/04_data.bold_stats.ipynb #4f96f3de
+def stretches(trs, # sorted TR indices (a block)
+              run:np.ndarray, # (n_trs,) run id of every TR of the series
+             )->list: # int64 arrays of consecutive TRs of one run
+    "A block's stretches: where the TRs jump or the run changes, a new one starts."
+    trs = np.asarray(trs, np.int64)
+    return np.split(trs, np.flatnonzero((np.diff(trs) != 1) | (np.diff(np.asarray(run)[trs]) != 0)) + 1) if len(trs) else []
+
+def high_pass(x, # float (..., n_trs, n_voxels) BOLD, a numpy array or torch tensor (changed in place)
+              blocks:Sequence, # TR index arrays (e.g. train, validation, test): each is filtered apart from the others
+              run:np.ndarray, # (n_trs,) run id of every TR
+              tr:float, # seconds per TR
+              cutoff:float, # seconds: slower components are removed
+             ): # `x`, filtered
+    "Remove the drift slower than `cutoff` from each stretch of each block, fitted on that stretch alone."
+    n = 0
+    for s in (s for b in blocks for s in stretches(b, run)):
+        b = cosine_drift(len(s), tr, cutoff)
+        if not isinstance(x, np.ndarray):
+            import torch
+            b, s = torch.as_tensor(b, dtype=x.dtype, device=x.device), torch.as_tensor(s, device=x.device)
+        y = x[..., s, :]
+        x[..., s, :] = y - b @ (b.T @ y); n += 1
+    logger.info("high-pass %g s: drift removed from %d stretches of TRs, each fitted on its own TRs", cutoff, n)
+    return x

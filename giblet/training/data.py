@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..alignment.hrf import hrf_kernel
 from ..alignment.sync import Aligned, FeatureParams
+from ..data.bold_stats import high_pass
 from ..dataset import Normaliser, Split, StudyTensors, block_split, default_cache_dir, fit_normaliser
 from ..models.autoencoder import target_variances
 from ..models.encoder import MODALITIES, PRESETS, ModelConfig
@@ -70,6 +71,7 @@ class TrainConfig:
     gap: float = HRF_SECONDS # seconds left out between train, validation and test blocks (>= the HRF kernel's 32 s)
     n_folds: int = 0 # blocked outer cross-validation over this many blocks (0: the fixed train | val | test blocks)
     fold: int = 0 # with n_folds: the block this run tests on (its neighbour validates)
+    high_pass: float = 0.0 # seconds: remove the BOLD's drift slower than this from each block apart (`high_pass`), for the model and the baselines alike (0: off; SPM uses 128)
     # model
     preset: str = "tiny" # `ModelConfig` preset; data sizes come from the data
     model_overrides: dict|None = None # `ModelConfig` fields to change (None: `PRESET_OVERRIDES[preset]`)
@@ -354,6 +356,7 @@ def run_data(al:Aligned, # the aligned study
                          "it with --set text_columns='[\"COLUMN\"]' (--annotations for another table), or check its times")
     norm = fit_normaliser(al.fmri, al.audio, split.train)
     tensors = StreamTensors(al, norm, device, cfg.subjects, streams) if streams else StudyTensors(al, norm, device, cfg.subjects)
+    if cfg.high_pass: high_pass(tensors.fmri, (split.train, split.val, split.test), al.run, al.tr, cfg.high_pass)   # every target reads these
     tr_idx = split.train
     variances = target_variances(video=None if al.video is None else _rows(al.video, tr_idx),
                                  audio=None if tensors.audio is None else tensors.audio[torch.as_tensor(tr_idx, device=tensors.device)].cpu().numpy(),
@@ -363,7 +366,7 @@ def run_data(al:Aligned, # the aligned study
                    None if w is None else torch.as_tensor(w, device=tensors.device), spec, dict(streams or {}))
 
 DATA_OPTIONS = ("data_dir", "study", "film", "annotations", "film_start", "drop_short", "synthetic", "text_model", "text_columns", "allow_silence", "features", "subjects",
-                "val_frac", "test_frac", "gap", "n_folds", "fold")
+                "val_frac", "test_frac", "gap", "n_folds", "fold", "high_pass")
 
 def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                  data:RunData, # the data the model is for
