@@ -490,7 +490,7 @@ def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) 
         model, train = BrainAutoencoder.from_checkpoint(ck["model"], str(path)), dict(ck["config"].get("train", {}))
         cwd = train.pop("cwd", None) or ck["config"].get("cwd")
     else:   # a bare model
-        if data_dir is None: raise ValueError(f"{path} is a bare model file; give the study folder (--data_dir) it was trained on")
+        if data_dir is None: raise ValueError(f"{path} is a bare model file; give the study folder (--data-dir) it was trained on")
         model, cwd = BrainAutoencoder.from_checkpoint(ck, str(path)), None
         cfg = model.config.to_dict()
         train = dict(preset="tiny", model_overrides={k: v for k, v in cfg.items() if k not in ("n_subjects",)})
