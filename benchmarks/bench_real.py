@@ -1,5 +1,6 @@
 """The model against himalaya's ridges on a real study: giblet-train at the defaults over several training seeds, each
-seed's test-block scores with their block-bootstrap CIs, the share of headline units where the model is below 0 or below
+seed's validation r (what chose its checkpoint, and all a choice of settings may use) and test-block scores with their
+block-bootstrap CIs, the share of headline units where the model is below 0 or below
 a ridge, and each region's r. The default study is the Alice story-listening fMRI shipped in tests/data/alice.
 
 usage: python benchmarks/bench_real.py [--study SPEC] [--seeds 0 1 2] [--n-folds K] [--set KEY=VALUE ...] [--out DIR]
@@ -36,6 +37,12 @@ def ci(m, name):
     return (r, e["ci_low"], e["ci_high"]) if e else (r, np.nan, np.nan)
 
 
+def val_r(folder):
+    "The validation r that chose the run's checkpoint (the early-stopping criterion; a ridge start's epoch 0 included)."
+    import torch
+    return float(torch.load(Path(folder) / "checkpoints" / "best.pt", weights_only=True, map_location="cpu")["best_r"])
+
+
 def fmt(v): return "—" if v is None or not np.isfinite(v[0]) else f"{v[0]:+.3f} [{v[1]:+.2f}, {v[2]:+.2f}]"
 
 
@@ -58,22 +65,23 @@ def main():
             cells["ceiling"] = float(np.mean([f["noise_ceiling_test_selected"] for f in folds]))
             signs = {k: float(np.mean([f["voxel_signs"][k] for f in folds])) for k in ("model_below_0", "model_below_ridge", "model_below_banded_ridge")}
             n_test = sum(f["n_test_trs"] for f in folds)
+            val = float(np.mean([val_r(out / f"seed{seed}" / f"fold_{k}") for k in range(a.n_folds)]))
         else:
             cells = {n: ci(m, n) for n, _ in COLUMNS} | {"ceiling": m["noise_ceiling_test_selected"]}
-            signs, n_test = m["voxel_signs"], m["n_test_trs"]
+            signs, n_test, val = m["voxel_signs"], m["n_test_trs"], val_r(out / f"seed{seed}")
             for r in m.get("roi_table", []):
                 regions.setdefault(r["region"], {}).setdefault(seed, r)
             lines += [f"seed {seed}: {s}" for s in m.get("in_words", [])]
-        rows.append((seed, cells, signs, n_test, secs))
-    head = "| seed | test TRs | " + " | ".join(h for _, h in COLUMNS) + " | noise ceiling | model < 0 | model < ridge | model < banded ridge | seconds |"
+        rows.append((seed, cells, signs, n_test, secs, val))
+    head = "| seed | test TRs | validation r (chooses) | " + " | ".join(h for _, h in COLUMNS) + " | noise ceiling | model < 0 | model < ridge | model < banded ridge | seconds |"
     table = [f"study: {a.study}" + (f", {a.n_folds}-fold blocked outer CV (mean over folds)" if a.n_folds else ", test block")
              + (f", --set {' '.join(a.set)}" if a.set else ""), "", head, "|" + "---|" * (head.count("|") - 1)]
-    for seed, cells, signs, n_test, secs in rows:
-        table.append(f"| {seed} | {n_test} | " + " | ".join(fmt(cells[n]) for n, _ in COLUMNS)
+    for seed, cells, signs, n_test, secs, val in rows:
+        table.append(f"| {seed} | {n_test} | {val:+.3f} | " + " | ".join(fmt(cells[n]) for n, _ in COLUMNS)
                      + f" | {cells['ceiling']:.3f} | {signs['model_below_0']:.0%} | {signs['model_below_ridge']:.0%} | "
                      f"{signs['model_below_banded_ridge']:.0%} | {secs:.0f} |")
-    mean = lambda n: float(np.mean([c[n][0] for _, c, _, _, _ in rows]))
-    table.append("| mean | | " + " | ".join(f"{mean(n):+.3f}" for n, _ in COLUMNS) + " | | | | | |")
+    mean = lambda n: float(np.mean([c[n][0] for _, c, _, _, _, _ in rows]))
+    table.append(f"| mean | | {np.mean([r[-1] for r in rows]):+.3f} | " + " | ".join(f"{mean(n):+.3f}" for n, _ in COLUMNS) + " | | | | | |")
     if regions:
         table += ["", "Test r per region (seeds " + ", ".join(map(str, a.seeds)) + "):", "",
                   "| region | model | stack | banded ridge | ridge | ceiling |", "|---|---|---|---|---|---|"]
