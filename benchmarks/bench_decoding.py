@@ -38,7 +38,7 @@ def main():
     tr = Trainer(data, cfg)
     tr.fit()
     fit_s = time.perf_counter() - t0
-    from giblet.training.metrics import voxel_r
+    from giblet.metrics import voxel_r
     test = data.split.test
     with tr.averaged(): r = voxel_r(tr.predict(test), data.average_bold(test))  # the moving-average weights, as saved
     out = dict(set=sets, model=parse(a.model), fit_s=fit_s, test_voxel_r=float(np.mean(r)), best_epoch=tr.best_epoch, tables={})

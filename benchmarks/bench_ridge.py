@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from giblet.evaluation import fit_baselines
-from giblet.training.metrics import delay_features, noise_ceiling, voxel_r
+from giblet.metrics import delay_features, noise_ceiling, voxel_r
 
 
 def peak_rss_gb() -> float:

@@ -95,7 +95,7 @@ def cheap_r2(seeds=(0, 1, 2), n_trs=946):
     from giblet.data.audio import audio_to_mel
     from giblet.data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
     from giblet.data.video import video_to_frames
-    from giblet.training.metrics import delay_features, stimulus_features
+    from giblet.metrics import delay_features, stimulus_features
     p = S.PRESETS["realistic"]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .training.metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
+from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
 from .dataset import block_folds
 from .io import atomic_write
 from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, write_json

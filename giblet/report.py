@@ -16,7 +16,7 @@ import torch
 
 from .decoding import decode_block, decoding_scores, true_block
 from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, model_share, verdict
-from .training.metrics import voxel_r
+from .metrics import voxel_r
 from .io import atomic_write
 from .training.trainer import Trainer, write_json
 from .alignment.sync import Aligned

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from giblet.evaluation import block_bootstrap, compare, fir_delays, fit_baselines, stimulus_bands
-from giblet.training.metrics import delay_features, voxel_r
+from giblet.metrics import delay_features, voxel_r
 from giblet.training.trainer import Trainer, TrainConfig, prepare_data, run_data
 
 from conftest import FAST   # two epochs of the tiny model on the small study of the `cache` and `study` fixtures

@@ -1,4 +1,4 @@
-"""Larger checks of giblet.training.metrics: scores, noise ceiling on simulated subjects, FIR design, stimulus features."""
+"""Larger checks of giblet.metrics: scores, noise ceiling on simulated subjects, FIR design, stimulus features."""
 import tracemalloc
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import r2_score
 
-from giblet.training.metrics import (ceiling_from_r, delay_features, intersubject_r, noise_ceiling, stimulus_features, voxel_r,
+from giblet.metrics import (ceiling_from_r, delay_features, intersubject_r, noise_ceiling, stimulus_features, voxel_r,
                                      voxel_r2)
 
 

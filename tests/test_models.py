@@ -276,7 +276,7 @@ def test_feature_stream_trains_drops_out_and_round_trips(tmp_path):
 
 def test_linear_path_reads_the_ridge_features_and_round_trips(tmp_path):
     "The linear path: the baseline's cheap features, standardised with the statistics it was given, saved with the weights."
-    from giblet.training.metrics import stimulus_features
+    from giblet.metrics import stimulus_features
     model = make(linear_delay=6.0, linear_grid=(4, 2))
     lin = model.encoder.linear
     batch = example_batch(model.config, 3, seed=1)

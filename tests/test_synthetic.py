@@ -300,7 +300,7 @@ def test_nonlinear_truth(nl_study):
 
 def test_cheap_features_miss_the_nonlinear_factors(nl_study):
     "The ridge baseline's cheap per-TR features predict each linear factor on held-out TRs, and none of the new ones."
-    from giblet.training.metrics import stimulus_features
+    from giblet.metrics import stimulus_features
     lay, t, video, mel, text = nl_study
     for every in (1, 4):                                                    # all 15 frames of a TR, or 4 (the tiny model's)
         X = stimulus_features(video=np.ascontiguousarray(video[:, ::every]), audio=mel, text=text)

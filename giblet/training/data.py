@@ -34,7 +34,7 @@ from ..data.text import load_annotations
 from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key
 from ..windows import words_from_annotations
 from ..study import StudySpec, load_spec, resolve_study, study_inputs, study_predictors, study_rates
-from .metrics import noise_ceiling
+from ..metrics import noise_ceiling
 
 logger = logging.getLogger(__name__)
 

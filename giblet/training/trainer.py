@@ -32,7 +32,7 @@ from .data import (DATA_OPTIONS, EMBEDDED, HRF_SECONDS, PATH_OPTIONS, PRESET_OVE
                                   RunData, StreamTensors, SubjectRows, TrainConfig, check_resumable, embedded_dataset, feature_params,
                                   main_first, model_config, outer_split, prepare_data, reliability_weights, run_data, run_split,
                                   study_data, study_inputs, study_spec, study_streams)
-from .metrics import voxel_r
+from ..metrics import voxel_r
 
 logger = logging.getLogger(__name__)
 
