@@ -28,7 +28,8 @@ from contextlib import contextmanager
 
 from .dataset import block_folds, default_cache_dir
 from .io import DiskFullError, FolderLockedError, RunLock, atomic_write, clean_leftovers, fingerprint_changes, input_fingerprint
-from .evaluation import fit_baselines, headline_words, stimulus_bands, truth_columns
+from .evaluation import fit_baselines, headline_words, stimulus_bands
+from .synthetic_truth import truth_columns
 from .report import _md_table, fold_summary, write_report
 from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
 from .study import show_study as describe_study, show_timing, study_rates

@@ -18,6 +18,7 @@ import torch
 
 from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
 from .dataset import block_folds
+from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
 from .io import atomic_write
 from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, write_json
 
@@ -27,9 +28,8 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'BASELINES', 'PRESHIFT_WARNING', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'fir_delays', 'stimulus_bands',
            'Design', 'baseline_design', 'Baselines', 'weight_by_delay', 'lag_summary', 'fit_baselines',
            'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null', 'verdict', 'compare', 'difference_words',
-           'headline_words', 'trs_needed', 'block_resolution', 'voxel_signs', 'truth_columns', 'truth_rows',
-           'truth_block', 'truth_scores', 'factor_units', 'factor_table', 'score_table', 'roi_table', 'stack_weights',
-           'stack', 'model_share', 'cv_stack_weights', 'evaluate_run']
+           'headline_words', 'trs_needed', 'block_resolution', 'voxel_signs', 'factor_table', 'score_table',
+           'roi_table', 'stack_weights', 'stack', 'model_share', 'cv_stack_weights', 'evaluate_run']
 
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
@@ -385,80 +385,7 @@ def voxel_signs(scores:Mapping, # name -> (n_voxels,) test r: 'model' and the ba
     out = dict(n_selected=int(sel.sum()), model_below_0=float((r < 0).mean()))
     return out | {f"model_below_{k}": float((r < np.asarray(scores[k])[sel]).mean()) for k in BASELINES if k in scores}
 
-# %% ../nbs/33_evaluation.ipynb #86957d43
-def truth_columns(truth:dict, # from `giblet.synthetic.load_truth`
-                  mask, # the run's mask (a 3-D NIfTI image)
-                 )->np.ndarray: # int64 (n_voxels,): column of truth['bold'] per mask voxel, -1 outside the truth's brain
-    "Map the run's voxels onto the truth's brain voxels through world (NIfTI) coordinates."
-    m = np.asarray(mask.dataobj) != 0
-    ijk = np.argwhere(m)  # C order, as the features
-    world = ijk @ mask.affine[:3, :3].T + mask.affine[:3, 3]
-    inv = np.linalg.inv(np.asarray(truth["affine"], np.float64))
-    tijk = np.rint(world @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
-    bm = np.asarray(truth["brain_mask"]) != 0
-    col = -np.ones(bm.shape, np.int64); col[bm] = np.arange(bm.sum())
-    inside = np.all((tijk >= 0) & (tijk < np.array(bm.shape)), axis=1)
-    out = -np.ones(len(ijk), np.int64)
-    out[inside] = col[tuple(tijk[inside].T)]
-    return out
-
-def truth_rows(truth:dict, # the planted truth
-               volumes:np.ndarray, # the scanner volume of each TR, counted within its run
-               runs:np.ndarray|None=None, # the run of each TR (None: a one-run study)
-              )->np.ndarray: # int64 rows of truth['bold'], one per TR
-    "The rows of the truth's noise-free BOLD at some TRs: a multi-run truth numbers its rows through truth['run'] and truth['volume']."
-    volumes, n = np.asarray(volumes, np.int64), len(truth["bold"])
-    if "run" not in truth:
-        if runs is not None and len(np.unique(runs)) > 1:
-            raise ValueError(f"the planted truth holds one run, but the TRs come from runs {np.unique(runs).tolist()}")
-        rows = volumes
-    else:
-        if runs is None: raise ValueError("the planted truth holds several runs: pass the run of each TR")
-        where = {(int(r), int(v)): i for i, (r, v) in enumerate(zip(truth["run"], truth["volume"]))}
-        rows = np.array([where.get((int(r), int(v)), -1) for r, v in zip(np.asarray(runs), volumes)], np.int64)
-    bad = (rows < 0) | (rows >= n)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{int(bad.sum())} TRs have no row in the planted truth ({n} rows); the first: volume {int(volumes[first])}"
-                         + ("" if runs is None else f" of run {int(np.asarray(runs)[first])}"))
-    return rows
-
-def truth_block(truth:dict, # the planted truth
-                mask, # the run's mask image
-                volumes:np.ndarray, # the scanner volume of each scored TR
-                runs:np.ndarray|None=None, # the run of each scored TR (needed for a multi-run truth)
-               )->tuple: # (bool (n_voxels,) voxels inside the truth's brain, their ROI labels, float (n_trs, n_inside) noise-free BOLD)
-    "The planted noise-free signal at the scored TRs, for the run's voxels that the truth covers."
-    col = truth_columns(truth, mask)
-    ok = col >= 0
-    return ok, np.asarray(truth["roi"])[col[ok]], np.asarray(truth["bold"])[truth_rows(truth, volumes, runs)][:, col[ok]]
-
-def truth_scores(pred:np.ndarray, # (n_trs, n_voxels) prediction at the TRs `volumes`
-                 volumes:np.ndarray, # the scanner volume of each predicted TR
-                 truth:dict, # the planted truth
-                 mask, # the run's mask image
-                 runs:np.ndarray|None=None, # the run of each predicted TR (needed for a multi-run truth)
-                )->dict:
-    "Voxel r of a prediction against the noise-free signal: mean over responsive voxels (roi > 0), per ROI, and pooled."
-    ok, roi, true = truth_block(truth, mask, volumes, runs)
-    r = voxel_r(pred[:, ok], true)
-    resp = roi > 0
-    pooled = np.corrcoef(pred[:, ok][:, resp].ravel(), true[:, resp].ravel())[0, 1] if resp.any() else np.nan
-    return {"truth_r_responsive_mean": float(r[resp].mean()), "truth_r_pooled": float(pooled),
-            "truth_n_responsive": int(resp.sum())} | {
-        f"truth_r_{truth['roi_names'][k]}": float(r[roi == k].mean()) for k in np.unique(roi) if k > 0}
-
 # %% ../nbs/33_evaluation.ipynb #a7270eb3
-def factor_units(truth:dict, # the planted truth (with `factor_names` and `factor_roi`)
-                )->dict: # ROI label -> (name, [factors that drive it])
-    "Each responsive ROI of the truth, named by the factor that alone drives it, else by its own name."
-    names, froi = tuple(truth.get("factor_names", ())), np.asarray(truth.get("factor_roi", np.zeros(0, np.int64)))
-    out = {}
-    for k in (int(k) for k in np.unique(truth["roi"]) if k > 0):
-        fs = [n for n, r in zip(names, froi) if r == k]
-        out[k] = (fs[0] if len(fs) == 1 else truth["roi_names"][k], fs)
-    return out
-
 def factor_table(preds:Mapping, # name -> (n_trs, n_voxels) predictions at the scored TRs ('model' and the baselines)
                  truth:dict, # the planted truth
                  mask, # the run's mask image
@@ -639,19 +566,16 @@ def _records(df:pd.DataFrame)->list:
     nan = lambda v: isinstance(v, float) and math.isnan(v)
     return [{k: None if nan(v) else v for k, v in r.items()} for r in df.reset_index().to_dict(orient="records")]
 
-def _roi_labels(data:RunData):
-    "The planted truth, ROI labels and names per model voxel, from a synthetic study's truth.npz; a study of region tables: each region its own (no truth); a spec's atlas: its regions (no truth)."
+def _roi_labels(data:RunData, truth:dict|None):
+    "ROI labels and names per model voxel: a study of region tables: each region its own; a spec's atlas: its regions; else the planted truth's ROIs (None, None without one)."
     units = data.aligned.units
-    if units: return None, np.arange(1, len(units) + 1), ["none", *units]   # every region gets its row in the report
+    if units: return np.arange(1, len(units) + 1), ["none", *units]   # every region gets its row in the report
     if data.spec is not None and data.spec.atlas is not None and data.aligned.mask is not None:
         from giblet.study import atlas_labels
-        return None, *atlas_labels(data.spec.atlas, data.aligned.mask, data.spec.atlas_names)
-    path = None if data.data_dir is None else Path(data.data_dir) / "truth.npz"
-    if path is None or not path.is_file(): return None, None, None
-    from giblet.synthetic import load_truth
-    truth = load_truth(path)
+        return atlas_labels(data.spec.atlas, data.aligned.mask, data.spec.atlas_names)
+    if truth is None: return None, None
     col = truth_columns(truth, data.aligned.mask)
-    return truth, np.where(col >= 0, np.asarray(truth["roi"])[np.maximum(col, 0)], 0), truth["roi_names"]
+    return np.where(col >= 0, np.asarray(truth["roi"])[np.maximum(col, 0)], 0), truth["roi_names"]
 
 def _select(ceiling_train, threshold:float, n_voxels:int):
     "The headline's voxels and the rule that chose them, written out."
@@ -668,6 +592,7 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
                  n_boot:int=1000, # bootstrap resamples of the CIs
                  seed:int=0, # seed of the baselines' random search and of the bootstrap
                  bands:Mapping|None=None, # the baselines' feature bands (None: `stimulus_bands` of the study)
+                 truth:dict|None=None, # the study's planted truth (`giblet.synthetic_truth.study_truth`): every predictor is scored against it too (None: none)
                 )->dict: # arrays (preds, val_pred, stack_weights, scores, ceiling, selected, roi, split_r2), tables and metrics
     "Score the model on the test block beside the himalaya baselines and the noise ceiling, with CIs and a null, and per planted factor."
     data, al, sp = trainer.data, trainer.data.aligned, trainer.data.split
@@ -687,9 +612,10 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
     scores = {k: voxel_r(p, true) for k, p in preds.items()}
     ceil_train, ceiling = run_ceiling(data, sp.train), run_ceiling(data, test)
     selected, rule = _select(ceil_train, threshold, al.n_voxels)
-    truth, roi, names = _roi_labels(data)
+    roi, names = _roi_labels(data, truth)
     truth_r, m, factors = {}, {}, None
     if truth is not None:
+        if al.mask is None: raise ValueError("a study of region tables has no voxels to match with the planted truth's: pass truth=None")
         for k, p in preds.items():
             t = truth_scores(p, al.volume[test], truth, al.mask, al.run[test])
             truth_r[k] = t["truth_r_responsive_mean"]

@@ -17,6 +17,7 @@ import torch
 from .decoding import decode_block, decoding_scores, true_block
 from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, model_share, verdict
 from .metrics import voxel_r
+from .synthetic_truth import study_truth
 from .io import atomic_write
 from .training.trainer import Trainer, write_json
 from .alignment.sync import Aligned
@@ -362,7 +363,8 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
     import nibabel as nib
     from giblet.data.fmri import features_to_nii
     out, al, h = Path(out_dir), trainer.data.aligned, trainer.history
-    ev = evaluate_run(trainer, baseline, **kwargs)
+    truth = study_truth(trainer.data.data_dir) if al.mask is not None else None   # region tables have no voxels to match with a truth
+    ev = evaluate_run(trainer, baseline, truth=truth, **kwargs)
     val_pred = ev["val_pred"]
     m = ev["metrics"] | {"epochs": len(h), "best_epoch": trainer.best_epoch, "stopped_early": trainer.stopped,
                          "train_seconds": float(sum(r["seconds"] for r in h))} | (extra or {})

@@ -38,5 +38,5 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def study(cache) -> Path:
     "The small synthetic study `SMALL` (generated once per session, into `cache`)."
-    from giblet.training.trainer import embedded_dataset
+    from giblet.synthetic_truth import embedded_dataset
     return embedded_dataset(cache, **SMALL)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from giblet.synthetic import load_truth, make_dataset
-from giblet.evaluation import (WORDS, cv_stack_weights, factor_table, fit_baselines, headline_words, model_share, stack, stack_weights, stimulus_bands,
-                               truth_rows, truth_scores)
+from giblet.evaluation import (WORDS, cv_stack_weights, factor_table, fit_baselines, headline_words, model_share, stack, stack_weights, stimulus_bands)
+from giblet.synthetic_truth import embedded_dataset, truth_rows, truth_scores
 from giblet.report import write_report
 from giblet.metrics import voxel_r
-from giblet.training.trainer import Trainer, TrainConfig, embedded_dataset, prepare_data
+from giblet.training.trainer import Trainer, TrainConfig, prepare_data
 from conftest import FAST, SMALL
 
 

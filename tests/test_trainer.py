@@ -15,7 +15,8 @@ import torch
 from giblet.dataset import context_starts
 from giblet.training import trainer as T
 from giblet.evaluation import evaluate_run
-from giblet.training.trainer import (NonFiniteLoss, Trainer, TrainConfig, embedded_dataset, load_checkpoint,
+from giblet.synthetic_truth import embedded_dataset, study_truth
+from giblet.training.trainer import (NonFiniteLoss, Trainer, TrainConfig, load_checkpoint,
                                      prepare_data)
 
 from conftest import SMALL   # the small study of the `cache` and `study` fixtures
@@ -186,7 +187,7 @@ def test_planted_truth(tmp_path, cache):
     tr = Trainer(data, cfg, tmp_path)
     tr.fit()
     tr.model.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "best.pt")["model"]["state_dict"])
-    m = evaluate_run(tr)["metrics"]
+    m = evaluate_run(tr, truth=study_truth(tr.data.data_dir))["metrics"]
     assert m["truth_n_responsive"] > 50
     assert m["truth_r_responsive_mean"] >= 0.8, m
     assert m["block"] == "test" and m["headline"]["n_selected"] > 50

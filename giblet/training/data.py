@@ -5,15 +5,12 @@
 # %% ../../nbs/31_training.data.ipynb #96cf3394
 from __future__ import annotations
 
-import hashlib
 import inspect
 import itertools
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -27,12 +24,13 @@ import torch.distributed as dist
 from ..alignment.hrf import hrf_kernel
 from ..alignment.sync import Aligned, FeatureParams
 from ..data.bold_stats import high_pass
-from ..dataset import Normaliser, Split, StudyTensors, block_split, default_cache_dir, fit_normaliser
+from ..dataset import Normaliser, Split, StudyTensors, block_split, fit_normaliser
 from ..models.autoencoder import target_variances
 from ..models.encoder import MODALITIES, PRESETS, ModelConfig
 from ..data.text import load_annotations
 from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key
 from ..windows import words_from_annotations
+from ..synthetic_truth import embedded_dataset
 from ..study import StudySpec, load_spec, resolve_study, study_inputs, study_predictors, study_rates
 from ..metrics import noise_ceiling
 
@@ -40,9 +38,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'WAIT_HOURS', 'DATA_OPTIONS',
-           'TrainConfig', 'check_resumable', 'DistInfo', 'main_first', 'embedded_dataset', 'feature_params', 'RunData',
-           'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'silent_audio', 'run_data', 'model_config',
-           'study_spec', 'study_data', 'prepare_data', 'study_streams', 'StreamTensors']
+           'TrainConfig', 'check_resumable', 'DistInfo', 'main_first', 'feature_params', 'RunData', 'SubjectRows',
+           'reliability_weights', 'outer_split', 'run_split', 'silent_audio', 'run_data', 'model_config', 'study_spec',
+           'study_data', 'prepare_data', 'study_streams', 'StreamTensors']
 
 # %% ../../nbs/31_training.data.ipynb #9a14f557
 HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
@@ -214,28 +212,6 @@ def main_first(di:DistInfo|None, # this process among the run's (None: alone)
     return work()
 
 # %% ../../nbs/31_training.data.ipynb #5ae2c7c8
-def embedded_dataset(cache_dir:str|Path|None=None, # cache root (None: `default_cache_dir()`)
-                     progress:bool=False, # show the generator's progress bar
-                     **kwargs, # `make_dataset` arguments (n_subjects, n_trs, seed, ...)
-                    )->Path: # the study folder
-    "The synthetic study for these arguments, generated into the cache on first use (atomically) and reused after."
-    from giblet.synthetic import make_dataset
-    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = Path(cache_dir or default_cache_dir()) / "synthetic" / key
-    if (root / ".complete").is_file(): return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{key}."))
-    try:
-        logger.info("generating the embedded synthetic dataset %s into %s", kwargs, root)
-        make_dataset(tmp, progress=progress, **kwargs)
-        (tmp / "synthetic.json").write_text(json.dumps(kwargs, sort_keys=True, default=str))
-        (tmp / ".complete").write_text("")
-        try: os.replace(tmp, root)
-        except OSError:
-            if not (root / ".complete").is_file(): raise  # else another process finished first: use its copy
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
 def feature_params(cfg:TrainConfig, # the run's options (preset, overrides, text model)
                    fps:float|None, # the film's frame rate (None: a study without a film)
                    tr:float, # seconds per TR

@@ -29,7 +29,7 @@ from ..io import no_bar
 from ..dataset import ContextDataset, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
 from .data import (DATA_OPTIONS, EMBEDDED, HRF_SECONDS, PATH_OPTIONS, PRESET_OVERRIDES, RESUMABLE, WAIT_HOURS, DistInfo,
-                                  RunData, StreamTensors, SubjectRows, TrainConfig, check_resumable, embedded_dataset, feature_params,
+                                  RunData, StreamTensors, SubjectRows, TrainConfig, check_resumable, feature_params,
                                   main_first, model_config, outer_split, prepare_data, reliability_weights, run_data, run_split,
                                   study_data, study_inputs, study_spec, study_streams)
 from ..metrics import voxel_r
