@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from giblet.decoding import decode_block, decoding_scores, true_block
-from giblet.training.trainer import TrainConfig, Trainer, prepare_data
+from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.trainer import Trainer
 
 
 def parse(kvs):

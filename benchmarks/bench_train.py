@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from giblet.training.trainer import Trainer, TrainConfig, model_config, prepare_data, resolve_device
+from giblet.training.data import TrainConfig, model_config, prepare_data
+from giblet.training.trainer import Trainer, resolve_device
 
 
 def peak_rss_mb() -> float:

@@ -27,7 +27,7 @@ from fastcore.script import Param, store_true
 from contextlib import contextmanager
 
 from .dataset import block_folds, default_cache_dir
-from .io import DiskFullError, FolderLockedError, RunLock, atomic_write, clean_leftovers, fingerprint_changes, input_fingerprint
+from .io import DiskFullError, FolderLockedError, RunLock, atomic_write, clean_leftovers, fingerprint_changes, input_fingerprint, write_json
 from .evaluation import fit_baselines, headline_words, stimulus_bands
 from .synthetic_truth import truth_columns
 from .report import _md_table, fold_summary, write_report
@@ -35,9 +35,9 @@ from .features import default_cache_dir as streams_cache_dir, stream_key, verify
 from .study import show_study as describe_study, show_timing, study_rates
 from .training.data import feature_params
 from .io import no_bar
-from .training.trainer import (checkpoint_folder, close_distributed, main_first, DeviceUnavailable, NonFiniteLoss, Trainer, TrainConfig, check_resumable,
-                                     init_distributed, load_checkpoint, prepare_data, resolve_device, study_data, study_inputs, study_spec,
-                                     write_json)
+from .training.data import TrainConfig, check_resumable, main_first, prepare_data, study_data, study_inputs, study_spec
+from .training.checkpoints import checkpoint_folder, load_checkpoint
+from .training.trainer import DeviceUnavailable, NonFiniteLoss, Trainer, close_distributed, init_distributed, resolve_device
 from .training.data import run_split
 
 logger = logging.getLogger(__name__)
@@ -421,9 +421,9 @@ def giblet_train(argv:list|None=None, # command-line arguments (default: sys.arg
 
 def giblet_lesion(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                  ):
-    "Console script `giblet-lesion`: `giblet.lesion_run.lesion_main` with this parser and these exit codes; prints the effect table."
-    from giblet import lesion_run
-    table = _entry(lesion_run.lesion_main, "giblet-lesion", argv)
+    "Console script `giblet-lesion`: `giblet.lesion.lesion_main` with this parser and these exit codes; prints the effect table."
+    from giblet import lesion
+    table = _entry(lesion.lesion_main, "giblet-lesion", argv)
     if table is not None: print(table.to_string(index=False) if hasattr(table, "to_string") else table)
 
 # %% ../nbs/50_cli.ipynb #94d22447

@@ -19,8 +19,9 @@ import torch
 from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
 from .dataset import block_folds
 from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
-from .io import atomic_write
-from .training.trainer import HRF_SECONDS, RunData, SubjectRows, Trainer, write_json
+from .io import atomic_write, write_json
+from .training.data import HRF_SECONDS, RunData, SubjectRows
+from .training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'HASH_BYTES', 'CHUNK', 'FOREIGN_AGE', 'FINGERPRINT_BYTES', 'CACHE_VERSION', 'VERIFIED', 'RACY_SECONDS',
            'current_umask', 'usual_mode', 'host_tag', 'temp_name', 'no_bar', 'DiskFullError', 'is_disk_full',
            'check_space', 'free_space', 'new_hash', 'HashingWriter', 'file_checksum', 'fsync_folder', 'write_file',
-           'atomic_write', 'atomic_folder', 'process_start', 'pid_alive', 'clean_leftovers', 'FolderLockedError',
-           'RunLock', 'input_fingerprint', 'fingerprint_changes', 'cache_key', 'StreamedArray', 'save_arrays',
-           'load_arrays', 'cache_damage', 'cache_manifest', 'env_folder']
+           'atomic_write', 'write_json', 'atomic_folder', 'process_start', 'pid_alive', 'clean_leftovers',
+           'FolderLockedError', 'RunLock', 'input_fingerprint', 'fingerprint_changes', 'cache_key', 'StreamedArray',
+           'save_arrays', 'load_arrays', 'cache_damage', 'cache_manifest', 'env_folder']
 
 # %% ../nbs/00_io.ipynb #b2d03d6a
 def current_umask()->int:
@@ -209,6 +209,14 @@ def atomic_write(path:str|Path, # the file to write or replace
         raise
     fsync_folder(path.parent)
     return info
+
+# %% ../nbs/00_io.ipynb #e06083bd
+def write_json(path:str|Path, # the file
+               obj, # JSON-serialisable (anything else is written as its `str`)
+              )->Path:
+    "Write `obj` as indented JSON, atomically (`atomic_write`)."
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+    return Path(path)
 
 # %% ../nbs/00_io.ipynb #4a310503
 @contextmanager

@@ -5,10 +5,10 @@
 # %% ../nbs/41_lesion.ipynb #bee78318
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass, replace as replace_field
 from fractions import Fraction
 from pathlib import Path
@@ -21,17 +21,18 @@ import torch
 
 from .dataset import Normaliser, StudyTensors
 from .data.text import nearest_text
-from .io import atomic_folder, atomic_write, clean_leftovers
+from .io import RunLock, atomic_folder, atomic_write, clean_leftovers
 from .regions import Region, UnitGrid, matched_blobs, parse_regions
 from .models.autoencoder import target_variances
 from .features import stream_key
 from .training.data import StreamTensors
+from .training.checkpoints import load_run
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'METRICS', 'LesionData', 'unit_means', 'reconstruct', 'collect_errors', 'lesion_effects', 'plot_effects',
-           'Rendering', 'render', 'read_checkpoint', 'load_run', 'lesion_data']
+__all__ = ['logger', 'METRICS', 'RUN_MARKER', 'LesionData', 'unit_means', 'reconstruct', 'collect_errors', 'lesion_effects',
+           'plot_effects', 'Rendering', 'render', 'lesion_data', 'lesion_main']
 
 # %% ../nbs/41_lesion.ipynb #00833145
 @dataclass
@@ -452,64 +453,6 @@ def render(model, # a trained BrainAutoencoder
     return Rendering(mp4, wavs, csv, md, df)
 
 # %% ../nbs/41_lesion.ipynb #27d05fcc
-def read_checkpoint(path:str|Path, # a training checkpoint or a `BrainAutoencoder.save` file
-                   )->dict:
-    "A giblet checkpoint's contents, read safely; anything else is refused in one line."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no checkpoint here")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them; the refusal says it all
-            warnings.simplefilter("ignore"); ck = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError: raise
-    except Exception: ck = None  # random bytes, a foreign pickle: never retried with unsafe loading
-    training = isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("config"), dict)
-    if not (training or (isinstance(ck, dict) and {"config", "state_dict"} <= set(ck))):
-        raise ValueError(f"{path} is not a giblet checkpoint")
-    return ck
-
-def _resolve(value:str|None, what:str, bases:Sequence[Path])->str|None:
-    "A folder read from a run's options, made absolute: as is when absolute, else against the first base where it exists."
-    if value is None or Path(value).is_absolute(): return value
-    tried = [(b / value).resolve() for b in bases]
-    for p in tried:
-        if p.exists(): return str(p)
-    raise FileNotFoundError(f"the run's {what} {value!r} is relative and exists under none of {', '.join(map(str, tried))}; "
-                            f"pass --{what} with its location")
-
-def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) or a `BrainAutoencoder.save` file
-             data_dir:str|Path|None=None, # the study folder (default: the run's own; needed for a bare model file)
-             cache_dir:str|Path|None=None, # feature-cache root (default: the run's own)
-             device:str="cpu", # where the model and the tensors go
-            )->tuple: # (BrainAutoencoder in eval mode, RunData)
-    "The model of a checkpoint and the data of its run."
-    from giblet.models.autoencoder import BrainAutoencoder
-    from giblet.training.trainer import TrainConfig, prepare_data
-    path = Path(checkpoint).absolute()
-    ck = read_checkpoint(path)
-    if "model" in ck:   # a training checkpoint
-        model, train = BrainAutoencoder.from_checkpoint(ck["model"], str(path)), dict(ck["config"].get("train", {}))
-        cwd = train.pop("cwd", None) or ck["config"].get("cwd")
-    else:   # a bare model
-        if data_dir is None: raise ValueError(f"{path} is a bare model file; give the study folder (--data-dir) it was trained on")
-        model, cwd = BrainAutoencoder.from_checkpoint(ck, str(path)), None
-        cfg = model.config.to_dict()
-        train = dict(preset="tiny", model_overrides={k: v for k, v in cfg.items() if k not in ("n_subjects",)})
-    bases = [Path(cwd)] if cwd else []
-    bases += [Path.cwd(), path.parent.parent]
-    for key, given in (("data_dir", data_dir), ("cache_dir", cache_dir)):
-        train[key] = str(Path(given).absolute()) if given is not None else _resolve(train.get(key), key, bases)
-    train.update(device=device, progress=False, subjects="average")
-    try: tc = TrainConfig.from_dict(train)
-    except (TypeError, ValueError) as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
-    rd = prepare_data(tc, device)
-    if set(rd.streams) != set(model.config.stream_dims):
-        raise ValueError(f"{path}: the model reads feature streams {sorted(model.config.stream_dims)} but its run's data has "
-                         f"{sorted(rd.streams)}; they come from the run's --features, else its study spec's `features`")
-    if rd.aligned.n_voxels != model.config.n_voxels:
-        raise ValueError(f"{path}: the model has {model.config.n_voxels} brain units but the study in "
-                         f"{rd.data_dir} has {rd.aligned.n_voxels}; it was trained on other data")
-    return model.to(device).eval(), rd
-
 def lesion_data(run, # a `RunData` (from `load_run` or `prepare_data`)
                 split:str="val", # which TRs to evaluate: "val", "test", "train" or "all"
                )->LesionData:
@@ -520,3 +463,58 @@ def lesion_data(run, # a `RunData` (from `load_run` or `prepare_data`)
     data = LesionData.from_aligned(run.aligned, run.norm, trs, run.tensors.device, train_trs=run.split.train, streams=run.streams)
     if run.features is not None: data.sample_rate = int(run.features.sr)
     return data
+
+# %% ../nbs/41_lesion.ipynb #5ca56f60
+RUN_MARKER = "effects.csv" # a folder holding this file holds a lesion run
+
+def _check_out(out:Path, overwrite:bool):
+    "Refuse an output folder that holds a lesion run (unless overwriting) or anything else."
+    if not out.exists(): return
+    if not out.is_dir(): raise FileExistsError(f"{out} exists and is not a folder")
+    if (out / RUN_MARKER).is_file():
+        if not overwrite: raise FileExistsError(f"{out} already holds a lesion run; pass --overwrite to replace it as a whole")
+    elif any(out.iterdir()): raise FileExistsError(f"{out} holds other files, not a lesion run; give a new or empty folder")
+
+def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or a saved model
+                out:str="lesion_out", # the output folder (the table, the figure, the media); refused if it holds a lesion run, unless --overwrite
+                regions:str="synthetic", # regions separated by ';', each synthetic[:NAMES], sphere:X,Y,Z,R[:NAME], blob:X,Y,Z,N[:NAME], mask:PATH[:NAME] or atlas:PATH:LABELS[:LOOKUP]
+                data_dir:str|None=None, # the study folder (default: the run's own)
+                cache_dir:str|None=None, # feature-cache root (default: the run's own)
+                mode:str="lesion", # lesion (silence the region) or keep (silence the rest)
+                replace:str="zero", # silenced units at 0 (zero) or at their training mean (mean)
+                source:str="stimulus", # decode the predicted brain layer (stimulus) or measured fMRI (fmri)
+                split:str="test", # TRs to evaluate: test (the block no choice was made on), val, train or all
+                device:str="cpu", # cpu or cuda
+                n_null:int=20, # matched control blobs per region
+                gain_tolerance:float=0.1, # a control blob matches when its summed decoder gain is within this share of the region's
+                n_boot:int=2000, # bootstrap replicates
+                seed:int=0, # seed of the control blobs and the bootstrap
+                render_trs:int=20, # TRs to render per region (0: no rendering)
+                overwrite:bool=False, # replace a lesion run already in --out, as a whole
+               )->pd.DataFrame: # the effect table (also in OUT/effects.csv)
+    "Lesion (or keep only) brain regions of a trained giblet model: an effect table against matched nulls, and rendered video, sound and text."
+    for name, value, ok in (("mode", mode, ("lesion", "keep")), ("replace", replace, ("zero", "mean")),
+                            ("source", source, ("stimulus", "fmri")), ("split", split, ("val", "test", "train", "all"))):
+        if value not in ok: raise ValueError(f"--{name} must be {' or '.join(ok)}, got {value!r}")
+    if n_null < 1 or n_boot < 1 or render_trs < 0: raise ValueError("--n-null and --n-boot must be >= 1 and --render-trs >= 0")
+    out = Path(out).absolute()
+    with RunLock(out.parent, f".{out.name}.lock"):   # a second run into the same --out is refused while this one runs
+        clean_leftovers(out.parent, name=out.name)     # a killed run's partial folder (giblet's temporaries of `out` only)
+        _check_out(out, overwrite)
+        model, run = load_run(checkpoint, data_dir, cache_dir, device)
+        data = lesion_data(run, split)
+        regs = parse_regions(regions, data.mask, run.data_dir)
+        table = lesion_effects(model, data, regs, mode=mode, source=source, replace=replace, n_null=n_null,
+                               gain_tolerance=gain_tolerance, n_boot=n_boot, seed=seed)
+        import matplotlib.pyplot as plt
+        with atomic_folder(out) as tmp:
+            _atomic_text(tmp / RUN_MARKER, table.to_csv(index=False))
+            png, fig = io.BytesIO(), plot_effects(table)
+            fig.savefig(png, format="png", dpi=120); plt.close(fig)
+            atomic_write(tmp / "effects.png", lambda f: f.write(png.getvalue()))
+            for r in regs if render_trs > 0 else ():
+                render(model, data, r, tmp / _slug(r.name), mode=mode, source=source, n_trs=render_trs, replace=replace)
+        logger.info("%s", table[["region", "modality", "metric", "intact", "value", "effect", "null_mean", "specific", "p", "rank",
+                                 "n_null"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        logger.info("effect table: %s", out / RUN_MARKER)
+        return table

@@ -18,8 +18,8 @@ from .decoding import decode_block, decoding_scores, true_block
 from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, model_share, verdict
 from .metrics import voxel_r
 from .synthetic_truth import study_truth
-from .io import atomic_write
-from .training.trainer import Trainer, write_json
+from .io import atomic_write, write_json
+from .training.trainer import Trainer
 from .alignment.sync import Aligned
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ import torch
 
 from giblet import cli
 from giblet.training import trainer as T
+from giblet.training.checkpoints import load_checkpoint
 from conftest import SMALL   # the small study of the `cache` and `study` fixtures
 
 FAST = dict(batch_size=8, recon_frac=0.5, patience=0, synthetic=SMALL, stride=3,
@@ -146,7 +147,7 @@ def test_nan_loss_exits_naming_the_term(tmp_path, cache, study, monkeypatch, cap
                           "--config", json.dumps(dict(FAST, progress=False))])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "'audio'" in err and "epoch 2, batch 1" in err and "last good checkpoint" in err
-    assert T.load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
     assert not (out / "metrics.json").exists()
 
 
@@ -237,7 +238,7 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
 
 def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
     "giblet-lesion parses lesion_main's docments like every other script: 0 and the table, 2 and one line, 1 and the traceback."
-    from giblet import lesion_run
+    from giblet import lesion
     seen = {}
 
     def fake_main(checkpoint:str, # a checkpoint
@@ -249,7 +250,7 @@ def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
         if checkpoint == "bug": raise ZeroDivisionError("a bug")
         return pd.DataFrame({"region": ["visual"], "effect": [0.5]})
 
-    monkeypatch.setattr(lesion_run, "lesion_main", fake_main, raising=False)
+    monkeypatch.setattr(lesion, "lesion_main", fake_main)
     assert cli.giblet_lesion(["ck.pt", "--data-dir", "d", "--n-boot", "5"]) is None
     assert seen == dict(checkpoint="ck.pt", data_dir="d", n_boot=5) and "visual" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e: cli.giblet_lesion(["missing"])

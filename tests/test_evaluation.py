@@ -8,7 +8,8 @@ import torch
 
 from giblet.evaluation import block_bootstrap, compare, fir_delays, fit_baselines, stimulus_bands
 from giblet.metrics import delay_features, voxel_r
-from giblet.training.trainer import Trainer, TrainConfig, prepare_data, run_data
+from giblet.training.data import TrainConfig, prepare_data, run_data
+from giblet.training.trainer import Trainer
 
 from conftest import FAST   # two epochs of the tiny model on the small study of the `cache` and `study` fixtures
 

@@ -137,24 +137,24 @@ def test_cleaning_removes_only_giblets_own_temporaries(tmp_path):
 
 def test_two_lesion_runs_into_one_new_folder_the_second_is_refused(tmp_path, monkeypatch):
     "Both used to exit 0, and one run's results were gone."
-    from giblet import lesion_run
+    from giblet import lesion
     inside, go = threading.Event(), threading.Event()
     def slow_load(*a, **k): inside.set(); go.wait(30); raise FileNotFoundError("stop here")
-    monkeypatch.setattr(lesion_run, "load_run", slow_load)
+    monkeypatch.setattr(lesion, "load_run", slow_load)
     out = tmp_path / "lesions"
-    first = threading.Thread(target=lambda: pytest.raises(FileNotFoundError, lesion_run.lesion_main, "ck.pt", str(out)))
+    first = threading.Thread(target=lambda: pytest.raises(FileNotFoundError, lesion.lesion_main, "ck.pt", str(out)))
     first.start()
     try:
         assert inside.wait(30)
-        with pytest.raises(gio.FolderLockedError, match="in use by process"): lesion_run.lesion_main("ck.pt", str(out))
+        with pytest.raises(gio.FolderLockedError, match="in use by process"): lesion.lesion_main("ck.pt", str(out))
     finally: go.set(); first.join()
-    with pytest.raises(FileNotFoundError, match="stop here"): lesion_run.lesion_main("ck.pt", str(out))   # free again
+    with pytest.raises(FileNotFoundError, match="stop here"): lesion.lesion_main("ck.pt", str(out))   # free again
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_a_killed_lesions_partial_folder_goes_on_the_next_run(tmp_path, monkeypatch):
     "A kill -9 while the run folder was written left a hidden partial folder beside --out for good."
-    from giblet import lesion_run
+    from giblet import lesion
     out = tmp_path / "lesions"
     child = _python(f"""
         import time
@@ -167,8 +167,8 @@ def test_a_killed_lesions_partial_folder_goes_on_the_next_run(tmp_path, monkeypa
     (partial,) = tmp_path.iterdir()
     other = tmp_path / ".other.k2j_x9q1.tmp"; other.write_text("not giblet's")
     def no_run(*a, **k): raise FileNotFoundError("no checkpoint")
-    monkeypatch.setattr(lesion_run, "load_run", no_run)
-    with pytest.raises(FileNotFoundError): lesion_run.lesion_main("ck.pt", str(out))
+    monkeypatch.setattr(lesion, "load_run", no_run)
+    with pytest.raises(FileNotFoundError): lesion.lesion_main("ck.pt", str(out))
     assert not partial.exists() and other.exists() and not out.exists()
 
 
@@ -320,14 +320,14 @@ def test_a_film_start_moves_the_text_with_the_frames(two_part_study, tmp_path, c
 
 def test_run_training_refuses_test_frac_0_before_reading_the_study(tmp_path, monkeypatch):
     "Only the command line refused it; `run_training` from Python trained fully and then had no test block to report."
-    from giblet.training.trainer import TrainConfig
+    from giblet.training.data import TrainConfig
     monkeypatch.setattr(cli, "prepare_data", lambda *a, **k: pytest.fail("read the study"))
     with pytest.raises(ValueError, match="test_frac=0 leaves no test block"): cli.run_training(TrainConfig(test_frac=0.0), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
 def test_check_study_size_says_the_smallest_study(capsys):
-    from giblet.training.trainer import TrainConfig
+    from giblet.training.data import TrainConfig
     cfg = TrainConfig()
     cli.check_study_size(400, 1.5, cfg)                                   # long enough: nothing said
     with pytest.raises(ValueError) as e: cli.check_study_size(120, 1.5, cfg)
@@ -421,7 +421,7 @@ def test_empty_text_columns_name_the_spreadsheet_and_the_columns(tmp_path):
 def test_no_training_text_names_the_spreadsheet(short_study, tmp_path):
     "Text only late in the film: the training block had none, and target_variances said only 'no training text'."
     import pandas as pd, shutil
-    from giblet.training.trainer import TrainConfig, prepare_data
+    from giblet.training.data import TrainConfig, prepare_data
     root = tmp_path / "late"; shutil.copytree(short_study.root, root)
     ann = pd.read_excel(root / "annotations.xlsx")
     ann.loc[ann["Start Time (s) "] < 150, ["Scene Details - A Level ", "Name - All", "Location"]] = None
@@ -476,7 +476,7 @@ def test_a_corrupt_cache_with_its_time_stamp_kept_is_named_not_the_subject(short
     import numpy as np
     from giblet.dataset import stream_folders
     from giblet.study import load_spec
-    from giblet.training.trainer import TrainConfig, prepare_data
+    from giblet.training.data import TrainConfig, prepare_data
     cfg = TrainConfig(data_dir=str(short_study.root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
     al = prepare_data(cfg).aligned
     folder = stream_folders(al.cache)["fmri"]

@@ -15,10 +15,11 @@ import torch
 
 from giblet.synthetic import load_truth
 from giblet.io import usual_mode
-from giblet.lesion import lesion_data, lesion_effects, load_run, render
-from giblet.lesion_run import lesion_main
+from giblet.lesion import lesion_data, lesion_effects, lesion_main, render
 from giblet.regions import UnitGrid, atlas_regions, blob_region, mask_region, parse_regions, sphere_region, synthetic_regions
-from giblet.training.trainer import Trainer, TrainConfig, prepare_data
+from giblet.training.checkpoints import load_run
+from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.trainer import Trainer
 
 # Sherlock's length and subject count on a coarse grid and a small, slow film: the tiny model learns the planted mapping
 # (rather than memorising the training block) and the validation block holds 13 bootstrap blocks of 20 s

@@ -11,7 +11,8 @@ from giblet.evaluation import (WORDS, cv_stack_weights, factor_table, fit_baseli
 from giblet.synthetic_truth import embedded_dataset, truth_rows, truth_scores
 from giblet.report import write_report
 from giblet.metrics import voxel_r
-from giblet.training.trainer import Trainer, TrainConfig, prepare_data
+from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.trainer import Trainer
 from conftest import FAST, SMALL
 
 

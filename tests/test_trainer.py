@@ -15,9 +15,11 @@ import torch
 from giblet.dataset import context_starts
 from giblet.training import trainer as T
 from giblet.evaluation import evaluate_run
+from giblet.training import checkpoints as C
+from giblet.training.checkpoints import load_checkpoint
 from giblet.synthetic_truth import embedded_dataset, study_truth
-from giblet.training.trainer import (NonFiniteLoss, Trainer, TrainConfig, load_checkpoint,
-                                     prepare_data)
+from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.trainer import NonFiniteLoss, Trainer
 
 from conftest import SMALL   # the small study of the `cache` and `study` fixtures
 
@@ -103,8 +105,9 @@ def test_hard_kill_while_writing_keeps_previous_checkpoint(tmp_path, cache, stud
     script = textwrap.dedent(f"""
         import io, os, torch
         from giblet.training import trainer as T
-        import json; cfg = T.TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg.to_dict()))}))
-        tr = T.Trainer(T.prepare_data(cfg), cfg, {str(tmp_path)!r}).resume()
+        from giblet.training.data import TrainConfig, prepare_data
+        import json; cfg = TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg.to_dict()))}))
+        tr = T.Trainer(prepare_data(cfg), cfg, {str(tmp_path)!r}).resume()
         real = torch.save
         def die(obj, f, *a, **k):
             buf = io.BytesIO(); real(obj, buf); f.write(buf.getvalue()[:1000]); f.flush(); os._exit(9)
@@ -151,9 +154,10 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
     script.write_text(textwrap.dedent(f"""
         import json, numpy as np
         from giblet.training import trainer as T
-        cfg = T.TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg2.to_dict()))}))
+        from giblet.training.data import TrainConfig, prepare_data
+        cfg = TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg2.to_dict()))}))
         di = T.init_distributed("cpu")
-        tr = T.Trainer(T.prepare_data(cfg, "cpu", di), cfg, {str(tmp_path / "two")!r}, di)
+        tr = T.Trainer(prepare_data(cfg, "cpu", di), cfg, {str(tmp_path / "two")!r}, di)
         assert len(tr.loader) == {len(one.loader)}, len(tr.loader)
         tr.fit()
         np.save({str(tmp_path)!r} + f"/pred{{di.rank}}.npy", tr.predict(tr.data.split.val))
@@ -213,13 +217,13 @@ def test_a_kill_at_any_step_of_save_leaves_checkpoints_and_log_in_agreement(tmp_
     "A kill at each step of the second epoch's save: readers see epoch 1 or epoch 2 whole, and resume finishes the run exactly."
     cfg = cfg_for(cache, study, epochs=3)
     Trainer(data, cfg, tmp_path).fit(until_epoch=1)
-    real, calls = T._drop_old, []
+    real, calls = C._drop_old, []
     def kill(*a, **k):
         calls.append(a)   # the old folders are also swept before a save: that first sweep goes through
         if step == "old folder removal" and len(calls) == 1: return real(*a)
         raise KeyboardInterrupt(f"killed at {step}")
-    target = {"torch.save": (T.torch, "save"), "best link": (T, "_link_best"), "log": (T, "write_log"),
-              "link move": (T, "_point"), "old folder removal": (T, "_drop_old")}[step]
+    target = {"torch.save": (T.torch, "save"), "best link": (C, "_link_best"), "log": (C, "write_log"),
+              "link move": (C, "_point"), "old folder removal": (C, "_drop_old")}[step]
     monkeypatch.setattr(*target, kill)
     with pytest.raises(KeyboardInterrupt): Trainer(data, cfg, tmp_path).resume().fit(until_epoch=2)
     monkeypatch.undo()
@@ -256,14 +260,14 @@ def test_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path):
         import os, sys, time
         from datetime import timedelta
         import torch.distributed as dist
-        from giblet.training import trainer as T
+        from giblet.training.data import DistInfo, main_first
         dist.init_process_group("gloo", timeout=timedelta(seconds=3))
-        di = T.DistInfo(dist.get_rank(), dist.get_world_size(), dist.get_rank())
+        di = DistInfo(dist.get_rank(), dist.get_world_size(), dist.get_rank())
         order = []
         def build():
             if di.main: time.sleep(6)          # a cache build longer than the collective timeout
             order.append(time.time()); return di.rank
-        assert T.main_first(di, build) == di.rank
+        assert main_first(di, build) == di.rank
         dist.barrier()                          # both are here: the group still works
         print("done", di.rank, order[0], flush=True)
         dist.destroy_process_group()

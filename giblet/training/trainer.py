@@ -9,37 +9,29 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from ..io import DiskFullError, atomic_write, fsync_folder, temp_name
 from ..io import no_bar
 from ..dataset import ContextDataset, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
-from .data import (DATA_OPTIONS, EMBEDDED, HRF_SECONDS, PATH_OPTIONS, PRESET_OVERRIDES, RESUMABLE, WAIT_HOURS, DistInfo,
-                                  RunData, StreamTensors, SubjectRows, TrainConfig, check_resumable, feature_params,
-                                  main_first, model_config, outer_split, prepare_data, reliability_weights, run_data, run_split,
-                                  study_data, study_inputs, study_spec, study_streams)
+from .data import HRF_SECONDS, DistInfo, RunData, TrainConfig, check_resumable, model_config
+from .checkpoints import CHECKPOINTS, checkpoint_folder, load_checkpoint, save_checkpoint
 from ..metrics import voxel_r
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'CHECKPOINTS', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'close_distributed',
-           'ShardedLoader', 'lr_factor', 'write_json', 'load_checkpoint', 'TrainStep', 'step_losses', 'ridge_start',
-           'NonFiniteLoss', 'Trainer', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log']
+__all__ = ['logger', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'close_distributed', 'ShardedLoader', 'lr_factor',
+           'TrainStep', 'step_losses', 'ridge_start', 'NonFiniteLoss', 'Trainer']
 
 # %% ../../nbs/32_training.trainer.ipynb #4636823f
 class DeviceUnavailable(RuntimeError):
@@ -110,26 +102,6 @@ def lr_factor(step:int, # optimiser steps taken
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p))
 
 # %% ../../nbs/32_training.trainer.ipynb #70bb8cc4
-def write_json(path:str|Path, # the file
-               obj, # JSON-serialisable
-              )->Path:
-    "Write `obj` as indented JSON, atomically (`giblet.io.atomic_write`)."
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
-    return Path(path)
-
-def load_checkpoint(path:str|Path, # a file written by `Trainer.save`
-                    map_location:str|torch.device="cpu", # where tensors go
-                   )->dict:
-    "A training checkpoint, read with `weights_only=True`; a missing or damaged file is an error naming it."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}")
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch's own message may advise unsafe loading: never pass that on
-        raise ValueError(f"{path}: not a giblet checkpoint (it cannot be read as plain tensors: {type(e).__name__})") from None
-    if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "config"} <= set(ck):
-        raise ValueError(f"{path}: not a giblet training checkpoint (keys {sorted(ck) if isinstance(ck, dict) else type(ck)})")
-    return ck
-
 def _rng_state()->dict:
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available(): out["cuda"] = torch.cuda.get_rng_state_all()
@@ -416,60 +388,6 @@ def load_state_dict(self:Trainer, ck:dict, # from `state_dict` or `load_checkpoi
         logger.warning("%s: epochs changed from %d to %d; the cosine schedule is stretched from here on",
                        source, ck["config"]["train"]["epochs"], self.cfg.epochs)
 
-# %% ../../nbs/32_training.trainer.ipynb #cea167e9
-CHECKPOINTS = "checkpoints" # the run folder's link to its newest complete checkpoint folder
-
-def _snapshots(link:Path)->list[Path]:
-    "The complete checkpoint folders beside `link` (`.checkpoints.000001`, ...), oldest first."
-    pat = re.compile(rf"^\.{re.escape(link.name)}\.(\d{{6}})$")
-    found = [p for p in link.parent.glob(f".{link.name}.*") if pat.match(p.name) and p.is_dir() and not p.is_symlink()]
-    return sorted(found, key=lambda p: int(p.name.rsplit(".", 1)[1]))
-
-def _point(link:Path, target:Path):
-    "Move the symbolic link `link` to its sibling `target` in one rename: the instant a save takes effect."
-    tmp = temp_name(link); os.symlink(target.name, tmp); os.replace(tmp, link); fsync_folder(link.parent)
-
-def checkpoint_folder(out_dir:str|Path, # the run folder
-                     )->Path|None:
-    "The folder `OUT/checkpoints` names, after mending a save killed before its link moved or a run folder of the older layout; None before the first save."
-    link = Path(out_dir) / CHECKPOINTS
-    if link.is_symlink() and link.exists(): return link.parent / os.readlink(link)
-    if link.is_dir():   # the older layout: its real folder becomes the first snapshot
-        first = link.with_name(f".{CHECKPOINTS}.{0:06d}"); os.replace(link, first); _point(link, first); return first
-    snaps = _snapshots(link)
-    if not snaps: return None
-    _point(link, snaps[-1]); return snaps[-1]
-
-def _link_best(src:Path, dst:Path):
-    "`dst` the same file as `src` (a hard link; a copy where the file system has none)."
-    try: os.link(src, dst)
-    except OSError: shutil.copyfile(src, dst)
-
-def _drop_old(link:Path):
-    "Remove every checkpoint folder the link no longer names."
-    keep = link.resolve()
-    for p in _snapshots(link):
-        if p.resolve() != keep: shutil.rmtree(p, ignore_errors=True)
-
-@contextmanager
-def new_checkpoint_folder(out_dir:str|Path, # the run folder (this process holds it)
-                         )->Iterator[Path]:
-    "Yield an empty hidden folder to fill; on success `OUT/checkpoints` moves to it in one rename and the older folder goes."
-    link = Path(out_dir) / CHECKPOINTS; link.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint_folder(out_dir); _drop_old(link)    # a folder a kill left before its link moved goes
-    snaps = _snapshots(link)
-    new = link.with_name(f".{CHECKPOINTS}.{int(snaps[-1].name.rsplit('.', 1)[1]) + 1 if snaps else 1:06d}")
-    tmp = temp_name(new); os.mkdir(tmp, 0o777)
-    try:
-        yield tmp
-        fsync_folder(tmp); os.replace(tmp, new)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, DiskFullError): raise DiskFullError(link / e.path.name, e.need, e.written) from None
-        raise
-    _point(link, new)
-    _drop_old(link)
-
 # %% ../../nbs/32_training.trainer.ipynb #41559b25
 @patch
 def resume(self:Trainer, path:str|Path|None=None, # a checkpoint (None: the run folder's checkpoints/last.pt)
@@ -484,32 +402,7 @@ def resume(self:Trainer, path:str|Path|None=None, # a checkpoint (None: the run 
 @patch
 def save(self:Trainer, best:bool=False, # also make this the best checkpoint
         ):
-    "Write last.pt, best.pt, config.json and the log into a new checkpoint folder, then move `OUT/checkpoints` to it (rank 0 only)."
+    "Write the trainer's state into a new checkpoint folder of the run folder and move `OUT/checkpoints` to it (rank 0 writes)."
     if self.out is None: return
     state = self.state_dict()  # every process takes part (its random state is gathered)
-    if not self.di.main: return
-    self.out.mkdir(parents=True, exist_ok=True)
-    before = checkpoint_folder(self.out)
-    for name in ("log.csv", "log.json"): _log_link(self.out / name)
-    with new_checkpoint_folder(self.out) as ck:
-        write_json(ck / "config.json", self.config())
-        last = ck / "last.pt"
-        atomic_write(last, lambda f: torch.save(state, f))
-        if best or before is None or not (before / "best.pt").is_file(): _link_best(last, ck / "best.pt")
-        else: _link_best(before / "best.pt", ck / "best.pt")
-        write_log(ck, self.history)
-
-def _log_link(path:Path):
-    "Make `OUT/log.csv` (or log.json) a link into the checkpoint folder, so the log always belongs to the checkpoints."
-    target = Path(CHECKPOINTS) / path.name
-    if path.is_symlink() and Path(os.readlink(path)) == target: return
-    tmp = temp_name(path); os.symlink(target, tmp); os.replace(tmp, path)
-
-def write_log(out_dir:str|Path, # the folder to write log.csv and log.json into
-              history:list, # one dict per epoch
-             ):
-    "The per-epoch log as log.csv and log.json, every loss term and metric a column."
-    import pandas as pd
-    out = Path(out_dir)
-    write_json(out / "log.json", history)
-    atomic_write(out / "log.csv", lambda f: f.write(pd.DataFrame(history).to_csv(index=False).encode()))
+    if self.di.main: save_checkpoint(self.out, state, self.config(), self.history, best)
