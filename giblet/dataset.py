@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import no_bar
+from .io import DiskFullError, no_bar
 from .io import (StreamedArray, atomic_write, cache_damage, cache_key, cache_manifest, clean_leftovers, env_folder,
                        free_space, input_fingerprint, load_arrays, save_arrays)
 from .alignment.sync import (Aligned, FeatureParams, RunPlan, RunSpec, check_same_subjects, complete_trs, plan_run, run_audio, run_text,
@@ -348,13 +348,12 @@ def _check_frames_room(plans, params:FeatureParams, root:Path):
     ram, disk = need * (2 if len(plans) > 1 else 1), need + (64 << 10)
     free_ram, free_disk = free_space(root)
     gb = lambda b: f"{b / 1e9:.3g} GB"
-    short = [f"{gb(ram)} of memory ({gb(free_ram)} free)"] * (free_ram is not None and ram > free_ram) + \
-            [f"{gb(disk)} of disk in {root} ({gb(free_disk)} free)"] * (free_disk is not None and disk > free_disk)
-    if short: raise ValueError(
+    if free_disk is not None and disk > free_disk: raise DiskFullError(Path(root) / "frames", need=disk)   # as every cache write says it
+    if free_ram is not None and ram > free_ram: raise ValueError(
         f"the study's frames ({sum(t for t, _ in n)} TRs x {max(k for _, k in n)} frames of {w}x{h} px) need about "
-        + " and ".join(short) + "; nothing was decoded. Cut smaller frames or fewer per TR (giblet-train and giblet-cache: "
+        f"{gb(ram)} of memory ({gb(free_ram)} free); nothing was decoded. Cut smaller frames or fewer per TR (giblet-train and giblet-cache: "
         "--preset tiny, or --set 'model_overrides={\"frame_width\": 80, \"frame_height\": 45, \"frames_per_tr\": 4}'; "
-        "in Python FeatureParams size and frame_skip), or cache on a larger disk with --cache-dir")
+        "in Python FeatureParams size and frame_skip)")
 
 def _build_stream(name:str, plans, params, mask, root:Path, progress:bool):
     "The arrays and metadata of one stream over every run, and a callable that frees what the build held."

@@ -15,6 +15,7 @@ import pytest
 import giblet.io as gio
 from giblet import cli
 from giblet.dataset import default_cache_dir, discover
+from giblet.io import DiskFullError
 from giblet.study import SpecError, read_spec, resolve_study
 
 
@@ -503,14 +504,16 @@ def test_frames_too_large_for_memory_or_disk_are_refused_before_decoding(short_s
     need, lots = frames.nbytes, 10**15
     with monkeypatch.context() as m:
         m.setattr(ds, "run_video", lambda *a: pytest.fail("decoded before the size check"))
-        for free, short in (((need - 1, lots), f"{need / 1e9:.3g} GB of memory ({(need - 1) / 1e9:.3g} GB free)"),
-                            ((lots, need), f"of disk in {tmp_path / 'cache'}")):
-            m.setattr(ds, "free_space", lambda root, free=free: free)
-            with pytest.raises(ValueError) as e: load_spec(short_study.root, tmp_path / "cache", params=params, show_progress=False)
-            msg = str(e.value)
-            assert len(msg.splitlines()) == 1 and short in msg and "nothing was decoded" in msg, msg
-            assert f"({len(frames)} TRs x {frames.shape[1]} frames of 32x18 px)" in msg, msg
-            assert "--preset tiny" in msg and '"frame_width"' in msg and "--cache-dir" in msg, msg
+        m.setattr(ds, "free_space", lambda root: (need - 1, lots))
+        with pytest.raises(ValueError) as e: load_spec(short_study.root, tmp_path / "cache", params=params, show_progress=False)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and f"{need / 1e9:.3g} GB of memory ({(need - 1) / 1e9:.3g} GB free)" in msg and "nothing was decoded" in msg, msg
+        assert f"({len(frames)} TRs x {frames.shape[1]} frames of 32x18 px)" in msg, msg
+        assert "--preset tiny" in msg and '"frame_width"' in msg, msg
+        m.setattr(ds, "free_space", lambda root: (lots, need))        # the disk: refused as every cache write is refused
+        with pytest.raises(DiskFullError) as e: load_spec(short_study.root, tmp_path / "cache", params=params, show_progress=False)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and f"no space left in {tmp_path / 'cache'} for frames: it needs " in msg, msg
         m.setattr(ds, "free_space", lambda root: (need, need + 2**16))
         ds._check_frames_room(plans, params, tmp_path)            # exactly enough room: no refusal
 
