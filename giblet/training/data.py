@@ -23,8 +23,9 @@ import torch.distributed as dist
 
 from ..alignment.hrf import hrf_kernel
 from ..alignment.sync import Aligned, FeatureParams
-from ..data.bold_stats import high_pass
+from ..data.bold_stats import high_pass, stretches
 from ..dataset import Normaliser, Split, StudyTensors, block_split, fit_normaliser
+from ..dataset import block_folds
 from ..models.autoencoder import target_variances
 from ..models.encoder import MODALITIES, PRESETS, ModelConfig
 from ..data.text import load_annotations
@@ -37,10 +38,10 @@ from ..metrics import noise_ceiling
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'WAIT_HOURS', 'DATA_OPTIONS',
-           'TrainConfig', 'check_resumable', 'DistInfo', 'main_first', 'feature_params', 'RunData', 'SubjectRows',
-           'reliability_weights', 'outer_split', 'run_split', 'silent_audio', 'run_data', 'model_config', 'study_spec',
-           'study_data', 'prepare_data', 'study_streams', 'StreamTensors']
+__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'SAVED_BEFORE', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'WAIT_HOURS',
+           'DATA_OPTIONS', 'TrainConfig', 'check_resumable', 'DistInfo', 'main_first', 'feature_params', 'RunData',
+           'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'silent_audio', 'run_data', 'model_config',
+           'study_spec', 'study_data', 'prepare_data', 'ridge_rows', 'start_kind', 'study_streams', 'StreamTensors']
 
 # %% ../../nbs/31_training.data.ipynb #9a14f557
 HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
@@ -69,7 +70,7 @@ class TrainConfig:
     gap: float = HRF_SECONDS # seconds left out between train, validation and test blocks (>= the HRF kernel's 32 s)
     n_folds: int = 0 # blocked outer cross-validation over this many blocks (0: the fixed train | val | test blocks)
     fold: int = 0 # with n_folds: the block this run tests on (its neighbour validates)
-    high_pass: float = 0.0 # seconds: remove the BOLD's drift slower than this from each block apart (`high_pass`), for the model and the baselines alike (0: off; SPM uses 128)
+    high_pass: float = 128.0 # seconds: remove the BOLD's drift slower than this from each block apart (`high_pass`), for the model and the baselines alike (0: off; 128 s is SPM's default)
     # model
     preset: str = "tiny" # `ModelConfig` preset; data sizes come from the data
     model_overrides: dict|None = None # `ModelConfig` fields to change (None: `PRESET_OVERRIDES[preset]`)
@@ -84,7 +85,7 @@ class TrainConfig:
     ema: float = 0.95 # per-step decay of a moving average of the weights, which is what is validated and saved (0: off)
     stride: int = 1 # TRs between the starts of training windows
     patience: int = 5 # stop after this many epochs without a better validation r (0: never stop early)
-    ridge_start: str = "" # start from a ridge: "ridge" (or true) fits the linear path as himalaya's ridge on the training block (alphas by inner folds), "banded" as its banded ridge (a penalty per band); it is frozen, the deep path learns its correction from zero, and the start is itself a checkpoint that validation may keep ("" or false: off)
+    ridge_start: str = "auto" # start from a ridge: "auto" is "banded" where it fits (`start_kind`), "ridge" (or true) fits the linear path as himalaya's ridge on the training block (alphas by inner folds), "banded" as its banded ridge (a penalty per band); it is frozen, the deep path learns its correction from zero, and the start is itself a checkpoint that validation may keep ("" or false: off)
     amp: bool = True # bf16 autocast on CUDA
     # loss (see `compute_losses`)
     w_fmri: float = 1.0 # weight of the BOLD MSE
@@ -110,8 +111,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.ridge_start = {False: "", True: "ridge", "false": "", "true": "ridge"}.get(self.ridge_start, self.ridge_start)   # old runs saved a bool
-        if self.ridge_start not in ("", "ridge", "banded"):
-            raise ValueError(f"TrainConfig.ridge_start must be 'ridge', 'banded' or '' (off), got {self.ridge_start!r}")
+        if self.ridge_start not in ("", "ridge", "banded", "auto"):
+            raise ValueError(f"TrainConfig.ridge_start must be 'auto', 'ridge', 'banded' or '' (off), got {self.ridge_start!r}")
         if self.subjects not in ("average", "each"): raise ValueError(f"TrainConfig.subjects must be 'average' or 'each', got {self.subjects!r}")
         if self.voxel_weights not in ("reliability", "uniform"):
             raise ValueError(f"TrainConfig.voxel_weights must be 'reliability' or 'uniform', got {self.voxel_weights!r}")
@@ -142,10 +143,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d:dict, # as from `to_dict`
                  )->TrainConfig:
-        "The config back from `to_dict`; unknown keys are an error."
+        "The config back from `to_dict`; unknown keys are an error, and a key older runs lack takes what they did (`SAVED_BEFORE`)."
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown: raise ValueError(f"TrainConfig.from_dict: unknown keys {sorted(unknown)}")
-        return cls(**d)
+        return cls(**(SAVED_BEFORE | d))
+
+SAVED_BEFORE = dict(ridge_start="", high_pass=0.0) # what runs saved before these options existed did: no ridge start, no drift removed
 
 RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir", "threads", "atlas", "atlas_names")
 
@@ -361,9 +364,9 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
     clash = {k: v for k, v in cfg.model_overrides.items() if k in sizes and v != sizes[k]}
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
     mc = ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
-    if cfg.ridge_start:   # unless told otherwise, the ridge the run starts from has the baselines' design: FIR delays 0-12 s
+    if start_kind(cfg, data):   # unless told otherwise, the ridge the run starts from has the baselines' design: FIR delays 0-12 s
         mc = replace(mc, linear_delay=mc.linear_delay or 12.0, linear_basis=cfg.model_overrides.get("linear_basis", "fir"))
-    if cfg.ridge_start and mc.linear_rank: raise ValueError(f"ridge_start fits the linear path's full read-out; linear_rank={mc.linear_rank} must be 0")
+    if cfg.ridge_start in ("ridge", "banded") and mc.linear_rank: raise ValueError(f"ridge_start fits the linear path's full read-out; linear_rank={mc.linear_rank} must be 0")
     for k in ("skip_first", "skip_last"):   # a window with no TR left in a loss gives NaN gradients, not an error
         if getattr(cfg, k) >= mc.context_trs:
             raise ValueError(f"{k}={getattr(cfg, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "
@@ -410,6 +413,31 @@ def prepare_data(cfg:TrainConfig, # the run's options
     src = Path(cfg.study or cfg.data_dir or spec.source)
     return run_data(al, cfg, device, fp, src if src.is_dir() else src.parent, spec, streams)
 
+
+# %% ../../nbs/31_training.data.ipynb #e355b06d
+def ridge_rows(train:np.ndarray, # the training TRs
+               run:np.ndarray, # (n_trs,) run id of every TR
+               skip:int, # leading TRs of each stretch without their whole stimulus history
+              )->np.ndarray: # the training TRs a ridge start is fitted on
+    "The training TRs whose stimulus history lies inside their stretch: each stretch less its first `skip` TRs."
+    return np.concatenate([s[skip:] for s in stretches(train, run) if len(s) > skip] or [np.zeros(0, np.int64)])
+
+def start_kind(cfg:TrainConfig, # the run's options
+               data:RunData, # its data
+               n_folds:int=5, # inner folds of the ridge's penalties
+              )->str: # "", "ridge" or "banded"
+    "The ridge the run starts from: `cfg.ridge_start`, with 'auto' resolved to 'banded' where it can be fitted, else none."
+    if cfg.ridge_start != "auto": return cfg.ridge_start
+    o = cfg.model_overrides
+    why = ("the sherlock preset's linear read-out would be too large" if cfg.preset == "sherlock" else
+           "the linear read-out is low-rank" if o.get("linear_rank") else None)
+    if why is None:
+        tr = float(data.aligned.tr)
+        rows = ridge_rows(np.asarray(data.split.train), np.asarray(data.aligned.run), math.ceil((o.get("linear_delay") or 12.0) / tr - 1e-9))
+        try: block_folds(rows, n_folds, math.ceil(HRF_SECONDS / tr - 1e-9)); return "banded"
+        except ValueError: why = f"{len(rows)} training TRs are too few for its {n_folds} inner folds"
+    logger.info("no ridge start (ridge_start=auto): %s", why)
+    return ""
 
 # %% ../../nbs/31_training.data.ipynb #e5514c57
 from ..alignment.sync import _run_part

@@ -26,6 +26,8 @@ from ..models.autoencoder import BrainAutoencoder, compute_losses
 from .data import HRF_SECONDS, DistInfo, RunData, TrainConfig, check_resumable, model_config
 from .checkpoints import CHECKPOINTS, checkpoint_folder, load_checkpoint, save_checkpoint
 from ..metrics import voxel_r
+from ..data.bold_stats import stretches
+from .data import ridge_rows, start_kind
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +163,12 @@ def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linea
     "Make `model` a ridge encoding model: its linear path fitted as himalaya's ridge (or banded ridge) on the training block and frozen, its deep path silent until trained."
     lin, t, train = model.encoder.linear, data.tensors, np.asarray(data.split.train)
     skip = lin.fir.kernel - 1                                   # the first TRs of a stretch lack their stimulus history
-    cut = np.flatnonzero((np.diff(train) != 1) | (np.diff(t.run[train]) != 0)) + 1
-    xs, ys, rows = [], [], []
-    for s in (s for s in np.split(train, cut) if len(s) > skip):
+    xs, ys = [], []
+    for s in (s for s in stretches(train, t.run) if len(s) > skip):
         b = t.gather(torch.as_tensor(s[:1], device=t.device), len(s))
-        xs.append(lin.design(b)[0, skip:]); ys.append(t.fmri[:, torch.as_tensor(s[skip:], device=t.device)].float().mean(0)); rows.append(s[skip:])
+        xs.append(lin.design(b)[0, skip:]); ys.append(t.fmri[:, torch.as_tensor(s[skip:], device=t.device)].float().mean(0))
     if not xs: raise ValueError(f"ridge_start: no stretch of the training block is longer than the linear path's {skip + 1} TRs")
-    rows = np.concatenate(rows)
+    rows = ridge_rows(train, t.run, skip)
     alphas = lin.fit_ridge(torch.cat(xs), torch.cat(ys), block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)), banded=banded)
     lin.requires_grad_(False)
     model.encoder.head.gain.zero_()                             # the deep path adds nothing until it learns a correction
@@ -198,7 +199,8 @@ class Trainer:
         if self.model.encoder.linear is not None:  # the linear path's features are standardised with training statistics
             train = data.split.train
             self.model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
-        if cfg.ridge_start: ridge_start(self.model, data, banded=cfg.ridge_start == "banded")
+        self.start = start_kind(cfg, data)   # the ridge the run starts from, if any
+        if self.start: ridge_start(self.model, data, banded=self.start == "banded")
         torch.manual_seed(cfg.seed + 1 + self.di.rank)  # dropout differs between processes
         self.net = TrainStep(self.model, cfg.decode_from, cfg.detach_brain)
         if self.di.world_size > 1:
@@ -325,7 +327,7 @@ def fit(self:Trainer, until_epoch:int|None=None, # stop after this epoch (as if 
        )->list: # the history: one dict per epoch
     "Train to `cfg.epochs` (or early stop), validating, logging and checkpointing after every epoch."
     stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
-    if self.cfg.ridge_start and self.epoch == 0 and self.best_r == -math.inf:   # the ridge it starts from is a candidate too
+    if self.start and self.epoch == 0 and self.best_r == -math.inf:   # the ridge it starts from is a candidate too
         self.best_r = self.evaluate()["val_voxel_r_mean"]
         self.save(best=True)
         if self.di.main: logger.info("epoch 0 (the ridge start): val voxel r %.4f", self.best_r)
