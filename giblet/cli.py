@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import inspect
 import itertools
 import json
 import logging
-import math
 import os
 import sys
 import types
@@ -20,243 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from fastcore.docments import docments
 from fastcore.script import Param, store_true
 
-from contextlib import contextmanager
-
-from .dataset import block_folds, default_cache_dir
-from .io import DiskFullError, FolderLockedError, RunLock, atomic_write, clean_leftovers, fingerprint_changes, input_fingerprint, write_json
-from .evaluation import fit_baselines, headline_words, stimulus_bands
+from .dataset import default_cache_dir
+from .io import DiskFullError, FolderLockedError, atomic_write
 from .synthetic_truth import truth_columns
-from .report import _md_table, fold_summary, write_report
-from .features import default_cache_dir as streams_cache_dir, stream_key, verify_streams
-from .study import show_study as describe_study, show_timing, study_rates
-from .training.data import feature_params
+from .features import default_cache_dir as streams_cache_dir, verify_streams
 from .io import no_bar
-from .training.data import TrainConfig, check_resumable, main_first, prepare_data, study_data, study_inputs, study_spec
-from .training.checkpoints import checkpoint_folder, load_checkpoint
-from .training.trainer import DeviceUnavailable, NonFiniteLoss, Trainer, close_distributed, init_distributed, resolve_device
-from .training.data import run_split
+from .training.data import TrainConfig, study_data
+from .training.trainer import DeviceUnavailable, NonFiniteLoss
+from .run import check_run_plan, run_training, saved_config, study_overview
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'RUN_FILES', 'INPUTS', 'USER_ERRORS', 'MANY', 'HEADLINE', 'run_folder', 'check_inputs', 'check_out_dir',
-           'check_run_plan', 'check_study_size', 'default_threads', 'use_threads', 'run_training', 'parse_sets',
-           'train_config', 'train_main', 'cli_parser', 'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli',
-           'giblet_cache', 'expand_grid', 'default_notebook', 'sweep_main', 'giblet_sweep', 'plot_synthetic',
-           'synth_main', 'giblet_synth']
-
-# %% ../nbs/50_cli.ipynb #39d54600
-RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
-INPUTS = "inputs.json" # the run folder's fingerprint of the study's files (`giblet.io.input_fingerprint`)
-
-@contextmanager
-def run_folder(out:Path, # the run folder
-               main:bool=True, # this process writes the folder (rank 0)
-              ):
-    "Hold the folder's `RunLock` for the run and clean temporary leftovers of killed runs; a folder created here and left empty goes again."
-    if not main: yield out; return
-    created = not out.exists()
-    lock = RunLock(out).acquire()
-    try:
-        clean_leftovers(out); clean_leftovers(out / "checkpoints")
-        yield out
-    finally:
-        lock.release()
-        if created and out.is_dir() and not any(out.iterdir()): out.rmdir()
-
-def check_inputs(out:Path, # the run folder
-                 now:list, # `input_fingerprint` of the study's files now
-                ):
-    "Refuse to resume a run whose study files changed since it began, naming each change."
-    if not (out / INPUTS).is_file(): return
-    changes = fingerprint_changes(json.loads((out / INPUTS).read_text()), now)
-    if changes: raise ValueError(f"cannot resume {out}: the study's files changed since the run began: " + "; ".join(changes)
-                                 + ". Restore them, or start a new run in another --out folder")
-
-def check_out_dir(out:str|Path, # the run folder
-                  resume:bool=False, # continue the run in it
-                 )->Path:
-    "The run folder, after checking that it may be used: new, empty or never checkpointed for a fresh run, holding a run to resume."
-    out = Path(out)
-    found = [n for n in RUN_FILES if (out / n).exists()]
-    if not resume and found and not (out / "checkpoints" / "last.pt").is_file() and not (out / "metrics.json").is_file():
-        logger.warning("%s holds a run that ended before its first checkpoint (%s): starting it afresh", out, ", ".join(found))
-    elif not resume and found:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                              "or choose another --out folder")
-    if resume and not (out / "checkpoints" / "last.pt").is_file():
-        raise FileNotFoundError(f"{out}: nothing to resume (no checkpoints/last.pt); start a new run without --resume")
-    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{out} exists and is not a folder")
-    return out
-
-def check_run_plan(cfg:TrainConfig, # the run's options
-                   out:str|Path, # the run folder
-                  ):
-    "Refuse, before any data is read, a run that cannot end in a report: no test block, or a run folder inside the study folder."
-    if not cfg.n_folds and cfg.test_frac <= 0:
-        raise ValueError("test_frac=0 leaves no test block, and every reported number is a test-block number; "
-                         "set test_frac above 0 (--set test_frac=0.2) or use --n-folds")
-    study = next((Path(p) for p in (cfg.study, cfg.data_dir) if p and Path(p).is_dir()), None)
-    if study is not None and Path(out).resolve().is_relative_to(study.resolve()):
-        raise ValueError(f"--out {out} is inside the study folder {study}: the run's files would join the study in later "
-                         "runs; choose a run folder outside it")
-
-def _report_gap(n_trs:int, # TRs in the study
-                tr:float, # seconds per TR
-                cfg:TrainConfig, # the run's blocks (val_frac, test_frac, gap, n_folds)
-                baseline:bool, # the report fits the himalaya baselines
-               )->str|None: # why the report cannot be written; None: it can
-    "What a study of `n_trs` TRs lacks for the report: its blocks (every outer fold's), or the baselines' inner folds in the training block."
-    p = inspect.signature(fit_baselines).parameters
-    try:
-        for k in range(cfg.n_folds or 1):
-            sp = run_split(n_trs, tr, TrainConfig.from_dict(cfg.to_dict() | {"fold": k}) if cfg.n_folds else cfg)
-            if len(sp.test) < 2: return f"{len(sp.test)} test TRs are left after the {cfg.gap:g} s gaps; the report needs 2"
-            if baseline: block_folds(sp.train, p["n_folds"].default, math.ceil(p["cv_gap"].default / tr - 1e-9))
-    except ValueError as e: return str(e)
-    return None
-
-def check_study_size(n_trs:int, # TRs in the study
-                     tr:float, # seconds per TR
-                     cfg:TrainConfig, # the run's options
-                     baseline:bool=True, # the report fits the himalaya baselines
-                    ):
-    "Refuse, before training, a study too short to end in a report, saying the smallest study that would (and without the baselines)."
-    why = _report_gap(n_trs, tr, cfg, baseline)
-    if why is None: return
-    least = lambda b: next((n for n in range(n_trs + 1, 20 * n_trs + 5000) if _report_gap(n, tr, cfg, b) is None), None)
-    need, bare = least(baseline), least(False) if baseline else None
-    name = cfg.study or cfg.data_dir or "the embedded study"
-    raise ValueError(f"{name}: {n_trs} TRs ({n_trs * tr:g} s) are too few for a run that ends in a report ({why}); the smallest study "
-                     f"that works with these options has {need} TRs" + (f", {bare} with --no-baseline" if bare and bare < need else "")
-                     + "; nothing was trained")
-
-# %% ../nbs/50_cli.ipynb #1e741e1d
-def default_threads()->int:
-    "The CPU threads a run takes when not told: OMP_NUM_THREADS when set, else half the CPUs this process may use (at least 1), leaving room for another job."
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0: return int(env)
-    try: n = len(os.sched_getaffinity(0))
-    except AttributeError: n = os.cpu_count() or 1   # no affinity on this platform
-    return max(1, n // 2)
-
-def use_threads(n:int|None=None, # CPU threads (None: `default_threads()`)
-               )->int: # the number set
-    "Limit torch's CPU threads and the BLAS libraries' (through threadpoolctl when installed; else only those that read OMP_NUM_THREADS when they load) to `n`."
-    n = default_threads() if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"--threads must be a whole number >= 1, got {n!r}")
-    torch.set_num_threads(n)
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.environ[k] = str(n)   # and this run's child processes
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(n)
-        how = "torch and BLAS (threadpoolctl)"
-    except ImportError: how = "torch (without threadpoolctl, BLAS libraries already loaded keep their own count)"
-    logger.info("%d CPU threads for %s", n, how)
-    return n
-
-# %% ../nbs/50_cli.ipynb #8a44d9b4
-def _train_one(cfg:TrainConfig, # the run's options
-               out_dir:str|Path, # the run folder
-               resume:bool, # continue the run in it
-               baseline:bool, # fit the himalaya baselines
-               figures:bool, # write the figures
-              )->dict: # the metrics
-    "One training run and its report (see `run_training`)."
-    cfg = TrainConfig.from_dict(cfg.to_dict() | {"threads": use_threads(cfg.threads)})   # the number used goes into config.json
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    di = init_distributed(device)
-    try:
-        with run_folder(Path(out_dir), di.main) as out:
-            return _train_in(cfg, out, resume, baseline, figures, device, di)
-    finally: close_distributed()
-
-def _train_in(cfg:TrainConfig, # the run's options
-              out:Path, # the run folder (locked by `run_folder`)
-              resume:bool, # continue the run in it
-              baseline:bool, # fit the himalaya baselines
-              figures:bool, # write the figures
-              device:torch.device, # this process's device
-              di, # this process among the run's (`DistInfo`)
-             )->dict: # the metrics
-    "`_train_one` inside its locked run folder."
-    # a kill while an older layout's checkpoints/ moved over leaves no link: mend it before looking, or the run would restart
-    main_first(di, lambda: checkpoint_folder(out) if di.main and resume and out.is_dir() else None)
-    if resume and not (out / "checkpoints" / "last.pt").is_file() and (out / "config.json").is_file():
-        logger.warning("%s: the run ended before its first checkpoint; starting it from scratch", out)
-        resume = False
-    out = check_out_dir(out, resume)
-    if resume:
-        saved = json.loads((out / "config.json").read_text())
-        check_resumable({"train": saved["train"]}, {"train": cfg.to_dict()}, str(out / "config.json"))
-    def checked():   # rank 0 checks the study's files; a user error there reaches the other ranks at once, not after hours
-        if not di.main: return None
-        now = input_fingerprint(study_inputs(study_spec(cfg)))
-        if resume: check_inputs(out, now)
-        return now
-    inputs = main_first(di, checked)
-    data = prepare_data(cfg, device, di)
-    check_study_size(data.aligned.n_trs, data.aligned.tr, cfg, baseline)   # before training: a short study fails now, not after it
-    trainer = Trainer(data, cfg, out, di)
-    if resume: trainer.resume()
-    if di.main:
-        if not resume or not (out / INPUTS).is_file(): write_json(out / INPUTS, inputs)
-        write_json(out / "config.json", trainer.config())
-    trainer.fit()
-    best = out / "checkpoints" / ("best.pt" if (out / "checkpoints" / "best.pt").is_file() else "last.pt")
-    trainer.model.load_state_dict(load_checkpoint(best, device)["model"]["state_dict"])
-    if not di.main:  # the report's predictions are all-reduced: take part in the same order, write nothing
-        trainer.predict(data.split.test); trainer.predict(data.split.val)
-        return {}
-    al = data.aligned   # each feature stream is one more band of the banded ridge
-    bands = (stimulus_bands(al.video, al.audio, al.text, al.has_text, extra={stream_key(n): a for n, a in data.streams.items()})
-             if data.streams else None)
-    try: m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size},
-                          bands=bands)
-    except Exception:   # the training is kept: say where, and how to write the report again without training
-        logger.error("%s: the training finished and its checkpoints are kept in %s, but the report failed; once the cause below is "
-                     "fixed, giblet-train --resume --out %s writes the report without training again", out, out / "checkpoints", out)
-        raise
-    r4 = lambda v: "none" if v is None else f"{v:.4f}"
-    logger.info("test voxel r %.4f over %s; banded ridge %s: %s; stacked with the banded ridge %s: %s%s", m["test_voxel_r_selected"],
-                m["headline"]["voxels"], r4(m.get("banded_ridge_test_voxel_r_selected")), m["verdict"] or "no baseline",
-                r4(m.get("stack_test_voxel_r_selected")), m.get("stack_verdict") or "not fitted",
-                "".join(f"; {s}" for s in headline_words(m)))   # the point estimates in words, decided or not
-    return m
-
-def run_training(cfg:TrainConfig, # the run's options
-                 out_dir:str|Path, # the run folder
-                 resume:bool=False, # continue the run in `out_dir` (with n_folds: every fold that has a checkpoint)
-                 baseline:bool=True, # fit the himalaya baselines for the report
-                 figures:bool=True, # write the figures
-                )->dict: # the metrics written to metrics.json
-    "Train a model (or resume one) and write its test-block report; every problem found before training leaves the folder untouched."
-    check_run_plan(cfg, out_dir)
-    if not cfg.n_folds: return _train_one(cfg, out_dir, resume, baseline, figures)
-    out, ms = Path(out_dir), []
-    if not resume and (out / "metrics.json").exists(): check_out_dir(out)
-    for k in range(cfg.n_folds):
-        sub = out / f"fold_{k}"
-        m = _train_one(TrainConfig.from_dict(cfg.to_dict() | {"fold": k}), sub, resume and (sub / "checkpoints" / "last.pt").is_file(),
-                       baseline, figures)
-        ms.append({k: v for k, v in m.items() if k != "_eval"})
-    if not ms[0]: return {}
-    table = fold_summary(ms)
-    atomic_write(out / "folds.csv", lambda f: f.write(table.to_csv().encode()))
-    text = (f"# giblet outer cross-validation\n\nEvery number is a test-block number: each of the {cfg.n_folds} folds tests on its own "
-            f"block (its neighbour validates, the rest trains). Headline: {ms[0]['headline']['metric']} over the voxels whose "
-            f"training-block noise ceiling is >= {ms[0]['headline']['ceiling_threshold']}. Per-fold reports: fold_k/report.md.\n\n"
-            + _md_table(table) + "\n")
-    atomic_write(out / "report.md", lambda f: f.write(text.encode()))
-    m = dict(block="test", n_folds=cfg.n_folds, folds=table.reset_index().to_dict(orient="records"),
-             test_voxel_r_selected=float(table.loc["mean", "model"]), banded_ridge_test_voxel_r_selected=float(table.loc["mean", "banded_ridge"]),
-             verdicts=list(table["verdict"][:-1]), epochs=sum(x["epochs"] for x in ms), train_seconds=sum(x["train_seconds"] for x in ms))
-    write_json(out / "metrics.json", m)
-    return m
+__all__ = ['logger', 'USER_ERRORS', 'MANY', 'HEADLINE', 'parse_sets', 'train_config', 'train_main', 'cli_parser', 'cli_args',
+           'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook',
+           'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #9388e917
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, DeviceUnavailable, DiskFullError, FolderLockedError)
@@ -285,9 +64,8 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
                  **options, # named options (None: not given)
                 )->TrainConfig:
     "The run's TrainConfig: the saved one when resuming, else the defaults, updated by `config` (JSON), `sets` and `options`."
-    base = {}
-    if resume and out and (Path(out) / "config.json").is_file():
-        base = json.loads((Path(out) / "config.json").read_text())["train"]
+    saved = saved_config(out) if resume and out else None
+    base = dict(saved["train"]) if saved else {}
     if config:
         text = config if config.lstrip().startswith("{") else _read_config(config)
         try: base |= json.loads(text)
@@ -337,10 +115,9 @@ def train_main(data_dir:str=None, # the study folder (Sherlock layout or BIDS); 
                        features=[features] if isinstance(features, str) else features, atlas=atlas, atlas_names=atlas_names,
                        threads=threads)
     if show_study:   # the study, then its timing as the first cache build will resolve it (nothing is decoded or cached)
-        spec = study_spec(cfg)
-        print(describe_study(spec)); print(show_timing(spec, feature_params(cfg, *study_rates(spec)), drop_short=cfg.drop_short))
+        print(study_overview(cfg))
         return {}
-    check_run_plan(cfg, out)
+    check_run_plan(cfg, out)   # refused here, before `run_training` is called (which refuses the same)
     m = run_training(cfg, out, resume=resume, baseline=not no_baseline)
     return {k: v for k, v in m.items() if k != "_eval"}
 

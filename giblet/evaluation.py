@@ -20,8 +20,9 @@ from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
 from .dataset import block_folds
 from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
 from .io import atomic_write, write_json
-from .training.data import HRF_SECONDS, RunData, SubjectRows
-from .training.trainer import Trainer
+from .features import stream_key
+from .training.data import HRF_SECONDS, RunData, SubjectRows, TrainConfig
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -587,24 +588,29 @@ def _select(ceiling_train, threshold:float, n_voxels:int):
     return np.ones(n_voxels, bool), f"all voxels (none reaches a training-block noise ceiling of {threshold})"
 
 # %% ../nbs/33_evaluation.ipynb #7f4ed1e0
-def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it is)
+def evaluate_run(predict:Callable, # TR indices -> float32 (len(trs), n_voxels) z-scored subject-average prediction, e.g. a trained `Trainer.predict`; under torchrun every process calls it with the same TRs and it sums their shares
+                 data:RunData, # the run's data: its blocks, measured BOLD, study and feature streams
+                 cfg:TrainConfig, # the run's options (its outer folds, for what a longer test block would resolve)
                  baseline:bool=True, # fit and score the himalaya baselines
                  threshold:float=0.3, # training-block noise ceiling a voxel needs to count in the headline
                  n_boot:int=1000, # bootstrap resamples of the CIs
                  seed:int=0, # seed of the baselines' random search and of the bootstrap
-                 bands:Mapping|None=None, # the baselines' feature bands (None: `stimulus_bands` of the study)
+                 bands:Mapping|None=None, # the baselines' feature bands (None: `stimulus_bands` of the study and one band per feature stream)
                  truth:dict|None=None, # the study's planted truth (`giblet.synthetic_truth.study_truth`): every predictor is scored against it too (None: none)
-                )->dict: # arrays (preds, val_pred, stack_weights, scores, ceiling, selected, roi, split_r2), tables and metrics
+                 main:bool=True, # this process scores; False (another torchrun process): it only takes part in the predictions
+                )->dict|None: # arrays (preds, val_pred, stack_weights, scores, ceiling, selected, roi, split_r2), tables and metrics; None where not `main`
     "Score the model on the test block beside the himalaya baselines and the noise ceiling, with CIs and a null, and per planted factor."
-    data, al, sp = trainer.data, trainer.data.aligned, trainer.data.split
+    al, sp = data.aligned, data.split
     test = sp.test
     if len(test) < 2: raise ValueError("the run has no test block: every reported number is a test-block number; "
                                        "set test_frac above 0 (--set test_frac=0.2) or use --n-folds")
+    preds, base, w = {"model": predict(test)}, None, None
+    val_pred = predict(sp.val)   # every process of a run predicts here, the test block then the validation block
+    if not main: return None
     true = data.average_bold(test)
-    preds, base, w = {"model": trainer.predict(test)}, None, None
-    val_pred = trainer.predict(sp.val)   # after the test block's: every process of a run predicts in this order
     if baseline:
-        if bands is None: bands = stimulus_bands(al.video, al.audio, al.text, al.has_text)
+        if bands is None: bands = stimulus_bands(al.video, al.audio, al.text, al.has_text,
+                                                 extra={stream_key(n): a for n, a in data.streams.items()} if data.streams else None)
         base = fit_baselines(bands, data.average_bold(sp.train), sp.train, al.run, al.tr, device=str(data.tensors.device), seed=seed)
         preds |= {k: base.predict(k, test) for k in BASELINES}
         if len(sp.val) >= 2:   # the blend is chosen on the validation block, never on the test block
@@ -659,7 +665,7 @@ def evaluate_run(trainer:Trainer, # a trained trainer (its model is scored as it
              table=table.reset_index().to_dict(orient="records"), roi_table=rois.reset_index().to_dict(orient="records")) | m
     m["voxel_signs"] = voxel_signs(scores, selected)
     if cmp is not None:
-        m["test_block_resolution"] = res = block_resolution(cmp["differences"]["banded_ridge"], len(test), al.n_trs, trainer.cfg.n_folds)
+        m["test_block_resolution"] = res = block_resolution(cmp["differences"]["banded_ridge"], len(test), al.n_trs, cfg.n_folds)
         if res["too_short"]: logger.warning("%s", res["message"])
     m["in_words"] = headline_words(m)
     return dict(preds=preds, val_pred=val_pred, stack_weights=w, scores=scores, ceiling=ceiling, ceiling_train=ceil_train, selected=selected, roi=roi, roi_names=names,

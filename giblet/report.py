@@ -358,13 +358,14 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
                  decoding:bool=True, # score every modality decoded on the test block (`run_decoding`)
                  **kwargs, # passed to `evaluate_run` (threshold, n_boot, seed, bands)
                 )->dict: # the metrics, and the evaluation under '_eval'
-    "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz (and the baselines' and the stack's), val_pred.nii.gz, mask.nii.gz, modality_r2.*, stack_weights.nii.gz, normaliser.npz and figures/."
+    "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz (and the baselines' and the stack's), val_pred.nii.gz, mask.nii.gz, modality_r2.*, stack_weights.nii.gz, normaliser.npz and figures/; under torchrun every process calls it and rank 0 writes."
     import matplotlib.pyplot as plt
     import nibabel as nib
     from giblet.data.fmri import features_to_nii
-    out, al, h = Path(out_dir), trainer.data.aligned, trainer.history
-    truth = study_truth(trainer.data.data_dir) if al.mask is not None else None   # region tables have no voxels to match with a truth
-    ev = evaluate_run(trainer, baseline, truth=truth, **kwargs)
+    out, al, h, main = Path(out_dir), trainer.data.aligned, trainer.history, trainer.di.main
+    truth = study_truth(trainer.data.data_dir) if al.mask is not None and main else None   # region tables have no voxels to match with a truth
+    ev = evaluate_run(trainer.predict, trainer.data, trainer.cfg, baseline, truth=truth, main=main, **kwargs)
+    if ev is None: return {}   # another process of the run: it took part in the predictions, and writes nothing
     val_pred = ev["val_pred"]
     m = ev["metrics"] | {"epochs": len(h), "best_epoch": trainer.best_epoch, "stopped_early": trainer.stopped,
                          "train_seconds": float(sum(r["seconds"] for r in h))} | (extra or {})

@@ -339,6 +339,22 @@ def test_a_user_error_on_rank_0_reaches_the_other_ranks_at_once(tmp_path, cache,
     assert time.monotonic() - start < 240
 
 
+@pytest.mark.slow   # torchrun: two fresh processes
+def test_two_processes_run_one_study_and_rank_0_writes_the_report(tmp_path, cache, study):
+    "Under torchrun both ranks call the same run and the same evaluation (the predictor sums their shares); rank 0 alone reports."
+    import os
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                          "giblet-train", "--out", str(out), "--cache-dir", str(cache), "--device", "cpu", "--epochs", "1",
+                          "--config", json.dumps(dict(FAST, progress=False))], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["block"] == "test" and np.isfinite(m["test_voxel_r_selected"]) and m["verdict"]
+    assert res.stdout.count('"block": "test"') == 1, res.stdout   # one headline: rank 1 wrote and printed nothing
+    assert (out / "test_pred.nii.gz").is_file() and (out / "report.md").is_file()
+
+
 def test_giblet_cache_verify_checks_the_stream_caches(tmp_path, monkeypatch, capsys):
     "giblet-cache --verify checksums the feature-stream caches under --cache-dir too: a corrupted byte is found and removed."
     pytest.importorskip("transformers", reason="transformers (the [features] extra) is not installed")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import giblet.io as gio
-from giblet import cli
+from giblet import cli, run
 from giblet.dataset import default_cache_dir, discover
 from giblet.io import DiskFullError
 from giblet.study import SpecError, read_spec, resolve_study
@@ -322,22 +322,22 @@ def test_a_film_start_moves_the_text_with_the_frames(two_part_study, tmp_path, c
 def test_run_training_refuses_test_frac_0_before_reading_the_study(tmp_path, monkeypatch):
     "Only the command line refused it; `run_training` from Python trained fully and then had no test block to report."
     from giblet.training.data import TrainConfig
-    monkeypatch.setattr(cli, "prepare_data", lambda *a, **k: pytest.fail("read the study"))
-    with pytest.raises(ValueError, match="test_frac=0 leaves no test block"): cli.run_training(TrainConfig(test_frac=0.0), tmp_path / "o")
+    monkeypatch.setattr(run, "prepare_data", lambda *a, **k: pytest.fail("read the study"))
+    with pytest.raises(ValueError, match="test_frac=0 leaves no test block"): run.run_training(TrainConfig(test_frac=0.0), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
 def test_check_study_size_says_the_smallest_study(capsys):
     from giblet.training.data import TrainConfig
     cfg = TrainConfig()
-    cli.check_study_size(400, 1.5, cfg)                                   # long enough: nothing said
-    with pytest.raises(ValueError) as e: cli.check_study_size(120, 1.5, cfg)
+    run.check_study_size(400, 1.5, cfg)                                   # long enough: nothing said
+    with pytest.raises(ValueError) as e: run.check_study_size(120, 1.5, cfg)
     msg = str(e.value)
     assert "120 TRs (180 s) are too few" in msg and "inner folds" in msg and "--no-baseline" in msg, msg
     need = int(msg.split("has ")[1].split(" TRs")[0])
-    cli.check_study_size(need, 1.5, cfg)                                 # the size it names works, one TR less does not
-    with pytest.raises(ValueError): cli.check_study_size(need - 1, 1.5, cfg)
-    with pytest.raises(ValueError, match="test TRs are left after the"): cli.check_study_size(100, 1.5, cfg, baseline=False)
+    run.check_study_size(need, 1.5, cfg)                                 # the size it names works, one TR less does not
+    with pytest.raises(ValueError): run.check_study_size(need - 1, 1.5, cfg)
+    with pytest.raises(ValueError, match="test TRs are left after the"): run.check_study_size(100, 1.5, cfg, baseline=False)
 
 
 @pytest.fixture(scope="module")

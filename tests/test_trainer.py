@@ -191,7 +191,7 @@ def test_planted_truth(tmp_path, cache):
     tr = Trainer(data, cfg, tmp_path)
     tr.fit()
     tr.model.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "best.pt")["model"]["state_dict"])
-    m = evaluate_run(tr, truth=study_truth(tr.data.data_dir))["metrics"]
+    m = evaluate_run(tr.predict, tr.data, tr.cfg, truth=study_truth(tr.data.data_dir))["metrics"]
     assert m["truth_n_responsive"] > 50
     assert m["truth_r_responsive_mean"] >= 0.8, m
     assert m["block"] == "test" and m["headline"]["n_selected"] > 50

@@ -389,10 +389,11 @@ def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, an
 def study_data(cfg:TrainConfig, # the run's options
                di:DistInfo|None=None, # under torchrun, rank 0 builds the caches while the others wait
                verify:bool|None=None, # checksum the study cache: None when due, True always (`giblet-cache --verify`)
+               spec:StudySpec|None=None, # the run's study, already resolved by the caller (None: `study_spec(cfg, di)`)
               )->tuple: # (StudySpec, FeatureParams, Aligned, streams: name -> (n_trs, d) or None)
     "The run's study and feature streams (the config's, else the spec's) read through the caches: what `prepare_data` and `giblet-cache` share."
     main = di is None or di.main
-    spec = study_spec(cfg, di)
+    if spec is None: spec = study_spec(cfg, di)
     fp = feature_params(cfg, *study_rates(spec))
     load = lambda: load_spec(spec, cfg.cache_dir, params=fp, drop_short=cfg.drop_short, show_progress=cfg.progress and main,
                              verify=verify)
@@ -407,9 +408,10 @@ def study_data(cfg:TrainConfig, # the run's options
 def prepare_data(cfg:TrainConfig, # the run's options
                  device:torch.device|str="cpu", # where the tensors go
                  di:DistInfo|None=None, # under torchrun, rank 0 builds the caches while the others wait
+                 spec:StudySpec|None=None, # the run's study, already resolved by the caller (None: `study_spec(cfg, di)`)
                 )->RunData:
-    "The run's data: its study (`study_spec`) read through the feature cache, cut for the run's model."
-    spec, fp, al, streams = study_data(cfg, di)
+    "The run's data: its study (`study_spec`, or the `spec` its caller resolved once) read through the feature cache, cut for the run's model."
+    spec, fp, al, streams = study_data(cfg, di, spec=spec)
     src = Path(cfg.study or cfg.data_dir or spec.source)
     return run_data(al, cfg, device, fp, src if src.is_dir() else src.parent, spec, streams)
 
