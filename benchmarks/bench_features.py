@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 import giblet.features as gf
+from giblet.study import parse_stream_spec
 from giblet.data.audio import demo_waveform, load_audio
 from giblet.data.video import _moving_pattern, frames_to_video
 
@@ -71,7 +72,7 @@ def main():
     for label, text, src in streams:   # warm-up: imports, first decodes and first forward passes are not measured
         gf.extract_stream(text, src, times[:4], args.tr, root / "warmup", device=args.device, progress=False)
     for label, text, src in streams:
-        spec = gf.parse_stream_spec(text)
+        spec = parse_stream_spec(text)
         cache = root / "cache" / label.replace(" ", "_").replace(",", "")
         t0 = time.perf_counter()
         folder = gf.extract_stream(spec, src, times, args.tr, cache, device=args.device, batch_size=args.batch_size, progress=False)

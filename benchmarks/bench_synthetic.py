@@ -68,7 +68,8 @@ def subject_part(shape, n_trs, out, seed=0):
 def layouts():
     "The tiny preset written in both layouts with 1 and 2 runs, its spec resolved, and loaded (cache built, then hit)."
     from giblet.alignment.sync import FeatureParams
-    from giblet.study import load_spec, resolve_study, write_spec
+    from giblet.dataset import load_spec
+    from giblet.study import resolve_study, write_spec
     params = FeatureParams(size=(80, 45), n_mels=32, text_dim=64)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -573,7 +573,7 @@ def _roi_labels(data:RunData, truth:dict|None):
     units = data.aligned.units
     if units: return np.arange(1, len(units) + 1), ["none", *units]   # every region gets its row in the report
     if data.spec is not None and data.spec.atlas is not None and data.aligned.mask is not None:
-        from giblet.study import atlas_labels
+        from giblet.study_plan import atlas_labels
         return atlas_labels(data.spec.atlas, data.aligned.mask, data.spec.atlas_names)
     if truth is None: return None, None
     col = truth_columns(truth, data.aligned.mask)

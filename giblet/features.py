@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +22,7 @@ import torch
 
 from .data.audio import load_audio
 from .data.video import video_info, video_to_frames
+from .study import StreamSpec, parse_stream_spec
 from .windows import _check_words, audio_clips, read_transcript, text_contexts, video_clips, words_from_annotations
 from .io import (FolderLockedError, RunLock, atomic_write, clean_leftovers, env_folder, file_checksum, input_fingerprint,
                        no_bar)
@@ -29,13 +30,11 @@ from .io import (FolderLockedError, RunLock, atomic_write, clean_leftovers, env_
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'KINDS', 'POOLINGS', 'STREAM_PREFIX', 'CACHE_VERSION', 'stream_key', 'StreamSpec', 'parse_stream_spec',
-           'with_model', 'Backbone', 'load_backbone', 'tiny_backbone', 'embed', 'default_cache_dir', 'cache_key',
-           'extract_stream', 'load_stream', 'verify_streams', 'StreamRun', 'runs_from_aligned', 'load_streams']
+__all__ = ['logger', 'STREAM_PREFIX', 'CACHE_VERSION', 'stream_key', 'Backbone', 'load_backbone', 'tiny_backbone', 'embed',
+           'default_cache_dir', 'cache_key', 'extract_stream', 'load_stream', 'verify_streams', 'StreamRun',
+           'runs_from_aligned', 'load_streams']
 
 # %% ../nbs/14_features.ipynb #f810289f
-KINDS = ("video", "audio", "text")
-POOLINGS = dict(video=("mean", "cls"), audio=("mean", "last"), text=("last", "mean"))
 STREAM_PREFIX = "stream_" # batch key of a stream: STREAM_PREFIX + its name
 
 def stream_key(name:str, # a stream's name, e.g. "video"
@@ -43,68 +42,6 @@ def stream_key(name:str, # a stream's name, e.g. "video"
     "The batch key under which a feature stream travels (kept apart from the raw 'video', 'audio' and 'text' keys)."
     return STREAM_PREFIX + name
 
-@dataclass(frozen=True)
-class StreamSpec:
-    "One feature stream: which frozen backbone, which layers, how pooled, over which window."
-    kind:str # "video", "audio" or "text"
-    model:str # a Hugging Face hub name or a local folder holding the model and its processor
-    layers:tuple = (-1,) # indices into the model's hidden states (0: embeddings, -1: last); several are concatenated
-    pooling:str = "" # video: "mean" or "cls"; audio: "mean" or "last"; text: "last" or "mean"; "" picks the first
-    context_trs:int = 0 # video, audio: whole TRs of causal context before each window (never after its end)
-    n_frames:int = 0 # video: frames per clip (0: the video model's own clip length, 4 for an image model)
-    frame_height:int = 224 # video: frames are decoded at this height, keeping the film's aspect ratio
-    sr:int = 16000 # audio: sample rate the model expects (Hz)
-    max_words:int = 256 # text: words of context, ending at the TR's end
-    revision:str = "" # a hub name's branch, tag or commit ("": the one the local cache holds for "main")
-    name:str = "" # the stream's name ("" : its kind)
-
-    def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)
-        if self.kind not in KINDS: raise ValueError(f"stream kind must be one of {KINDS}, got {self.kind!r}")
-        layers = (self.layers,) if isinstance(self.layers, int) else tuple(int(l) for l in self.layers)
-        if not layers: raise ValueError(f"{self.kind} stream {self.model!r}: no layer given")
-        set_("layers", layers)
-        set_("pooling", self.pooling or POOLINGS[self.kind][0]); set_("name", self.name or self.kind)
-        if self.pooling not in POOLINGS[self.kind]:
-            raise ValueError(f"{self.kind} stream: pooling must be one of {POOLINGS[self.kind]}, got {self.pooling!r}")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
-            raise ValueError(f"stream name {self.name!r} must be letters, digits and '_' (it names a model input)")
-        for k in ("context_trs", "n_frames"):
-            if int(getattr(self, k)) != getattr(self, k) or getattr(self, k) < 0: raise ValueError(f"{k} must be a whole number >= 0")
-        for k in ("frame_height", "sr", "max_words"):
-            if int(getattr(self, k)) != getattr(self, k) or getattr(self, k) < 1: raise ValueError(f"{k} must be a positive whole number")
-
-# %% ../nbs/14_features.ipynb #73a8c30d
-_LAYERS = re.compile(r"-?\d+(,-?\d+)*")
-
-def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]", e.g. "video=facebook/dinov2-small:-1:pooling=cls"
-                     )->StreamSpec:
-    "A `StreamSpec` from the command-line form; LAYERS is one index or several joined by commas; options are StreamSpec fields."
-    kind, eq, rest = text.partition("=")
-    if not eq or not rest: raise ValueError(f"feature stream {text!r}: expected KIND=NAME_OR_PATH[:LAYERS][:option=value], e.g. video=facebook/dinov2-small:-1")
-    parts, opts, layers = rest.split(":"), {}, None
-    while len(parts) > 1 and "=" in parts[-1]:
-        k, _, v = parts.pop().partition("=")
-        opts[k.strip()] = v.strip()
-    if len(parts) > 1 and _LAYERS.fullmatch(parts[-1].strip()): layers = tuple(int(x) for x in parts.pop().split(","))
-    model = ":".join(parts)   # what is left is the model (a local path may itself hold a colon)
-    known = {f.name: f for f in fields(StreamSpec)}
-    bad = sorted(set(opts) - set(known) - {"kind", "model", "layers"}) + sorted(set(opts) & {"kind", "model", "layers"})
-    if bad: raise ValueError(f"feature stream {text!r}: unknown or misplaced options {bad}; options are "
-                             f"{sorted(set(known) - {'kind', 'model', 'layers'})}")
-    typed = {}
-    for k, v in opts.items():
-        try: typed[k] = v if known[k].type == "str" else int(v)
-        except ValueError: raise ValueError(f"feature stream {text!r}: option {k} takes a whole number, got {v!r}") from None
-    return StreamSpec(kind.strip(), model.strip(), layers or (-1,), **typed)
-
-def with_model(text:str, # a stream in its command-line form
-               model:str, # the model to put in its place
-              )->str: # `text` with `model`, its layers and options as written
-    "A stream's command-line form with another model: how a relative model path is made absolute (and back) in a spec or config."
-    kind, _, rest = text.partition("=")
-    old, rest = parse_stream_spec(text).model, rest.strip()
-    return f"{kind.strip()}={model}{rest[len(old):]}"
 
 # %% ../nbs/14_features.ipynb #e8e2ec6c
 def _looks_like_path(name:str)->bool:

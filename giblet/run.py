@@ -19,7 +19,7 @@ from .dataset import block_folds
 from .io import RunLock, atomic_write, clean_leftovers, fingerprint_changes, input_fingerprint, write_json
 from .evaluation import fit_baselines, headline_words
 from .report import _md_table, fold_summary, write_report
-from .study import show_study, show_timing, study_inputs, study_rates
+from .study_plan import show_study, show_timing, study_inputs, study_rates
 from .training.data import DistInfo, TrainConfig, check_resumable, feature_params, main_first, prepare_data, run_split, study_spec
 from .training.checkpoints import checkpoint_folder, load_checkpoint
 from .training.trainer import Trainer, close_distributed, init_distributed, resolve_device

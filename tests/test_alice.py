@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from giblet import cli
-from giblet.study import load_spec, read_spec, study_predictors
+from giblet.dataset import load_spec
+from giblet.study import read_spec
+from giblet.study_plan import study_predictors
 
 ALICE = Path(__file__).parent / "data" / "alice"
 UNITS = ["LATL", "RATL", "LPTL", "LIPL", "LPreM", "LIFG"]

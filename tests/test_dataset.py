@@ -14,7 +14,8 @@ import pytest
 
 from giblet.alignment.sync import FeatureParams
 import giblet.io as gio
-from giblet.dataset import cache_main, cache_manifest, discover, load_arrays, load_study, stream_folders
+from giblet.dataset import cache_main, cache_manifest, load_arrays, load_study, stream_folders
+from giblet.study import discover
 from giblet.io import DiskFullError, fingerprint_changes, input_fingerprint
 from giblet.synthetic import make_dataset
 
@@ -235,7 +236,7 @@ def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
     for name in side: (d / name).write_text("onset\tduration\n0\t1\n")
     brain = [f"sub-01_{w}.nii.gz" for w in ("space-MNI_desc-brain_mask", "dseg", "label-GM_probseg", "boldref", "T1w")]
     for name in brain: shutil.copy(layout.nii[0], d / "sherlock_nii" / name)
-    with caplog.at_level(logging.INFO, logger="giblet.dataset"): f = discover(d)
+    with caplog.at_level(logging.INFO, logger="giblet.study"): f = discover(d)
     assert f.annotations == d / layout.annotations.name and [p.name for p in f.nii] == [p.name for p in layout.nii]
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "ignored 4 file(s) that are not annotation tables" in said and "ignored 5 file(s) that are not subjects' BOLD" in said

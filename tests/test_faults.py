@@ -14,9 +14,9 @@ import pytest
 
 import giblet.io as gio
 from giblet import cli, run
-from giblet.dataset import default_cache_dir, discover
+from giblet.dataset import default_cache_dir
 from giblet.io import DiskFullError
-from giblet.study import SpecError, read_spec, resolve_study
+from giblet.study import SpecError, discover, read_spec, resolve_study
 
 
 def _flat_study(root:Path, subjects=("s1.nii.gz", "s2.nii.gz"))->Path:
@@ -292,7 +292,7 @@ def test_a_film_start_moves_the_text_with_the_frames(two_part_study, tmp_path, c
     "`film_start: 39` with `scan_offset: 23` moved the frames, but each TR's annotation text came from 39 s away."
     import numpy as np, yaml
     from giblet.alignment.sync import FeatureParams, plan_run, run_text
-    from giblet.study import _run_spec
+    from giblet.study_plan import run_spec
     lay = two_part_study
     parts, ann = _annotation_parts(lay.annotations), lay.annotations
     r1, r2 = lay.runs
@@ -305,7 +305,7 @@ def test_a_film_start_moves_the_text_with_the_frames(two_part_study, tmp_path, c
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(dict(tr=1.5, film=str(lay.film), annotations=str(ann), runs=[run])))
     spec = read_spec(tmp_path / "study.yaml")
     (run,) = spec.runs
-    plan = plan_run(spec.film_of(run), spec.annotations_of(run), _run_spec(spec, run, 1.5))
+    plan = plan_run(spec.film_of(run), spec.annotations_of(run), run_spec(spec, run, 1.5))
     g = plan.grid
     assert g.film_time == run.film_start + (g.first_volume - run.scan_offset) * 1.5
     film_time = g.film_time + np.arange(g.n_trs) * 1.5           # where each TR's frames and sound are read (`run_video`)
@@ -448,7 +448,7 @@ def _write_film(path:Path, n_frames:int, fps:int=25):
 @pytest.mark.parametrize("frames", [0, 1, 25])
 def test_an_empty_or_one_frame_film_is_named(short_study, tmp_path, frames):
     "A 1-frame film said 'the scan (120 volumes of 1.5 s, offset 0.0 s) and the film segment (0.04 s) share no complete TR', naming no file."
-    from giblet.study import load_spec
+    from giblet.dataset import load_spec
     film = tmp_path / "film.mp4"
     if frames: _write_film(film, frames)
     else: film.write_bytes(b"")                                  # an empty file (an interrupted download)
@@ -476,7 +476,7 @@ def test_a_corrupt_cache_with_its_time_stamp_kept_is_named_not_the_subject(short
     "Bytes changed in place with the time stamp kept: training said 'subject 1 holds NaN or inf values'; only --verify found it."
     import numpy as np
     from giblet.dataset import stream_folders
-    from giblet.study import load_spec
+    from giblet.dataset import load_spec
     from giblet.training.data import TrainConfig, prepare_data
     cfg = TrainConfig(data_dir=str(short_study.root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
     al = prepare_data(cfg).aligned
@@ -497,9 +497,10 @@ def test_frames_too_large_for_memory_or_disk_are_refused_before_decoding(short_s
     "A frame size that needed 24 GiB was decoded into memory before any size check: the machine swapped, or the process was killed."
     import giblet.dataset as ds
     from giblet.alignment.sync import FeatureParams, RunSpec
-    from giblet.study import load_spec
+    from giblet.dataset import load_spec
+    from giblet.study_plan import plan_runs
     params = FeatureParams(size=(32, 18))
-    plans = ds._plan([(short_study.film, short_study.annotations, RunSpec(nii=list(short_study.nii)))], None, params)
+    plans = plan_runs([(short_study.film, short_study.annotations, RunSpec(nii=list(short_study.nii)))], None, params)
     frames = ds.run_video(plans[0], params)                       # what the build holds, for the exact estimate
     need, lots = frames.nbytes, 10**15
     with monkeypatch.context() as m:
@@ -553,7 +554,7 @@ def test_giblet_features_cache_expands_like_giblet_cache(tmp_path, monkeypatch):
 
 def test_a_broken_link_in_a_spec_is_named_with_its_target(tmp_path):
     "check_spec said only 'nii.s2: PATH' under 'missing files', though PATH was there: a link to an unfetched file."
-    from giblet.study import check_spec
+    from giblet.study_plan import check_spec
     root = _flat_study(tmp_path / "study", ("s1.nii.gz",))
     target = tmp_path / "annex" / "objects" / "MD5E-s123--abc.nii.gz"
     os.symlink(target, root / "s2.nii.gz")

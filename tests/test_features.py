@@ -14,7 +14,8 @@ import giblet.features as gf
 from giblet.windows import read_transcript, words_from_annotations
 from giblet.data.audio import demo_waveform
 from giblet.data.video import frames_to_video
-from giblet.features import StreamRun, StreamSpec, extract_stream, load_stream, load_streams, parse_stream_spec, tiny_backbone
+from giblet.features import StreamRun, extract_stream, load_stream, load_streams, tiny_backbone
+from giblet.study import StreamSpec, parse_stream_spec
 
 TR, FPS = 1.0, 8
 WORDS = "sherlock watson walks into the room and says hello to a man who waits".split()

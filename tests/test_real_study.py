@@ -12,7 +12,8 @@ import yaml
 from giblet import cli
 from giblet.alignment.sync import FeatureParams
 from giblet.evaluation import fit_baselines, stimulus_bands
-from giblet.study import load_spec, read_spec
+from giblet.dataset import load_spec
+from giblet.study import read_spec
 from giblet.synthetic import make_dataset
 from giblet.training.data import study_spec
 

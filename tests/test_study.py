@@ -13,8 +13,9 @@ import yaml
 from giblet.alignment.sync import FeatureParams
 from giblet.synthetic import load_truth, make_dataset
 from giblet.data.video import psnr
-from giblet.study import (SpecError, StudySpec, bids_spec, check_spec, load_spec, plan_subjects, read_spec,
-                          resolve_study, spec_to_dict, sherlock_spec, show_study, spec_mask, write_spec)
+from giblet.dataset import load_spec
+from giblet.study import SpecError, StudySpec, bids_spec, read_spec, resolve_study, spec_to_dict, sherlock_spec, write_spec
+from giblet.study_plan import check_spec, plan_subjects, show_study, spec_mask
 
 KW = dict(n_subjects=2, n_trs=80, n_runs=2, seed=5, shape=(10, 12, 10), size=(32, 18))
 PARAMS = FeatureParams(size=(32, 18), n_mels=16, text_dim=32)
@@ -174,7 +175,7 @@ def test_short_subject_is_warned_or_dropped(sherlock, tmp_path, caplog):
     short = tmp_path / "s2_short.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :30], img.affine, img.header), short)
     spec.runs[0].nii["s2"] = short
-    with caplog.at_level(logging.WARNING, logger="giblet.study"):
+    with caplog.at_level(logging.WARNING, logger="giblet.study_plan"):
         assert plan_subjects(spec, 1.5).subjects == ["s1", "s2"]
     assert "s2 (run-1: 29 of 39 TRs)" in caplog.text and "drop_short=True" in caplog.text
     dropped = plan_subjects(spec, 1.5, drop_short=True)

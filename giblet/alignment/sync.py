@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'Aligned', 'Grid', 'tr_grid', 'FeatureParams', 'RunSpec', 'RunPlan', 'plan_run', 'run_video', 'run_audio',
-           'run_text', 'complete_trs', 'align_run', 'check_same_subjects', 'concat_runs']
+           'run_text', 'complete_trs', 'align_run', 'run_part', 'check_same_subjects', 'concat_runs']
 
 # %% ../../nbs/11_alignment.sync.ipynb #abf64e82
 @dataclass
@@ -129,23 +129,6 @@ def _check_tr(paths, tr):
         raise ValueError(f"{paths[0]}: the header says TR = {hdr} s, but TR = {tr} s was asked for")
     return hdr
 
-def _run_part(annotations, run:RunSpec, run_id:int, text_columns=None)->tuple[int, float]:
-    "The annotation part of a run (`run.part`, or part `run_id + 1`, said in the log) and the film time where its clock reads 0."
-    n_parts = load_annotations(annotations, text_columns=text_columns).attrs.get("n_parts", 1)
-    if run.part is not None: part = int(run.part)
-    else:
-        part = run_id + 1 if n_parts > 1 else 1
-        if part > n_parts: raise ValueError(f"{annotations}: run {run_id} has no annotation part of its own (the table holds "
-                                            f"{n_parts}); name it with RunSpec.part")
-        logger.info("%s: run %d shows annotation part %d of %d (set RunSpec.part to choose another)",
-                    annotations, run_id, part, n_parts)
-    if run.part_start is not None: return part, float(run.part_start)
-    if part == 1: return part, 0.0   # the first part (or the only one) runs on the film's own clock, wherever the segment starts
-    start = max(run.film_start, 0.0)
-    logger.info("%s: run %d: part %d's clock is taken to read 0 where the run's segment starts (film time %g s); set part_start "
-                "if the part starts elsewhere", annotations, run_id, part, start)
-    return part, start
-
 def _subject_trs(vols, tr, info, run, run_id, min_trs)->list:
     "The subjects to keep: all, cut to the shortest (warned, with counts), or those giving at least `min_trs` TRs."
     def n_trs(v):
@@ -217,7 +200,7 @@ def plan_run(film:str|Path, # the film file
     try: g = tr_grid(n_vols, tr, info.duration, run.film_start, run.film_stop, run.scan_offset)
     except ValueError as e: raise ValueError(f"{film} ({info.n_frames} frames, {info.duration:.3g} s): {e}") from None
     _log_cuts(g, n_vols, info, run, run_id)
-    part, part_start = _run_part(annotations, run, run_id, text_columns)
+    part, part_start = run_part(annotations, run, run_id, text_columns)
     idx = [k for k, p in enumerate(map(str, run.nii)) if p in keep]
     return RunPlan(Path(film), Path(annotations), g, [run.nii[k] for k in idx], None if len(idx) == len(run.nii) else idx,
                    run_id, part, part_start, info.duration)
@@ -271,6 +254,28 @@ def align_run(film:str|Path, # the film file
     return Aligned(video=video[:n], audio=audio[:n], text=text[:n], has_text=has_text[:n], fmri=fmri, tr=g.tr,
                    tr_start=g.tr_start[:n], run=np.full(n, run_id), volume=g.first_volume + np.arange(n),
                    texts=texts[:n], mask=mask, subjects=p.subjects)
+
+# %% ../../nbs/11_alignment.sync.ipynb #4a67e530
+def run_part(annotations:str|Path, # the annotation table
+             run:RunSpec, # the run (its `part`, `part_start` and `film_start` decide)
+             run_id:int, # the run's position in its study (part `run_id + 1` when `run.part` is None and the table has parts)
+             text_columns:tuple|None=None, # annotation columns (they decide how the table splits into parts)
+            )->tuple[int, float]: # (the part, the film time in s where its clock reads 0)
+    "The annotation part of a run (`run.part`, or part `run_id + 1`, said in the log) and the film time where its clock reads 0."
+    n_parts = load_annotations(annotations, text_columns=text_columns).attrs.get("n_parts", 1)
+    if run.part is not None: part = int(run.part)
+    else:
+        part = run_id + 1 if n_parts > 1 else 1
+        if part > n_parts: raise ValueError(f"{annotations}: run {run_id} has no annotation part of its own (the table holds "
+                                            f"{n_parts}); name it with RunSpec.part")
+        logger.info("%s: run %d shows annotation part %d of %d (set RunSpec.part to choose another)",
+                    annotations, run_id, part, n_parts)
+    if run.part_start is not None: return part, float(run.part_start)
+    if part == 1: return part, 0.0   # the first part (or the only one) runs on the film's own clock, wherever the segment starts
+    start = max(run.film_start, 0.0)
+    logger.info("%s: run %d: part %d's clock is taken to read 0 where the run's segment starts (film time %g s); set part_start "
+                "if the part starts elsewhere", annotations, run_id, part, start)
+    return part, start
 
 # %% ../../nbs/11_alignment.sync.ipynb #1d6c9534
 def check_same_subjects(subjects:dict, # run id -> the positions of the subjects it keeps (None: all of them)

@@ -29,10 +29,12 @@ from ..dataset import block_folds
 from ..models.autoencoder import target_variances
 from ..models.encoder import MODALITIES, PRESETS, ModelConfig
 from ..data.text import load_annotations
-from ..features import load_streams, parse_stream_spec, runs_from_aligned, stream_key
+from ..features import load_streams, runs_from_aligned, stream_key
 from ..windows import words_from_annotations
 from ..synthetic_truth import embedded_dataset
-from ..study import StudySpec, load_spec, resolve_study, study_inputs, study_predictors, study_rates
+from ..study import StudySpec, parse_stream_spec, resolve_study
+from ..study_plan import run_spec, study_inputs, study_predictors, study_rates
+from ..dataset import load_spec
 from ..metrics import noise_ceiling
 
 logger = logging.getLogger(__name__)
@@ -442,8 +444,7 @@ def start_kind(cfg:TrainConfig, # the run's options
     return ""
 
 # %% ../../nbs/31_training.data.ipynb #e5514c57
-from ..alignment.sync import _run_part
-from ..study import _run_spec
+from ..alignment.sync import run_part
 
 def _run_words(spec:StudySpec, # the study
                i:int, # the run's position in `spec.runs`
@@ -453,7 +454,7 @@ def _run_words(spec:StudySpec, # the study
               )->pd.DataFrame: # onset, duration, word
     "The words of run `i`'s annotation part on its film clock: the part, and where its clock starts, as the alignment picks them."
     path = spec.annotations_of(run)
-    part, start = _run_part(path, _run_spec(spec, run, tr), i, text_columns)
+    part, start = run_part(path, run_spec(spec, run, tr), i, text_columns)
     words = words_from_annotations(load_annotations(path, text_columns=text_columns, part=part))
     words["onset"] += start
     return words
