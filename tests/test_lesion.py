@@ -182,6 +182,15 @@ def test_mean_replacement(run, effects):
     assert not np.allclose(t.value, zero[zero.region != NULL].value)
 
 
+def test_lesions_read_the_bold_the_run_trained_on(run):
+    "With the default high-pass the measured BOLD a lesion decodes from is the run's filtered BOLD, not the raw study's."
+    rd = run["data"]
+    assert rd.cfg.high_pass > 0
+    data = lesion_data(rd, "val")
+    val = torch.as_tensor(rd.split.val)
+    torch.testing.assert_close(data.tensors.fmri[0, val], rd.tensors.fmri[0, val])
+
+
 def test_render_writes_viewable_media(run, tmp_path):
     "An MP4 with every frame of each TR, one WAV per version, a text timeline per TR."
     from scipy.io import wavfile
