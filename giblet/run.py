@@ -193,8 +193,10 @@ def _run_in(cfg:TrainConfig, # the run's options
         if not resume or not (out / INPUTS).is_file(): write_json(out / INPUTS, inputs)
         write_json(out / "config.json", trainer.config())   # the one place a run's config.json is written
     trainer.fit()
-    best = out / "checkpoints" / ("best.pt" if (out / "checkpoints" / "best.pt").is_file() else "last.pt")
-    trainer.model.load_state_dict(load_checkpoint(best, device)["model"]["state_dict"])
+    def best():   # rank 0 wrote the checkpoints: the other ranks read them once it has
+        ck = out / "checkpoints"
+        return load_checkpoint(ck / ("best.pt" if (ck / "best.pt").is_file() else "last.pt"), device)
+    trainer.model.load_state_dict(main_first(di, best)["model"]["state_dict"])
     try: m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size})
     except Exception:   # the training is kept: say where, and how to write the report again without training
         logger.error("%s: the training finished and its checkpoints are kept in %s, but the report failed; once the cause below is "
