@@ -579,45 +579,9 @@ class LinearPath(nn.Module):
         y = self.fir.mix(self.design(batch, mods))
         return y if self.basis is None else self.basis(y)
 
-    @torch.no_grad()
-    def fit_ridge(self, x:torch.Tensor, # (n, p * hrf_basis) design rows (`design`) of training TRs with their whole history
-                  y:torch.Tensor, # (n, n_voxels) the BOLD they predict
-                  folds:list, # [(fit rows, held-out rows)] that choose each voxel's alpha, e.g. from `block_folds` of the splits
-                  alphas:Sequence[float]=tuple(np.logspace(-1, 7, 17)), # candidate penalties
-                  banded:bool=False, # a penalty per band and voxel (himalaya's banded ridge over `band_columns`), else one per voxel
-                  n_iter:int=20, # banded: random-search draws of the band weights
-                 )->np.ndarray: # (n_voxels,) the alpha each voxel chose
-        "Set the read-out to himalaya's ridge (or banded ridge) of `y` on `x`, each voxel's penalties chosen by the folds: the path becomes a ridge encoding model."
-        if self.basis is not None: raise ValueError("LinearPath.fit_ridge needs the full read-out (linear_rank=0)")
-        from himalaya.backend import get_backend, set_backend
-        X, Y = x.double().cpu().numpy(), y.double().cpu().numpy()
-        xm, ym = X.mean(0), Y.mean(0)
-        before = get_backend().name
-        set_backend("numpy", on_error="raise")
-        try: coef, best = (_banded_ridge if banded and len(self.sizes) > 1 else _ridge)(X - xm, Y - ym, folds, alphas, self.band_columns(), n_iter)
-        finally: set_backend(before, on_error="raise")
-        mix = self.fir.mix
-        mix.weight.copy_(torch.as_tensor(coef.T, dtype=mix.weight.dtype)); mix.bias.copy_(torch.as_tensor(ym - xm @ coef, dtype=mix.bias.dtype))
-        return best
-
     def band_columns(self)->dict: # band (modality or stream key) -> slice of the design's columns
         "Where each band's delayed features sit in `design`: the conv keeps a feature's basis outputs together."
         n = self.fir.conv.out_channels // self.fir.conv.in_channels
         a = np.cumsum([0, *self.sizes.values()])
         return {m: slice(int(a[i]) * n, int(a[i + 1]) * n) for i, m in enumerate(self.sizes)}
 
-def _ridge(X, Y, folds, alphas, bands, n_iter):
-    "himalaya's ridge of centred `Y` on centred `X`: (coef, each voxel's alpha)."
-    from himalaya.ridge import RidgeCV
-    fit = RidgeCV(alphas=np.asarray(alphas, np.float64), cv=folds).fit(X, Y)
-    return np.asarray(fit.coef_, np.float64), np.asarray(fit.best_alphas_, np.float64)
-
-def _banded_ridge(X, Y, folds, alphas, bands, n_iter):
-    "himalaya's banded ridge (linear kernels, random search) of centred `Y` on centred `X`: (primal coef, each voxel's alpha)."
-    from himalaya.kernel_ridge import ColumnKernelizer, Kernelizer, MultipleKernelRidgeCV
-    from sklearn.pipeline import make_pipeline
-    kern = ColumnKernelizer([(k, Kernelizer(kernel="linear"), s) for k, s in bands.items()])
-    solver = dict(n_iter=n_iter, alphas=np.asarray(alphas, np.float64), progress_bar=False)
-    fit = make_pipeline(kern, MultipleKernelRidgeCV(kernels="precomputed", solver_params=solver, cv=folds, random_state=0)).fit(X, Y)
-    coef = np.concatenate([np.asarray(w, np.float64) for w in fit[-1].get_primal_coef(fit[0].get_X_fit())])   # bands in column order
-    return coef, np.asarray(fit[-1].best_alphas_, np.float64)

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
+from typing import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..io import no_bar
 from ..dataset import ContextDataset, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
+from ..models.encoder import LinearPath
 from .data import HRF_SECONDS, DistInfo, RunData, TrainConfig, check_resumable, model_config
 from .checkpoints import CHECKPOINTS, checkpoint_folder, load_checkpoint, save_checkpoint
 from ..metrics import voxel_r
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'close_distributed', 'ShardedLoader', 'lr_factor',
-           'TrainStep', 'step_losses', 'ridge_start', 'NonFiniteLoss', 'Trainer']
+           'TrainStep', 'step_losses', 'fit_ridge', 'ridge_start', 'NonFiniteLoss', 'Trainer']
 
 # %% ../../nbs/32_training.trainer.ipynb #4636823f
 class DeviceUnavailable(RuntimeError):
@@ -153,6 +155,48 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
     total = terms.pop("total") + r.pop("total")
     return terms | {k: v for k, v in r.items() if k not in terms} | {"total": total}
 
+# %% ../../nbs/32_training.trainer.ipynb #faf7c406
+@torch.no_grad()
+def fit_ridge(lin:LinearPath, # the linear path to set (full read-out, `fit_scale` done)
+          x:torch.Tensor, # (n, p * hrf_basis) design rows (`design`) of training TRs with their whole history
+              y:torch.Tensor, # (n, n_voxels) the BOLD they predict
+              folds:list, # [(fit rows, held-out rows)] that choose each voxel's alpha, e.g. from `block_folds` of the splits
+              alphas:Sequence[float]=tuple(np.logspace(-1, 7, 17)), # candidate penalties
+              banded:bool=False, # a penalty per band and voxel (himalaya's banded ridge over `band_columns`), else one per voxel
+              n_iter:int=20, # banded: random-search draws of the band weights
+             )->np.ndarray: # (n_voxels,) the alpha each voxel chose
+    "Set the linear path's read-out to himalaya's ridge (or banded ridge) of `y` on `x`, each voxel's penalties chosen by the folds: the path becomes a ridge encoding model."
+    if lin.basis is not None: raise ValueError("fit_ridge needs the linear path's full read-out (linear_rank=0)")
+    from himalaya.backend import get_backend, set_backend
+    X, Y = x.double().cpu().numpy(), y.double().cpu().numpy()
+    xm, ym = X.mean(0), Y.mean(0)
+    before = get_backend().name
+    set_backend("numpy", on_error="raise")
+    try: coef, best = (_banded_ridge if banded and len(lin.sizes) > 1 else _ridge)(X - xm, Y - ym, folds, alphas, lin.band_columns(), n_iter)
+    finally: set_backend(before, on_error="raise")
+    mix = lin.fir.mix
+    mix.weight.copy_(torch.as_tensor(coef.T, dtype=mix.weight.dtype)); mix.bias.copy_(torch.as_tensor(ym - xm @ coef, dtype=mix.bias.dtype))
+    return best
+
+
+# %% ../../nbs/32_training.trainer.ipynb #79be0e90
+def _ridge(X, Y, folds, alphas, bands, n_iter):
+    "himalaya's ridge of centred `Y` on centred `X`: (coef, each voxel's alpha)."
+    from himalaya.ridge import RidgeCV
+    fit = RidgeCV(alphas=np.asarray(alphas, np.float64), cv=folds).fit(X, Y)
+    return np.asarray(fit.coef_, np.float64), np.asarray(fit.best_alphas_, np.float64)
+
+def _banded_ridge(X, Y, folds, alphas, bands, n_iter):
+    "himalaya's banded ridge (linear kernels, random search) of centred `Y` on centred `X`: (primal coef, each voxel's alpha)."
+    from himalaya.kernel_ridge import ColumnKernelizer, Kernelizer, MultipleKernelRidgeCV
+    from sklearn.pipeline import make_pipeline
+    kern = ColumnKernelizer([(k, Kernelizer(kernel="linear"), s) for k, s in bands.items()])
+    solver = dict(n_iter=n_iter, alphas=np.asarray(alphas, np.float64), progress_bar=False)
+    fit = make_pipeline(kern, MultipleKernelRidgeCV(kernels="precomputed", solver_params=solver, cv=folds, random_state=0)).fit(X, Y)
+    coef = np.concatenate([np.asarray(w, np.float64) for w in fit[-1].get_primal_coef(fit[0].get_X_fit())])   # bands in column order
+    return coef, np.asarray(fit[-1].best_alphas_, np.float64)
+
+
 # %% ../../nbs/32_training.trainer.ipynb #b4834e67
 @torch.no_grad()
 def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linear_delay > 0`, `fit_scale` done)
@@ -169,7 +213,7 @@ def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linea
         xs.append(lin.design(b)[0, skip:]); ys.append(t.fmri[:, torch.as_tensor(s[skip:], device=t.device)].float().mean(0))
     if not xs: raise ValueError(f"ridge_start: no stretch of the training block is longer than the linear path's {skip + 1} TRs")
     rows = ridge_rows(train, t.run, skip)
-    alphas = lin.fit_ridge(torch.cat(xs), torch.cat(ys), block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)), banded=banded)
+    alphas = fit_ridge(lin, torch.cat(xs), torch.cat(ys), block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)), banded=banded)
     lin.requires_grad_(False)
     model.encoder.head.gain.zero_()                             # the deep path adds nothing until it learns a correction
     logger.info("ridge start: the linear path is a %s on %d training TRs x %d features (alpha per voxel by %d inner folds: median %.3g, "
