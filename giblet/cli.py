@@ -26,7 +26,7 @@ from .io import DiskFullError, FolderLockedError, atomic_write
 from .synthetic_truth import truth_columns
 from .features import default_cache_dir as streams_cache_dir, verify_streams
 from .io import no_bar
-from .training.data import TrainConfig, study_data
+from .training.data import SAVED_BEFORE, TrainConfig, study_data
 from .training.trainer import DeviceUnavailable, NonFiniteLoss
 from .run import check_run_plan, run_training, saved_config, study_overview
 
@@ -65,7 +65,7 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
                 )->TrainConfig:
     "The run's TrainConfig: the saved one when resuming, else the defaults, updated by `config` (JSON), `sets` and `options`."
     saved = saved_config(out) if resume and out else None
-    base = dict(saved["train"]) if saved else {}
+    base = SAVED_BEFORE | dict(saved["train"]) if saved else {}   # a run saved before an option resumes as it ran
     if config:
         text = config if config.lstrip().startswith("{") else _read_config(config)
         try: base |= json.loads(text)

@@ -18,7 +18,7 @@ import torch
 
 from ..io import DiskFullError, atomic_write, fsync_folder, temp_name, write_json
 from ..models.autoencoder import BrainAutoencoder
-from .data import TrainConfig, prepare_data
+from .data import SAVED_BEFORE, TrainConfig, prepare_data
 
 # %% auto #0
 __all__ = ['CHECKPOINTS', 'load_checkpoint', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log', 'save_checkpoint',
@@ -170,7 +170,7 @@ def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) 
     for key, given in (("data_dir", data_dir), ("cache_dir", cache_dir)):
         train[key] = str(Path(given).absolute()) if given is not None else _resolve(train.get(key), key, bases)
     train.update(device=device, progress=False, subjects="average")
-    try: tc = TrainConfig.from_dict(train)
+    try: tc = TrainConfig.from_dict(SAVED_BEFORE | train)   # a run saved before an option reopens as it ran
     except (TypeError, ValueError) as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
     rd = prepare_data(tc, device)
     if set(rd.streams) != set(model.config.stream_dims):

@@ -145,12 +145,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d:dict, # as from `to_dict`
                  )->TrainConfig:
-        "The config back from `to_dict`; unknown keys are an error, and a key older runs lack takes what they did (`SAVED_BEFORE`)."
+        "The config back from `to_dict`; unknown keys are an error."
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown: raise ValueError(f"TrainConfig.from_dict: unknown keys {sorted(unknown)}")
-        return cls(**(SAVED_BEFORE | d))
+        return cls(**d)
 
-SAVED_BEFORE = dict(ridge_start="", high_pass=0.0) # what runs saved before these options existed did: no ridge start, no drift removed
+SAVED_BEFORE = dict(ridge_start="", high_pass=0.0) # what a saved run that lacks these options did (no ridge start, no drift removed): a resumed or reopened run reads its config.json over these
 
 RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir", "threads", "atlas", "atlas_names")
 
@@ -178,7 +178,7 @@ def check_resumable(saved:dict, # the saved run's config.json ({'train', 'model'
     diffs, defaults = [], TrainConfig().to_dict()
     for part in ("train", "model", "features"):
         a, b = saved.get(part) or {}, new.get(part) or {}
-        if part == "train": a, b = defaults | a, defaults | b   # an option newer than the saved run counts at its default
+        if part == "train": a, b = defaults | SAVED_BEFORE | a, defaults | b   # an option newer than the saved run counts at what it did then
         for k in sorted(set(a) | set(b)):
             if part == "train" and k in RESUMABLE: continue
             if a.get(k) != b.get(k): diffs.append(f"{part}.{k}: {a.get(k)!r} (saved) != {b.get(k)!r} (now)")
