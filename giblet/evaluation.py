@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
+from .stacking import cv_stack_weights, model_share, stack
 from .dataset import block_folds
 from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
 from .io import atomic_write, write_json
@@ -31,7 +32,7 @@ __all__ = ['logger', 'BASELINES', 'PRESHIFT_WARNING', 'RESOLVE', 'WORDS', 'R_KEY
            'Design', 'baseline_design', 'Baselines', 'weight_by_delay', 'lag_summary', 'fit_baselines',
            'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null', 'verdict', 'compare', 'difference_words',
            'headline_words', 'trs_needed', 'block_resolution', 'voxel_signs', 'factor_table', 'score_table',
-           'roi_table', 'stack_weights', 'stack', 'model_share', 'cv_stack_weights', 'evaluate_run']
+           'roi_table', 'evaluate_run']
 
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
@@ -469,98 +470,6 @@ def roi_table(scores:Mapping, # column -> (n_voxels,) test r (and 'noise_ceiling
     out = {name: {k: float(np.nanmean(v[sel])) if sel.any() else np.nan for k, v in cols.items()} | {"n_voxels": int(sel.sum())}
            for name, sel in rows.items()}
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("region")
-
-# %% ../nbs/33_evaluation.ipynb #96502739
-def stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's prediction of the validation block
-                  baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
-                  true:np.ndarray, # (n_trs, n_voxels) the target there
-                 )->np.ndarray: # float32 (2, n_voxels): the weights a (model) and c (baseline), both >= 0
-    "Per voxel, the non-negative weights of model and baseline whose sum fits the target best (least squares about the means)."
-    m, b, y = (np.asarray(x, np.float64) for x in (model, baseline, true))
-    if not (m.shape == b.shape == y.shape and m.ndim == 2 and len(m) >= 2):
-        raise ValueError(f"stack_weights needs three (n_trs >= 2, n_voxels) arrays of one shape; got {m.shape}, {b.shape}, {y.shape}")
-    m, b, y = m - m.mean(0), b - b.mean(0), y - y.mean(0)
-    smm, sbb, smb, smy, sby = (m * m).sum(0), (b * b).sum(0), (m * b).sum(0), (m * y).sum(0), (b * y).sum(0)
-    det = smm * sbb - smb ** 2
-    ok = det > 1e-9 * smm * sbb                                   # not collinear: the two-member solution
-    d = np.where(ok, det, 1.0)
-    a, c = (sbb * smy - smb * sby) / d, (smm * sby - smb * smy) / d
-    both = ok & (a >= 0) & (c >= 0)
-    am, cb = np.maximum(smy, 0) / np.maximum(smm, 1e-300), np.maximum(sby, 0) / np.maximum(sbb, 1e-300)   # one member alone
-    gm, gb = am * np.maximum(smy, 0), cb * np.maximum(sby, 0)      # the squared error each removes
-    tie = np.isclose(gm, gb, rtol=1e-9, atol=0)                    # the same prediction twice: half of each
-    a = np.where(both, a, np.where(tie, am / 2, np.where(gm > gb, am, 0.0)))
-    c = np.where(both, c, np.where(tie, cb / 2, np.where(gb > gm, cb, 0.0)))
-    return np.stack([a, c]).astype(np.float32)
-
-def stack(model:np.ndarray, # (n_trs, n_voxels) the model's prediction
-          baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
-          weights:np.ndarray, # (2, n_voxels) from `stack_weights`
-         )->np.ndarray: # float32 (n_trs, n_voxels)
-    "The stacked prediction a·model + c·baseline."
-    return (weights[0] * np.asarray(model, np.float32) + weights[1] * np.asarray(baseline, np.float32)).astype(np.float32)
-
-def model_share(weights:np.ndarray, # (2, n_voxels) from `stack_weights`
-               )->np.ndarray: # (n_voxels,) a / (a + c), NaN where both are 0
-    "The model's share of each voxel's stack."
-    tot = weights.sum(0)
-    return np.where(tot > 0, weights[0] / np.where(tot > 0, tot, 1), np.nan)
-
-# %% ../nbs/33_evaluation.ipynb #e2ec8ff1
-def _standard(x):
-    "Centred series and their std per voxel (1 where constant)."
-    x = np.asarray(x, np.float64); x = x - x.mean(0); s = x.std(0)
-    return x, np.where(s > 0, s, 1.0)
-
-def _pooled_weights(m, b, y)->np.ndarray:
-    "(2,) non-negative weights of the standardised members that fit the standardised target best, pooled over voxels."
-    (m, sm), (b, sb), (y, sy) = _standard(m), _standard(b), _standard(y)
-    flat = lambda x, s: (x / s).reshape(-1, 1)
-    return stack_weights(flat(m, sm), flat(b, sb), flat(y, sy))[:, 0].astype(np.float64)
-
-def _candidates(m, b, y, shrinks)->dict:
-    "Per-voxel weights (2, n_voxels) of each candidate: each shrink towards the pooled weights, and the baseline alone."
-    (_, sm), (_, sb), (_, sy) = _standard(m), _standard(b), _standard(y)
-    unit = np.stack([sm / sy, sb / sy])                           # raw weight -> weight of the standardised member
-    own, pooled = stack_weights(m, b, y).astype(np.float64) * unit, _pooled_weights(m, b, y)[:, None]
-    out = {f"shrink {s:g}": ((1 - s) * own + s * pooled) / unit for s in shrinks}
-    alone = _pooled_weights(np.zeros_like(m), b, y)[:, None]    # the baseline alone, at its pooled least-squares scale
-    return out | {"baseline alone": alone / unit}
-
-def _alone(n_voxels:int)->np.ndarray:
-    "Stack weights that are the baseline itself, voxel for voxel."
-    return np.stack([np.zeros(n_voxels), np.ones(n_voxels)]).astype(np.float32)
-
-def cv_stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's prediction of the validation block
-                     baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
-                     true:np.ndarray, # (n_trs, n_voxels) the target there
-                     n_blocks:int=4, # contiguous blocks of the validation block held out in turn
-                     shrinks:tuple=(0.0, 0.5, 1.0), # shares of the pooled weights tried (0: each voxel's own, 1: the pooled)
-                     min_trs:int=8, # fewer TRs per block than this: no weight for the model is fitted at all
-                    )->tuple: # (float32 (2, n_voxels) weights, dict: the choice, each candidate's held-out error)
-    "Stack weights shrunk towards the voxels' pooled weights by block cross-validation inside the validation block; the baseline alone unless the model's best stack wins by more than one standard error over the blocks."
-    m, b, y = (np.asarray(x, np.float64) for x in (model, baseline, true))
-    if not (m.shape == b.shape == y.shape and m.ndim == 2): raise ValueError(f"cv_stack_weights needs three (n_trs, n_voxels) arrays of one shape; got {m.shape}, {b.shape}, {y.shape}")
-    names = [*(f"shrink {s:g}" for s in shrinks), "baseline alone"]
-    if len(m) < n_blocks * min_trs:
-        logger.info("stack: the %d-TR validation block is too short to fit the model's weight (%d blocks of >= %d TRs); the banded ridge alone",
-                    len(m), n_blocks, min_trs)
-        return _alone(m.shape[1]), dict(choice="baseline alone", cv_error={}, n_trs=len(m))
-    edges = np.linspace(0, len(m), n_blocks + 1).astype(int)
-    err = {k: [] for k in names}                                 # each candidate's held-out error, block by block
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        fit = np.r_[0:lo, hi:len(m)]
-        yt, sy = _standard(y[lo:hi])
-        for k, w in _candidates(m[fit], b[fit], y[fit], shrinks).items():
-            p = w[0] * m[lo:hi] + w[1] * b[lo:hi]
-            err[k].append(float(((((p - p.mean(0)) - yt) / sy) ** 2).sum()))
-    best = min(names[:-1], key=lambda k: sum(err[k]))
-    gain = np.array(err["baseline alone"]) - np.array(err[best])    # per block: how much the model's best stack saves
-    se = gain.std(ddof=1) / np.sqrt(len(gain))
-    choice = best if gain.mean() > se else "baseline alone"      # one standard error: the model must win clearly, not by chance
-    err = {k: sum(v) for k, v in err.items()}
-    w = _alone(m.shape[1]) if choice == "baseline alone" else _candidates(m, b, y, shrinks)[choice].astype(np.float32)
-    return w, dict(choice=choice, cv_error=err, n_trs=len(m))
 
 # %% ../nbs/33_evaluation.ipynb #67c20799
 def _records(df:pd.DataFrame)->list:

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from .decoding import decode_block, decoding_scores, true_block
-from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, model_share, verdict
+from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, verdict
+from .stacking import model_share
 from .metrics import voxel_r
 from .synthetic_truth import study_truth
 from .io import atomic_write, write_json
