@@ -45,6 +45,7 @@ def _read_config(path:str)->str:
     if not Path(path).is_file(): raise FileNotFoundError(f"--config {path}: no such file (pass a JSON file or a JSON object)")
     return Path(path).read_text()
 
+# %% ../nbs/50_cli.ipynb #d912b295
 def parse_sets(items:list|None, # KEY=VALUE strings from --set
               )->dict: # KEY -> VALUE (JSON when it parses, else the text)
     "TrainConfig fields from `--set KEY=VALUE` options."
@@ -56,6 +57,7 @@ def parse_sets(items:list|None, # KEY=VALUE strings from --set
         except json.JSONDecodeError: out[k.strip()] = v
     return out
 
+# %% ../nbs/50_cli.ipynb #3aa61d05
 def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, else the embedded study)
                  out:str|None=None, # the run folder (its config.json is the base when resuming)
                  resume:bool=False, # start from the saved run's options
@@ -127,6 +129,7 @@ def _dashed(a:str)->str:
     name, sep, val = a[2:].partition("=")
     return "--" + name.replace("_", "-") + sep + val
 
+# %% ../nbs/50_cli.ipynb #3abb8cdf
 MANY = dict(set=dict(action="append"), features=dict(nargs="+", action="extend")) # options that take several values: `--set` repeats, `--features` takes every value up to the next option
 
 def _arg_type(anno):
@@ -136,6 +139,7 @@ def _arg_type(anno):
         if len(ts) == 1: return ts[0]
     return anno
 
+# %% ../nbs/50_cli.ipynb #6413e307
 def cli_parser(func, # a function documented with docments (its parameters are the options)
                prog:str, # the command's name
               )->argparse.ArgumentParser:
@@ -148,6 +152,7 @@ def cli_parser(func, # a function documented with docments (its parameters are t
         p.add_argument("--" + ("no-" if param.negated else "") + k.replace("_", "-"), **param.kwargs, dest=k)
     return p
 
+# %% ../nbs/50_cli.ipynb #aa9f7709
 def cli_args(func, # a function documented with docments (its parameters are the options)
              prog:str, # the command's name
              argv:list|None=None, # the arguments (default: sys.argv[1:])
@@ -156,6 +161,7 @@ def cli_args(func, # a function documented with docments (its parameters are the
     argv = [_dashed(a) if a.startswith("--") else a for a in (sys.argv[1:] if argv is None else argv)]
     return vars(cli_parser(func, prog).parse_args(argv))
 
+# %% ../nbs/50_cli.ipynb #5ca6edf1
 def _interrupted(prog:str, args:dict)->str:
     "What Ctrl-C leaves: for `giblet-train`, the epoch it stopped in and how to resume."
     if prog != "giblet-train" or not args.get("out"): return "interrupted"
@@ -167,6 +173,7 @@ def _interrupted(prog:str, args:dict)->str:
     epochs = len(pd.read_csv(run / "log.csv")) if logs else 0
     return f"interrupted at epoch {epochs + 1}; resume with {prog} --resume --out {out}"
 
+# %% ../nbs/50_cli.ipynb #97bc834e
 def _entry(func, prog:str, argv=None):
     "Run `func` on parsed arguments: a user error (an unwritable folder too) is one line on stderr and exit 2, a NaN loss one line and exit 1, Ctrl-C one line and exit 130."
     args = cli_args(func, prog, argv)
@@ -187,6 +194,7 @@ def _entry(func, prog:str, argv=None):
         print(f"{prog}: error: {e.filename or 'a file'}: {e.strerror}; choose a folder you can write (--out, --cache-dir or "
               "GIBLET_CACHE) or fix its permissions", file=sys.stderr); raise SystemExit(2)
 
+# %% ../nbs/50_cli.ipynb #f32f38a0
 HEADLINE = ("block", "test_voxel_r_selected", "banded_ridge_test_voxel_r_selected", "ridge_test_voxel_r_selected",
             "noise_ceiling_test_selected", "verdict", "verdicts", "truth_r_responsive_mean", "epochs", "train_seconds")
 
@@ -196,6 +204,7 @@ def giblet_train(argv:list|None=None, # command-line arguments (default: sys.arg
     m = _entry(train_main, "giblet-train", argv)
     if m: print(json.dumps({k: m[k] for k in HEADLINE if k in m}))
 
+# %% ../nbs/50_cli.ipynb #e94c6ce6
 def giblet_lesion(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                  ):
     "Console script `giblet-lesion`: `giblet.lesion.lesion_main` with this parser and these exit codes; prints the effect table."
@@ -235,6 +244,7 @@ def cache_cli(data_dir:str=None, # the study folder (Sherlock layout or BIDS); o
                     unfinished=[str(p) for p in s["incomplete"]])
     return out
 
+# %% ../nbs/50_cli.ipynb #2fccc4f3
 def giblet_cache(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                 ):
     "Console script `giblet-cache`."
@@ -248,10 +258,12 @@ def expand_grid(grid:dict, # parameter -> list of values (a scalar is one value)
     vals = [v if isinstance(v, list) else [v] for v in grid.values()]
     return [dict(zip(keys, p)) for p in itertools.product(*vals)]
 
+# %% ../nbs/50_cli.ipynb #fc8c3d31
 def default_notebook()->Path:
     "The training notebook of a source checkout: nbs/tutorials/train.ipynb."
     return Path(__file__).resolve().parents[1] / "nbs" / "tutorials" / "train.ipynb"
 
+# %% ../nbs/50_cli.ipynb #a946109f
 def sweep_main(grid:str, # YAML or JSON file: parameter -> list of values
                out:str, # the sweep folder: one run folder and executed notebook per point, and summary.csv
                notebook:str=None, # the papermill notebook (default: nbs/tutorials/train.ipynb of this checkout)
@@ -290,6 +302,7 @@ def sweep_main(grid:str, # YAML or JSON file: parameter -> list of values
         pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
     return pd.DataFrame(rows)
 
+# %% ../nbs/50_cli.ipynb #956f84df
 def giblet_sweep(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                 ):
     "Console script `giblet-sweep`."
@@ -343,6 +356,7 @@ def plot_synthetic(root:str|Path, # a study written by `make_dataset`
     fig.tight_layout()
     return fig
 
+# %% ../nbs/50_cli.ipynb #cbb12299
 def synth_main(out:str="runs/synthetic", # the study folder to write
                n_subjects:int=None, # subjects (default: the preset's, else 3)
                n_trs:int=None, # TRs (default: the preset's, else 300)
@@ -364,6 +378,7 @@ def synth_main(out:str="runs/synthetic", # the study folder to write
     plt.close(fig)
     return path
 
+# %% ../nbs/50_cli.ipynb #178d180f
 def giblet_synth(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                 ):
     "Console script `giblet-synth`."

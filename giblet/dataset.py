@@ -46,11 +46,13 @@ class Split:
     val: np.ndarray
     test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
+# %% ../nbs/15_dataset.ipynb #a7dc3268
 def _blocks(n_trs:int, fracs:Sequence[float]):
     "Boundaries that cut `range(n_trs)` into consecutive blocks of the given fractions."
     edges = np.round(np.cumsum([0, *fracs]) / sum(fracs) * n_trs).astype(int)
     return list(zip(edges[:-1], edges[1:]))
 
+# %% ../nbs/15_dataset.ipynb #ee88e04e
 def block_split(n_trs:int, # number of TRs in the (concatenated) data
                 tr:float, # repetition time in seconds
                 val_frac:float=0.2, # share of TRs held out for validation
@@ -137,15 +139,18 @@ class Normaliser:
             if sel.any(): out[sel] = (x[sel] - self.run_mean[s, k]) / self.run_std[s, k]
         return out
 
+# %% ../nbs/15_dataset.ipynb #30889bd1
 def _safe_std(x, axis):
     "Standard deviation along `axis` (float64 sums), with 1 where it is 0 so constant inputs scale to 0."
     sd = x.std(axis=axis, dtype=np.float64).astype(np.float32)
     return np.where(sd > 0, sd, 1.0).astype(np.float32)
 
+# %% ../nbs/15_dataset.ipynb #0540ef16
 def _f32_stats(st)->tuple[np.ndarray, np.ndarray]:
     "float32 mean and std of `zscore_stats`, with std 1 where it is 0."
     return st.mean.astype(np.float32), np.where(st.std > 0, st.std, 1.0).astype(np.float32)
 
+# %% ../nbs/15_dataset.ipynb #d6439813
 def _run_stats(fmri, train, run, pooled, no_train_run):
     "Per-run (ids, mean, std): each run's from its own training TRs, or `pooled` (warned) for a run with fewer than 2."
     ids = np.unique(run)
@@ -166,6 +171,7 @@ def _run_stats(fmri, train, run, pooled, no_train_run):
         means.append(m); stds.append(sd)
     return ids, np.stack(means, 1), np.stack(stds, 1)
 
+# %% ../nbs/15_dataset.ipynb #bf580090
 def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (may be a memmap)
                    audio:np.ndarray|None, # (n_trs, n_mels, frames_per_tr) log-mel; None: a study without sound (empty mel statistics)
                    train:np.ndarray, # training TR indices
@@ -208,6 +214,7 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
             yield codes; del codes
     return center, scale, StreamedArray((n_sub, n_trs, n_vox), np.float16, subjects())
 
+# %% ../nbs/15_dataset.ipynb #9aa167e7
 def blame_cache(folder:Path|None, # the cache folder the array came from (None: not from a cache)
                 what:str, # the array, for the message
                ):
@@ -216,6 +223,7 @@ def blame_cache(folder:Path|None, # the cache folder the array came from (None: 
     raise ValueError(f"{what} holds NaN or inf values because the cache is corrupt: {bad}; the next run rebuilds it "
                      "(giblet-cache --verify checks every cache and removes the damaged ones)")
 
+# %% ../nbs/15_dataset.ipynb #b7f95d3b
 class _DecodedBold:
     "A lazy `(n_subjects, n_trs, n_voxels)` float32 view of float16 cache BOLD: subjects decode when indexed; `run` is each TR's run; `rows` the cache rows of the study's TRs (None: all); `folder` the cache it reads."
     def __init__(self, codes, center, scale, run=None, rows=None, folder=None):
@@ -266,6 +274,7 @@ def stream_keys(plans:Sequence[RunPlan], # the study's runs, planned
     return {s: (cache_key(inputs[s], dict(stream=s, params=own(s), runs=grids[s], **extra.get(s, {}))), inputs[s])
             for s in STREAMS}
 
+# %% ../nbs/15_dataset.ipynb #d4cd0990
 def _check_frames_room(plans, params:FeatureParams, root:Path):
     "Refuse, before a frame is decoded, frames that would not fit in free memory (held whole, twice while runs are joined) or on the disk under `root`."
     fps = {f: video_info(f).fps for f in {r.film for r in plans}}
@@ -281,6 +290,7 @@ def _check_frames_room(plans, params:FeatureParams, root:Path):
         "--preset tiny, or --set 'model_overrides={\"frame_width\": 80, \"frame_height\": 45, \"frames_per_tr\": 4}'; "
         "in Python FeatureParams size and frame_skip)")
 
+# %% ../nbs/15_dataset.ipynb #71bff9ba
 def _build_stream(name:str, plans, params, mask, root:Path, progress:bool):
     "The arrays and metadata of one stream over every run, and a callable that frees what the build held."
     if name == "fmri":
@@ -303,6 +313,7 @@ def _build_stream(name:str, plans, params, mask, root:Path, progress:bool):
     if name == "audio": a = a.astype(np.float16)
     return {name: StreamedArray(a.shape, a.dtype, iter([a]))}, dict(lengths=lengths), lambda: None   # let go once written
 
+# %% ../nbs/15_dataset.ipynb #651df95c
 def cached_stream(folder:str|Path, # the stream's cache folder
                   build:Callable, # () -> (arrays, meta, release): called only when the cache is missing or damaged
                   inputs:Sequence[str|Path], # the files the stream is built from (fingerprinted into the manifest)
@@ -321,17 +332,20 @@ def cached_stream(folder:str|Path, # the stream's cache folder
     del arrays
     return load_arrays(folder, progress=show_progress)
 
+# %% ../nbs/15_dataset.ipynb #bfd76db6
 def _rows(lengths:list, n_trs:list)->np.ndarray:
     "The rows of a stream (runs of `lengths`) holding each run's first `n_trs` TRs."
     off = np.cumsum([0, *lengths])
     return np.concatenate([off[r] + np.arange(n) for r, n in enumerate(n_trs)]).astype(np.int64)
 
+# %% ../nbs/15_dataset.ipynb #2fee3a9a
 def _take(a, rows:np.ndarray):
     "`a[rows]`, as a memory-mapped slice when the rows are a prefix."
     if len(rows) == len(a) and (not len(rows) or rows[-1] == len(a) - 1): return a
     if np.array_equal(rows, np.arange(len(rows))): return a[:len(rows)]
     return np.asarray(a[rows])
 
+# %% ../nbs/15_dataset.ipynb #7a38d8d1
 def _assemble(index:tuple, streams:dict, folder:Path)->Aligned:
     "An `Aligned` study from its study folder's arrays and its streams' memory maps."
     import nibabel as nib
@@ -349,6 +363,7 @@ def _assemble(index:tuple, streams:dict, folder:Path)->Aligned:
                    run, np.asarray(arrays["volume"]), [tm["texts"][i] for i in rows["text"]],
                    nib.Nifti1Image(np.asarray(f["mask"]), np.asarray(f["affine"])), fm.get("subjects"), folder)
 
+# %% ../nbs/15_dataset.ipynb #3edd6800
 def stream_folders(folder:str|Path, # a study folder written by `align_study`
                   )->dict: # stream -> its cache folder
     "The stream cache folders a study folder joins."
@@ -370,6 +385,7 @@ def context_starts(trs:np.ndarray, # TR indices a window may use (e.g. one split
     valid = (cs_ok[t + k] - cs_ok[t] == k) & (cs_run[t + k - 1] - cs_run[t] == k - 1)
     return t[valid][::stride]
 
+# %% ../nbs/15_dataset.ipynb #c2516554
 class StudyTensors:
     "The streams of an `Aligned` study as tensors, normalised with training statistics, gathered by window."
     def __init__(self, al:Aligned, # the aligned study
@@ -405,6 +421,7 @@ class StudyTensors:
                     fmri=self.fmri[row[:, None], trs], trs=trs,
                     subject=row if self.subjects == "each" else torch.full_like(row, -1))
 
+# %% ../nbs/15_dataset.ipynb #026297c9
 class ContextDataset(torch.utils.data.Dataset):
     "Windows of `k` TRs from one split block; with subjects='each', every (window, subject) pair is an item."
     def __init__(self, tensors:StudyTensors, # the study as tensors

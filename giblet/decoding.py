@@ -25,6 +25,7 @@ def _zrows(x:np.ndarray)->np.ndarray:
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
+# %% ../nbs/34_decoding.ipynb #1de46d30
 def frame_corr(decoded:np.ndarray, # (n_trs, ...) decoded frames of each TR, floats in [0, 1]
                true:np.ndarray, # (n_trs, ...) true frames, uint8 (or floats in [0, 1])
               )->np.ndarray: # float64 (n_trs,) Pearson r of each TR's pixels
@@ -34,6 +35,7 @@ def frame_corr(decoded:np.ndarray, # (n_trs, ...) decoded frames of each TR, flo
     if d.shape != t.shape: raise ValueError(f"frame_corr: decoded {d.shape} and true {t.shape} differ")
     return (_zrows(d) * _zrows(t)).sum(1)
 
+# %% ../nbs/34_decoding.ipynb #012eff98
 def identify(decoded:np.ndarray, # (n_trs, ...) decoded stimulus of each TR
              true:np.ndarray, # (n_trs, ...) true stimulus of each TR
              k:int=1, # a hit when the own TR is among the top k
@@ -57,6 +59,7 @@ def band_moments(decoded:np.ndarray, # (n_trs, n_mels, A) decoded mel windows
     if x.shape != y.shape or x.ndim != 3: raise ValueError(f"band_moments: decoded {x.shape} and true {y.shape} must be equal (n_trs, n_mels, A)")
     return np.stack([x.sum(-1), y.sum(-1), (x * x).sum(-1), (y * y).sum(-1), (x * y).sum(-1)], -1)
 
+# %% ../nbs/34_decoding.ipynb #4a9eb3e6
 def band_corr(moments:np.ndarray, # (..., n_mels, 5) summed `band_moments` of the TRs scored
               n:int|np.ndarray, # mel frames summed (n_trs * A)
              )->np.ndarray: # (...,) mean over bands of the correlation over time (0 for a constant band)
@@ -103,6 +106,7 @@ def _per_tr(decoded:dict, true:dict)->dict:
         for k in (1, 5): out["text", f"top{k}"], chance["text", f"top{k}"] = text_retrieval(decoded["text"], true["text"], true["has_text"], k)
     return out, chance
 
+# %% ../nbs/34_decoding.ipynb #8b9e131c
 def boot_counts(n_trs:int, # TRs in the block
                 block:int, # TRs per resampled block
                 n_boot:int=1000, # resamples
@@ -117,6 +121,7 @@ def boot_counts(n_trs:int, # TRs in the block
     np.add.at(counts, (np.repeat(np.arange(n_boot), nb * block), idx.ravel()), 1.0)
     return counts
 
+# %% ../nbs/34_decoding.ipynb #2fd1fe05
 def _score(v:np.ndarray, key:tuple, counts:np.ndarray|None=None, frames:int=1):
     "A score from per-TR values (their mean) or band moments; with `counts`, one per resample."
     if key[1] == "band_r":
@@ -137,6 +142,7 @@ def null_shifts(n_trs:int, # TRs in the block
     if n_trs - 2 * lo < 0: raise ValueError(f"a block of {n_trs} TRs ({n_trs * tr:.0f} s) leaves no circular shift of at least {min_shift_s} s")
     return np.unique(np.linspace(lo, n_trs - lo, min(n_shifts, n_trs - 2 * lo + 1)).round().astype(int))
 
+# %% ../nbs/34_decoding.ipynb #6bd56d9b
 def roll_decoded(decoded:dict, # modality -> (n_trs, ...) decoded arrays
                  shift:int, # TRs
                 )->dict:

@@ -77,6 +77,7 @@ class Design:
     bands: dict # band name -> slice of the columns of x
     delays: np.ndarray # FIR delays in TRs
 
+# %% ../nbs/33_evaluation.ipynb #6448164e
 def baseline_design(bands:Mapping, # name -> (n_trs, p) features of the whole series
                     train, # training TR indices: the only rows whose statistics are used
                     run_ids=None, # (n_trs,) run of each TR: no delay crosses a change of run
@@ -100,6 +101,7 @@ def _himalaya(device:str):
     from himalaya.backend import set_backend
     return set_backend("torch_cuda" if torch.device(device).type == "cuda" else "torch", on_error="raise")
 
+# %% ../nbs/33_evaluation.ipynb #7a4edd9d
 @dataclass
 class Baselines:
     "himalaya's banded ridge and ridge, fitted on the training block."
@@ -139,6 +141,7 @@ def weight_by_delay(model, # the fitted banded ridge: a pipeline of himalaya's C
     share = lambda e: e / e.sum() if e.sum() > 0 else np.full(len(e), np.nan)
     return {k: share(e) for k, e in per.items()} | {"all": share(total)}
 
+# %% ../nbs/33_evaluation.ipynb #c421c91c
 PRESHIFT_WARNING = ("the banded ridge's weight peaks at a stimulus-BOLD delay of {peak:g} s ({share:.0%} of it; a haemodynamic response "
                     "peaks 4-6 s after its stimulus): the BOLD looks shifted earlier than the stimulus, as in releases that pre-shift it to "
                     "line up with annotations (the Sherlock tutorial kits: 3 TRs earlier). A causal model cannot use a response that comes "
@@ -230,6 +233,7 @@ class ZScoredSubjects(SubjectRows):
                    )->np.ndarray: # float32 (len(trs), n_voxels)
         return self.norm.zscore(i, super().__getitem__(i), None if self.run is None else self.run[self.trs])
 
+# %% ../nbs/33_evaluation.ipynb #39b00ea8
 def run_ceiling(data:RunData, # the run's data
                 trs:np.ndarray, # the TRs the ceiling is measured on
                )->np.ndarray|None: # float32 (n_voxels,) ceiling on the r of the subject-average target; None for one subject
@@ -275,6 +279,7 @@ def block_bootstrap(preds:Mapping, # name -> (n_trs, n_voxels) predictions of th
             out[name] += np.where(ok, cov / np.sqrt(np.where(ok, vp * vt, 1.0)), 0.0).sum(1)
     return {name: s / len(vox) for name, s in out.items()}
 
+# %% ../nbs/33_evaluation.ipynb #e9c30c90
 def shift_null(pred:np.ndarray, # (n_trs, n_voxels) prediction
                true:np.ndarray, # (n_trs, n_voxels) target
                voxels=None, # bool mask or indices of the voxels averaged (None: all)
@@ -294,6 +299,7 @@ def verdict(lo:float, # lower end of the CI of model - baseline
     "Ahead when the whole CI is above 0, behind when it is below, else level."
     return "ahead" if lo > 0 else "behind" if hi < 0 else "level"
 
+# %% ../nbs/33_evaluation.ipynb #10c7521d
 def compare(model:np.ndarray, # (n_trs, n_voxels) the model's test prediction
             baselines:Mapping, # name -> (n_trs, n_voxels) baseline test predictions
             true:np.ndarray, # (n_trs, n_voxels) the target
@@ -440,6 +446,7 @@ def score_table(scores:Mapping, # row -> (n_voxels,) test r: 'model' and the bas
                                         truth_r=(truth or {}).get(k, np.nan))
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("row")
 
+# %% ../nbs/33_evaluation.ipynb #c71d555e
 def _roi_name_map(roi_names, labels)->dict:
     "Label -> name for every positive label present."
     present = [int(k) for k in np.unique(labels) if k > 0]
@@ -453,6 +460,7 @@ def _roi_name_map(roi_names, labels)->dict:
     if missing: raise ValueError(f"roi_names has no name for ROI label(s) {missing}")
     return {k: names[k] for k in present}
 
+# %% ../nbs/33_evaluation.ipynb #c2e3e1bf
 def roi_table(scores:Mapping, # column -> (n_voxels,) test r (and 'noise_ceiling')
               selected:np.ndarray|None=None, # (n_voxels,) bool headline voxels: a 'selected' row
               roi_labels=None, # (n_voxels,) int ROI label per voxel (0: none), or None
@@ -477,6 +485,7 @@ def _records(df:pd.DataFrame)->list:
     nan = lambda v: isinstance(v, float) and math.isnan(v)
     return [{k: None if nan(v) else v for k, v in r.items()} for r in df.reset_index().to_dict(orient="records")]
 
+# %% ../nbs/33_evaluation.ipynb #dfbba3f6
 def _roi_labels(data:RunData, truth:dict|None):
     "ROI labels and names per model voxel: a study of region tables: each region its own; a spec's atlas: its regions; else the planted truth's ROIs (None, None without one)."
     units = data.aligned.units
@@ -488,6 +497,7 @@ def _roi_labels(data:RunData, truth:dict|None):
     col = truth_columns(truth, data.aligned.mask)
     return np.where(col >= 0, np.asarray(truth["roi"])[np.maximum(col, 0)], 0), truth["roi_names"]
 
+# %% ../nbs/33_evaluation.ipynb #509a35cc
 def _select(ceiling_train, threshold:float, n_voxels:int):
     "The headline's voxels and the rule that chose them, written out."
     if ceiling_train is None: return np.ones(n_voxels, bool), "all voxels (one subject: no noise ceiling to select by)"

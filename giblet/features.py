@@ -48,10 +48,12 @@ def _looks_like_path(name:str)->bool:
     "Whether a model name is written as a path (absolute, ./, ~, or deeper than a hub's ORG/NAME) rather than a hub name."
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).expanduser().is_absolute()
 
+# %% ../nbs/14_features.ipynb #a2be1ff3
 def _no_folder(name:str)->str:
     return (f"{name}: no such folder (a feature stream's model written as a path; a Hugging Face hub model is named "
             "ORG/NAME)")
 
+# %% ../nbs/14_features.ipynb #53a7ba74
 def _from_pretrained(cls, name:str, what:str, revision:str=""):
     "`cls.from_pretrained(name)`, or one clear line: how to pass a local folder (neither local nor cached), or which package is missing."
     if _looks_like_path(name) and not Path(name).expanduser().is_dir(): raise FileNotFoundError(_no_folder(name))
@@ -66,10 +68,12 @@ def _from_pretrained(cls, name:str, what:str, revision:str=""):
         raise OSError(f"{name}: {what} {where}; on a machine with network run `huggingface-cli download {name} "
                       f"--local-dir DIR` and pass DIR instead of the name ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
+# %% ../nbs/14_features.ipynb #8fd00b45
 def _is_video_model(config)->bool:
     "Whether a backbone takes whole clips (VideoMAE, V-JEPA 2, TimeSformer, ViViT) rather than single images."
     return any(hasattr(config, a) for a in ("num_frames", "frames_per_clip"))
 
+# %% ../nbs/14_features.ipynb #0171c853
 @dataclass
 class Backbone:
     "A frozen pretrained model with its processor, ready to turn inputs into per-layer hidden states."
@@ -80,6 +84,7 @@ class Backbone:
     video_model:bool = False # video: whether the model takes whole clips
     n_frames:int = 0 # video: frames per clip
 
+# %% ../nbs/14_features.ipynb #fcc8116e
 def load_backbone(spec:StreamSpec, # the stream
                   device:str|torch.device="cpu", # where the model runs
                   dtype:torch.dtype|None=None, # compute dtype (None: the checkpoint's float32; e.g. torch.bfloat16 on a GPU)
@@ -109,6 +114,7 @@ def load_backbone(spec:StreamSpec, # the stream
         raise ValueError(f"{spec.model}: layers {spec.layers} out of range for {n_hidden} layers (hidden states 0..{n_hidden})")
     return Backbone(spec, model, proc, torch.device(device), video_model, int(n_frames))
 
+# %% ../nbs/14_features.ipynb #f265429f
 def _pool(hidden:Sequence[torch.Tensor], # hidden states, each (B, T, d)
           layers:tuple, # which of them
           pooling:str, # "mean" (over valid tokens), "cls" (token 0) or "last" (last valid token)
@@ -167,6 +173,7 @@ def _hidden(bb:Backbone, inputs:dict)->tuple:
     x = {k: (v.to(bb.device, dt) if v.is_floating_point() else v.to(bb.device)) for k, v in inputs.items() if torch.is_tensor(v)}
     with torch.inference_mode(): return bb.model(**x, output_hidden_states=True).hidden_states
 
+# %% ../nbs/14_features.ipynb #457214af
 def embed(bb:Backbone, # a loaded backbone
           items:list, # video: uint8 clips (n_frames, H, W, 3); audio: float32 clips; text: strings (None: no words yet)
          )->np.ndarray: # float32 (len(items), d)
@@ -212,6 +219,7 @@ def default_cache_dir()->Path:
     "Where streams are cached unless told otherwise: `$GIBLET_FEATURES_CACHE` (`~` and `$VARS` expanded, made absolute), else ~/.cache/giblet/features."
     return env_folder("GIBLET_FEATURES_CACHE", Path.home() / ".cache" / "giblet" / "features")
 
+# %% ../nbs/14_features.ipynb #7e0e07cf
 def _model_identity(name:str, revision:str="")->dict:
     "A local folder by the size and head checksum of its files (a retrained model is a new one); a hub name by its commit."
     p = Path(name).expanduser()
@@ -226,6 +234,7 @@ def _model_identity(name:str, revision:str="")->dict:
     return {"model": str(p.resolve()), "files": [{k: v for k, v in fp.items() if k != "mtime_ns"} | {"name": f.name}
                                                    for f, fp in zip(files, input_fingerprint(files))]}
 
+# %% ../nbs/14_features.ipynb #49696462
 def _source_identity(source)->dict:
     "A film or transcript file by path, size and head checksum; a word table or waveform by its content."
     if isinstance(source, (str, os.PathLike)):
@@ -236,6 +245,7 @@ def _source_identity(source)->dict:
     wave, sr = source
     return {"waveform": hashlib.blake2b(np.ascontiguousarray(wave, np.float32).tobytes(), digest_size=16).hexdigest(), "sr": sr}
 
+# %% ../nbs/14_features.ipynb #61a566ef
 def cache_key(spec:StreamSpec, # the stream
               source, # film path, transcript path / word table, or (waveform, sr)
               times:np.ndarray, # (n_trs,) film time (s) of each TR window's start
@@ -249,11 +259,16 @@ def cache_key(spec:StreamSpec, # the stream
                 params=params | {"layers": list(spec.layers)}, dtype=str(dtype or "float32"), tr=float(tr),
                 n_trs=len(grid), grid=hashlib.blake2b(grid.tobytes(), digest_size=16).hexdigest())
 
+# %% ../nbs/14_features.ipynb #503b9b09
 def _digest(key:dict)->str: return hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
 
+# %% ../nbs/14_features.ipynb #8eecedd9
 def _write_json(path:Path, obj:dict): atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+# %% ../nbs/14_features.ipynb #008f07e6
 def _write_npy(path:Path, a:np.ndarray)->dict: return atomic_write(path, lambda f: np.save(f, a, allow_pickle=False))
 
+# %% ../nbs/14_features.ipynb #9d1f2a9e
 def _read_json(path:Path)->dict|None:
     try: return json.loads(path.read_text())
     except (OSError, ValueError): return None
@@ -266,6 +281,7 @@ def _rank_world(rank, world_size)->tuple:
     if not 0 <= rank < world: raise ValueError(f"rank {rank} is outside a world of {world} processes")
     return rank, world
 
+# %% ../nbs/14_features.ipynb #2cf6299c
 def _load_chunk(path:Path, n:int)->np.ndarray|None:
     "A finished chunk (float16, n rows), or None if it is missing or unreadable (then it is removed)."
     if not path.is_file(): return None
@@ -276,11 +292,13 @@ def _load_chunk(path:Path, n:int)->np.ndarray|None:
     logger.warning("%s: unreadable or the wrong shape; computing it again", path)
     path.unlink(missing_ok=True); return None
 
+# %% ../nbs/14_features.ipynb #dea39669
 def _intact(folder:Path, m:dict|None)->bool:
     "Whether a finished manifest's features.npy has the size and checksum the manifest records."
     data = folder / "features.npy"
     return m is not None and data.is_file() and data.stat().st_size == m.get("bytes") and file_checksum(data) == m.get("blake2b")
 
+# %% ../nbs/14_features.ipynb #f7507253
 def _valid_entry(folder:Path, key:dict)->bool:
     "Whether `folder` holds complete features for `key`, with the checksum its manifest records."
     m = _read_json(folder / "manifest.json")
@@ -291,6 +309,7 @@ def _valid_entry(folder:Path, key:dict)->bool:
         return False
     return True
 
+# %% ../nbs/14_features.ipynb #da9c7d57
 class _Inputs:
     "The model inputs of any TR of one source: clips for video and audio, contexts for text."
     def __init__(self, spec, source, times, tr):
@@ -315,6 +334,7 @@ class _Inputs:
             if n_none: logger.info("%s: %d of %d TRs end before the first word; their features are zero", s.name, n_none, len(self._texts))
         return [self._texts[i] for i in idx]
 
+# %% ../nbs/14_features.ipynb #a5fe3e5f
 def _compute_chunk(bb:Backbone, inputs:_Inputs, idx:np.ndarray, batch_size:int)->np.ndarray:
     "float16 features of the TRs `idx`, in batches (identical texts are computed once)."
     items = inputs(bb, idx)
@@ -385,6 +405,7 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
     if world > 1 and wait: _wait_for(lambda: _valid_entry(folder, key), timeout, folder)
     return folder if _valid_entry(folder, key) else None
 
+# %% ../nbs/14_features.ipynb #5dc6a76a
 def _finalize(folder:Path, key:dict, spec:StreamSpec, chunks:list, chunk_trs:int, wait:bool):
     "Join the chunks into features.npy, then write the complete manifest and remove the chunks."
     if _valid_entry(folder, key): return
@@ -397,6 +418,7 @@ def _finalize(folder:Path, key:dict, spec:StreamSpec, chunks:list, chunk_trs:int
     for f in folder.glob("chunk-*.npy"): f.unlink(missing_ok=True)
     logger.info("%s: %d TRs x %d features cached", folder, sum(len(a) for a in chunks), chunks[0].shape[1])
 
+# %% ../nbs/14_features.ipynb #6b8efb89
 def _wait_for(done, timeout:float, folder:Path, barrier:bool=True):
     "Wait for other ranks: a barrier when torch.distributed is up, else poll `done()` until `timeout`."
     if barrier and torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier(); return
@@ -405,6 +427,7 @@ def _wait_for(done, timeout:float, folder:Path, barrier:bool=True):
         if time.monotonic() - t0 > timeout: raise TimeoutError(f"{folder}: other ranks did not finish their chunks in {timeout:.0f} s")
         time.sleep(1.0)
 
+# %% ../nbs/14_features.ipynb #1cab8af1
 def load_stream(folder:str|Path, # a cache folder from `extract_stream`
                )->np.ndarray: # float16 (n_trs, d), memory-mapped
     "The cached features of one stream, memory-mapped read-only."
@@ -439,6 +462,7 @@ class StreamRun:
     times:np.ndarray # (n_trs,) film time (s) where each of the run's TR windows starts
     words:str|Path|pd.DataFrame|None = None # a word-timed transcript (text streams): TSV path or table (onset, duration, word)
 
+# %% ../nbs/14_features.ipynb #d6f821c5
 def runs_from_aligned(aligned, # a `giblet.alignment.sync.Aligned` study (its `run` ids and `tr_start` on each run's clock)
                       films:Sequence, # the film of each run id (index = run id)
                       film_starts:Sequence[float], # film time (s) of each run's stimulus time 0 (`RunSpec.film_start`)
@@ -453,6 +477,7 @@ def runs_from_aligned(aligned, # a `giblet.alignment.sync.Aligned` study (its `r
         runs.append(StreamRun(films[r], float(film_starts[r]) + np.asarray(aligned.tr_start, float)[sel], None if words is None else words[r]))
     return runs
 
+# %% ../nbs/14_features.ipynb #541be962
 def load_streams(specs:Sequence, # StreamSpec or "KIND=MODEL:LAYERS" strings
                  runs:Sequence[StreamRun], # the study's runs, in TR order
                  tr:float, # repetition time (s)

@@ -45,17 +45,20 @@ def current_umask()->int:
     except OSError: pass
     m = os.umask(0o022); os.umask(m); return m
 
+# %% ../nbs/00_io.ipynb #53305c2d
 def usual_mode(folder:bool=False, # a folder (0o777 less the umask) rather than a file (0o666 less the umask)
               )->int:
     "The mode `open()` or `mkdir` would give a new file or folder."
     return (0o777 if folder else 0o666) & ~current_umask()
 
+# %% ../nbs/00_io.ipynb #ce9fa552
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{4}\.giblet\.tmp(?P<ext>\..+)?$")
 
 def host_tag()->str:
     "Four hex digits naming this machine, so cleaning a shared folder never judges another machine's process ids."
     return hashlib.blake2b(socket.gethostname().encode(), digest_size=2).hexdigest()
 
+# %% ../nbs/00_io.ipynb #c19b765f
 def temp_name(path:str|Path, # the file or folder the temporary one will replace
               keep_suffix:bool=False, # end the name with `path`'s suffixes (for writers that pick a format by suffix)
              )->Path:
@@ -77,11 +80,13 @@ def _human(n:float)->str:
         if abs(n) < 1000 or unit == "TB": return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
 
+# %% ../nbs/00_io.ipynb #ac16d998
 def _free(folder:Path)->int|None:
     for p in (folder, *folder.parents):
         try: return shutil.disk_usage(p).free
         except OSError: continue
 
+# %% ../nbs/00_io.ipynb #2f44dbd1
 class DiskFullError(OSError):
     "No space left for a write: one line naming the file, its folder, the space needed and the space free."
     def __init__(self, path:str|Path, # the file or folder being written
@@ -96,6 +101,7 @@ class DiskFullError(OSError):
         self.path, self.need, self.written = path, need, written
     def __str__(self): return self.strerror
 
+# %% ../nbs/00_io.ipynb #22bd1772
 def is_disk_full(e:BaseException, # an exception raised while writing
                 )->bool:
     "Whether `e` means the disk (or quota) is full."
@@ -103,6 +109,7 @@ def is_disk_full(e:BaseException, # an exception raised while writing
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT): return True
     return bool(re.search(r"\d+ requested and \d+ written|No space left", str(e)))
 
+# %% ../nbs/00_io.ipynb #b21ef50f
 def check_space(folder:str|Path, # where the write goes
                 need:int, # bytes it needs
                 what:str|Path|None=None, # the file or folder named in the error (default: `folder`)
@@ -111,6 +118,7 @@ def check_space(folder:str|Path, # where the write goes
     folder = Path(folder); free = _free(folder)
     if free is not None and free < need: raise DiskFullError(what or folder, need)
 
+# %% ../nbs/00_io.ipynb #8eef8baf
 def free_space(folder:str|Path, # where a write would go (the nearest existing folder above it is asked)
               )->tuple: # (memory, disk) free bytes, each None when unknown
     "Memory a new allocation can take without swapping (`MemAvailable` in /proc/meminfo, else free pages) and free disk under `folder`."
@@ -129,6 +137,7 @@ def new_hash():
     "The checksum giblet records: blake2b (from `hashlib`) with a `HASH_BYTES`-byte digest."
     return hashlib.blake2b(digest_size=HASH_BYTES)
 
+# %% ../nbs/00_io.ipynb #7c284352
 class HashingWriter:
     "A write-only binary stream that hashes (blake2b) and counts every byte it passes on to `f`."
     def __init__(self, f): self.f, self.hash, self.n, self.error = f, new_hash(), 0, None
@@ -145,6 +154,7 @@ class HashingWriter:
     def read(self, *a): raise OSError("a HashingWriter is write-only")   # its presence tells np.savez "a stream"
     def hexdigest(self)->str: return self.hash.hexdigest()
 
+# %% ../nbs/00_io.ipynb #17ea436a
 def file_checksum(path:str|Path, # the file to read
                   progress:Callable|None=None, # called with the bytes of each chunk read
                  )->str:
@@ -157,6 +167,7 @@ def file_checksum(path:str|Path, # the file to read
             if progress: progress(n)
     return h.hexdigest()
 
+# %% ../nbs/00_io.ipynb #e91bb547
 def fsync_folder(folder:str|Path, # a folder whose entries (a rename, a new file) must reach the disk
                 ):
     "Flush a folder's entries to disk (where the platform allows opening folders)."
@@ -166,6 +177,7 @@ def fsync_folder(folder:str|Path, # a folder whose entries (a rename, a new file
     except OSError: pass
     finally: os.close(fd)
 
+# %% ../nbs/00_io.ipynb #8264d3b7
 def write_file(path:str|Path, # a new file (it must not exist yet)
                write:Callable, # write(stream), or write(path) with `as_path`
                as_path:bool=False, # hand `write` the path instead of a stream
@@ -192,6 +204,7 @@ def write_file(path:str|Path, # a new file (it must not exist yet)
             raise DiskFullError(path, need, hw.n if hw else 0) from e
         raise
 
+# %% ../nbs/00_io.ipynb #0858f649
 def atomic_write(path:str|Path, # the file to write or replace
                  write:Callable, # write(stream), or write(path) with `as_path`
                  as_path:bool=False, # hand `write` a temporary path ending in `path`'s suffixes
@@ -250,6 +263,7 @@ def _boot_time()->float|None:
             if line.startswith("btime"): return float(line.split()[1])
     except OSError: return None
 
+# %% ../nbs/00_io.ipynb #fec98bd1
 def process_start(pid:int, # a process id
                  )->float|None:
     "When process `pid` started (epoch seconds), or None if it is not running (or /proc is unavailable)."
@@ -260,6 +274,7 @@ def process_start(pid:int, # a process id
     ticks = int(stat.rsplit(")", 1)[1].split()[19])
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
+# %% ../nbs/00_io.ipynb #931bcaa2
 def pid_alive(pid:int, # a process id on this machine
              )->bool:
     "Whether a process with this id is running."
@@ -269,6 +284,7 @@ def pid_alive(pid:int, # a process id on this machine
     except PermissionError: return True
     return True
 
+# %% ../nbs/00_io.ipynb #d6071131
 def _writer_gone(pid:int, mtime:float)->bool:
     "Whether the writer `pid` of a temporary file last written at `mtime` has ended."
     if pid == os.getpid(): return False
@@ -276,6 +292,7 @@ def _writer_gone(pid:int, mtime:float)->bool:
     started = process_start(pid)
     return started is not None and started > mtime + 1    # the id now belongs to a younger process
 
+# %% ../nbs/00_io.ipynb #01dd8a77
 def clean_leftovers(folder:str|Path, # a run folder or cache root
                     name:str|None=None, # only the temporaries of this file or folder in `folder`; None: of any
                    )->list[Path]:
@@ -302,6 +319,7 @@ def clean_leftovers(folder:str|Path, # a run folder or cache root
 class FolderLockedError(RuntimeError):
     "Another live process holds the folder's lock."
 
+# %% ../nbs/00_io.ipynb #22c38c47
 class RunLock:
     "An exclusive lock on a run folder, held by this process until `release` (or exit); refused while another holds it."
     def __init__(self, folder:str|Path, # the folder to lock (created if needed)
@@ -370,6 +388,7 @@ def input_fingerprint(paths:Sequence[str|Path], # the input files
         out.append(dict(path=str(p), bytes=st.st_size, mtime_ns=st.st_mtime_ns, head=h.hexdigest()))
     return out
 
+# %% ../nbs/00_io.ipynb #054d4d46
 def fingerprint_changes(old:Sequence[dict], # a recorded `input_fingerprint`
                         new:Sequence[dict], # the current one
                        )->list[str]:
@@ -396,6 +415,7 @@ def cache_key(inputs:Sequence[str|Path], # files the features are computed from
     blob = json.dumps({"v": CACHE_VERSION, "inputs": st, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
+# %% ../nbs/00_io.ipynb #e62353a7
 @dataclass
 class StreamedArray:
     "An array written block by block along its first axis, never held whole: `blocks` yields the pieces in order."
@@ -405,6 +425,7 @@ class StreamedArray:
     @property
     def nbytes(self)->int: return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
+# %% ../nbs/00_io.ipynb #eec3e986
 def _write_npy(f, name:str, a:StreamedArray):
     "Write `a` as an `.npy` stream: header, then each block's bytes, checking the total."
     dt = np.dtype(a.dtype)
@@ -415,11 +436,13 @@ def _write_npy(f, name:str, a:StreamedArray):
         b = np.ascontiguousarray(b, dtype=dt); f.write(b.reshape(-1).view(np.uint8).data if b.size else b""); n += b.nbytes
     if n != a.nbytes: raise ValueError(f"{name}: the blocks hold {n} bytes, the shape {tuple(a.shape)} needs {a.nbytes}")
 
+# %% ../nbs/00_io.ipynb #e4b1b221
 def _as_stream(a)->StreamedArray:
     a = np.asarray(a)
     if a.dtype.hasobject: raise TypeError(f"cannot cache an object array of shape {a.shape}")
     return StreamedArray(a.shape, a.dtype, [a])
 
+# %% ../nbs/00_io.ipynb #1fb2598a
 def _fill_memmap(path:Path, fill:Callable, shape, dtype)->dict:
     "The older form: `fill` writes into a preallocated memory map (space reserved first, so a full disk is an error, not a crash)."
     out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
@@ -429,6 +452,7 @@ def _fill_memmap(path:Path, fill:Callable, shape, dtype)->dict:
     with open(path, "r+b") as f: os.fsync(f.fileno())
     return {"bytes": path.stat().st_size, "blake2b": file_checksum(path)}
 
+# %% ../nbs/00_io.ipynb #f87eb77e
 def save_arrays(folder:str|Path, # the cache folder to create (replaced if it exists)
                 arrays:dict, # name -> array, `StreamedArray`, or callable(open_memmap) that fills a preallocated array
                 meta:dict|None=None, # JSON-serialisable extras kept in the manifest
@@ -451,9 +475,11 @@ def save_arrays(folder:str|Path, # the cache folder to create (replaced if it ex
         write_file(tmp / "manifest.json", lambda f: f.write(json.dumps(man, indent=1).encode()))
     return folder
 
+# %% ../nbs/00_io.ipynb #05c356fe
 def _mtimes(folder:Path, names)->dict:
     return {n: (folder / n).stat().st_mtime_ns for n in names}
 
+# %% ../nbs/00_io.ipynb #9ff51c53
 def _damage(folder:Path, files:dict, verify:bool|None, progress:bool)->str|None:
     "What is wrong with the cache files against their manifest entries, or None (checksums checked per `verify`)."
     on_disk = {p.name for p in folder.glob("*.npy")}
@@ -478,6 +504,7 @@ def _damage(folder:Path, files:dict, verify:bool|None, progress:bool)->str|None:
     except OSError as e: logger.info("%s: checked, but cannot record it (%s); it will be checked again", folder, e)
     return None
 
+# %% ../nbs/00_io.ipynb #cc7504ef
 def load_arrays(folder:str|Path, # a folder written by `save_arrays`
                 verify:bool|None=None, # checksum every file: None on first use and after a time stamp changed, True always, False never
                 progress:bool=False, # a progress bar while checksumming
@@ -497,6 +524,7 @@ def load_arrays(folder:str|Path, # a folder written by `save_arrays`
         logger.warning("%s: unreadable cache (%s); rebuilding", folder, e); return None
     return arrays, man["meta"]
 
+# %% ../nbs/00_io.ipynb #683c4198
 def cache_damage(folder:str|Path, # a cache folder
                  progress:bool=False, # a progress bar while checksumming
                 )->str|None: # what is wrong, naming the file; None: intact
@@ -505,6 +533,7 @@ def cache_damage(folder:str|Path, # a cache folder
     if bad := _damage(folder, cache_manifest(folder)["files"], True, progress): (folder / VERIFIED).unlink(missing_ok=True)
     return bad
 
+# %% ../nbs/00_io.ipynb #98575e16
 def cache_manifest(folder:str|Path, # a cache folder
                   )->dict:
     "The manifest of a cache folder: `files` (bytes, blake2b), `inputs` (fingerprint) and `meta`."

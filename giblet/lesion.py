@@ -83,6 +83,7 @@ def _as_mask(region, n_units:int, device)->torch.Tensor|None:
                          "was it built on the model's mask?")
     return torch.as_tensor(mask, device=device)
 
+# %% ../nbs/41_lesion.ipynb #f18685fa
 def _brains(model, data:LesionData, source:str, position:int|None, batch_size:int):
     "Yield (index into data.trs, batch, brain layer, window row, position) batch by batch: what the decoder reads."
     if source not in ("stimulus", "fmri"): raise ValueError(f"source must be 'stimulus' or 'fmri', got {source!r}")
@@ -95,11 +96,13 @@ def _brains(model, data:LesionData, source:str, position:int|None, batch_size:in
     for idx, batch, brain, row, pos in model.context_windows(data.tensors, data.trs, position, "block", batch_size, predict=source == "stimulus"):
         yield idx, batch, brain if source == "stimulus" else batch["fmri"].to(dev).float(), row, pos
 
+# %% ../nbs/41_lesion.ipynb #5c673854
 def _silence(brain:torch.Tensor, mask:torch.Tensor, mode:str, baseline:torch.Tensor|None)->torch.Tensor:
     "The brain layer with the region's units (lesion) or all others (keep) at their baseline (None: 0)."
     off = mask if mode == "lesion" else ~mask
     return brain.masked_fill(off, 0.0) if baseline is None else torch.where(off, baseline.to(brain.dtype), brain)
 
+# %% ../nbs/41_lesion.ipynb #0256096a
 @torch.no_grad()
 def _sweep(model, data:LesionData, masks:dict, mode:str, source:str, position:int|None, batch_size:int,
            baseline:torch.Tensor|None=None):
@@ -118,6 +121,7 @@ def _sweep(model, data:LesionData, masks:dict, mode:str, source:str, position:in
             yield idx, tgt, outs
     finally: model.train(was)
 
+# %% ../nbs/41_lesion.ipynb #42351bab
 @torch.no_grad()
 def unit_means(model, # a BrainAutoencoder
                data:LesionData, # the study; its `train_trs` are averaged over
@@ -136,6 +140,7 @@ def unit_means(model, # a BrainAutoencoder
     finally: model.train(was)
     return (total / n).float()
 
+# %% ../nbs/41_lesion.ipynb #a1e301e5
 def _baseline(model, data:LesionData, replace_with:str, source:str, position:int|None, batch_size:int)->torch.Tensor|None:
     if replace_with not in ("zero", "mean"): raise ValueError(f"replace must be 'zero' or 'mean', got {replace_with!r}")
     return unit_means(model, data, source, position, batch_size) if replace_with == "mean" else None
@@ -178,12 +183,14 @@ def _tr_errors(pred:dict, tgt:dict, var:dict, bank:tuple, texts:list)->dict:
             ("text", "nmse"): nan(text.double().cpu().numpy()), ("text", "cosine"): nan(cos.double().cpu().numpy()),
             ("text", "accuracy"): nan(acc)}
 
+# %% ../nbs/41_lesion.ipynb #8111850c
 def _variances(data:LesionData)->dict:
     "Variance of each target over the evaluated TRs (the normaliser of the MSEs)."
     idx = torch.as_tensor(data.trs, device=data.tensors.video.device)
     return target_variances(video=data.tensors.video[idx].cpu().numpy(), audio=data.tensors.audio[idx].cpu().numpy(),
                             text=data.tensors.text[idx].cpu().numpy(), has_text=data.tensors.has_text[idx].cpu().numpy())
 
+# %% ../nbs/41_lesion.ipynb #8d9b133e
 def _chance(data:LesionData, bank:tuple)->dict:
     "The errors of predicting the mean target at every TR: 1 for the normalised MSEs, measured for cosine and accuracy."
     idx = torch.as_tensor(data.trs, device=data.tensors.text.device)
@@ -195,6 +202,7 @@ def _chance(data:LesionData, bank:tuple)->dict:
     return {("video", "nmse"): 1.0, ("audio", "nmse"): 1.0, ("text", "nmse"): 1.0, ("text", "cosine"): float(cos.mean()),
             ("text", "accuracy"): float(acc)}
 
+# %% ../nbs/41_lesion.ipynb #badec20e
 def _blocks(data:LesionData, block_trs:int)->np.ndarray:
     "Block id of every evaluated TR: contiguous stretches of at most `block_trs` TRs within one run."
     trs, run = data.trs, data.tensors.run
@@ -203,6 +211,7 @@ def _blocks(data:LesionData, block_trs:int)->np.ndarray:
     start = np.flatnonzero(new)[seg]
     return np.unique(np.c_[seg, (np.arange(len(trs)) - start) // block_trs], axis=0, return_inverse=True)[1].ravel()
 
+# %% ../nbs/41_lesion.ipynb #26cb42e9
 def _boot(values:np.ndarray, block:np.ndarray, counts:np.ndarray)->tuple:
     "The mean over valid TRs and its bootstrap replicates (resampling blocks with `counts`, (n_boot, n_blocks))."
     ok = ~np.isnan(values)
@@ -237,6 +246,7 @@ def _null_stats(effect:float, null:np.ndarray, direction:int)->dict:
     e, nl = direction * effect, direction * null
     return dict(p=(1 + int((nl >= e).sum())) / (1 + len(nl)), rank=1 + int((nl > e).sum()))
 
+# %% ../nbs/41_lesion.ipynb #cfa0676c
 def lesion_effects(model, # a trained BrainAutoencoder
                    data:LesionData, # the study and the TRs to evaluate (e.g. a held-out block)
                    regions:Sequence[Region], # the regions to lesion (or keep)
@@ -342,8 +352,10 @@ def _text_strip(width:int, height:int, items:Sequence, fontsize:float, cache:dic
     cache[key] = out
     return out
 
+# %% ../nbs/41_lesion.ipynb #fad9d628
 def _clip(text:str, n:int)->str: return text if len(text) <= n else text[:max(1, n - 1)] + "…"
 
+# %% ../nbs/41_lesion.ipynb #bfa642a1
 def _compose(panels:Sequence[np.ndarray], labels:Sequence[str], captions:Sequence[str], footer:str, scale:int, cache:dict)->np.ndarray:
     "One video frame: labelled, upscaled panels side by side, each captioned, and a footer line."
     gap = 4
@@ -380,6 +392,7 @@ class Rendering:
             display(Audio(filename=str(path), embed=embed)) if embed else display(Audio(str(path)))
         display(self.texts)
 
+# %% ../nbs/41_lesion.ipynb #db5bb610
 def _markdown(df:pd.DataFrame)->str:
     "A pipe table of `df` (cells with '|' escaped)."
     cell = lambda v: (f"{v:.3f}" if isinstance(v, float) else str(v)).replace("|", "\\|")
@@ -387,13 +400,16 @@ def _markdown(df:pd.DataFrame)->str:
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
+# %% ../nbs/41_lesion.ipynb #9a0484c1
 def _atomic_text(path:Path, text:str)->Path:
     atomic_write(path, lambda f: f.write(text.encode())); return Path(path)
 
+# %% ../nbs/41_lesion.ipynb #fcdd8a2b
 def _atomic_media(path:Path, write)->Path:
     "A media file written by `write(temporary path)`, put in place atomically with the usual file mode."
     atomic_write(path, write, as_path=True); return Path(path)
 
+# %% ../nbs/41_lesion.ipynb #90e35f80
 def _slug(text:str)->str: return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "region"
 
 # %% ../nbs/41_lesion.ipynb #1eb6e4f0
@@ -478,6 +494,7 @@ def _check_out(out:Path, overwrite:bool):
         if not overwrite: raise FileExistsError(f"{out} already holds a lesion run; pass --overwrite to replace it as a whole")
     elif any(out.iterdir()): raise FileExistsError(f"{out} holds other files, not a lesion run; give a new or empty folder")
 
+# %% ../nbs/41_lesion.ipynb #ffe457c4
 def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or a saved model
                 out:str="lesion_out", # the output folder (the table, the figure, the media); refused if it holds a lesion run, unless --overwrite
                 regions:str="synthetic", # regions separated by ';', each synthetic[:NAMES], sphere:X,Y,Z,R[:NAME], blob:X,Y,Z,N[:NAME], mask:PATH[:NAME] or atlas:PATH:LABELS[:LOOKUP]

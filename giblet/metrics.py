@@ -25,6 +25,7 @@ def _chunks(n_trs:int, n_vox:int):
     step = max(1, _CHUNK_ELEMS // max(n_trs, 1))
     return [slice(s, s + step) for s in range(0, n_vox, step)]
 
+# %% ../nbs/07_metrics.ipynb #e51426b2
 def _score(p, t, kind:str, fill:float):
     "Pearson r ('r') or R² ('r2') over axis 0 of two same-shape NumPy arrays or tensors, `fill` where undefined."
     xp = np if isinstance(p, np.ndarray) else torch
@@ -43,6 +44,7 @@ def _score(p, t, kind:str, fill:float):
         val = 1.0 - dot(res, res) / xp.where(ok, stt, 1.0)
     return xp.where(ok, val, fill)
 
+# %% ../nbs/07_metrics.ipynb #b47bc7ec
 def _voxel_score(pred, true, kind:str, fill:float):
     "Shared front end of `voxel_r` and `voxel_r2`: type matching, shape checks, chunking."
     if isinstance(pred, torch.Tensor) or isinstance(true, torch.Tensor):
@@ -70,6 +72,7 @@ def voxel_r(pred, # predicted BOLD (n_trs, n_voxels, ...): NumPy array or torch 
     "Pearson correlation over time between `pred` and `true`, for every voxel."
     return _voxel_score(pred, true, "r", fill)
 
+# %% ../nbs/07_metrics.ipynb #30f26c99
 def voxel_r2(pred, # predicted BOLD (n_trs, n_voxels, ...): NumPy array or torch tensor, time on axis 0
              true, # measured BOLD of the same shape (NumPy or torch)
              fill:float=0.0, # score of voxels whose `true` series is constant (R² undefined): 0 or np.nan
@@ -110,6 +113,7 @@ def _subject_reader(subject_bold):
         return x
     return n, get
 
+# %% ../nbs/07_metrics.ipynb #dec844c4
 def _sum(get, idx):
     "float32 sum of the subjects in idx, streamed."
     tot = None
@@ -119,6 +123,7 @@ def _sum(get, idx):
         else: tot += x
     return tot
 
+# %% ../nbs/07_metrics.ipynb #fd3f8e24
 def _chunked_r(x, y_of):
     "float64 voxel r of x with y_of(slice), one chunk of voxels at a time."
     out = np.empty(x.shape[1], np.float64)
@@ -126,6 +131,7 @@ def _chunked_r(x, y_of):
         out[sl] = _score(x[:, sl].astype(np.float64), y_of(sl).astype(np.float64), "r", 0.0)
     return out
 
+# %% ../nbs/07_metrics.ipynb #f026eb9e
 def intersubject_r(subject_bold, # (n_subjects, n_trs, n_voxels): array, memmap, lazy loader or list of 2-D arrays
                    method:str="loo", # "loo" (subject vs mean of others) or "split_half" (mean of half vs other half)
                    n_splits:int=10, # random splits averaged for "split_half"
@@ -151,6 +157,7 @@ def intersubject_r(subject_bold, # (n_subjects, n_trs, n_voxels): array, memmap,
         del half                                                     # before the next split's sum is built
     return (acc / n_splits).astype(np.float32), a, b
 
+# %% ../nbs/07_metrics.ipynb #6995b13b
 def noise_ceiling(subject_bold, # (n_subjects, n_trs, n_voxels): array, memmap, lazy loader or list of 2-D arrays
                   method:str="loo", # "loo" (default) or "split_half" (Spearman-Brown)
                   n_splits:int=10, # random splits averaged for "split_half"
@@ -207,6 +214,7 @@ def _segments(run_ids, n_trs:int)->np.ndarray:
     if run_ids.shape != (n_trs,): raise ValueError(f"run_ids must have shape ({n_trs},); got {run_ids.shape}")
     return np.concatenate([[0], np.cumsum(run_ids[1:] != run_ids[:-1])])
 
+# %% ../nbs/07_metrics.ipynb #4395ccea
 def delay_features(x:np.ndarray, # (n_trs, p) stimulus features (centre them first: rows before a run start are 0)
                    delays:Sequence[int]=(1, 2, 3, 4), # FIR delays in TRs (>= 0); block k holds x[t - delays[k]]
                    run_ids=None, # (n_trs,) run label per TR; no delay reads across a change of label

@@ -39,6 +39,7 @@ class Region:
     size = property(lambda self: int(self.mask.sum()), doc="the number of units")
     def __repr__(self): return f"Region({self.name!r}, {self.size} of {self.mask.size} units, {self.origin})"
 
+# %% ../nbs/40_regions.ipynb #963aec4d
 def _model_mask(model_mask)->tuple:
     "The model's mask image and its bool (X, Y, Z) array (in-mask voxels are the units, in C order)."
     img = load_nifti(model_mask, ndim=3)
@@ -46,6 +47,7 @@ def _model_mask(model_mask)->tuple:
     if not m.any(): raise ValueError("the model's mask is empty")
     return img, m
 
+# %% ../nbs/40_regions.ipynb #49d033ef
 def _units(m:np.ndarray, values:np.ndarray, what:str, name:str)->Region:
     "A region from nonzero `values` (on the model grid); an error if none falls in the mask."
     units = np.asarray(values)[m] != 0
@@ -55,6 +57,7 @@ def _units(m:np.ndarray, values:np.ndarray, what:str, name:str)->Region:
                          f"{n} of its voxels lie on the mask's grid, none inside the mask. Is it in the same space (MNI)?")
     return Region(name, units, what)
 
+# %% ../nbs/40_regions.ipynb #ee89acf8
 def _on_grid(img, model_mask, what:str)->tuple:
     "An image's values on the model's grid (resampled with nearest neighbour when the grids differ), and the bool mask."
     m_img, m = _model_mask(model_mask)
@@ -70,9 +73,11 @@ def _on_grid(img, model_mask, what:str)->tuple:
         data = np.asanyarray(img.dataobj)
     return data, m
 
+# %% ../nbs/40_regions.ipynb #703aab9a
 def _describe(img)->str:
     return str(img) if isinstance(img, (str, os.PathLike)) else (img.get_filename() or "<in-memory image>")
 
+# %% ../nbs/40_regions.ipynb #83672541
 def mask_region(mask_img, # a 3-D mask NIfTI (image or path): nonzero voxels are the region
                 model_mask, # the model's mask (image or path), e.g. `Aligned.mask`
                 name:str|None=None, # the region's name (default: the file's name)
@@ -97,6 +102,7 @@ def _lookup(names)->dict:
         return dict(zip(df["index"].astype(int), df["name"].astype(str)))
     return {i: str(n) for i, n in enumerate(names)}
 
+# %% ../nbs/40_regions.ipynb #57af6589
 def atlas_regions(atlas, # a 3-D label image (image or path): integer labels, 0 = background
                   model_mask, # the model's mask (image or path)
                   labels:Sequence, # label ids (int) or names (str) to turn into regions
@@ -179,6 +185,7 @@ class UnitGrid:
         vol = np.zeros(self.shape, bool); vol[tuple(self.ijk[np.asarray(mask, bool)].T)] = True
         return ndimage.label(vol)[1] == 1
 
+# %% ../nbs/40_regions.ipynb #73ca1b9b
 def blob_region(center:Sequence[float], # (x, y, z) in the mask's world space, mm (MNI)
                 size:int, # units in the blob
                 model_mask, # the model's mask (image or path) or a `UnitGrid` of it
@@ -252,6 +259,7 @@ class MatchedNull:
     tolerance: float # relative gain tolerance
     n = property(lambda self: len(self.blobs), doc="how many matched")
 
+# %% ../nbs/40_regions.ipynb #105fc03d
 def matched_blobs(region:Region, # the region to match
                   grid:UnitGrid, # the model's `UnitGrid`
                   gain:np.ndarray|None=None, # (n_units,) decoder gain of each unit (None: all 1, so any blob matches)

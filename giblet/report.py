@@ -39,6 +39,7 @@ def longest_stretch(trs:np.ndarray, # sorted TR indices
     cut = np.flatnonzero((np.diff(trs) != 1) | (np.diff(np.asarray(run)[trs]) != 0)) + 1
     return max(np.split(trs, cut), key=len)
 
+# %% ../nbs/35_report.ipynb #faccc7cf
 def run_decoding(model, # a `giblet.models.autoencoder.BrainAutoencoder`
                  tensors, # the run's `StudyTensors`
                  trs:np.ndarray, # the block scored (the test block)
@@ -58,6 +59,7 @@ def run_decoding(model, # a `giblet.models.autoencoder.BrainAutoencoder`
         out[source] = decoding_scores(dec, true, tr, null, min_shift_s, n_boot=n_boot, seed=seed)
     return pd.concat(out, names=["source"])
 
+# %% ../nbs/35_report.ipynb #b4782cc6
 def decoding_metrics(table:pd.DataFrame, # from `run_decoding`
                      trs:np.ndarray, # the TRs scored
                      volumes:np.ndarray, # the scanner volume of every TR of the series
@@ -108,6 +110,7 @@ def plot_history(history:list, # `Trainer.history`
     fig.tight_layout()
     return fig
 
+# %% ../nbs/35_report.ipynb #99b31243
 def plot_r_hist(scores:Mapping, # name -> (n_voxels,) test r
                 ceiling:np.ndarray|None=None, # (n_voxels,) test noise ceiling
                )->plt.Figure:
@@ -121,6 +124,7 @@ def plot_r_hist(scores:Mapping, # name -> (n_voxels,) test r
     fig.tight_layout()
     return fig
 
+# %% ../nbs/35_report.ipynb #eea0074d
 def plot_r_brain(r:np.ndarray, # (n_voxels,) test voxel r
                  mask, # the run's mask image
                 )->plt.Figure:
@@ -135,6 +139,7 @@ def plot_r_brain(r:np.ndarray, # (n_voxels,) test voxel r
                               title="test voxel r")
     return fig
 
+# %% ../nbs/35_report.ipynb #2c10cf37
 def plot_modality(split_r2:np.ndarray, # (n_bands, n_voxels) each band's share of the banded ridge's test R²
                   bands:list, # band names
                   roi_labels=None, # (n_voxels,) ROI label per voxel, or None
@@ -200,6 +205,7 @@ def _md_table(df:pd.DataFrame, fmt:str="{:.3f}")->str:
     rows = zip(df.index, df.astype(object).values.tolist())
     return "\n".join(lines + ["| " + " | ".join([str(i)] + [cell(v) for v in row]) + " |" for i, row in rows])
 
+# %% ../nbs/35_report.ipynb #03567ba4
 def report_markdown(m:dict, # metrics from `evaluate_run`
                    )->str:
     "The run's report in Markdown: block, headline rule, score table, CIs and verdicts, null, regions, factors, decoding."
@@ -300,6 +306,7 @@ def region_table(preds:Mapping, # name -> (n_trs, n_voxels) test predictions: 'm
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("region")
 
+# %% ../nbs/35_report.ipynb #751d45ad
 def _region_markdown(records:list)->str:
     "The region table in words: each r with its CI, the differences with theirs and a verdict, shares as percentages."
     r3 = lambda v: "—" if v is None else f"{v:.3f}"
@@ -322,6 +329,7 @@ def _nii_bytes(img)->bytes:
     import gzip
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
+# %% ../nbs/35_report.ipynb #a0ddd5aa
 def _report_decoding(trainer:Trainer, m:dict, n_boot:int, seed:int, min_shift_s:float=30.0)->pd.DataFrame|None:
     "The decoding scores of the test block into `m['decoding']` (or why there are none), and their table."
     al, tensors, test = trainer.data.aligned, trainer.data.tensors, trainer.data.split.test
@@ -335,6 +343,7 @@ def _report_decoding(trainer:Trainer, m:dict, n_boot:int, seed:int, min_shift_s:
     m["decoding"] = decoding_metrics(dec, seg, al.volume, min_shift_s)
     return dec
 
+# %% ../nbs/35_report.ipynb #2411f6d4
 def write_map(out:Path, # the run folder
               name:str, # the file's stem, e.g. "test_pred"
               values:np.ndarray, # (n_rows, n_units): TRs, or bands, per voxel or region
@@ -351,6 +360,7 @@ def write_map(out:Path, # the run folder
     atomic_write(out / f"{name}.tsv", lambda f: f.write(df.to_csv(sep="\t", float_format="%.6g").encode()))
     return out / f"{name}.tsv"
 
+# %% ../nbs/35_report.ipynb #59fd4ac2
 def write_report(trainer:Trainer, # a trained trainer, its model holding the weights to report
                  out_dir:str|Path, # the run folder
                  baseline:bool=True, # fit the himalaya baselines

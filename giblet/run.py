@@ -114,6 +114,7 @@ def _report_gap(n_trs:int, # TRs in the study
     except ValueError as e: return str(e)
     return None
 
+# %% ../nbs/36_run.ipynb #1593f160
 def check_study_size(n_trs:int, # TRs in the study
                      tr:float, # seconds per TR
                      cfg:TrainConfig, # the run's options

@@ -37,6 +37,7 @@ def stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's prediction o
     c = np.where(both, c, np.where(tie, cb / 2, np.where(gb > gm, cb, 0.0)))
     return np.stack([a, c]).astype(np.float32)
 
+# %% ../nbs/08_stacking.ipynb #782f9aed
 def stack(model:np.ndarray, # (n_trs, n_voxels) the model's prediction
           baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
           weights:np.ndarray, # (2, n_voxels) from `stack_weights`
@@ -44,6 +45,7 @@ def stack(model:np.ndarray, # (n_trs, n_voxels) the model's prediction
     "The stacked prediction a·model + c·baseline."
     return (weights[0] * np.asarray(model, np.float32) + weights[1] * np.asarray(baseline, np.float32)).astype(np.float32)
 
+# %% ../nbs/08_stacking.ipynb #6b900d7e
 def model_share(weights:np.ndarray, # (2, n_voxels) from `stack_weights`
                )->np.ndarray: # (n_voxels,) a / (a + c), NaN where both are 0
     "The model's share of each voxel's stack."
@@ -56,12 +58,14 @@ def _standard(x):
     x = np.asarray(x, np.float64); x = x - x.mean(0); s = x.std(0)
     return x, np.where(s > 0, s, 1.0)
 
+# %% ../nbs/08_stacking.ipynb #66607f1b
 def _pooled_weights(m, b, y)->np.ndarray:
     "(2,) non-negative weights of the standardised members that fit the standardised target best, pooled over voxels."
     (m, sm), (b, sb), (y, sy) = _standard(m), _standard(b), _standard(y)
     flat = lambda x, s: (x / s).reshape(-1, 1)
     return stack_weights(flat(m, sm), flat(b, sb), flat(y, sy))[:, 0].astype(np.float64)
 
+# %% ../nbs/08_stacking.ipynb #40ac4eea
 def _candidates(m, b, y, shrinks)->dict:
     "Per-voxel weights (2, n_voxels) of each candidate: each shrink towards the pooled weights, and the baseline alone."
     (_, sm), (_, sb), (_, sy) = _standard(m), _standard(b), _standard(y)
@@ -71,10 +75,12 @@ def _candidates(m, b, y, shrinks)->dict:
     alone = _pooled_weights(np.zeros_like(m), b, y)[:, None]    # the baseline alone, at its pooled least-squares scale
     return out | {"baseline alone": alone / unit}
 
+# %% ../nbs/08_stacking.ipynb #d1cf6ef5
 def _alone(n_voxels:int)->np.ndarray:
     "Stack weights that are the baseline itself, voxel for voxel."
     return np.stack([np.zeros(n_voxels), np.ones(n_voxels)]).astype(np.float32)
 
+# %% ../nbs/08_stacking.ipynb #6e7baaa8
 def cv_stack_weights(model:np.ndarray, # (n_trs, n_voxels) the model's prediction of the validation block
                      baseline:np.ndarray, # (n_trs, n_voxels) the baseline's prediction of the same TRs
                      true:np.ndarray, # (n_trs, n_voxels) the target there

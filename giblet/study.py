@@ -31,6 +31,7 @@ __all__ = ['logger', 'TABLE_EXTS', 'KINDS', 'POOLINGS', 'FILM_EXTS', 'ANNOTATION
 TABLE_EXTS = (".txt", ".tsv", ".csv") # BOLD given as a table per subject (rows: volumes, columns: regions) instead of a NIfTI
 def is_table(path)->bool: return str(path).lower().endswith(TABLE_EXTS)
 
+# %% ../nbs/09_study.ipynb #660c893f
 @dataclass
 class StudyRun:
     "One run: a NIfTI (or a table of region time courses) per subject, and where the run sits in its film and its annotations."
@@ -45,6 +46,7 @@ class StudyRun:
     part_start: float|None = None # film time (s) where that part's clock reads 0; None: 0 for part 1, else the segment's start
     predictors: dict = field(default_factory=dict) # stimulus predictors of this run: name -> table, one row per volume
 
+# %% ../nbs/09_study.ipynb #2c62e1fc
 @dataclass
 class StudySpec:
     "A study: subjects × runs, the TR, and the study-wide film, annotations and mask."
@@ -125,6 +127,7 @@ def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]
         except ValueError: raise ValueError(f"feature stream {text!r}: option {k} takes a whole number, got {v!r}") from None
     return StreamSpec(kind.strip(), model.strip(), layers or (-1,), **typed)
 
+# %% ../nbs/09_study.ipynb #e075aa0a
 def with_model(text:str, # a stream in its command-line form
                model:str, # the model to put in its place
               )->str: # `text` with `model`, its layers and options as written
@@ -140,22 +143,26 @@ _RUN = ("name", "nii", "bold", "film", "film_start", "film_stop", "scan_offset",
 class SpecError(ValueError):
     "A mistake in a study spec, naming the spec and the field."
 
+# %% ../nbs/09_study.ipynb #78041207
 def _number(v, where, err, positive=False, optional=False):
     if v is None and optional: return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
         err(where, f"expected a {'positive ' if positive else ''}number, got {v!r}")
     return float(v)
 
+# %% ../nbs/09_study.ipynb #20d8737a
 def _path(v, base:Path, where, err, optional=True):
     if v is None and optional: return None
     if not isinstance(v, (str, os.PathLike)) or not str(v).strip(): err(where, f"expected a file path, got {v!r}")
     p = Path(os.path.expanduser(str(v)))
     return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
+# %% ../nbs/09_study.ipynb #f6ebf00a
 def _local_model(model:str, base:Path)->bool:
     "Whether a stream's model names a folder (written as a path, or existing under `base`) rather than a hub name."
     return model.startswith((".", "/", "~")) or (base / os.path.expanduser(model)).is_dir()
 
+# %% ../nbs/09_study.ipynb #5496124f
 def _streams(v, base:Path, where, err)->list:
     "Stream specs checked, with a local model folder made absolute against `base` (a hub name kept as it is)."
     if v is None: return []
@@ -171,12 +178,14 @@ def _streams(v, base:Path, where, err)->list:
     if len(set(names)) < len(names): err(where, f"two streams share a name in {names}; give one a name=... option")
     return out
 
+# %% ../nbs/09_study.ipynb #3ae82650
 def _units(v, err):
     if v is None: return None
     if not isinstance(v, list) or not v or not all(isinstance(u, str) and u for u in v) or len(set(v)) < len(v):
         err("units", f"expected a list of distinct column names, got {v!r}")
     return list(v)
 
+# %% ../nbs/09_study.ipynb #6325f6a5
 def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                    base:str|Path=".", # folder that relative paths are resolved against
                    source:str="", # the spec's name in messages (its file)
@@ -248,6 +257,7 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
         if spec.annotations_of(r) is None: err(f"runs[{i}].annotations", "no annotations: give the run's or the study's")
     return spec
 
+# %% ../nbs/09_study.ipynb #20001337
 def spec_to_dict(spec:StudySpec, # the spec to write
                  base:str|Path|None=None, # folder to write paths relative to; None: absolute paths
                 )->dict:
@@ -279,6 +289,7 @@ class _UniqueKeys(yaml.SafeLoader):
                                               f"{seen.start_mark.line + 1}); the last one would silently win")
         return super().construct_mapping(node, deep)
 
+# %% ../nbs/09_study.ipynb #6afb0b89
 def _unique_pairs(pairs:list)->dict:
     "A JSON object's pairs as a dict, refusing a repeated key."
     keys = [k for k, _ in pairs]
@@ -286,6 +297,7 @@ def _unique_pairs(pairs:list)->dict:
     if dup is not None: raise SpecError(f"duplicate key {dup!r}; the last one would silently win")
     return dict(pairs)
 
+# %% ../nbs/09_study.ipynb #12b046a2
 def read_spec(path:str|Path, # a .yaml / .yml / .json study spec
              )->StudySpec:
     "Read a study spec file (a key given twice is refused); relative paths are resolved against the spec's folder."
@@ -298,6 +310,7 @@ def read_spec(path:str|Path, # a .yaml / .yml / .json study spec
     except (ValueError, yaml.YAMLError) as e: raise SpecError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from e
     return spec_from_dict(d, path.parent.resolve(), str(path))
 
+# %% ../nbs/09_study.ipynb #2a44e62d
 def write_spec(spec:StudySpec, # the spec to write
                path:str|Path, # .yaml / .yml / .json; paths in it are written relative to its folder
               )->Path:
@@ -322,6 +335,7 @@ class StudyFiles:
     annotations: Path
     nii: list[Path]
 
+# %% ../nbs/09_study.ipynb #29a0a3b8
 def _visible(root:Path, pattern:str):
     "Files under `root` matching `pattern`, skipping hidden files (a killed writer's temporaries), hidden and cache folders; a broken link is an error."
     found = sorted(p for p in root.rglob(pattern) if not p.name.startswith(".")
@@ -329,6 +343,7 @@ def _visible(root:Path, pattern:str):
     if broken := broken_links(found): raise FileNotFoundError(f"{root}: {broken}")
     return [p for p in found if p.is_file()]
 
+# %% ../nbs/09_study.ipynb #ec2dfda8
 def broken_links(paths:Iterable, # files to look at
                 )->str|None: # the broken links among them and their targets; None: no broken link
     "Say which of `paths` are links to nothing (an unfetched DataLad file) and where each points."
@@ -336,6 +351,7 @@ def broken_links(paths:Iterable, # files to look at
     if broken: return (f"{len(broken)} broken link(s), their files are missing (an unfetched DataLad file? `datalad get` it): "
                        + ", ".join(f"{p} -> {os.readlink(p)}" for p in broken))
 
+# %% ../nbs/09_study.ipynb #43558317
 def _one_per_subject(nii:list)->list:
     "`nii`, refused when one subject is written twice in a folder (as `.nii` and as `.nii.gz`)."
     by = {}
@@ -344,6 +360,7 @@ def _one_per_subject(nii:list)->list:
     if twice: raise ValueError("one subject in two files (keep one of each pair): " + "; ".join(" and ".join(map(str, ps)) for ps in twice))
     return nii
 
+# %% ../nbs/09_study.ipynb #4e4d6e26
 def _one(kind:str, found:list, exts, problems:list):
     "The single file of `kind` in `found`, or a note in `problems`."
     if len(found) == 1: return found[0]
@@ -351,6 +368,7 @@ def _one(kind:str, found:list, exts, problems:list):
     if not found: problems.append(f"no {kind} file ({'|'.join('*' + e for e in exts)}); name it with {opt}")
     else: problems.append(f"{len(found)} {kind} files, expected one: " + ", ".join(str(p) for p in found) + f"; choose one with {opt}")
 
+# %% ../nbs/09_study.ipynb #ebabb2c6
 def _drop(found:list, is_other:Callable, kind:str)->list:
     "`found` without the files `is_other` flags, logging how many were ignored and which."
     other = [p for p in found if is_other(p.name.lower())]
@@ -358,9 +376,13 @@ def _drop(found:list, is_other:Callable, kind:str)->list:
                           ", ".join(p.name for p in other[:5]), ", ..." if len(other) > 5 else "")
     return [p for p in found if p not in other]
 
+# %% ../nbs/09_study.ipynb #ec0351f2
 def _side_table(name:str)->bool: return name.rsplit(".", 1)[0].endswith(NOT_ANNOTATIONS)
+
+# %% ../nbs/09_study.ipynb #fc7c25f5
 def _not_bold(name:str)->bool: return any(w in name for w in NOT_SUBJECTS)
 
+# %% ../nbs/09_study.ipynb #263e3918
 def discover(data_dir:str|Path, # the study folder (the real release or the synthetic generator's)
              film:str|Path|None=None, # use this film instead of searching
              annotations:str|Path|None=None, # use this spreadsheet instead of searching
@@ -389,6 +411,7 @@ def _given_streams(features:Sequence[str], source)->list:
     def err(where, problem): raise SpecError(f"{source}: {where}: {problem}")
     return _streams(list(features), Path.cwd(), "features", err)
 
+# %% ../nbs/09_study.ipynb #4983e0c1
 def sherlock_spec(data_dir:str|Path, # a folder in the Sherlock layout (the release or the synthetic generator's)
                   film:str|Path|None=None, # use this film instead of searching
                   annotations:str|Path|None=None, # use this annotation table instead of searching
@@ -414,6 +437,7 @@ def _bids_layout(root, derivatives, validate:bool):
         raise ImportError("reading BIDS datasets needs pybids: pip install 'giblet[bids]' (or pybids)") from e
     return bids.BIDSLayout(root, validate=validate, derivatives=derivatives or False)
 
+# %% ../nbs/09_study.ipynb #e79c897d
 def _film_event(events:Path, root:Path, film:Path|None):
     "(film, onset s, duration s or None, film_start s) of the one film row in a BIDS events file."
     ev = pd.read_csv(events, sep="\t", na_values=["n/a"], keep_default_na=True)
@@ -431,6 +455,7 @@ def _film_event(events:Path, root:Path, film:Path|None):
     num = lambda k, default: default if k not in ev.columns or pd.isna(row[k]) else float(row[k])
     return Path(film), num("onset", 0.0), num("duration", None), num("film_start", 0.0)
 
+# %% ../nbs/09_study.ipynb #2ffa72e2
 def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its top)
               task:str|None=None, # the movie task; None: the dataset's only task
               space:str|None=None, # use fMRIPrep derivatives in this space (e.g. "MNI152NLin2009cAsym"); None: raw BOLD

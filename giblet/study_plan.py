@@ -69,6 +69,7 @@ def _volumes(p)->str:
     try: return f"{len(read_table(p, what='BOLD'))} volumes (rows)" if is_table(p) else f"{load_nifti(p, ndim=4).shape[3]} volumes"
     except Exception as e: return f"unreadable: {e}"
 
+# %% ../nbs/12_study_plan.ipynb #fe21382e
 def show_study(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
               )->str: # the resolved spec as text (what `giblet-train --show-study` prints)
     "The resolved study: TR, films, annotations, mask, and per run its segment, scan offset, part and NIfTIs."
@@ -101,6 +102,7 @@ def _own_trs(run:StudyRun, tr:float, film_duration:float, n_volumes:int)->int:
     try: return tr_grid(n_volumes, tr, film_duration, run.film_start, run.film_stop, run.scan_offset * tr).n_trs
     except ValueError: return 0
 
+# %% ../nbs/12_study_plan.ipynb #02e57ecf
 def plan_subjects(spec:StudySpec, # the study
                   tr:float, # its TR (s), from `check_spec`
                   drop_short:bool=False, # drop subjects whose scans are shorter than the others' from every run
@@ -198,6 +200,7 @@ def _table_plan(spec:StudySpec, run:StudyRun, i:int, tr:float, n_volumes:int, pa
     part, start = run_part(spec.annotations_of(run), run_spec(spec, run, tr), i, params.text_columns)
     return RunPlan(film, spec.annotations_of(run), g, list(run.nii.values()), None, i, part, start, end)
 
+# %% ../nbs/12_study_plan.ipynb #36fe6766
 def _table_bold(spec:StudySpec, run:StudyRun, width:int|None)->tuple:
     "A run's tables read (each of `width` columns), every subject cut to the shortest (warned): `(subject -> array, volumes kept)`."
     bold = {s: read_table(p, len(spec.units) if spec.units else width, "BOLD") for s, p in run.nii.items()}
@@ -207,12 +210,14 @@ def _table_bold(spec:StudySpec, run:StudyRun, width:int|None)->tuple:
                        ", ".join(f"{s}: {len(b)}" for s, b in bold.items() if len(b) > n_vol))
     return bold, n_vol
 
+# %% ../nbs/12_study_plan.ipynb #5fcfdc5e
 def _table_cuts(spec:StudySpec, run:StudyRun, g, n_vol:int, n:int):
     "Warn of the volumes of a table run outside its stimulus segment, with counts."
     if g.first_volume or n_vol - g.first_volume - n:
         logger.warning("%s: %s: %d volumes before and %d after the stimulus segment are dropped", spec.source, run.name,
                        g.first_volume, n_vol - g.first_volume - n)
 
+# %% ../nbs/12_study_plan.ipynb #e0307851
 def table_study(spec:StudySpec, # a study whose BOLD are tables (`spec.tables`)
                 params:FeatureParams|None=None, # how the text (and a film, if any) are cut
                )->Aligned: # video and audio None without a film; `units` names the columns; `mask` None
@@ -260,6 +265,7 @@ class _Kept(logging.Handler):
     def __init__(self): super().__init__(logging.INFO); self.records = []
     def emit(self, record): self.records.append(record)
 
+# %% ../nbs/12_study_plan.ipynb #05a70af2
 @contextmanager
 def _kept_logs(name:str="giblet"):
     "The records giblet's loggers emit inside the block, at INFO and above, kept (not printed: the caller shows them)."
@@ -269,8 +275,10 @@ def _kept_logs(name:str="giblet"):
     try: yield h.records
     finally: lg.removeHandler(h); lg.setLevel(level); lg.propagate = propagate
 
+# %% ../nbs/12_study_plan.ipynb #091b2a8c
 def _no_embedding(texts:list)->np.ndarray: return np.zeros((len(texts), 1), np.float32)   # the texts' cut, not their meaning
 
+# %% ../nbs/12_study_plan.ipynb #590db905
 def _mask_rule(spec:StudySpec, threshold:float)->str:
     if spec.tables: return "none: the BOLD are region tables"
     if spec.mask is None: return (f"the shared mask: voxels with signal (temporal std above the 10th percentile of their scan's; "
@@ -278,6 +286,7 @@ def _mask_rule(spec:StudySpec, threshold:float)->str:
     if spec.mask == "nonzero": return "'nonzero': voxels never 0 or non-finite in any scan"
     return f"the non-zero voxels of {spec.mask}"
 
+# %% ../nbs/12_study_plan.ipynb #3804b45a
 def study_timing(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
                  params:FeatureParams|None=None, # how the streams are cut (its annotation columns decide the parts)
                  drop_short:bool=False, # as `load_spec`: drop short subjects instead of cutting every subject
@@ -318,6 +327,7 @@ def study_timing(spec:StudySpec|str|Path, # a spec, or what `resolve_study` acce
     return table, dict(voxels=n_vox, units="regions" if spec.tables else "voxels", mask_rule=_mask_rule(spec, mask_threshold),
                        mask_log=mask_log, warnings=warnings, notes=notes)
 
+# %% ../nbs/12_study_plan.ipynb #4d7dab56
 def show_timing(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accepts
                 params:FeatureParams|None=None, # how the streams are cut
                 **kwargs, # `study_timing` options (drop_short, mask_threshold, voxels)
@@ -350,6 +360,7 @@ def _names_table(path:Path)->list:
     if df.shape[1] < 2: raise ValueError(f"{path}: expected a label and a name on every row, got {df.shape[1]} column")
     return list(zip(df.iloc[:, lab], df.iloc[:, name]))
 
+# %% ../nbs/12_study_plan.ipynb #94df5080
 def read_label_names(path:str|Path, # TSV/CSV (label and name: BIDS `index`/`name` columns, or two plain columns), .txt (label name), or JSON (label -> name, or a list by label)
                     )->dict: # int label -> name
     "The names of an atlas's labels; a label that is not a whole number, given twice, or without a name is refused, naming the file."
@@ -372,6 +383,7 @@ def read_label_names(path:str|Path, # TSV/CSV (label and name: BIDS `index`/`nam
     if not out: raise ValueError(f"{path}: names no label")
     return out
 
+# %% ../nbs/12_study_plan.ipynb #1228dca3
 def atlas_labels(atlas:str|Path|nib.Nifti1Image, # a 3-D label NIfTI (whole numbers; 0: no region) on the BOLD grid
                  mask:nib.Nifti1Image, # the study's voxel mask (`Aligned.mask`): the model's voxels
                  names:str|Path|dict|None=None, # the labels' names: a file for `read_label_names`, a dict, or None ("roi K")

@@ -131,6 +131,7 @@ def _smooth_field(rng, mask, affine, fwhm_mm:float=16.0):
     field = ndimage.gaussian_filter(rng.standard_normal(mask.shape), sigma)[mask > 0]
     return (field - field.mean()) / field.std()
 
+# %% ../nbs/17_synthetic.ipynb #f5dd5609
 def _loadings(rng, mask, affine, roi):
     "(n_factors, n_voxels) positive mixing weights summing to 1 over each responsive voxel's own modality."
     x = (np.argwhere(mask > 0) @ affine[:3, :3].T + affine[:3, 3])[:, 0]
@@ -159,6 +160,7 @@ def _track(rng, n:int, fps:float, shortest, longest, p_off, low, wobble)->np.nda
     slow *= wobble / max(slow.std(), 1e-12)
     return np.where(x > 0, np.clip(x + slow, 0.02, 1.0), 0.0).astype(np.float32)
 
+# %% ../nbs/17_synthetic.ipynb #57fb96d4
 def _per_tr(values, times, n_trs:int, tr:float)->np.ndarray:
     "Mean of `values` (n_samples, ...) over the samples whose `times` fall in each TR window [i·tr, (i+1)·tr)."
     idx = np.floor(np.asarray(times) / tr + 1e-9).astype(np.int64)
@@ -201,6 +203,7 @@ def _segments(rng, duration:float)->list:
         if rng.random() < 0.5: topic = int(rng.choice([k for k in range(len(_TOPICS)) if k != topic]))
     return out
 
+# %% ../nbs/17_synthetic.ipynb #b8e0c61d
 def _annotation_table(rng, segments, tr:float, clock_start:float=0.0)->pd.DataFrame:
     "The spreadsheet rows for `segments` (on a part's clock, 0 = film time `clock_start`), with the Sherlock columns and quirks."
     rows, scene = [], 0
@@ -224,6 +227,7 @@ def _annotation_table(rng, segments, tr:float, clock_start:float=0.0)->pd.DataFr
         if rng.random() < 0.02: rows.append(dict(rows[-1]))           # the real file repeats some rows exactly
     return pd.DataFrame(rows, columns=list(ANNOTATION_COLUMNS))
 
+# %% ../nbs/17_synthetic.ipynb #4664083d
 def _topic_cover(segments, n_trs:int, tr:float)->np.ndarray:
     "(n_trs, n_topics) fraction of each TR window covered by segments of each topic."
     out = np.zeros((n_trs, len(_TOPICS)))
@@ -239,6 +243,7 @@ def _soft_ellipse(W:int, H:int, cx, cy, rx, ry)->np.ndarray:
     r = np.hypot(((u + 0.5) / W - cx) / rx, ((v + 0.5) / H - cy) / ry)
     return np.clip((1.0 - r) * 8.0, 0.0, 1.0)
 
+# %% ../nbs/17_synthetic.ipynb #7115fae3
 _REGIONS = (("red_left", (0.24, 0.36, 0.17, 0.25), (0.85, 0.08, 0.08)),
             ("blue_right", (0.76, 0.64, 0.17, 0.25), (0.08, 0.15, 0.9)))
 _DISC_COLOUR = np.array([0.15, 0.85, 0.2], np.float32)
@@ -247,6 +252,7 @@ def _chunk_frames(size)->int:
     "Frames rendered at once: about a megabyte of float32 pixels."
     return max(1, (1 << 18) // (int(size[0]) * int(size[1])))
 
+# %% ../nbs/17_synthetic.ipynb #8b11b868
 def _frames(tracks:dict, size, fps:float, rng, on_chunk=None, paint=None):
     "Yield the film's (H, W, 3) uint8 frames, rendered chunk by chunk from the per-frame `tracks`; `paint(img, first)` adds elements under the discs."
     W, H = size
@@ -292,6 +298,7 @@ def _frames(tracks:dict, size, fps:float, rng, on_chunk=None, paint=None):
         if on_chunk is not None: on_chunk(b - a)
         yield from out
 
+# %% ../nbs/17_synthetic.ipynb #129e2c49
 _VOICE_F0, _SYLLABLE_HZ = 135.0, 4.0
 
 def _soundtrack(tracks:dict, fps:float, sample_rate:int, rng)->np.ndarray:
@@ -373,6 +380,7 @@ def _subject_raw(rng, bold, mask, affine, snr:float, noise_ar:float, drift=None)
     noise *= base.astype(np.float32)
     return np.rint(noise).astype(np.int16)
 
+# %% ../nbs/17_synthetic.ipynb #639813a4
 def _zscore_run(raw)->np.ndarray:
     "(n_trs, n_voxels) float32: each voxel z-scored over the run, as in the Sherlock release."
     x = raw.astype(np.float64)
@@ -380,6 +388,7 @@ def _zscore_run(raw)->np.ndarray:
     if (sd == 0).any(): raise ValueError(f"{int((sd == 0).sum())} brain voxels are constant over the run; cannot z-score them")
     return ((x - x.mean(axis=0)) / sd).astype(np.float32)
 
+# %% ../nbs/17_synthetic.ipynb #2d699c9d
 def _write_nii(path:Path, raw, mask, affine, tr:float):
     "Write (n_trs, n_voxels) values (int16 raw, or float32 z-scores) into a 4-D NIfTI of that dtype on the mask's grid, TR in the header."
     vol = np.zeros(mask.shape + (raw.shape[0],), raw.dtype)
@@ -408,6 +417,7 @@ def shared_signal(rng, # random generator
     x = src @ maps
     return (sd * (x - x.mean(0)) / x.std(0)).astype(np.float32)
 
+# %% ../nbs/17_synthetic.ipynb #2eb88347
 def slow_drift(rng, # random generator
                n_trs:int, # TRs of the run
                n_voxels:int, # brain voxels
@@ -433,6 +443,7 @@ def _run_plan(n_trs:int, n_runs:int)->list:
         first += n_vol - offset
     return plan
 
+# %% ../nbs/17_synthetic.ipynb #08548f10
 def _scan_factors(film_factors, n_vol:int, offset:int, first:int)->np.ndarray:
     "(n_vol - min(offset, 0), k) factors on a run's scan grid, from the TR `offset` (if negative) on: 0 outside the film."
     out = np.zeros((n_vol - min(offset, 0), film_factors.shape[1]), np.float32)
@@ -459,6 +470,7 @@ def _paths(root:Path, layout:str, n_subjects:int, n_runs:int)->tuple:
             [[root / f"sub-{s:02d}" / "func" / f"sub-{s:02d}_task-{_TASK}{run(r)}_bold.nii.gz" for s in subs]
              for r in range(1, n_runs + 1)], "sub-*/func/sub-*_task-*")
 
+# %% ../nbs/17_synthetic.ipynb #8854393d
 def _write_bids_meta(layout:SyntheticLayout, tr:float):
     "dataset_description.json, participants.tsv, a README, .bidsignore, and per run the bold JSON sidecars and events."
     import json
@@ -481,6 +493,7 @@ def _write_bids_meta(layout:SyntheticLayout, tr:float):
                                    "trial_type": ["film"], "stim_file": [layout.film.name], "film_start": [run["film_start"]]})
             atomic_write(nii.with_name(stem + "_events.tsv"), lambda tmp: events.to_csv(tmp, sep="\t", index=False), as_path=True)
 
+# %% ../nbs/17_synthetic.ipynb #e71d5d86
 def make_dataset(root, # the study folder to write (created if needed)
                  n_subjects:int|None=None, # number of subjects (NIfTIs); None: the preset's, else 3
                  n_trs:int|None=None, # number of TRs scanned, over all runs; None: the preset's, else 300

@@ -30,6 +30,7 @@ def _tr_blocks(rng, n_trs:int, tr:float, values, p, shortest:float=3.0, longest:
         i += n
     return out
 
+# %% ../nbs/16_synthetic_nonlinear.ipynb #fe47ca3e
 def nonlinear_states(rng, # numpy Generator
                      n_trs:int, # film TRs to cover (the whole film, tail included)
                      tr:float, # repetition time in seconds
@@ -40,6 +41,7 @@ def nonlinear_states(rng, # numpy Generator
                 glide_dir=_tr_blocks(rng, n_trs, tr, (1, -1, 0), (0.35, 0.35, 0.3)),
                 flash=_tr_blocks(rng, n_trs, tr, (1, 0), (0.5, 0.5)), buzz=_tr_blocks(rng, n_trs, tr, (1, 0), (0.5, 0.5)))
 
+# %% ../nbs/16_synthetic_nonlinear.ipynb #2ad2b987
 def nonlinear_factors(states:dict, # from `nonlinear_states`
                       n_trs:int, # film TRs to return
                      )->np.ndarray: # float32 (n_trs, 4) in `NONLINEAR_FACTORS` order
@@ -48,11 +50,13 @@ def nonlinear_factors(states:dict, # from `nonlinear_states`
     av = 4.0 * (a - a.mean()) * (b - b.mean())        # ±1 when both are on half the time; uncorrelated with either alone
     return np.stack([states["texture"][:n_trs], states["motion_dir"][:n_trs], states["glide_dir"][:n_trs], av], 1).astype(np.float32)
 
+# %% ../nbs/16_synthetic_nonlinear.ipynb #fdcbb56d
 def _box(frac, W:int, H:int)->tuple:
     "(rows, cols) slices of a box given as fractions (x0, x1, y0, y1) of a W x H frame; at least 2 pixels each way."
     x0, x1, y0, y1 = (int(round(f * s)) for f, s in zip(frac, (W, W, H, H)))
     return slice(y0, max(y1, y0 + 2)), slice(x0, max(x1, x0 + 2))
 
+# %% ../nbs/16_synthetic_nonlinear.ipynb #17131d67
 def nonlinear_painter(states:dict, # from `nonlinear_states`
                       size, # (width, height) of the film
                       fps:float, # film frame rate
@@ -96,6 +100,7 @@ def nonlinear_painter(states:dict, # from `nonlinear_states`
         img[np.flatnonzero(states["flash"][i] > 0), fy, fx] = np.array([230.5, 210.5, 40.5], np.float32)
     return paint
 
+# %% ../nbs/16_synthetic_nonlinear.ipynb #47931e01
 def nonlinear_sound(states:dict, # from `nonlinear_states`
                     tr:float, # repetition time in seconds
                     sample_rate:int, # Hz
@@ -120,4 +125,3 @@ def nonlinear_sound(states:dict, # from `nonlinear_states`
             idx = np.arange(s0, min(n_samples, s0 + per))
             out[idx] += (0.05 * env[:len(idx)] * sum(np.sin(2 * np.pi * ((f * idx) % sr) / sr) for f in _BUZZ_HZ)).astype(np.float32)
     return out
-

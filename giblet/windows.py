@@ -25,6 +25,7 @@ def _runs_of(times:np.ndarray, tr:float)->list:
     edges = [0, *breaks.tolist(), len(times)]
     return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
 
+# %% ../nbs/13_windows.ipynb #2ffd050a
 def video_clips(film:str|Path, # the film file
                 times:np.ndarray, # (n,) film time (s) where each TR window starts
                 tr:float, # repetition time (s)
@@ -53,6 +54,7 @@ def video_clips(film:str|Path, # the film file
                             film, n_short, context_trs)
     return out
 
+# %% ../nbs/13_windows.ipynb #de7c144b
 def audio_clips(wave:np.ndarray, # float32 (n_samples,) mono waveform at `sr`; sample 0 is film time 0
                 times:np.ndarray, # (n,) film time (s) where each TR window starts
                 tr:float, # repetition time (s)
@@ -83,6 +85,7 @@ def read_transcript(path:str|Path, # a TSV (or CSV) with columns onset, duration
     df = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",")
     return _check_words(df, path)
 
+# %% ../nbs/13_windows.ipynb #87585200
 def _check_words(df:pd.DataFrame, name)->pd.DataFrame:
     import pandas as pd
     missing = [c for c in ("onset", "duration", "word") if c not in df.columns]
@@ -95,6 +98,7 @@ def _check_words(df:pd.DataFrame, name)->pd.DataFrame:
     out = pd.DataFrame({"onset": onset, "duration": dur, "word": df["word"].astype(str).str.strip()})[~empty]
     return out.sort_values("onset", kind="stable").reset_index(drop=True)
 
+# %% ../nbs/13_windows.ipynb #32ea35a6
 def words_from_annotations(df:pd.DataFrame, # segments with start, end and text, as from `giblet.data.text.load_annotations`
                           )->pd.DataFrame: # a transcript: every word of a segment with the segment's onset and duration
     "Annotation segments as a word table: a segment's words all become available when the segment starts."
@@ -102,6 +106,7 @@ def words_from_annotations(df:pd.DataFrame, # segments with start, end and text,
     rows = [(s, e - s, w) for s, e, t in zip(df["start"], df["end"], df["text"]) if isinstance(t, str) for w in t.split()]
     return _check_words(pd.DataFrame(rows, columns=["onset", "duration", "word"]), "the annotations")
 
+# %% ../nbs/13_windows.ipynb #011c0db0
 def text_contexts(words:pd.DataFrame, # a transcript (onset, duration, word)
                   times:np.ndarray, # (n,) film time (s) where each TR window starts
                   tr:float, # repetition time (s)

@@ -28,6 +28,7 @@ def _check_tr(tr, name="tr")->float:
         raise ValueError(f"{name} must be a positive finite number of seconds; got {tr}")
     return tr
 
+# %% ../../nbs/10_alignment.hrf.ipynb #0abde23d
 def glover_hrf(tr:float, # repetition time (sampling period) in seconds
                oversampling:int=1, # values per TR
                time_length:float=32.0, # length of the HRF in seconds
@@ -53,6 +54,7 @@ def _kernel(tr:float, time_length:float)->np.ndarray:
     h.setflags(write=False)
     return h
 
+# %% ../../nbs/10_alignment.hrf.ipynb #c7ba184d
 def hrf_kernel(tr:float, # repetition time in seconds
                time_length:float=32.0, # length of the HRF in seconds
               )->np.ndarray: # float64 (n_lags,): the Glover HRF at lags 0, tr, 2·tr, ..., summing to 1
@@ -67,6 +69,7 @@ def _toeplitz(tr:float, n_out:int, n_in:int)->np.ndarray:
     lag = (n_in - n_out) + np.arange(n_out)[:, None] - np.arange(n_in)[None, :]
     return np.where((lag >= 0) & (lag < len(h)), h[np.clip(lag, 0, len(h) - 1)], 0.0)
 
+# %% ../../nbs/10_alignment.hrf.ipynb #bc1146b4
 def _mm(a:torch.Tensor, # (n, k)
         src:torch.Tensor, # (k, C), or (N, k, C) for N matrices
         dst:torch.Tensor|None, # like `src` with n rows, to write into; None for a new tensor
@@ -75,6 +78,7 @@ def _mm(a:torch.Tensor, # (n, k)
     if src.ndim == 3: return torch.bmm(a.expand(src.shape[0], *a.shape), src, out=dst)
     return torch.mm(a, src, out=dst)
 
+# %% ../../nbs/10_alignment.hrf.ipynb #1159325f
 def _causal_conv(x:torch.Tensor, # (T, C): C series of T steps, rows contiguous (stride 1 along C)
                  tr:float, # repetition time in seconds
                  out:torch.Tensor|None, # (T, C) to write into, or None to build the output (autograd)
@@ -104,6 +108,7 @@ def _as_tensor(x)->tuple[torch.Tensor, bool]:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(x), True
 
+# %% ../../nbs/10_alignment.hrf.ipynb #265ff03d
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 def _empty(shape:tuple, like:torch.Tensor)->torch.Tensor:
@@ -112,6 +117,7 @@ def _empty(shape:tuple, like:torch.Tensor)->torch.Tensor:
         return torch.from_numpy(np.empty(shape, _NUMPY_DTYPES[like.dtype]))
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
+# %% ../../nbs/10_alignment.hrf.ipynb #df4de642
 def convolve_hrf(x:np.ndarray|torch.Tensor, # floating-point series with time along `axis`, one value per TR
                  tr:float, # repetition time in seconds
                  axis:int=0, # the time axis

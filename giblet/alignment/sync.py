@@ -71,6 +71,7 @@ class Grid:
         "Film time (s) where the first kept TR window starts."
         return self.film_start + self.first_volume * self.tr - self.scan_offset
 
+# %% ../../nbs/11_alignment.sync.ipynb #96faa25f
 def tr_grid(n_volumes:int, # volumes in the run's NIfTI
             tr:float, # repetition time (s)
             film_duration:float, # length of the film file (s)
@@ -120,6 +121,7 @@ class RunSpec:
     part: int | None = None # the annotation part shown in this run (1, 2, ...); None: part run_id + 1
     part_start: float | None = None # film time (s) where that part's clock reads 0; None: 0 for part 1 (or a table of one part), else the segment's start
 
+# %% ../../nbs/11_alignment.sync.ipynb #675b1cd1
 def _check_tr(paths, tr):
     trs = {str(p): read_tr(p) for p in paths}
     hdr = next(iter(trs.values()))
@@ -129,6 +131,7 @@ def _check_tr(paths, tr):
         raise ValueError(f"{paths[0]}: the header says TR = {hdr} s, but TR = {tr} s was asked for")
     return hdr
 
+# %% ../../nbs/11_alignment.sync.ipynb #a9132665
 def _subject_trs(vols, tr, info, run, run_id, min_trs)->list:
     "The subjects to keep: all, cut to the shortest (warned, with counts), or those giving at least `min_trs` TRs."
     def n_trs(v):
@@ -150,6 +153,7 @@ def _subject_trs(vols, tr, info, run, run_id, min_trs)->list:
                        most - n, sum(own[p] - n for p in keep), most)
     return keep
 
+# %% ../../nbs/11_alignment.sync.ipynb #88ba37f7
 def _log_cuts(g:Grid, n_vols:int, info, run:RunSpec, run_id:int):
     "Log the volumes before the film segment, and warn of the scan or film cut at the segment's end, with counts."
     if g.first_volume: logger.info("run %d: volumes 0-%d precede the film segment and are dropped", run_id, g.first_volume - 1)
@@ -165,6 +169,7 @@ def _log_cuts(g:Grid, n_vols:int, info, run:RunSpec, run_id:int):
                                     "dropped", run_id, left, int(left // g.tr))
     elif left > 1e-6: logger.info("run %d: the film segment's last %.3f s do not fill a TR and are dropped", run_id, left)
 
+# %% ../../nbs/11_alignment.sync.ipynb #f9a0571d
 @dataclass
 class RunPlan:
     "One run's TR grid and what each stream is cut from, found from the headers and the film's length alone."
@@ -183,6 +188,7 @@ class RunPlan:
         g = self.grid
         return dict(tr=g.tr, film_time=g.film_time, first_volume=g.first_volume, n_trs=g.n_trs)
 
+# %% ../../nbs/11_alignment.sync.ipynb #5a477c64
 def plan_run(film:str|Path, # the film file
              annotations:str|Path, # the annotation spreadsheet (film times)
              run:RunSpec, # the run's NIfTIs and segment
@@ -205,18 +211,21 @@ def plan_run(film:str|Path, # the film file
     return RunPlan(Path(film), Path(annotations), g, [run.nii[k] for k in idx], None if len(idx) == len(run.nii) else idx,
                    run_id, part, part_start, info.duration)
 
+# %% ../../nbs/11_alignment.sync.ipynb #9c690d9c
 def run_video(plan:RunPlan, params:FeatureParams)->np.ndarray:
     "The run's frames on its grid: `(<= n_trs, frames_per_tr, H, W, 3)` uint8 (fewer TRs when the film ends early)."
     g = plan.grid
     return video_to_frames(plan.film, tr=g.tr, size=params.size, frame_skip=params.frame_skip, max_trs=g.n_trs,
                            start=g.film_time)
 
+# %% ../../nbs/11_alignment.sync.ipynb #78f1a849
 def run_audio(plan:RunPlan, params:FeatureParams)->np.ndarray:
     "The run's log-mel windows on its grid: `(<= n_trs, n_mels, A)` float32."
     g = plan.grid
     return audio_to_mel(plan.film, tr=g.tr, sr=params.sr, n_mels=params.n_mels, max_trs=g.n_trs, start=g.film_time,
                         allow_silence=params.allow_silence)
 
+# %% ../../nbs/11_alignment.sync.ipynb #de3eef90
 def run_text(plan:RunPlan, params:FeatureParams, embedder:Callable|None=None)->tuple[np.ndarray, np.ndarray, list]:
     "The run's annotation text on every TR of its grid, only from its own part: `(embeddings, has_text, texts)`."
     g = plan.grid
@@ -225,6 +234,7 @@ def run_text(plan:RunPlan, params:FeatureParams, embedder:Callable|None=None)->t
     texts, has_text = annotations_to_trs(df, g.n_trs, g.tr, start=g.film_time - plan.part_start, part=plan.part)
     return embed_trs(texts, has_text, embedder or params.embedder()), np.asarray(has_text), list(texts)
 
+# %% ../../nbs/11_alignment.sync.ipynb #33bf5eb1
 def complete_trs(plan:RunPlan, *lengths:int)->int:
     "TRs of the run complete in every stream (each stream's own length), warning with counts when a stream ends early."
     n = min(plan.grid.n_trs, *lengths)
@@ -232,6 +242,7 @@ def complete_trs(plan:RunPlan, *lengths:int)->int:
                                            plan.film, n, plan.grid.n_trs, plan.grid.n_trs - n)
     return n
 
+# %% ../../nbs/11_alignment.sync.ipynb #a6308777
 def align_run(film:str|Path, # the film file
               annotations:str|Path, # the annotation spreadsheet (film times)
               run:RunSpec, # the run's NIfTIs and segment
@@ -285,6 +296,7 @@ def check_same_subjects(subjects:dict, # run id -> the positions of the subjects
         raise ValueError(f"runs keep different subjects (positions per run, None = all): {subjects}; "
                          f"drop a short subject from every run")
 
+# %% ../../nbs/11_alignment.sync.ipynb #c0097ac0
 def concat_runs(runs:Sequence[Aligned])->Aligned:
     "One `Aligned` study from several runs that share a TR, subjects and mask."
     first = runs[0]

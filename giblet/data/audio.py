@@ -44,6 +44,7 @@ def hop_length(tr:float=1.5, # repetition time in seconds
                          f"choose frames_per_tr dividing {sr * tr:g}")
     return int(round(hop))
 
+# %% ../../nbs/03_data.audio.ipynb #0ade02b7
 def frame_times(n_trs:int, # number of TR windows
                 tr:float=1.5, # repetition time in seconds
                 sr:int=16000, # sample rate in Hz
@@ -68,6 +69,7 @@ def _filterbank_np(sr, n_fft, n_mels, fmin, fmax):
                          f"mel bands {empty.tolist()[:8]} hold no STFT bin; raise n_fft or lower n_mels")
     return fb
 
+# %% ../../nbs/03_data.audio.ipynb #74dc515e
 def mel_filterbank(sr:int=16000, # sample rate in Hz
                    n_fft:int=1024, # STFT length in samples
                    n_mels:int=128, # number of mel bands
@@ -85,6 +87,7 @@ def mel_filterbank(sr:int=16000, # sample rate in Hz
 class NoAudioStreamError(ValueError):
     "A media file that has no audio stream."
 
+# %% ../../nbs/03_data.audio.ipynb #05b26fac
 def _open_media(path):
     "Open `path` with PyAV, or raise a clear error naming the file."
     path = Path(path)
@@ -92,11 +95,13 @@ def _open_media(path):
     try: return av.open(str(path))
     except av.FFmpegError as e: raise ValueError(f"{path}: not a media file PyAV can read ({e})") from e
 
+# %% ../../nbs/03_data.audio.ipynb #1aede7cb
 def _mono(frame) -> np.ndarray:
     "A resampled planar float frame as a mono float32 vector (the mean of its channels)."
     a = frame.to_ndarray()
     return (a.mean(0) if a.shape[0] > 1 else a[0]).astype(np.float32, copy=False)
 
+# %% ../../nbs/03_data.audio.ipynb #129203b0
 def load_audio(path:str|Path, # any film or audio file PyAV reads
                sr:int=16000, # sample rate to resample to, in Hz
                stop:float|None=None, # stop decoding once this film time (seconds) is covered (None: read all)
@@ -141,6 +146,7 @@ def _resample(wave:np.ndarray, rate:int, sr:int) -> np.ndarray:
     res = np.concatenate(out) if out else np.zeros(0, np.float32)
     return res[:round(len(wave) * sr / rate)]
 
+# %% ../../nbs/03_data.audio.ipynb #33cb5ebd
 def _as_waveform(x, sample_rate, sr) -> np.ndarray:
     "Check a waveform array, average its channels and resample it to `sr`."
     if sample_rate is None:
@@ -173,6 +179,7 @@ def _logmel_frames(wave:np.ndarray, s0:int, n_frames:int, hop:int, n_fft:int, fb
         out.append(10 * torch.log10((fb @ (spec.abs() ** 2 * scale)).clamp_min(_AMIN)))
     return torch.cat(out, 1)
 
+# %% ../../nbs/03_data.audio.ipynb #82371858
 def _silence_trs(path, tr, start, max_trs) -> int:
     "How many complete TR windows the film at `path` lasts after `start`, from the container's duration."
     with _open_media(path) as c:
@@ -181,6 +188,7 @@ def _silence_trs(path, tr, start, max_trs) -> int:
     n = math.floor((duration - start) / tr + 1e-9)
     return n if max_trs is None else min(n, max_trs)
 
+# %% ../../nbs/03_data.audio.ipynb #1aadd3c5
 def audio_to_mel(path_or_waveform, # a film/audio file path, or a float waveform (n_samples,) or (n_channels, n_samples)
                  tr:float=1.5, # repetition time in seconds: the window length
                  sr:int=16000, # sample rate of the analysis in Hz
@@ -261,6 +269,7 @@ def _mel_to_power(mel_db:torch.Tensor, fb:torch.Tensor, n_iter:int) -> torch.Ten
         power = power * (fb.T @ (y / (fb @ power).clamp_min(_AMIN * 1e-3))) / norm
     return power
 
+# %% ../../nbs/03_data.audio.ipynb #ba7ef263
 def _griffin_lim(mag:torch.Tensor, hop:int, n_fft:int, n_iter:int, momentum:float, length:int, seed:int) -> torch.Tensor:
     "Fast Griffin–Lim: a signal of `length` samples whose centred STFT magnitude approaches `mag` (n_bins, n_frames)."
     window = torch.hann_window(n_fft, device=mag.device)
@@ -274,6 +283,7 @@ def _griffin_lim(mag:torch.Tensor, hop:int, n_fft:int, n_iter:int, momentum:floa
         spec, prev = cur + momentum * (cur - prev), cur
     return istft(prev)
 
+# %% ../../nbs/03_data.audio.ipynb #f435c297
 def mel_to_audio(mel, # log-mel windows (n_trs, n_mels, frames_per_tr), numpy or torch, as from `audio_to_mel`
                  tr:float=1.5, # repetition time in seconds the windows were cut with
                  sr:int=16000, # sample rate in Hz the mel was computed at

@@ -39,6 +39,7 @@ class ZScoreStats:
         "Load statistics saved by `save`."
         with np.load(path) as z: return cls(z["mean"], z["std"], z["trs"])
 
+# %% ../../nbs/05_data.bold_stats.ipynb #c820f184
 def _tr_indices(trs, n_trs)->np.ndarray:
     "TR selection (None, slice, int or bool array) as sorted-as-given int64 indices."
     if trs is None: return np.arange(n_trs)
@@ -51,6 +52,7 @@ def _tr_indices(trs, n_trs)->np.ndarray:
         raise ValueError(f"TR indices out of range for {n_trs} TRs")
     return np.arange(n_trs)[trs.astype(np.int64)]
 
+# %% ../../nbs/05_data.bold_stats.ipynb #67db71ea
 def zscore_stats(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_voxels); a memmap is fine
                  trs=None, # the TRs to compute statistics on: None (all), a slice, int indices or a bool mask
                 )->ZScoreStats: # per-voxel (per-subject) mean and std
@@ -73,6 +75,7 @@ def zscore_stats(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_
                        "they z-score to 0")
     return ZScoreStats(mean, std, idx)
 
+# %% ../../nbs/05_data.bold_stats.ipynb #045d2835
 def apply_zscore(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_voxels)
                  stats:ZScoreStats, # from `zscore_stats`
                  out:np.ndarray|None=None, # optional float32 array to write into (may be `features` itself)
@@ -93,6 +96,7 @@ def apply_zscore(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_
             o[t:t + step] = blk
     return out
 
+# %% ../../nbs/05_data.bold_stats.ipynb #74561c94
 def zscore(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_voxels)
            trs=None, # TRs to compute the statistics on (ignored when `stats` is given)
            stats:ZScoreStats|None=None, # statistics to reuse; None computes them on `trs`
@@ -142,6 +146,7 @@ def stretches(trs, # sorted TR indices (a block)
     trs = np.asarray(trs, np.int64)
     return np.split(trs, np.flatnonzero((np.diff(trs) != 1) | (np.diff(np.asarray(run)[trs]) != 0)) + 1) if len(trs) else []
 
+# %% ../../nbs/05_data.bold_stats.ipynb #6a09c04b
 def high_pass(x, # float (..., n_trs, n_voxels) BOLD, a numpy array or torch tensor (changed in place)
               blocks:Sequence, # TR index arrays (e.g. train, validation, test): each is filtered apart from the others
               run:np.ndarray, # (n_trs,) run id of every TR

@@ -41,6 +41,7 @@ def _name(img_or_path)->str:
     fn = img_or_path.get_filename() if hasattr(img_or_path, "get_filename") else None
     return str(fn) if fn else "<in-memory image>"
 
+# %% ../../nbs/01_data.fmri.ipynb #ce5a5669
 def _check_size(img, name):
     "Fail early when an uncompressed file is shorter than its header promises."
     p = img.dataobj
@@ -51,6 +52,7 @@ def _check_size(img, name):
     if have < need:
         raise ValueError(f"{name}: file is truncated: {have} bytes, but a {p.shape} {p.dtype} image needs {need}")
 
+# %% ../../nbs/01_data.fmri.ipynb #98d4c8f5
 def load_nifti(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .nii.gz file
                ndim:int|None=4, # the number of dimensions required: 4 for a time series, 3 for a mask, None for any
               )->nib.Nifti1Image: # the image, its data still on disk
@@ -102,11 +104,13 @@ def natural_key(path, # a path or file name
     parts = re.split(r"(\d+)", Path(path).name)
     return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts))
 
+# %% ../../nbs/01_data.fmri.ipynb #9c9ab22b
 def sort_subjects(paths, # paths of subject files
                  )->list[Path]: # the same paths in numeric subject order
     "Paths sorted in numeric subject order (`s2` before `s10`)."
     return sorted((Path(p) for p in paths), key=lambda p: (natural_key(p), str(p)))
 
+# %% ../../nbs/01_data.fmri.ipynb #89d02995
 def find_niftis(folder, # a folder holding one NIfTI per subject
                )->list[Path]: # its .nii / .nii.gz files in numeric subject order
     "The NIfTI files directly in `folder`, in numeric subject order; an error if there are none."
@@ -127,6 +131,7 @@ def _read(data, name, start, stop, n):
                              f"({type(e).__name__}: {e})") from e
         yield vol
 
+# %% ../../nbs/01_data.fmri.ipynb #66644e5e
 def iter_volumes(img_or_path, # a 4-D NIfTI image or its path
                  start:int=0, # the first volume (TR index)
                  stop:int|None=None, # one past the last volume; None: to the end
@@ -170,6 +175,7 @@ class _VoxelStats:
         std = np.sqrt(var); std[self.bad] = 0.0
         return std, self.bad, self.nonzero
 
+# %% ../../nbs/01_data.fmri.ipynb #e2c2d46b
 def _temporal_stats(img_or_path)->tuple[np.ndarray, np.ndarray, np.ndarray]:
     "(std, nonfinite, nonzero) over time of each voxel, streamed volume by volume."
     img = load_nifti(img_or_path, ndim=4)
@@ -177,11 +183,13 @@ def _temporal_stats(img_or_path)->tuple[np.ndarray, np.ndarray, np.ndarray]:
     for vol in iter_volumes(img): st.add(vol)
     return st.result()
 
+# %% ../../nbs/01_data.fmri.ipynb #1cc9a09c
 def temporal_std(img_or_path, # a 4-D NIfTI image or its path
                 )->tuple[np.ndarray, np.ndarray]: # (std, nonfinite): float64 (x, y, z) std over time; bool (x, y, z)
     "Each voxel's standard deviation over time (0 where any value is NaN/inf), and where such values are, streamed."
     return _temporal_stats(img_or_path)[:2]
 
+# %% ../../nbs/01_data.fmri.ipynb #d99d859b
 STANDARDISED_SPREAD = 1e-3 # nonzero temporal stds this close (10th to 90th percentile, relative): input was standardised
 
 def _standardised(std)->bool:
@@ -189,6 +197,7 @@ def _standardised(std)->bool:
     lo, hi = np.percentile(std[std > 0], [10, 90])
     return hi - lo <= STANDARDISED_SPREAD * hi
 
+# %% ../../nbs/01_data.fmri.ipynb #e1af6b6c
 def _check_same_space(imgs, names):
     "Raise, naming the subjects, when volumes differ in shape or affine from the first."
     shape0, aff0 = imgs[0].shape[:3], imgs[0].affine
@@ -197,11 +206,13 @@ def _check_same_space(imgs, names):
     odd = [n for i, n in zip(imgs, names) if not np.allclose(i.affine, aff0, atol=1e-3)]
     if odd: raise ValueError(f"subjects differ in affine (voxel-to-world space) from {names[0]}: {', '.join(odd)}")
 
+# %% ../../nbs/01_data.fmri.ipynb #6cacead8
 def _check_rule(threshold, brain_mask):
     if not 0 < threshold <= 1: raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if isinstance(brain_mask, str) and brain_mask != "nonzero" and not Path(brain_mask).exists():
         raise ValueError(f"brain_mask must be a NIfTI mask or atlas, its path, or 'nonzero'; {brain_mask!r} is none of these")
 
+# %% ../../nbs/01_data.fmri.ipynb #939f0fee
 def _mask_from_stats(stats:list, names:list, affine, threshold, percentile, brain_mask, standardised)->nib.Nifti1Image:
     "The shared mask from each subject's `(std, nonfinite, nonzero)`, logging what each rule removed."
     shape, need = stats[0][0].shape, math.ceil(threshold * len(stats) - 1e-9)
@@ -235,6 +246,7 @@ def _mask_from_stats(stats:list, names:list, affine, threshold, percentile, brai
     mask.header.set_data_dtype(np.uint8); mask.header.set_xyzt_units("mm")
     return mask
 
+# %% ../../nbs/01_data.fmri.ipynb #fa130d2c
 def shared_mask(imgs_or_paths, # the subjects' 4-D NIfTI images or paths (or a folder of them)
                 threshold:float=0.5, # keep voxels that pass in at least this fraction of subjects
                 percentile:float=10.0, # per subject, a voxel passes when its std is above this percentile of nonzero stds
@@ -266,10 +278,12 @@ def _mask_array(mask, name="", shape=None, affine=None)->np.ndarray:
     if not m.any(): raise ValueError("the mask is empty")
     return m
 
+# %% ../../nbs/01_data.fmri.ipynb #2ae8628a
 def _mask_index(m)->np.ndarray:
     "Fortran-order flat indices of the in-mask voxels, listed in C order (NIfTI data is stored in Fortran order)."
     return np.ravel_multi_index(np.nonzero(m), m.shape, order="F")
 
+# %% ../../nbs/01_data.fmri.ipynb #3ea8e1c1
 def nii_to_features(img_or_path, # a 4-D NIfTI image or its path
                     mask, # the mask: a 3-D NIfTI image, its path, or a bool (x, y, z) array
                     start:int=0, # the first TR to read
@@ -292,6 +306,7 @@ def nii_to_features(img_or_path, # a 4-D NIfTI image or its path
                              f"{start + t}; build the mask with shared_mask, which excludes them")
     return out
 
+# %% ../../nbs/01_data.fmri.ipynb #75466014
 def features_to_nii(features, # float32 (n_trs, n_voxels), voxels in the mask's C order
                     mask, # the mask: a 3-D NIfTI image or its path (its affine is used)
                     tr:float|None=None, # the TR in seconds to write in the header; None writes 0 (unset)
@@ -376,6 +391,7 @@ def _check_parts(parts:Sequence)->list:
             if not 0 <= a < b <= n: raise ValueError(f"{p}: volumes {a}..{b} requested, the file has {n}")
     return parts
 
+# %% ../../nbs/01_data.fmri.ipynb #62c85cc8
 class SubjectBold:
     "A lazy float32 `(n_subjects, n_trs, n_voxels)` BOLD: indexing a subject reads its NIfTIs then, run after run."
     dtype, ndim = np.dtype(np.float32), 3
@@ -428,6 +444,7 @@ class MaskRule:
         return dict(threshold=self.threshold, percentile=self.percentile, standardised=self.standardised,
                     brain_mask=None if self.brain_mask is None else str(self.brain_mask))
 
+# %% ../../nbs/01_data.fmri.ipynb #1cd17b4b
 class _ScanCopy:
     "Volumes `a..b` of one scan, uncompressed in a local file: voxels non-zero in volume `a` as float32 columns (in C order, as a mask's), every other non-zero value as a (row, voxel, value) record."
     REC = np.dtype([("i", "<i8"), ("v", "<f4")])
@@ -478,9 +495,11 @@ class _ScanCopy:
                     sel = (col >= 0) & (row >= lo - self.a) & (row < hi - self.a)
                     out[row[sel] - (lo - self.a), col[sel]] = rec["v"][sel]
 
+# %% ../../nbs/01_data.fmri.ipynb #158f052d
 def _remove(paths):
     for p in paths: Path(p).unlink(missing_ok=True)
 
+# %% ../../nbs/01_data.fmri.ipynb #bf775fe7
 class OnePassBold(SubjectBold):
     "`SubjectBold` with the mask of a `MaskRule`, reading each scan once: the mask's statistics and a local copy of the used volumes in one pass."
     def __init__(self, parts:Sequence, # per run `(nii_paths, start, stop)`, as for `SubjectBold`

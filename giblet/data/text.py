@@ -44,10 +44,12 @@ def _norm(name) -> str:
     "A column name with surrounding whitespace stripped, inner whitespace collapsed, case folded."
     return " ".join(str(name).split()).casefold()
 
+# %% ../../nbs/04_data.text.ipynb #de7ca23d
 def _loose(name) -> str:
     "A column name reduced to lower-case letters and digits, for matching time-column aliases."
     return re.sub(r"[^0-9a-z]+", "", str(name).casefold())
 
+# %% ../../nbs/04_data.text.ipynb #86e8f4a3
 def _rows(rows, limit: int = 20) -> str:
     "Row numbers for a message, shortened past `limit`."
     rows = [int(r) for r in rows]
@@ -61,6 +63,7 @@ def _find_column(columns, name, path, what: str):
         raise ValueError(f"{path}: {len(hits)} columns match the {what} column {name!r}: {hits}")
     return hits[0] if hits else None
 
+# %% ../../nbs/04_data.text.ipynb #4bbfa411
 def _find_by_keys(columns, keys, path, what: str):
     "The first column (in the priority order of `keys`) whose loose name is one of `keys`, or None."
     for key in keys:
@@ -79,6 +82,7 @@ def _cell_text(value) -> str | None:
     text = str(value).strip()
     return text or None
 
+# %% ../../nbs/04_data.text.ipynb #95e2db83
 def _join_cells(frame: pd.DataFrame, columns, sep: str) -> list[str]:
     "Each row's non-blank `columns` values joined with `sep` (an empty string when all are blank)."
     return [sep.join(t for t in map(_cell_text, row) if t is not None)
@@ -111,6 +115,7 @@ def _seconds(values: pd.Series) -> pd.Series:
     as_text = values.map(lambda v: v.strip() if isinstance(v, str) else v)
     return pd.to_numeric(as_text, errors="coerce").astype(float)
 
+# %% ../../nbs/04_data.text.ipynb #d624e981
 def _check_times(start: pd.Series, end: pd.Series, path, names) -> None:
     "Raise one error naming the rows whose times are missing, not numbers, negative, infinite or reversed."
     problems = []
@@ -133,6 +138,7 @@ def _check_seconds(df: pd.DataFrame, film_duration: float, path, names) -> None:
                          f"{end.max():g}, past the film's end ({film_duration:g} s) in {int((end > film_duration).sum())} of {len(end)} "
                          f"rows, but within it divided by 1000; give the times in seconds")
 
+# %% ../../nbs/04_data.text.ipynb #136228b2
 def _fit_to_film(df: pd.DataFrame, film_duration: float, past_end: str, path) -> pd.DataFrame:
     "Segments cut at `film_duration` (those starting at or after it removed), with a warning; or an error."
     over = df["end"] > film_duration
@@ -156,6 +162,7 @@ def _tr_column(columns, path):
     if len(hits) > 1: raise ValueError(f"{path}: {len(hits)} columns could be the start-TR column: {hits}")
     return hits[0] if hits else None
 
+# %% ../../nbs/04_data.text.ipynb #0229991f
 def _parts(start: pd.Series, trs: pd.Series|None, path) -> np.ndarray:
     "Part number (1, 2, ...) of each row in file order: a part begins where the seconds restart while the TR count runs on."
     s = start.to_numpy(float)
@@ -175,6 +182,7 @@ def _parts(start: pd.Series, trs: pd.Series|None, path) -> np.ndarray:
     for i in restarts: part[i:] += 1
     return part
 
+# %% ../../nbs/04_data.text.ipynb #4e4e628d
 def _check_tr_column(df: pd.DataFrame, trs: pd.Series, name: str, path) -> None:
     "Log the rows without a TR value, and warn about rows whose TR value and seconds disagree by more than one TR."
     missing = trs.isna()
@@ -191,7 +199,6 @@ def _check_tr_column(df: pd.DataFrame, trs: pd.Series, name: str, path) -> None:
         if off.any():
             logger.warning("%s: part %d: %d rows disagree by more than one TR between %r and the seconds (rows %s)",
                            path, p, int(off.sum()), name, _rows(rows.index[off]))
-
 
 # %% ../../nbs/04_data.text.ipynb #44cf4b34
 def load_annotations(
@@ -357,6 +364,7 @@ def _feature_hash(feature: str) -> int:
     "A stable 64-bit hash of a feature string (blake2b; unlike hash(), the same in every process)."
     return int.from_bytes(hashlib.blake2b(feature.encode("utf-8"), digest_size=8, person=b"giblet.text").digest(), "little")
 
+# %% ../../nbs/04_data.text.ipynb #7cbad4ac
 def _phrases(text: str) -> list[list[str]]:
     "Lower-case word tokens, possessive 's removed, in phrases split at ; | . ! ? and line breaks (n-grams stay inside one)."
     text = re.sub(r"['\u2019]s\b", "", text.casefold())

@@ -42,6 +42,7 @@ def _open_video(path):
         raise ValueError(f"{path}: expected a film with a video stream, found {kind or found}")
     return container, container.streams.video[0]
 
+# %% ../../nbs/02_data.video.ipynb #00c0319f
 def decode_stream(container, # an open PyAV container
                   stream, # its stream to decode
                   path, # the file, for messages
@@ -62,18 +63,21 @@ def decode_stream(container, # an open PyAV container
                              f"re-encode the film or replace the file") from e
         yield from frames
 
+# %% ../../nbs/02_data.video.ipynb #999a6108
 def _frame_rate(stream, path)->Fraction:
     "The stream's average frame rate (falling back to the guessed and base rates) as an exact fraction."
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate or rate <= 0: raise ValueError(f"{path}: the video stream declares no frame rate")
     return Fraction(rate)
 
+# %% ../../nbs/02_data.video.ipynb #d56b3f37
 def _film_zero(container)->Fraction:
     "Time 0 of the film's clock: the earliest stream start (exact), e.g. 0 for MP4, often 1.4 s in MPEG-TS."
     starts = [s.start_time * s.time_base for s in container.streams if s.start_time is not None and s.time_base]
     if starts: return min(starts)
     return Fraction(container.start_time or 0, av.time_base)
 
+# %% ../../nbs/02_data.video.ipynb #f55cdd3a
 def _stream_duration(container, stream)->Fraction|None:
     "Duration of the video stream in seconds from the file's metadata (stream first, then container), or None."
     if stream.duration and stream.time_base: return stream.duration * stream.time_base
@@ -98,6 +102,7 @@ class VideoInfo:
         "Dict-style access, e.g. `info['fps']`."
         return getattr(self, key)
 
+# %% ../../nbs/02_data.video.ipynb #f3efa32b
 def _rotation(path)->int:
     "The display rotation of the film's first frame, in degrees counter-clockwise, as a quarter turn in 0..270."
     container, stream = _open_video(path)
@@ -106,6 +111,7 @@ def _rotation(path)->int:
             return 90 * round(float(getattr(frame, "rotation", 0) or 0) / 90) % 360
     return 0
 
+# %% ../../nbs/02_data.video.ipynb #cd22e38f
 def video_info(path, # path to a film PyAV can read
               )->VideoInfo: # its frame rate, frame count, duration, size and whether it has sound
     "Metadata of the film at `path`; raises `FileNotFoundError`/`ValueError` naming the file if it is missing or not a film."
@@ -131,6 +137,7 @@ def _exact(x, name:str, rate:bool=False)->Fraction:
     if not math.isfinite(x): raise ValueError(f"{name} must be finite, got {x}")
     return Fraction(x).limit_denominator(1001) if rate else Fraction(repr(x))
 
+# %% ../../nbs/02_data.video.ipynb #23f78249
 def frames_per_tr(fps, # frame rate in frames per second (float or Fraction)
                   tr=1.5, # repetition time in seconds
                   frame_skip:int=2, # keep every `frame_skip`-th frame of a window
@@ -147,6 +154,7 @@ FITS = ("crop", "pad") # how a film of another aspect fills the output frame: ce
 @lru_cache(maxsize=256)
 def _say_once(level:int, msg:str): logger.log(level, msg)
 
+# %% ../../nbs/02_data.video.ipynb #587510f1
 def _layout(frame, stream, size, fit:str, path)->tuple:
     "How a decoded frame becomes an upright picture of `size`: (scaled size before turning, quarter turns, offset, crop?)."
     w, h = size
@@ -173,7 +181,6 @@ def _layout(frame, stream, size, fit:str, path)->tuple:
                   f"{'centre-cropped' if fit == 'crop' else 'letter-boxed'}, {lost}")
     return ((sw, sh) if k % 2 == 0 else (sh, sw)), k, (abs(sw - w) // 2, abs(sh - h) // 2), fit == "crop"
 
-
 # %% ../../nbs/02_data.video.ipynb #3ed609e7
 # swscale flags: area averaging when shrinking; interpolated (not repeated) chroma and accurate rounding
 _TO_RGB = int(Interpolation.AREA) | int(Interpolation.FULL_CHR_H_INT) | int(Interpolation.ACCURATE_RND)
@@ -184,6 +191,7 @@ def _check_size(size)->tuple[int, int]:
     if w < 1 or h < 1 or (w, h) != tuple(size): raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
     return w, h
 
+# %% ../../nbs/02_data.video.ipynb #5d7509de
 def video_to_frames(path, # path to a film PyAV can read
                     tr=1.5, # repetition time (TR window length) in seconds
                     size=(160, 90), # output frame size as (width, height)
@@ -301,6 +309,7 @@ def _frames_iter(frames, path):
         shape = frame.shape
         yield frame
 
+# %% ../../nbs/02_data.video.ipynb #71153149
 def _check_audio(audio, sample_rate, path):
     "The waveform as float32 (channels, n) and the sample rate, or a clear error."
     audio = np.asarray(audio)
@@ -315,6 +324,7 @@ def _check_audio(audio, sample_rate, path):
         raise ValueError(f"{path}: audio must be finite and within [-1, 1] (max |x| = {np.abs(audio).max()})")
     return np.ascontiguousarray(audio, np.float32), int(sample_rate)
 
+# %% ../../nbs/02_data.video.ipynb #16a645f1
 def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_per_tr, H, W, 3) in time order, or an iterable of (H, W, 3) frames
                     path, # output film (.mp4 or .m4v)
                     fps, # frame rate (float or Fraction, e.g. 25 or 24000/1001)
@@ -413,6 +423,7 @@ def _moving_pattern(n_frames:int, # number of frames
         out[n] = img
     return out
 
+# %% ../../nbs/02_data.video.ipynb #e4413813
 def psnr(a:np.ndarray, # uint8 frames
          b:np.ndarray, # uint8 frames of the same shape
         )->float: # peak signal-to-noise ratio in dB (inf when identical)

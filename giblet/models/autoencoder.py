@@ -110,6 +110,7 @@ def _moments(x, axis_samples:int, chunk:int=64):
         s, ss, n = s + c.sum(0), ss + (c * c).sum(0), n + len(c)
     return s, ss, n
 
+# %% ../../nbs/22_models.autoencoder.ipynb #ce9ad322
 def target_variances(video:np.ndarray|None=None, # (n_trs, F, H, W, 3) uint8 training frames
                      audio:np.ndarray|None=None, # (n_trs, n_mels, A) training mel windows, in the model's units
                      text:np.ndarray|None=None, # (n_trs, d) training text embeddings
@@ -132,6 +133,7 @@ def target_variances(video:np.ndarray|None=None, # (n_trs, F, H, W, 3) uint8 tra
         out["text"] = var(t if has_text is None else t[np.asarray(has_text, bool)], 0, "text")
     return out
 
+# %% ../../nbs/22_models.autoencoder.ipynb #079046e8
 def _masked_mse(pred, target, mask=None, weights=None):
     "MSE over the (B, K) positions where `mask` is True (all when None; 0 when none is), `weights` (mean 1) on the last dim."
     err = (pred.float() - target.float()).pow(2)
@@ -140,6 +142,7 @@ def _masked_mse(pred, target, mask=None, weights=None):
     m = mask.to(err.dtype)
     return (err * m).sum() / m.sum().clamp(min=1)
 
+# %% ../../nbs/22_models.autoencoder.ipynb #d0ffebf2
 def _voxel_corr(pred, target, mask, weights=None):
     "Mean over voxels (weighted by `weights`, mean 1) of Pearson r across the valid (B, K) rows."
     m = mask.reshape(-1, 1).float(); n = m.sum().clamp(min=2)
@@ -148,6 +151,7 @@ def _voxel_corr(pred, target, mask, weights=None):
     r = (p * y * m).sum(0) / (((p * p * m).sum(0) * (y * y * m).sum(0)).sqrt() + 1e-8)
     return r.mean() if weights is None else (r * weights).mean()
 
+# %% ../../nbs/22_models.autoencoder.ipynb #b78c2ea6
 def compute_losses(out:dict, # model output ('brain' and reconstructions)
                    batch:dict, # the batch it came from (targets)
                    variances:dict, # from `target_variances`: training variance of each reconstructed modality

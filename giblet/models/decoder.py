@@ -58,6 +58,7 @@ class VideoHead(nn.Module):
         x = torch.sigmoid(x.permute(0, 2, 3, 1)[:, top:top + self.H, left:left + self.W])
         return x.reshape(B, K, self.F, self.H, self.W, 3)
 
+# %% ../../nbs/21_models.decoder.ipynb #30524a96
 class AudioHead(nn.Module):
     "Per-TR latent -> the mel window (B, K, n_mels, A), in the units the encoder was given."
     def __init__(self, cfg:ModelConfig, # every size of the model
@@ -75,6 +76,7 @@ class AudioHead(nn.Module):
         x = self.mel(self.up(self.seed(z).reshape(B * K, -1, self.a0)))[..., :self.A]
         return x.reshape(B, K, *x.shape[1:])
 
+# %% ../../nbs/21_models.decoder.ipynb #ea046b4b
 class TextHead(nn.Module):
     "Per-TR latent -> text embedding (B, K, d)."
     def __init__(self, cfg:ModelConfig, # every size of the model

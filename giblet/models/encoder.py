@@ -200,10 +200,12 @@ def _compute_dtype(device_type:str, default:torch.dtype)->torch.dtype:
     except RuntimeError: on = False  # a device type without autocast (e.g. meta)
     return torch.get_autocast_dtype(device_type) if on else default
 
+# %% ../../nbs/20_models.encoder.ipynb #2d56479a
 def _conv_block(conv:nn.Module)->nn.Sequential:
     "conv -> GELU, with no per-sample normalisation: the absolute level (luminance, loudness) is what BOLD follows."
     return nn.Sequential(conv, nn.GELU())
 
+# %% ../../nbs/20_models.encoder.ipynb #ac5d3934
 class AttentionPool(nn.Module):
     "Pool a set of vectors (dim -2) by learned attention: one softmax over the set per head."
     def __init__(self, dim:int, # feature size
@@ -218,6 +220,7 @@ class AttentionPool(nn.Module):
         xs = x.unflatten(-1, (self.heads, -1))  # (..., n, heads, dim/heads)
         return (w.unsqueeze(-1) * xs).sum(-3).flatten(-2)
 
+# %% ../../nbs/20_models.encoder.ipynb #7239d75e
 class VideoEncoder(nn.Module):
     "Frames of each TR -> one feature vector per TR: shared conv stem, a signed conv over frames, attention pooling, motion energy."
     def __init__(self, cfg:ModelConfig, # every size of the model
@@ -337,6 +340,7 @@ def hrf_kernels(tr:float, # seconds per TR
     rows += [np.roll(h, s) * (np.arange(kernel) >= s) for s in range(1, basis - 1)]
     out = np.stack(rows[:basis]); return (out / np.linalg.norm(out, axis=1, keepdims=True) * np.linalg.norm(h)).astype(np.float32)
 
+# %% ../../nbs/20_models.encoder.ipynb #9f368d20
 class TemporalConv(nn.Module):
     "Depthwise temporal conv over TRs, HRF-initialised, then a linear mix of the basis outputs."
     def __init__(self, d:int, # channels
@@ -369,6 +373,7 @@ class TemporalConv(nn.Module):
         y = self.conv(F.pad(x.transpose(1, 2), pad))
         return self.mix(y.transpose(1, 2))
 
+# %% ../../nbs/20_models.encoder.ipynb #4992872b
 class TemporalTransformer(nn.Module):
     "Pre-norm transformer over TRs with a learned relative-position bias and a causal/anticausal/full mask."
     def __init__(self, d:int, # width
@@ -409,6 +414,7 @@ class TemporalTransformer(nn.Module):
             x = x + self.mlp.blocks[i](x)
         return self.norm(x)
 
+# %% ../../nbs/20_models.encoder.ipynb #20a7be89
 def make_temporal(cfg:ModelConfig, # sizes
                   d:int, # width
                   direction:str, # "causal", "anticausal" or "both"
@@ -460,6 +466,7 @@ def batch_size_and_k(batch:dict, # a batch per the batch contract
         if batch.get(key) is not None: return tuple(batch[key].shape[:2])
     raise ValueError(f"batch has none of video/audio/text/has_text/fmri/trs (keys: {sorted(batch)})")
 
+# %% ../../nbs/20_models.encoder.ipynb #44b62668
 def check_modalities(batch:dict, # a batch per the batch contract
                      modalities:Sequence[str]|None=None, # subset to use; None: every modality in the batch
                      streams:Sequence[str]=(), # the batch keys of the model's feature streams
@@ -476,6 +483,7 @@ def check_modalities(batch:dict, # a batch per the batch contract
     if missing: raise ValueError(f"modalities {missing} were asked for but the batch has no such key")
     return tuple(modalities)
 
+# %% ../../nbs/20_models.encoder.ipynb #cd0e2719
 class StimulusEncoder(nn.Module):
     "Stimulus window -> brain layer (predicted z-scored BOLD, (B, K, n_voxels))."
     def __init__(self, cfg:ModelConfig, # every size of the model

@@ -33,6 +33,7 @@ def _plain(path:Path, map_location:str|torch.device="cpu")->tuple:
     except OSError: raise
     except Exception as e: return None, type(e).__name__  # random bytes, a foreign pickle: never retried with unsafe loading
 
+# %% ../../nbs/31_training.checkpoints.ipynb #55727734
 def load_checkpoint(path:str|Path, # a file written by `save_checkpoint` (last.pt or best.pt)
                     map_location:str|torch.device="cpu", # where tensors go
                    )->dict:
@@ -54,10 +55,12 @@ def _snapshots(link:Path)->list[Path]:
     found = [p for p in link.parent.glob(f".{link.name}.*") if pat.match(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(found, key=lambda p: int(p.name.rsplit(".", 1)[1]))
 
+# %% ../../nbs/31_training.checkpoints.ipynb #fc3fc5f8
 def _point(link:Path, target:Path):
     "Move the symbolic link `link` to its sibling `target` in one rename: the instant a save takes effect."
     tmp = temp_name(link); os.symlink(target.name, tmp); os.replace(tmp, link); fsync_folder(link.parent)
 
+# %% ../../nbs/31_training.checkpoints.ipynb #8b8b6915
 def checkpoint_folder(out_dir:str|Path, # the run folder
                      )->Path|None:
     "The folder `OUT/checkpoints` names, after mending a save killed before its link moved or a run folder of the older layout; None before the first save."
@@ -75,12 +78,14 @@ def _link_best(src:Path, dst:Path):
     try: os.link(src, dst)
     except OSError: shutil.copyfile(src, dst)
 
+# %% ../../nbs/31_training.checkpoints.ipynb #74aa1d0b
 def _drop_old(link:Path):
     "Remove every checkpoint folder the link no longer names."
     keep = link.resolve()
     for p in _snapshots(link):
         if p.resolve() != keep: shutil.rmtree(p, ignore_errors=True)
 
+# %% ../../nbs/31_training.checkpoints.ipynb #21f52631
 @contextmanager
 def new_checkpoint_folder(out_dir:str|Path, # the run folder (this process holds it)
                          )->Iterator[Path]:
@@ -109,6 +114,7 @@ def write_log(out_dir:str|Path, # the folder to write log.csv and log.json into
     write_json(out / "log.json", history)
     atomic_write(out / "log.csv", lambda f: f.write(pd.DataFrame(history).to_csv(index=False).encode()))
 
+# %% ../../nbs/31_training.checkpoints.ipynb #57e91cf4
 def _log_link(path:Path):
     "Make `OUT/log.csv` (or log.json) a link into the checkpoint folder, so the log always belongs to the checkpoints."
     target = Path(CHECKPOINTS) / path.name
@@ -145,6 +151,7 @@ def _resolve(value:str|None, what:str, bases:Sequence[Path])->str|None:
     raise FileNotFoundError(f"the run's {what} {value!r} is relative and exists under none of {', '.join(map(str, tried))}; "
                             f"pass --{what} with its location")
 
+# %% ../../nbs/31_training.checkpoints.ipynb #4b6019ca
 def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) or a `BrainAutoencoder.save` file
              data_dir:str|Path|None=None, # the study folder (default: the run's own; needed for a bare model file)
              cache_dir:str|Path|None=None, # feature-cache root (default: the run's own)

@@ -150,6 +150,7 @@ class TrainConfig:
         if unknown: raise ValueError(f"TrainConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**d)
 
+# %% ../../nbs/30_training.data.ipynb #63fa675c
 SAVED_BEFORE = dict(ridge_start="", high_pass=0.0) # what a saved run that lacks these options did (no ridge start, no drift removed): a resumed or reopened run reads its config.json over these
 
 RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir", "threads", "atlas", "atlas_names")
@@ -196,6 +197,7 @@ class DistInfo:
     @property
     def main(self)->bool: return self.rank == 0
 
+# %% ../../nbs/30_training.data.ipynb #f6d61f3d
 WAIT_HOURS = 48.0 # how long the other ranks wait for rank 0 to build the caches
 _main_first_calls = itertools.count()
 
@@ -254,11 +256,13 @@ class RunData:
         if self.tensors.subjects == "average": return y[0].cpu().numpy()
         return ((y.mean(0).cpu().numpy() - self.norm.avg_mean) / self.norm.avg_std).astype(np.float32)
 
+# %% ../../nbs/30_training.data.ipynb #a1cd7655
 def _rows(a, idx):
     "a[idx] as a slice view when idx is one contiguous run (memory maps stay lazy), else a copy."
     idx = np.asarray(idx)
     return a[idx[0]:idx[-1] + 1] if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else a[idx]
 
+# %% ../../nbs/30_training.data.ipynb #da85d97e
 class SubjectRows:
     "Each subject's BOLD at some TRs, read only when asked for: a lazy loader for `noise_ceiling`."
     def __init__(self, fmri, # (n_subjects, n_trs, n_voxels) array or memory map
@@ -267,6 +271,7 @@ class SubjectRows:
     def __len__(self)->int: return len(self.fmri)
     def __getitem__(self, i:int)->np.ndarray: return np.asarray(_rows(self.fmri[i], self.trs), np.float32)
 
+# %% ../../nbs/30_training.data.ipynb #fa10d46c
 def reliability_weights(al:Aligned, # the study (every subject's BOLD)
                         trs:np.ndarray, # the TRs to measure on: the training block
                        )->np.ndarray|None: # float32 (n_voxels,), mean 1; None when it cannot be measured
@@ -280,6 +285,7 @@ def reliability_weights(al:Aligned, # the study (every subject's BOLD)
         return None
     return (w / w.mean()).astype(np.float32)
 
+# %% ../../nbs/30_training.data.ipynb #8c30eef8
 def outer_split(n_trs:int, # TRs in the (concatenated) series
                 tr:float, # seconds per TR
                 n_folds:int, # contiguous blocks (>= 3)
@@ -301,6 +307,7 @@ def outer_split(n_trs:int, # TRs in the (concatenated) series
                          f"{len(split.train)} train, {len(split.val)} validation, {len(split.test)} test TRs")
     return split
 
+# %% ../../nbs/30_training.data.ipynb #0e2df7ae
 def run_split(n_trs:int, # TRs in the (concatenated) series
               tr:float, # seconds per TR
               cfg:TrainConfig, # val_frac, test_frac, gap, n_folds, fold
@@ -309,6 +316,7 @@ def run_split(n_trs:int, # TRs in the (concatenated) series
     if cfg.n_folds: return outer_split(n_trs, tr, cfg.n_folds, cfg.fold, cfg.gap)
     return block_split(n_trs, tr, cfg.val_frac, cfg.test_frac, cfg.gap)
 
+# %% ../../nbs/30_training.data.ipynb #1452eaf7
 def silent_audio(audio, # (n_trs, n_mels, A) log-mel windows (a memory map is read in chunks)
                 )->bool: # True when every value is the same: silence
     "Whether a study's audio holds one value throughout, as a film without sound read with `allow_silence` does."
@@ -316,6 +324,7 @@ def silent_audio(audio, # (n_trs, n_mels, A) log-mel windows (a memory map is re
     first = np.asarray(audio[:1]).flat[0]
     return all(bool((np.asarray(audio[i:i + 256]) == first).all()) for i in range(0, len(audio), 256))
 
+# %% ../../nbs/30_training.data.ipynb #45d2ee28
 def run_data(al:Aligned, # the aligned study
              cfg:TrainConfig, # the run's options
              device:torch.device|str="cpu", # where the tensors go
@@ -346,6 +355,7 @@ def run_data(al:Aligned, # the aligned study
     return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
                    None if w is None else torch.as_tensor(w, device=tensors.device), spec, dict(streams or {}))
 
+# %% ../../nbs/30_training.data.ipynb #f8ce7a97
 DATA_OPTIONS = ("data_dir", "study", "film", "annotations", "film_start", "drop_short", "synthetic", "text_model", "text_columns", "allow_silence", "features", "subjects",
                 "val_frac", "test_frac", "gap", "n_folds", "fold", "high_pass")
 
@@ -375,6 +385,7 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                              f"pass --set {k}=N with N < {mc.context_trs}, or a longer context_trs")
     return mc
 
+# %% ../../nbs/30_training.data.ipynb #a9358895
 def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, annotations, film_start)
                di:DistInfo|None=None, # under torchrun, rank 0 generates the embedded study while the others wait
               )->StudySpec:
@@ -388,6 +399,7 @@ def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, an
     elif cfg.atlas_names is not None: raise ValueError(f"atlas_names {cfg.atlas_names} without an atlas: give --atlas, the label NIfTI it names")
     return spec
 
+# %% ../../nbs/30_training.data.ipynb #c3a2bd62
 def study_data(cfg:TrainConfig, # the run's options
                di:DistInfo|None=None, # under torchrun, rank 0 builds the caches while the others wait
                verify:bool|None=None, # checksum the study cache: None when due, True always (`giblet-cache --verify`)
@@ -407,6 +419,7 @@ def study_data(cfg:TrainConfig, # the run's options
     streams = {**(main_first(di, get) if features else {}), **study_predictors(spec, al)}   # the spec's own predictors are streams too
     return spec, fp, al, streams or None
 
+# %% ../../nbs/30_training.data.ipynb #f29eb690
 def prepare_data(cfg:TrainConfig, # the run's options
                  device:torch.device|str="cpu", # where the tensors go
                  di:DistInfo|None=None, # under torchrun, rank 0 builds the caches while the others wait
@@ -417,7 +430,6 @@ def prepare_data(cfg:TrainConfig, # the run's options
     src = Path(cfg.study or cfg.data_dir or spec.source)
     return run_data(al, cfg, device, fp, src if src.is_dir() else src.parent, spec, streams)
 
-
 # %% ../../nbs/30_training.data.ipynb #e355b06d
 def ridge_rows(train:np.ndarray, # the training TRs
                run:np.ndarray, # (n_trs,) run id of every TR
@@ -426,6 +438,7 @@ def ridge_rows(train:np.ndarray, # the training TRs
     "The training TRs whose stimulus history lies inside their stretch: each stretch less its first `skip` TRs."
     return np.concatenate([s[skip:] for s in stretches(train, run) if len(s) > skip] or [np.zeros(0, np.int64)])
 
+# %% ../../nbs/30_training.data.ipynb #e0915c74
 def start_kind(cfg:TrainConfig, # the run's options
                data:RunData, # its data
                n_folds:int=5, # inner folds of the ridge's penalties

@@ -41,6 +41,7 @@ __all__ = ['logger', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 
 class DeviceUnavailable(RuntimeError):
     "The device a run asks for is not there (a user error, not a fault)."
 
+# %% ../../nbs/32_training.trainer.ipynb #148dc5a1
 def resolve_device(name:str, # "cpu", "cuda", "cuda:N" or "auto"
                    local_rank:int=0, # this process's GPU under torchrun
                   )->torch.device:
@@ -52,6 +53,7 @@ def resolve_device(name:str, # "cpu", "cuda", "cuda:N" or "auto"
                            f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu or install a CUDA build of torch")
     return torch.device(name if ":" in name else f"cuda:{local_rank}")
 
+# %% ../../nbs/32_training.trainer.ipynb #b268618a
 def init_distributed(device:torch.device|str="cpu", # the device this process trains on
                     )->DistInfo:
     "Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."
@@ -62,10 +64,12 @@ def init_distributed(device:torch.device|str="cpu", # the device this process tr
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
+# %% ../../nbs/32_training.trainer.ipynb #17a84779
 def close_distributed():
     "Leave the process group at the end of a run (a process that exits still in it can abort in gloo's teardown)."
     if dist.is_initialized(): dist.destroy_process_group()
 
+# %% ../../nbs/32_training.trainer.ipynb #4abe488e
 def _barrier(di:DistInfo|None):
     if di is not None and di.world_size > 1: dist.barrier()
 
@@ -111,6 +115,7 @@ def _rng_state()->dict:
     if torch.cuda.is_available(): out["cuda"] = torch.cuda.get_rng_state_all()
     return out
 
+# %% ../../nbs/32_training.trainer.ipynb #bcdfb39c
 def _set_rng_state(s:dict):
     torch.set_rng_state(s["torch"].cpu())
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
@@ -137,6 +142,7 @@ class TrainStep(torch.nn.Module):
             rec.update(r if self.decode_from == "fmri" else {f"{k}_fmri": v for k, v in r.items()})
         return {"brain": brain}, rec
 
+# %% ../../nbs/32_training.trainer.ipynb #dcf26b48
 def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
                 rec:dict, # reconstructions of the first n windows
                 batch:dict, # the batch
@@ -186,6 +192,7 @@ def _ridge(X, Y, folds, alphas, bands, n_iter):
     fit = RidgeCV(alphas=np.asarray(alphas, np.float64), cv=folds).fit(X, Y)
     return np.asarray(fit.coef_, np.float64), np.asarray(fit.best_alphas_, np.float64)
 
+# %% ../../nbs/32_training.trainer.ipynb #9c4958f2
 def _banded_ridge(X, Y, folds, alphas, bands, n_iter):
     "himalaya's banded ridge (linear kernels, random search) of centred `Y` on centred `X`: (primal coef, each voxel's alpha)."
     from himalaya.kernel_ridge import ColumnKernelizer, Kernelizer, MultipleKernelRidgeCV
@@ -195,7 +202,6 @@ def _banded_ridge(X, Y, folds, alphas, bands, n_iter):
     fit = make_pipeline(kern, MultipleKernelRidgeCV(kernels="precomputed", solver_params=solver, cv=folds, random_state=0)).fit(X, Y)
     coef = np.concatenate([np.asarray(w, np.float64) for w in fit[-1].get_primal_coef(fit[0].get_X_fit())])   # bands in column order
     return coef, np.asarray(fit[-1].best_alphas_, np.float64)
-
 
 # %% ../../nbs/32_training.trainer.ipynb #b4834e67
 @torch.no_grad()
@@ -225,6 +231,7 @@ def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linea
 class NonFiniteLoss(FloatingPointError):
     "A loss term or the gradient became NaN or infinite."
 
+# %% ../../nbs/32_training.trainer.ipynb #4943171b
 class Trainer:
     "Train a `BrainAutoencoder` on a run's data, with validation, checkpoints, logs and early stopping."
     def __init__(self, data:RunData, # what to train on
@@ -322,6 +329,7 @@ def train_epoch(self:Trainer)->dict:
         bar.set_postfix(loss=f"{vals[-1].item() / self.di.world_size:.3f}")
     return {f"train_{k}": v / n for k, v in zip(terms, sums.tolist())} | {"lr": self.sched.get_last_lr()[0]}
 
+# %% ../../nbs/32_training.trainer.ipynb #70afdb2e
 @patch
 def _shard(self:Trainer, n:int)->np.ndarray: return np.arange(self.di.rank, n, self.di.world_size)
 
@@ -348,6 +356,7 @@ def evaluate(self:Trainer)->dict:
     "Validation loss terms (mean over windows) and the voxel r of the predicted subject-average BOLD."
     with self.averaged(), torch.no_grad(): return self._evaluate()
 
+# %% ../../nbs/32_training.trainer.ipynb #a9fcdfed
 @patch
 def _evaluate(self:Trainer)->dict:
     self.net.eval()
@@ -366,6 +375,7 @@ def _evaluate(self:Trainer)->dict:
     return {f"val_{k}": v / n for k, v in zip(terms, vals.tolist())} | {
         "val_voxel_r_mean": float(np.mean(r)), "val_voxel_r_median": float(np.median(r))}
 
+# %% ../../nbs/32_training.trainer.ipynb #a3920631
 @patch
 def fit(self:Trainer, until_epoch:int|None=None, # stop after this epoch (as if interrupted); None: run to the end
        )->list: # the history: one dict per epoch
@@ -399,6 +409,7 @@ def config(self:Trainer)->dict:
     return dict(train=self.cfg.to_dict(), model=self.model_config.to_dict(),
                 features=None if self.data.features is None else json.loads(json.dumps(asdict(self.data.features))))
 
+# %% ../../nbs/32_training.trainer.ipynb #d5ba1515
 @patch
 def state_dict(self:Trainer)->dict:
     "Everything needed to continue the run exactly."
@@ -413,6 +424,7 @@ def state_dict(self:Trainer)->dict:
                 rng=rng, epoch=self.epoch, loader_epoch=self.loader.epoch, best_r=self.best_r, best_epoch=self.best_epoch,
                 bad_epochs=self.bad_epochs, stopped=self.stopped, history=self.history, config=self.config())
 
+# %% ../../nbs/32_training.trainer.ipynb #e44894f2
 @patch
 def load_state_dict(self:Trainer, ck:dict, # from `state_dict` or `load_checkpoint`
                     source:str="the checkpoint", # its name, for messages
@@ -445,6 +457,7 @@ def resume(self:Trainer, path:str|Path|None=None, # a checkpoint (None: the run 
     logger.info("resumed %s at epoch %d", path, self.epoch)
     return self
 
+# %% ../../nbs/32_training.trainer.ipynb #5ac57171
 @patch
 def save(self:Trainer, best:bool=False, # also make this the best checkpoint
         ):
