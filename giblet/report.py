@@ -17,6 +17,7 @@ import torch
 from .decoding import decode_block, decoding_scores, true_block
 from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, verdict
 from .stacking import model_share
+from .data.bold_stats import stretches
 from .metrics import voxel_r
 from .synthetic_truth import study_truth
 from .io import atomic_write, write_json
@@ -35,9 +36,7 @@ def longest_stretch(trs:np.ndarray, # sorted TR indices
                     run:np.ndarray, # (n_trs,) run of every TR of the series
                    )->np.ndarray: # the longest stretch of consecutive TRs of one run
     "The longest stretch of consecutive TRs within one run."
-    trs = np.asarray(trs)
-    cut = np.flatnonzero((np.diff(trs) != 1) | (np.diff(np.asarray(run)[trs]) != 0)) + 1
-    return max(np.split(trs, cut), key=len)
+    return max(stretches(trs, run) or [np.asarray(trs)], key=len)
 
 # %% ../nbs/35_report.ipynb #faccc7cf
 def run_decoding(model, # a `giblet.models.autoencoder.BrainAutoencoder`

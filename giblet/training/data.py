@@ -361,6 +361,7 @@ DATA_OPTIONS = ("data_dir", "study", "film", "annotations", "film_start", "drop_
 
 def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                  data:RunData, # the data the model is for
+                 start:str|None=None, # the ridge the run starts from (`start_kind`), when the caller has it; None: resolved here
                 )->ModelConfig:
     "The run's model configuration: its preset and overrides, every data size from the data."
     if data.cfg is not None:
@@ -376,7 +377,7 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
     clash = {k: v for k, v in cfg.model_overrides.items() if k in sizes and v != sizes[k]}
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
     mc = ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
-    if start_kind(cfg, data):   # unless told otherwise, the ridge the run starts from has the baselines' design: FIR delays 0-12 s
+    if start_kind(cfg, data) if start is None else start:   # unless told otherwise, the ridge the run starts from has the baselines' design: FIR delays 0-12 s
         mc = replace(mc, linear_delay=mc.linear_delay or 12.0, linear_basis=cfg.model_overrides.get("linear_basis", "fir"))
     if cfg.ridge_start in ("ridge", "banded") and mc.linear_rank: raise ValueError(f"ridge_start fits the linear path's full read-out; linear_rank={mc.linear_rank} must be 0")
     for k in ("skip_first", "skip_last"):   # a window with no TR left in a loss gives NaN gradients, not an error

@@ -241,7 +241,8 @@ class Trainer:
                 ):
         self.data, self.cfg, self.di = data, cfg, di or DistInfo()
         self.out = None if out_dir is None else Path(out_dir)
-        self.model_config = model_config(cfg, data)
+        self.start = start_kind(cfg, data)   # the ridge the run starts from, if any (resolved once: "auto" logs why not)
+        self.model_config = model_config(cfg, data, self.start)
         self.device, self.k = data.tensors.device, self.model_config.context_trs
         torch.manual_seed(cfg.seed)
         self.model = BrainAutoencoder(self.model_config).to(self.device)
@@ -250,7 +251,6 @@ class Trainer:
         if self.model.encoder.linear is not None:  # the linear path's features are standardised with training statistics
             train = data.split.train
             self.model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
-        self.start = start_kind(cfg, data)   # the ridge the run starts from, if any
         if self.start: ridge_start(self.model, data, banded=self.start == "banded")
         torch.manual_seed(cfg.seed + 1 + self.di.rank)  # dropout differs between processes
         self.net = TrainStep(self.model, cfg.decode_from, cfg.detach_brain)
