@@ -185,7 +185,7 @@ def full_scale(study:str, cache:str, entry:str, size:tuple, preset:str="sherlock
     cache = Path(cache); env = dict(os.environ, GIBLET_CACHE=str(cache), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     def cmd(w_h):
         if entry == "giblet-cache":     # the preset's own overrides kept, the frame size changed
-            from giblet.training.data import PRESET_OVERRIDES
+            from giblet.training.config import PRESET_OVERRIDES
             over = dict(PRESET_OVERRIDES.get(preset, {}), frame_width=w_h[0], frame_height=w_h[1]) if w_h else None
             return [shutil.which("giblet-cache"), "--data-dir", study, "--preset", preset,
                     *(["--config", json.dumps(dict(model_overrides=over))] if over else [])]

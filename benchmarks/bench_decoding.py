@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from giblet.decoding import decode_block, decoding_scores, true_block
-from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.config import TrainConfig
+from giblet.training.data import prepare_data
 from giblet.training.trainer import Trainer
 
 
@@ -32,8 +33,8 @@ def main():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logging.basicConfig(level=logging.WARNING)
     sets = parse(a.set)
-    cfg = TrainConfig(progress=False, device="cpu", **sets)
-    if a.model: cfg = TrainConfig(**{**cfg.to_dict(), "model_overrides": {**cfg.model_overrides, **parse(a.model)}})
+    cfg = TrainConfig.make(progress=False, device="cpu", **sets)
+    if a.model: cfg = cfg.updated(model_overrides={**cfg.model.model_overrides, **parse(a.model)})
     data = prepare_data(cfg, "cpu")
     t0 = time.perf_counter()
     tr = Trainer(data, cfg)

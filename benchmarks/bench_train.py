@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from giblet.training.data import TrainConfig, model_config, prepare_data
-from giblet.training.trainer import Trainer, resolve_device
+from giblet.training.config import TrainConfig
+from giblet.training.data import model_config, prepare_data
+from giblet.training.distributed import resolve_device
+from giblet.training.trainer import Trainer
 
 
 def peak_rss_mb() -> float:
@@ -22,7 +24,7 @@ def peak_rss_mb() -> float:
 
 
 def bench(cfg: TrainConfig, epochs: int, label: str):
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     t0 = time.perf_counter()
     data = prepare_data(cfg, device)
     t_data = time.perf_counter() - t0
@@ -30,7 +32,7 @@ def bench(cfg: TrainConfig, epochs: int, label: str):
     n_params = sum(p.numel() for p in tr.model.parameters())
     print(f"[{label}] data ready in {t_data:.1f} s (generation and feature cache if new): {data.aligned.n_trs} TRs, "
           f"{data.aligned.n_subjects} subjects, {data.aligned.n_voxels} voxels; model {n_params / 1e6:.2f} M parameters, "
-          f"{len(tr.train_ds)} training windows of {tr.k} TRs, {len(tr.loader)} batches of {cfg.batch_size}; "
+          f"{len(tr.train_ds)} training windows of {tr.k} TRs, {len(tr.loader)} batches of {cfg.optim.batch_size}; "
           f"device {device}, {torch.get_num_threads()} CPU threads")
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
     for e in range(epochs):
@@ -58,9 +60,9 @@ def main():
     p.add_argument("--sherlock", action="store_true", help="also the sherlock preset on a Sherlock-sized study")
     a = p.parse_args()
     cache = a.cache or tempfile.mkdtemp(prefix="giblet-bench-")
-    bench(TrainConfig(cache_dir=cache, device=a.device, progress=False), a.epochs, "main job")
+    bench(TrainConfig.make(cache_dir=cache, device=a.device, progress=False), a.epochs, "main job")
     if a.sherlock:
-        cfg = TrainConfig(cache_dir=cache, device=a.device, progress=False, preset="sherlock", subjects="each",
+        cfg = TrainConfig.make(cache_dir=cache, device=a.device, progress=False, preset="sherlock", subjects="each",
                           batch_size=8, synthetic=dict(preset="sherlock", seed=0))
         bench(cfg, a.epochs, "sherlock")
 

@@ -26,8 +26,10 @@ from .io import DiskFullError, FolderLockedError, atomic_write
 from .synthetic_truth import truth_columns
 from .features import default_cache_dir as streams_cache_dir, verify_streams
 from .io import no_bar
-from .training.data import SAVED_BEFORE, TrainConfig, study_data
-from .training.trainer import DeviceUnavailable, NonFiniteLoss
+from .training.config import TrainConfig, flat_options
+from .training.data import study_data
+from .training.distributed import DeviceUnavailable
+from .training.trainer import NonFiniteLoss
 from .run import check_run_plan, run_training, saved_config, study_overview
 
 logger = logging.getLogger(__name__)
@@ -67,11 +69,13 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
                 )->TrainConfig:
     "The run's TrainConfig: the saved one when resuming, else the defaults, updated by `config` (JSON), `sets` and `options`."
     saved = saved_config(out) if resume and out else None
-    base = SAVED_BEFORE | dict(saved["train"]) if saved else {}   # a run saved before an option resumes as it ran
+    base = TrainConfig.from_dict(saved["train"], saved=True).flat() if saved else {}   # a run saved before an option resumes as it ran
     if config:
         text = config if config.lstrip().startswith("{") else _read_config(config)
-        try: base |= json.loads(text)
+        try: given = json.loads(text)
         except json.JSONDecodeError as e: raise ValueError(f"--config {config!r}: not a JSON file or JSON object ({e})") from None
+        if not isinstance(given, dict): raise ValueError(f"--config {config!r}: not a JSON object of options")
+        base |= flat_options(given, f"--config {config}")   # options by name, or by section as config.json saves them
     base |= parse_sets(sets)
     given = {k: v for k, v in dict(options, data_dir=data_dir).items() if v is not None}
     if not resume or "data_dir" not in base or data_dir is not None: base |= given
@@ -81,7 +85,7 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
     if base.get("data_dir") and base.get("study"):
         raise ValueError(f"--data-dir {base['data_dir']} and --study {base['study']} both name the study; give one "
                          "(--study also takes a study folder)")
-    try: return TrainConfig.from_dict(base)
+    try: return TrainConfig.make(**base)
     except TypeError as e: raise ValueError(f"bad training option: {e}") from None
 
 # %% ../nbs/50_cli.ipynb #b4d00f7c
@@ -238,8 +242,8 @@ def cache_cli(data_dir:str=None, # the study folder (Sherlock layout or BIDS); o
                    cache=None if al.cache is None else str(al.cache),
                    streams={n: list(np.shape(a)) for n, a in (streams or {}).items()})
     if verify or only_verify:
-        r = cache_main(None, cfg.cache_dir, verify=True, show_progress=cfg.progress)
-        s = verify_streams(Path(cfg.cache_dir) / "features" if cfg.cache_dir else streams_cache_dir())   # where `study_streams` puts them
+        r = cache_main(None, cfg.data.cache_dir, verify=True, show_progress=cfg.run.progress)
+        s = verify_streams(Path(cfg.data.cache_dir) / "features" if cfg.data.cache_dir else streams_cache_dir())   # where `study_streams` puts them
         out |= dict(verified=len(r["verified"]) + len(s["verified"]), removed=[str(p) for p in r["removed"] + s["removed"]],
                     unfinished=[str(p) for p in s["incomplete"]])
     return out

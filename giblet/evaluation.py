@@ -22,7 +22,8 @@ from .dataset import block_folds
 from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
 from .io import atomic_write, write_json
 from .features import stream_key
-from .training.data import HRF_SECONDS, RunData, SubjectRows, TrainConfig
+from .training.config import HRF_SECONDS, TrainConfig
+from .training.data import RunData, SubjectRows
 from typing import Callable
 
 logger = logging.getLogger(__name__)
@@ -584,7 +585,7 @@ def evaluate_run(predict:Callable, # TR indices -> float32 (len(trs), n_voxels) 
              table=table.reset_index().to_dict(orient="records"), roi_table=rois.reset_index().to_dict(orient="records")) | m
     m["voxel_signs"] = voxel_signs(scores, selected)
     if cmp is not None:
-        m["test_block_resolution"] = res = block_resolution(cmp["differences"]["banded_ridge"], len(test), al.n_trs, cfg.n_folds)
+        m["test_block_resolution"] = res = block_resolution(cmp["differences"]["banded_ridge"], len(test), al.n_trs, cfg.data.n_folds)
         if res["too_short"]: logger.warning("%s", res["message"])
     m["in_words"] = headline_words(m)
     return dict(preds=preds, val_pred=val_pred, stack_weights=w, scores=scores, ceiling=ceiling, ceiling_train=ceil_train, selected=selected, roi=roi, roi_names=names,

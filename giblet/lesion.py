@@ -478,8 +478,8 @@ def lesion_data(run, # a `RunData` (from `load_run` or `prepare_data`)
     trs = None if split == "all" else getattr(run.split, split)
     if trs is not None and len(trs) == 0: raise ValueError(f"the run's split has no {split} TRs")
     data = LesionData.from_aligned(run.aligned, run.norm, trs, run.tensors.device, train_trs=run.split.train, streams=run.streams)
-    if run.cfg is not None and run.cfg.high_pass:   # the measured BOLD as the run trained on it: each block's drift removed
-        high_pass(data.tensors.fmri, (run.split.train, run.split.val, run.split.test), run.aligned.run, run.aligned.tr, run.cfg.high_pass)
+    if run.cfg is not None and run.cfg.data.high_pass:   # the measured BOLD as the run trained on it: each block's drift removed
+        high_pass(data.tensors.fmri, (run.split.train, run.split.val, run.split.test), run.aligned.run, run.aligned.tr, run.cfg.data.high_pass)
     if run.features is not None: data.sample_rate = int(run.features.sr)
     return data
 

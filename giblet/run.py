@@ -20,9 +20,11 @@ from .io import RunLock, atomic_write, clean_leftovers, fingerprint_changes, inp
 from .evaluation import fit_baselines, headline_words
 from .report import _md_table, fold_summary, write_report
 from .study_plan import show_study, show_timing, study_inputs, study_rates
-from .training.data import DistInfo, TrainConfig, check_resumable, feature_params, main_first, prepare_data, run_split, study_spec
+from .training.config import TrainConfig, check_resumable
+from .training.distributed import DistInfo, close_distributed, init_distributed, main_first, resolve_device
+from .training.data import feature_params, prepare_data, run_split, study_spec
 from .training.checkpoints import checkpoint_folder, load_checkpoint
-from .training.trainer import Trainer, close_distributed, init_distributed, resolve_device
+from .training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +92,10 @@ def check_run_plan(cfg:TrainConfig, # the run's options
                    out:str|Path, # the run folder
                   ):
     "Refuse, before any data is read, a run that cannot end in a report: no test block, or a run folder inside the study folder."
-    if not cfg.n_folds and cfg.test_frac <= 0:
+    if not cfg.data.n_folds and cfg.data.test_frac <= 0:
         raise ValueError("test_frac=0 leaves no test block, and every reported number is a test-block number; "
                          "set test_frac above 0 (--set test_frac=0.2) or use --n-folds")
-    study = next((Path(p) for p in (cfg.study, cfg.data_dir) if p and Path(p).is_dir()), None)
+    study = next((Path(p) for p in (cfg.data.study, cfg.data.data_dir) if p and Path(p).is_dir()), None)
     if study is not None and Path(out).resolve().is_relative_to(study.resolve()):
         raise ValueError(f"--out {out} is inside the study folder {study}: the run's files would join the study in later "
                          "runs; choose a run folder outside it")
@@ -107,9 +109,9 @@ def _report_gap(n_trs:int, # TRs in the study
     "What a study of `n_trs` TRs lacks for the report: its blocks (every outer fold's), or the baselines' inner folds in the training block."
     p = inspect.signature(fit_baselines).parameters
     try:
-        for k in range(cfg.n_folds or 1):
-            sp = run_split(n_trs, tr, TrainConfig.from_dict(cfg.to_dict() | {"fold": k}) if cfg.n_folds else cfg)
-            if len(sp.test) < 2: return f"{len(sp.test)} test TRs are left after the {cfg.gap:g} s gaps; the report needs 2"
+        for k in range(cfg.data.n_folds or 1):
+            sp = run_split(n_trs, tr, cfg.updated(fold=k) if cfg.data.n_folds else cfg)
+            if len(sp.test) < 2: return f"{len(sp.test)} test TRs are left after the {cfg.data.gap:g} s gaps; the report needs 2"
             if baseline: block_folds(sp.train, p["n_folds"].default, math.ceil(p["cv_gap"].default / tr - 1e-9))
     except ValueError as e: return str(e)
     return None
@@ -125,7 +127,7 @@ def check_study_size(n_trs:int, # TRs in the study
     if why is None: return
     least = lambda b: next((n for n in range(n_trs + 1, 20 * n_trs + 5000) if _report_gap(n, tr, cfg, b) is None), None)
     need, bare = least(baseline), least(False) if baseline else None
-    name = cfg.study or cfg.data_dir or "the embedded study"
+    name = cfg.data.study or cfg.data.data_dir or "the embedded study"
     raise ValueError(f"{name}: {n_trs} TRs ({n_trs * tr:g} s) are too few for a run that ends in a report ({why}); the smallest study "
                      f"that works with these options has {need} TRs" + (f", {bare} with --no-baseline" if bare and bare < need else "")
                      + "; nothing was trained")
@@ -160,7 +162,7 @@ def study_overview(cfg:TrainConfig, # the run's options (its study and the overr
                   )->str:
     "The run's resolved study and its timing as the first cache build will resolve it (nothing is decoded or cached)."
     spec = study_spec(cfg)
-    return show_study(spec) + "\n" + show_timing(spec, feature_params(cfg, *study_rates(spec)), drop_short=cfg.drop_short)
+    return show_study(spec) + "\n" + show_timing(spec, feature_params(cfg, *study_rates(spec)), drop_short=cfg.data.drop_short)
 
 # %% ../nbs/36_run.ipynb #e3d1b2c3
 def _run_in(cfg:TrainConfig, # the run's options
@@ -219,8 +221,8 @@ def run_study(cfg:TrainConfig, # the run's options
               figures:bool=True, # write the figures
              )->dict: # the metrics written to metrics.json, and the evaluation under '_eval' ({} on the other torchrun processes)
     "One training run and its report: this process's threads, device and place among the torchrun processes, then the run in its locked folder."
-    cfg = TrainConfig.from_dict(cfg.to_dict() | {"threads": use_threads(cfg.threads)})   # the number used goes into config.json
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    cfg = cfg.updated(threads=use_threads(cfg.run.threads))   # the number used goes into config.json
+    device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     di = init_distributed(device)
     try:
         with run_folder(Path(out_dir), di.main) as out:
@@ -237,20 +239,20 @@ def run_folds(cfg:TrainConfig, # the run's options, with n_folds
     "One run per outer fold, and the summary of their test blocks."
     out, ms = Path(out_dir), []
     if not resume and (out / "metrics.json").exists(): check_out_dir(out)
-    for k in range(cfg.n_folds):
+    for k in range(cfg.data.n_folds):
         sub = out / f"fold_{k}"
-        m = run_study(TrainConfig.from_dict(cfg.to_dict() | {"fold": k}), sub, resume and (sub / "checkpoints" / "last.pt").is_file(),
+        m = run_study(cfg.updated(fold=k), sub, resume and (sub / "checkpoints" / "last.pt").is_file(),
                       baseline, figures)
         ms.append({k: v for k, v in m.items() if k != "_eval"})
     if not ms[0]: return {}
     table = fold_summary(ms)
     atomic_write(out / "folds.csv", lambda f: f.write(table.to_csv().encode()))
-    text = (f"# giblet outer cross-validation\n\nEvery number is a test-block number: each of the {cfg.n_folds} folds tests on its own "
+    text = (f"# giblet outer cross-validation\n\nEvery number is a test-block number: each of the {cfg.data.n_folds} folds tests on its own "
             f"block (its neighbour validates, the rest trains). Headline: {ms[0]['headline']['metric']} over the voxels whose "
             f"training-block noise ceiling is >= {ms[0]['headline']['ceiling_threshold']}. Per-fold reports: fold_k/report.md.\n\n"
             + _md_table(table) + "\n")
     atomic_write(out / "report.md", lambda f: f.write(text.encode()))
-    m = dict(block="test", n_folds=cfg.n_folds, folds=table.reset_index().to_dict(orient="records"),
+    m = dict(block="test", n_folds=cfg.data.n_folds, folds=table.reset_index().to_dict(orient="records"),
              test_voxel_r_selected=float(table.loc["mean", "model"]), banded_ridge_test_voxel_r_selected=float(table.loc["mean", "banded_ridge"]),
              verdicts=list(table["verdict"][:-1]), epochs=sum(x["epochs"] for x in ms), train_seconds=sum(x["train_seconds"] for x in ms))
     write_json(out / "metrics.json", m)
@@ -265,4 +267,4 @@ def run_training(cfg:TrainConfig, # the run's options
                 )->dict: # the metrics written to metrics.json
     "Train a model (or resume one) and write its test-block report; every problem found before training leaves the folder untouched."
     check_run_plan(cfg, out_dir)
-    return (run_folds if cfg.n_folds else run_study)(cfg, out_dir, resume, baseline, figures)
+    return (run_folds if cfg.data.n_folds else run_study)(cfg, out_dir, resume, baseline, figures)

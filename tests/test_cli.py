@@ -77,7 +77,7 @@ def test_train_writes_the_report(run, study):
     assert "test block" in report and "banded ridge" in report and d["verdict"] in report
     cfg = json.loads((out / "config.json").read_text())
     assert set(cfg) == {"train", "model", "features"} and cfg["model"]["n_voxels"] == mf["n_voxels"]
-    assert cfg["train"]["data_dir"] is None
+    assert cfg["train"]["data"]["data_dir"] is None
     assert (out / "checkpoints" / "config.json").is_file()
     assert {p.name for p in (out / "checkpoints").glob("*.pt")} == {"best.pt", "last.pt"}
     names = {p.stem for p in (out / "figures").glob("*.png")}
@@ -194,7 +194,7 @@ def test_outer_folds(tmp_path, cache, study):
     tests = [json.loads((out / f"fold_{k}" / "metrics.json").read_text())["test_trs"] for k in range(3)]
     assert sorted(t for ts in tests for t in ts) == list(range(SMALL["n_trs"]))  # the folds' test blocks tile the series
     assert (out / "folds.csv").is_file() and "outer cross-validation" in (out / "report.md").read_text()
-    cfg = json.loads((out / "fold_2" / "config.json").read_text())["train"]
+    cfg = json.loads((out / "fold_2" / "config.json").read_text())["train"]["data"]
     assert (cfg["n_folds"], cfg["fold"]) == (3, 2)
 
 
@@ -202,7 +202,7 @@ def test_every_option_is_reachable_and_user_errors_exit_2(tmp_path, cache, capsy
     args = cli.cli_args(cli.train_main, "giblet-train", ["--data-dir", "d", "--set", "gap=40", "--set=w_corr=0.5"])
     assert args["data_dir"] == "d" and args["set"] == ["gap=40", "w_corr=0.5"]
     cfg = cli.train_config(sets=args["set"])
-    assert (cfg.gap, cfg.w_corr) == (40, 0.5)
+    assert (cfg.data.gap, cfg.loss.w_corr) == (40, 0.5)
     for argv, msg in ((["--set", "no_such_option=1"], "unknown keys"), (["--set", "gap"], "KEY=VALUE"),
                       (["--set", "subjects=both"], "subjects")):
         with pytest.raises(SystemExit) as e:

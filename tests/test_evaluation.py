@@ -8,7 +8,8 @@ import torch
 
 from giblet.evaluation import block_bootstrap, compare, fir_delays, fit_baselines, stimulus_bands
 from giblet.metrics import delay_features, voxel_r
-from giblet.training.data import TrainConfig, prepare_data, run_data
+from giblet.training.config import TrainConfig
+from giblet.training.data import prepare_data, run_data
 from giblet.training.trainer import Trainer
 
 from conftest import FAST   # two epochs of the tiny model on the small study of the `cache` and `study` fixtures
@@ -27,7 +28,7 @@ def _same(a, b):
 
 def test_poisoned_test_block_leaves_the_trained_weights_bit_identical(cache, study):
     "Garbage in every test-block BOLD value, or in every test-block frame, mel and text, changes no trained weight."
-    cfg = TrainConfig(**FAST, data_dir=str(study), cache_dir=str(cache))
+    cfg = TrainConfig.make(**FAST, data_dir=str(study), cache_dir=str(cache))
     data = prepare_data(cfg)
     al, test, train = data.aligned, data.split.test, data.split.train
     assert len(test) >= 20 and test[0] - data.split.val[-1] > 21 and data.split.val[0] - train[-1] > 21

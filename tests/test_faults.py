@@ -107,8 +107,8 @@ def test_a_relative_giblet_cache_is_recorded_absolute(tmp_path, monkeypatch):
     "Resuming from another folder used to build a second cache there."
     monkeypatch.chdir(tmp_path); monkeypatch.setenv("GIBLET_CACHE", "gcache")
     cfg = cli.train_config(out=str(tmp_path / "run"))
-    assert cfg.cache_dir == str(tmp_path / "gcache")
-    assert cli.train_config(out=str(tmp_path / "run"), cache_dir="other").cache_dir == str(tmp_path / "other")
+    assert cfg.data.cache_dir == str(tmp_path / "gcache")
+    assert cli.train_config(out=str(tmp_path / "run"), cache_dir="other").data.cache_dir == str(tmp_path / "other")
 
 
 # --- giblet cleans only its own temporaries ---------------------------------------------------------------------------
@@ -321,14 +321,14 @@ def test_a_film_start_moves_the_text_with_the_frames(two_part_study, tmp_path, c
 
 def test_run_training_refuses_test_frac_0_before_reading_the_study(tmp_path, monkeypatch):
     "Only the command line refused it; `run_training` from Python trained fully and then had no test block to report."
-    from giblet.training.data import TrainConfig
+    from giblet.training.config import TrainConfig
     monkeypatch.setattr(run, "prepare_data", lambda *a, **k: pytest.fail("read the study"))
-    with pytest.raises(ValueError, match="test_frac=0 leaves no test block"): run.run_training(TrainConfig(test_frac=0.0), tmp_path / "o")
+    with pytest.raises(ValueError, match="test_frac=0 leaves no test block"): run.run_training(TrainConfig.make(test_frac=0.0), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
 def test_check_study_size_says_the_smallest_study(capsys):
-    from giblet.training.data import TrainConfig
+    from giblet.training.config import TrainConfig
     cfg = TrainConfig()
     run.check_study_size(400, 1.5, cfg)                                   # long enough: nothing said
     with pytest.raises(ValueError) as e: run.check_study_size(120, 1.5, cfg)
@@ -422,12 +422,13 @@ def test_empty_text_columns_name_the_spreadsheet_and_the_columns(tmp_path):
 def test_no_training_text_names_the_spreadsheet(short_study, tmp_path):
     "Text only late in the film: the training block had none, and target_variances said only 'no training text'."
     import pandas as pd, shutil
-    from giblet.training.data import TrainConfig, prepare_data
+    from giblet.training.config import TrainConfig
+    from giblet.training.data import prepare_data
     root = tmp_path / "late"; shutil.copytree(short_study.root, root)
     ann = pd.read_excel(root / "annotations.xlsx")
     ann.loc[ann["Start Time (s) "] < 150, ["Scene Details - A Level ", "Name - All", "Location"]] = None
     ann.to_excel(root / "annotations.xlsx", index=False)
-    cfg = TrainConfig(data_dir=str(root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
+    cfg = TrainConfig.make(data_dir=str(root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
     with pytest.raises(ValueError) as e: prepare_data(cfg)
     msg = str(e.value)
     assert msg.startswith("no training text") and str(root / "annotations.xlsx") in msg and "text_columns" in msg, msg
@@ -477,8 +478,9 @@ def test_a_corrupt_cache_with_its_time_stamp_kept_is_named_not_the_subject(short
     import numpy as np
     from giblet.dataset import stream_folders
     from giblet.dataset import load_spec
-    from giblet.training.data import TrainConfig, prepare_data
-    cfg = TrainConfig(data_dir=str(short_study.root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
+    from giblet.training.config import TrainConfig
+    from giblet.training.data import prepare_data
+    cfg = TrainConfig.make(data_dir=str(short_study.root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
     al = prepare_data(cfg).aligned
     folder = stream_folders(al.cache)["fmri"]
     for f in folder.iterdir(): os.utime(f, (1e9, 1e9))

@@ -18,7 +18,8 @@ from giblet.io import usual_mode
 from giblet.lesion import lesion_data, lesion_effects, lesion_main, render
 from giblet.regions import UnitGrid, atlas_regions, blob_region, mask_region, parse_regions, sphere_region, synthetic_regions
 from giblet.training.checkpoints import load_run
-from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.config import TrainConfig
+from giblet.training.data import prepare_data
 from giblet.training.trainer import Trainer
 
 # Sherlock's length and subject count on a coarse grid and a small, slow film: the tiny model learns the planted mapping
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is as fast, and immune to busy-waiting on a shared machine
     root = tmp_path_factory.mktemp("lesion")
-    cfg = TrainConfig(synthetic=SYNTHETIC, cache_dir=str(root / "cache"), **TRAIN)
+    cfg = TrainConfig.make(synthetic=SYNTHETIC, cache_dir=str(root / "cache"), **TRAIN)
     t0 = time.perf_counter()
     data = prepare_data(cfg)
     t1 = time.perf_counter()
@@ -185,7 +186,7 @@ def test_mean_replacement(run, effects):
 def test_lesions_read_the_bold_the_run_trained_on(run):
     "With the default high-pass the measured BOLD a lesion decodes from is the run's filtered BOLD, not the raw study's."
     rd = run["data"]
-    assert rd.cfg.high_pass > 0
+    assert rd.cfg.data.high_pass > 0
     data = lesion_data(rd, "val")
     val = torch.as_tensor(rd.split.val)
     torch.testing.assert_close(data.tensors.fmri[0, val], rd.tensors.fmri[0, val])
@@ -265,14 +266,14 @@ def test_cli_user_errors(run, tmp_path, capsys):
 def test_relative_paths_in_the_run_config(run, tmp_path, monkeypatch):
     "A run whose options hold a relative cache folder loads from any working folder: resolved against the run folder."
     ck = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
-    cache = Path(ck["config"]["train"]["cache_dir"])
-    ck["config"]["train"]["cache_dir"] = os.path.relpath(cache, run["root"] / "run")
-    assert not Path(ck["config"]["train"]["cache_dir"]).is_absolute()
+    cache = Path(ck["config"]["train"]["data"]["cache_dir"])
+    ck["config"]["train"]["data"]["cache_dir"] = os.path.relpath(cache, run["root"] / "run")
+    assert not Path(ck["config"]["train"]["data"]["cache_dir"]).is_absolute()
     moved = run["root"] / "run" / "checkpoints" / "relative.pt"
     torch.save(ck, moved)
     monkeypatch.chdir(tmp_path)
     _, rd = load_run(moved)
-    assert rd.cfg.cache_dir == str(cache.resolve()) and Path(rd.cfg.cache_dir).is_absolute()
+    assert rd.cfg.data.cache_dir == str(cache.resolve()) and Path(rd.cfg.data.cache_dir).is_absolute()
 
 
 def test_papermill_notebook(run, tmp_path, repo_root, monkeypatch):
@@ -319,7 +320,7 @@ def test_lesion_on_a_stream_trained_run(tmp_path, monkeypatch, capsys):
     assert set(table.region) == {"visual"} and {"video", "audio", "text"} <= set(table.modality)
     assert np.isfinite(table["effect"]).all() and (tmp_path / "lesion" / "visual" / "visual_lesion.mp4").is_file()
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)   # a run whose options lost the stream: refused by name
-    ck["config"]["train"]["features"] = []
+    ck["config"]["train"]["data"]["features"] = []
     torch.save(ck, tmp_path / "no_stream.pt")
     with pytest.raises(ValueError, match=r"reads feature streams \['video'\] but its run's data has \[\]"):
         load_run(tmp_path / "no_stream.pt")

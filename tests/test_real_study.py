@@ -70,7 +70,7 @@ def test_an_atlas_gives_the_report_a_row_per_region(study, tmp_path):
     assert "| left |" in report and "| right |" in report and "model − banded ridge" in report and "stack − banded ridge" in report
     pred = nib.load(out / "baseline_test_pred.nii.gz")                   # the banded ridge's test prediction, beside the model's
     assert pred.shape == nib.load(out / "test_pred.nii.gz").shape and (out / "ridge_test_pred.nii.gz").is_file()
-    assert json.loads((out / "config.json").read_text())["train"]["threads"] == 1
+    assert json.loads((out / "config.json").read_text())["train"]["run"]["threads"] == 1
 
 
 def test_atlas_from_the_command_line_and_a_wrong_grid_is_refused_before_training(study, tmp_path):

@@ -12,7 +12,8 @@ from giblet.stacking import cv_stack_weights, model_share, stack, stack_weights
 from giblet.synthetic_truth import embedded_dataset, truth_rows, truth_scores
 from giblet.report import write_report
 from giblet.metrics import voxel_r
-from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.config import TrainConfig
+from giblet.training.data import prepare_data
 from giblet.training.trainer import Trainer
 from conftest import FAST, SMALL
 
@@ -54,7 +55,7 @@ def test_factor_table_ci_follows_the_difference():
 def report(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "giblet-cache"
     study = embedded_dataset(cache, **(SMALL | dict(n_trs=240)))  # a test block long enough for a 30 s null
-    cfg = TrainConfig(**(FAST | dict(subjects="each", test_frac=0.35)), data_dir=str(study), cache_dir=str(cache))
+    cfg = TrainConfig.make(**(FAST | dict(subjects="each", test_frac=0.35)), data_dir=str(study), cache_dir=str(cache))
     tr = Trainer(prepare_data(cfg), cfg)
     tr.fit()
     out = tmp_path_factory.mktemp("run")

@@ -46,7 +46,7 @@ def test_two_runs_train_through_a_spec_file(sherlock, cache, tmp_path, monkeypat
     shown = capsys.readouterr().out
     assert "2 subjects x 2 runs" in shown and "run-2" in shown and not (Path("runs") / "demo").exists()
     m = train(tmp_path / "run", cache, "--study", "study.yaml")
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["data"]
     assert saved["study"] == str(spec) and saved["data_dir"] is None and saved["cache_dir"] == str(cache)
     assert m["epochs"] == 1 and np.isfinite(m["test_voxel_r_selected"])
     n_trs = len(m["test_trs"]) + len(m["val_trs"]) + m["n_train_trs"]
@@ -80,7 +80,7 @@ def test_one_stream_of_each_kind_trains_from_the_command_line(sherlock, cache, t
     m = cli.train_main(**cli.cli_args(cli.train_main, "giblet-train", argv))
     assert sorted(p.relative_to(cache) for p in cache.rglob("*") if "manifest" in p.name) == before and before
     saved = json.loads((out / "config.json").read_text())
-    assert saved["train"]["features"] == feats and saved["model"]["stream_dims"] == {"video": 16, "audio": 16, "text": 16}
+    assert saved["train"]["data"]["features"] == feats and saved["model"]["stream_dims"] == {"video": 16, "audio": 16, "text": 16}
     assert np.isfinite(m["test_voxel_r_selected"])
     # the baseline gains one band per stream
     assert {"video", "audio", "text", "stream_video", "stream_audio", "stream_text"} <= set(m["baseline"]["bands"])
@@ -118,7 +118,7 @@ def test_one_stream_of_each_kind_named_by_the_study_spec_trains(sherlock, dino, 
     monkeypatch.chdir(tmp_path)                              # the models resolve against the spec's folder, not the working one
     m = train(tmp_path / "run", cache, "--study", str(sherlock.root / "streams.yaml"))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train"]["features"] == [] and saved["model"]["stream_dims"] == {"video": 16, "audio": 16, "text": 16}
+    assert saved["train"]["data"]["features"] == [] and saved["model"]["stream_dims"] == {"video": 16, "audio": 16, "text": 16}
     assert np.isfinite(m["test_voxel_r_selected"])
     sd = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]["state_dict"]
     assert all(any(f".{n}." in k for k in sd) for n in ("stream_video", "stream_audio", "stream_text"))   # a projector each

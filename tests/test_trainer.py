@@ -18,7 +18,8 @@ from giblet.evaluation import evaluate_run
 from giblet.training import checkpoints as C
 from giblet.training.checkpoints import load_checkpoint
 from giblet.synthetic_truth import embedded_dataset, study_truth
-from giblet.training.data import TrainConfig, prepare_data
+from giblet.training.config import TrainConfig
+from giblet.training.data import prepare_data
 from giblet.training.trainer import NonFiniteLoss, Trainer
 
 from conftest import SMALL   # the small study of the `cache` and `study` fixtures
@@ -32,7 +33,7 @@ FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_fr
 
 
 def cfg_for(cache, study, **kw):
-    return TrainConfig(**{**FAST, "data_dir": str(study), "cache_dir": str(cache), "synthetic": SMALL, **kw})
+    return TrainConfig.make(**{**FAST, "data_dir": str(study), "cache_dir": str(cache), "synthetic": SMALL, **kw})
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +106,8 @@ def test_hard_kill_while_writing_keeps_previous_checkpoint(tmp_path, cache, stud
     script = textwrap.dedent(f"""
         import io, os, torch
         from giblet.training import trainer as T
-        from giblet.training.data import TrainConfig, prepare_data
+        from giblet.training.config import TrainConfig
+        from giblet.training.data import prepare_data
         import json; cfg = TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg.to_dict()))}))
         tr = T.Trainer(prepare_data(cfg), cfg, {str(tmp_path)!r}).resume()
         real = torch.save
@@ -154,14 +156,16 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
     script.write_text(textwrap.dedent(f"""
         import json, numpy as np
         from giblet.training import trainer as T
-        from giblet.training.data import TrainConfig, prepare_data
+        from giblet.training.config import TrainConfig
+        from giblet.training.data import prepare_data
         cfg = TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg2.to_dict()))}))
-        di = T.init_distributed("cpu")
+        from giblet.training.distributed import close_distributed, init_distributed
+        di = init_distributed("cpu")
         tr = T.Trainer(prepare_data(cfg, "cpu", di), cfg, {str(tmp_path / "two")!r}, di)
         assert len(tr.loader) == {len(one.loader)}, len(tr.loader)
         tr.fit()
         np.save({str(tmp_path)!r} + f"/pred{{di.rank}}.npy", tr.predict(tr.data.split.val))
-        T.close_distributed()
+        close_distributed()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
@@ -186,7 +190,7 @@ def test_planted_truth(tmp_path, cache):
     """With the default options, the best checkpoint's test-block prediction of the subject average correlates >= 0.8
     with the planted noise-free signal (mean voxel r over responsive voxels, roi > 0), and its headline test r
     beats himalaya's ridge fitted on the same training block (the banded ridge is reported, not asserted)."""
-    cfg = TrainConfig(cache_dir=str(cache), synthetic=PLANTED, device="cpu", progress=False, decode_from="brain")
+    cfg = TrainConfig.make(cache_dir=str(cache), synthetic=PLANTED, device="cpu", progress=False, decode_from="brain")
     data = prepare_data(cfg)
     tr = Trainer(data, cfg, tmp_path)
     tr.fit()
@@ -260,7 +264,7 @@ def test_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path):
         import os, sys, time
         from datetime import timedelta
         import torch.distributed as dist
-        from giblet.training.data import DistInfo, main_first
+        from giblet.training.distributed import DistInfo, main_first
         dist.init_process_group("gloo", timeout=timedelta(seconds=3))
         di = DistInfo(dist.get_rank(), dist.get_world_size(), dist.get_rank())
         order = []
@@ -307,7 +311,7 @@ def test_linear_path_is_standardised_on_the_training_block_only(cache, study, da
 def test_tiny_runs_keep_every_modality_while_training():
     "The tiny preset's run default has no modality dropout (it cost the linear factors; see Choosing the defaults): fusion in training mode is fusion in eval mode."
     from giblet.models.encoder import Fusion, ModelConfig
-    cfg = ModelConfig.preset("tiny", **TrainConfig().model_overrides)
+    cfg = ModelConfig.preset("tiny", **TrainConfig().model.model_overrides)
     torch.manual_seed(0)
     fusion = Fusion(cfg)
     feats = {m: torch.randn(64, 4, d) for m, d in dict(video=cfg.video_dim, audio=cfg.audio_dim, text=cfg.text_hidden).items()}

@@ -18,7 +18,8 @@ import torch
 
 from ..io import DiskFullError, atomic_write, fsync_folder, temp_name, write_json
 from ..models.autoencoder import BrainAutoencoder
-from .data import SAVED_BEFORE, TrainConfig, prepare_data
+from .config import TrainConfig, flat_options
+from .data import prepare_data
 
 # %% auto #0
 __all__ = ['CHECKPOINTS', 'load_checkpoint', 'checkpoint_folder', 'new_checkpoint_folder', 'write_log', 'save_checkpoint',
@@ -172,12 +173,14 @@ def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) 
         model, cwd = BrainAutoencoder.from_checkpoint(ck, str(path)), None
         cfg = model.config.to_dict()
         train = dict(preset="tiny", model_overrides={k: v for k, v in cfg.items() if k not in ("n_subjects",)})
+    try: train = flat_options(train, str(path))   # a run's options by section, or flat as older runs saved them
+    except ValueError as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
     bases = [Path(cwd)] if cwd else []
     bases += [Path.cwd(), path.parent.parent]
     for key, given in (("data_dir", data_dir), ("cache_dir", cache_dir)):
         train[key] = str(Path(given).absolute()) if given is not None else _resolve(train.get(key), key, bases)
     train.update(device=device, progress=False, subjects="average")
-    try: tc = TrainConfig.from_dict(SAVED_BEFORE | train)   # a run saved before an option reopens as it ran
+    try: tc = TrainConfig.from_dict(train, saved=True)   # a run saved before an option reopens as it ran
     except (TypeError, ValueError) as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
     rd = prepare_data(tc, device)
     if set(rd.streams) != set(model.config.stream_dims):

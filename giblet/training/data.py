@@ -5,23 +5,15 @@
 # %% ../../nbs/30_training.data.ipynb #96cf3394
 from __future__ import annotations
 
-import inspect
-import itertools
-import json
 import logging
 import math
-import os
-from datetime import timedelta
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 
-from ..alignment.hrf import hrf_kernel
 from ..alignment.sync import Aligned, FeatureParams
 from ..data.bold_stats import high_pass, stretches
 from ..dataset import Normaliser, Split, StudyTensors, block_split, fit_normaliser
@@ -33,190 +25,18 @@ from ..features import load_streams, runs_from_aligned, stream_key
 from ..windows import words_from_annotations
 from ..synthetic_truth import embedded_dataset
 from ..study import StudySpec, parse_stream_spec, resolve_study
-from ..study_plan import run_spec, study_inputs, study_predictors, study_rates
+from ..study_plan import run_spec, study_predictors, study_rates
 from ..dataset import load_spec
 from ..metrics import noise_ceiling
+from .config import HRF_SECONDS, TrainConfig, changed_options
+from .distributed import DistInfo, main_first
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'SAVED_BEFORE', 'RESUMABLE', 'PATH_OPTIONS', 'PRESET_OVERRIDES', 'WAIT_HOURS',
-           'DATA_OPTIONS', 'TrainConfig', 'check_resumable', 'DistInfo', 'main_first', 'feature_params', 'RunData',
-           'SubjectRows', 'reliability_weights', 'outer_split', 'run_split', 'silent_audio', 'run_data', 'model_config',
-           'study_spec', 'study_data', 'prepare_data', 'ridge_rows', 'start_kind', 'study_streams', 'StreamTensors']
-
-# %% ../../nbs/30_training.data.ipynb #9a14f557
-HRF_SECONDS = float(inspect.signature(hrf_kernel).parameters["time_length"].default) # the HRF kernel length (32 s): the least gap between blocks
-
-EMBEDDED = dict(n_subjects=10, n_trs=600, size=(64, 36), seed=0) # the embedded synthetic study: 15 min of film, 10 subjects
-
-@dataclass
-class TrainConfig:
-    "Every option of a training run."
-    # data
-    data_dir: str|None = None # study folder (Sherlock layout or BIDS); None: the embedded synthetic dataset
-    study: str|None = None # a study spec file (.yaml/.json), a BIDS dataset or a study folder; None: `data_dir`
-    film: str|None = None # the film of every run, overriding the study's
-    annotations: str|None = None # the annotation table of every run, overriding the study's
-    film_start: float|None = None # film time (s) at each run's segment start, overriding the study's (None: keep it)
-    drop_short: bool = False # drop subjects shorter than the others instead of cutting every subject to the shortest
-    cache_dir: str|None = None # root of the feature and synthetic-data caches (None: `default_cache_dir()`)
-    synthetic: dict = field(default_factory=lambda: dict(EMBEDDED)) # `make_dataset` args of the embedded dataset
-    text_model: str|None = None # sentence-transformers name or path (None: the hashing embedder)
-    text_columns: list|None = None # annotation column(s) joined into each segment's text (None: the Sherlock trio)
-    allow_silence: bool = False # a film without sound gives silence instead of an error
-    features: list = field(default_factory=list) # pretrained feature streams, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
-    subjects: str = "average" # train on the subject average, or "each" subject with its own head
-    val_frac: float = 0.2 # share of TRs in the validation block (after the training block); it early-stops and picks the checkpoint
-    test_frac: float = 0.2 # share of TRs in the test block (the end of the series); it is only reported
-    gap: float = HRF_SECONDS # seconds left out between train, validation and test blocks (>= the HRF kernel's 32 s)
-    n_folds: int = 0 # blocked outer cross-validation over this many blocks (0: the fixed train | val | test blocks)
-    fold: int = 0 # with n_folds: the block this run tests on (its neighbour validates)
-    high_pass: float = 128.0 # seconds: remove the BOLD's drift slower than this from each block apart (`high_pass`), for the model and the baselines alike (0: off; 128 s is SPM's default)
-    # model
-    preset: str = "tiny" # `ModelConfig` preset; data sizes come from the data
-    model_overrides: dict|None = None # `ModelConfig` fields to change (None: `PRESET_OVERRIDES[preset]`)
-    # optimisation
-    epochs: int = 10 # passes over the training windows
-    batch_size: int = 16 # windows per step (per process under torchrun)
-    lr: float = 5e-3 # peak AdamW learning rate
-    weight_decay: float = 0.1 # AdamW weight decay (matrices and kernels only)
-    warmup_epochs: float = 1.0 # linear warmup length, then cosine to `min_lr_frac`·lr, stepped per batch
-    min_lr_frac: float = 0.05 # final learning rate as a share of `lr`
-    grad_clip: float = 1.0 # clip the gradients' global norm to this (0: off)
-    ema: float = 0.95 # per-step decay of a moving average of the weights, which is what is validated and saved (0: off)
-    stride: int = 1 # TRs between the starts of training windows
-    patience: int = 5 # stop after this many epochs without a better validation r (0: never stop early)
-    ridge_start: str = "auto" # start from a ridge: "auto" is "banded" where it fits (`start_kind`), "ridge" (or true) fits the linear path as himalaya's ridge on the training block (alphas by inner folds), "banded" as its banded ridge (a penalty per band); it is frozen, the deep path learns its correction from zero, and the start is itself a checkpoint that validation may keep ("" or false: off)
-    amp: bool = True # bf16 autocast on CUDA
-    # loss (see `compute_losses`)
-    w_fmri: float = 1.0 # weight of the BOLD MSE
-    w_video: float = 1.0 # weight of the frame reconstruction
-    w_audio: float = 1.0 # weight of the mel reconstruction
-    w_text: float = 1.0 # weight of the text-embedding reconstruction
-    w_corr: float = 0.0 # weight of 1 - mean voxel r
-    voxel_weights: str = "reliability" # weigh voxels in the BOLD loss by their training-block reliability, or "uniform"
-    w_from_fmri: float = 1.0 # extra factor on reconstructions decoded from measured fMRI
-    decode_from: str = "both" # decode the predicted brain layer ("brain"), measured fMRI ("fmri") or "both"
-    detach_brain: bool = True # reconstruction losses train the decoder only; the brain layer is fit to BOLD alone
-    recon_frac: float = 1.0 # share of each batch's windows that are decoded (the decoder is the costly half)
-    skip_first: int = 8 # leading TRs of each window (too little stimulus history) left out of the BOLD loss
-    skip_last: int = 0 # trailing TRs of each window left out of the reconstruction loss
-    # run
-    seed: int = 0 # seed of the weights, the shuffling and dropout
-    device: str = "auto" # "cpu", "cuda" or "auto" (CUDA when available)
-    progress: bool = True # tqdm progress bars
-    threads: int|None = None # CPU threads for torch and BLAS (None: half the CPUs, or OMP_NUM_THREADS when set); the run records the number used
-    # report
-    atlas: str|None = None # a label NIfTI on the BOLD grid: the report gets a row per region (None: the study spec's `atlas`)
-    atlas_names: str|None = None # its region names (TSV/CSV/JSON); None: the spec's, else "roi K"
-
-    def __post_init__(self):
-        self.ridge_start = {False: "", True: "ridge", "false": "", "true": "ridge"}.get(self.ridge_start, self.ridge_start)   # old runs saved a bool
-        if self.ridge_start not in ("", "ridge", "banded", "auto"):
-            raise ValueError(f"TrainConfig.ridge_start must be 'auto', 'ridge', 'banded' or '' (off), got {self.ridge_start!r}")
-        if self.subjects not in ("average", "each"): raise ValueError(f"TrainConfig.subjects must be 'average' or 'each', got {self.subjects!r}")
-        if self.voxel_weights not in ("reliability", "uniform"):
-            raise ValueError(f"TrainConfig.voxel_weights must be 'reliability' or 'uniform', got {self.voxel_weights!r}")
-        if self.decode_from not in ("brain", "fmri", "both"):
-            raise ValueError(f"TrainConfig.decode_from must be 'brain', 'fmri' or 'both', got {self.decode_from!r}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
-        if self.preset not in PRESETS: raise ValueError(f"unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.stride < 1: raise ValueError("epochs, batch_size and stride must be >= 1")
-        if not 0 < self.recon_frac <= 1: raise ValueError(f"TrainConfig.recon_frac must be in (0, 1], got {self.recon_frac}")
-        if self.n_folds and not (self.n_folds >= 3 and 0 <= self.fold < self.n_folds):
-            raise ValueError(f"TrainConfig.n_folds must be 0 or >= 3, and fold in 0..n_folds-1; got n_folds={self.n_folds}, fold={self.fold}")
-        if self.gap < HRF_SECONDS:
-            logger.warning("gap %.1f s is shorter than the HRF kernel (%.0f s): held-out BOLD shares responses with training stimuli",
-                           self.gap, HRF_SECONDS)
-        for k in PATH_OPTIONS:  # stored absolute: a run resumes (and is lesioned) from any working folder
-            if getattr(self, k) is not None: setattr(self, k, os.path.abspath(os.path.expanduser(str(getattr(self, k)))))
-        self.features = [str(s) for s in ([self.features] if isinstance(self.features, str) else self.features or [])]
-        self.features = [_absolute_model(s) for s in self.features]   # a malformed stream is an error now, not after the cache is built
-        if self.model_overrides is None: self.model_overrides = PRESET_OVERRIDES.get(self.preset, {})
-        self.model_overrides = json.loads(json.dumps(dict(self.model_overrides)))  # tuples -> lists, as saved
-        self.synthetic = json.loads(json.dumps(dict(self.synthetic)))
-
-    def to_dict(self)->dict:
-        "A JSON-serialisable dict."
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d:dict, # as from `to_dict`
-                 )->TrainConfig:
-        "The config back from `to_dict`; unknown keys are an error."
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"TrainConfig.from_dict: unknown keys {sorted(unknown)}")
-        return cls(**d)
-
-# %% ../../nbs/30_training.data.ipynb #63fa675c
-SAVED_BEFORE = dict(ridge_start="", high_pass=0.0) # what a saved run that lacks these options did (no ridge start, no drift removed): a resumed or reopened run reads its config.json over these
-
-RESUMABLE = ("epochs", "patience", "device", "progress", "cache_dir", "threads", "atlas", "atlas_names")
-
-def _absolute_model(text:str)->str:
-    "A stream spec string with its model made an absolute path when it names a local folder (a hub name stays as it is)."
-    model, (kind, _, rest) = parse_stream_spec(text).model, text.partition("=")
-    rest = rest.strip()
-    if os.path.isabs(model) or not os.path.exists(os.path.expanduser(model)) or not rest.startswith(model): return text
-    return f"{kind.strip()}={os.path.abspath(os.path.expanduser(model))}{rest[len(model):]}"
-PATH_OPTIONS = ("data_dir", "study", "film", "annotations", "cache_dir", "atlas", "atlas_names") # TrainConfig fields that name files or folders
-
-PRESET_OVERRIDES = { # what a run changes in each `ModelConfig` preset unless told otherwise (see "Choosing the defaults")
-    "tiny": dict(context_trs=16, temporal_kernel=12, brain_rank=16, dropout=0.2, modality_dropout=0.0, text_dim=64, n_mels=32,
-                 video_channels=(16, 32), video_grid=(6, 8), audio_channels=(32, 32)),
-    "default": dict(),
-    "sherlock": dict(),
-}
-
-# %% ../../nbs/30_training.data.ipynb #7fc2fbc8
-def check_resumable(saved:dict, # the saved run's config.json ({'train', 'model', 'features'})
-                    new:dict, # the config of the run that would resume it
-                    source:str="the checkpoint", # where `saved` came from, for the message
-                   ):
-    "Raise a ValueError naming every option that differs between two runs, except those in `RESUMABLE`."
-    diffs, defaults = [], TrainConfig().to_dict()
-    for part in ("train", "model", "features"):
-        a, b = saved.get(part) or {}, new.get(part) or {}
-        if part == "train": a, b = defaults | SAVED_BEFORE | a, defaults | b   # an option newer than the saved run counts at what it did then
-        for k in sorted(set(a) | set(b)):
-            if part == "train" and k in RESUMABLE: continue
-            if a.get(k) != b.get(k): diffs.append(f"{part}.{k}: {a.get(k)!r} (saved) != {b.get(k)!r} (now)")
-    if diffs: raise ValueError(f"cannot resume from {source}: the run's configuration differs:\n  - " + "\n  - ".join(diffs)
-                               + "\nresume with the saved options (only " + ", ".join(RESUMABLE) + " may change), or start a new run")
-
-# %% ../../nbs/30_training.data.ipynb #fa9fdbd8
-@dataclass
-class DistInfo:
-    "Where this process stands among the processes of a run."
-    rank: int = 0 # global rank
-    world_size: int = 1 # number of processes
-    local_rank: int = 0 # rank on this machine (its GPU)
-
-    @property
-    def main(self)->bool: return self.rank == 0
-
-# %% ../../nbs/30_training.data.ipynb #f6d61f3d
-WAIT_HOURS = 48.0 # how long the other ranks wait for rank 0 to build the caches
-_main_first_calls = itertools.count()
-
-def main_first(di:DistInfo|None, # this process among the run's (None: alone)
-               work:Callable, # builds what every rank needs (on rank 0), or reads it (on the others)
-              ):
-    "Rank 0 runs `work` while the others wait on the process group's key-value store, not in a collective (which would time out during a long cache build); then they run it."
-    if di is None or di.world_size <= 1 or not dist.is_initialized(): return work()
-    store, key = dist.distributed_c10d._get_default_store(), f"giblet/main_first/{next(_main_first_calls)}"
-    if di.main:
-        try: out = work()
-        except BaseException as e:
-            store.set(key, f"{type(e).__name__}: {e}"); raise
-        store.set(key, "ok")
-        return out
-    store.wait([key], timedelta(hours=WAIT_HOURS))
-    msg = store.get(key).decode()
-    if msg != "ok": raise RuntimeError(f"rank 0 could not prepare the data: {msg}")
-    return work()
+__all__ = ['logger', 'feature_params', 'RunData', 'SubjectRows', 'reliability_weights', 'outer_split', 'run_split',
+           'silent_audio', 'run_data', 'model_config', 'study_spec', 'study_data', 'prepare_data', 'ridge_rows',
+           'start_kind', 'study_streams', 'StreamTensors']
 
 # %% ../../nbs/30_training.data.ipynb #5ae2c7c8
 def feature_params(cfg:TrainConfig, # the run's options (preset, overrides, text model)
@@ -224,11 +44,11 @@ def feature_params(cfg:TrainConfig, # the run's options (preset, overrides, text
                    tr:float, # seconds per TR
                   )->FeatureParams:
     "How the streams are cut for this run's model: its frame size, frames per TR, mel bands and text width."
-    p = {f.name: f.default for f in fields(ModelConfig)} | PRESETS[cfg.preset] | cfg.model_overrides
+    p = {f.name: f.default for f in fields(ModelConfig)} | PRESETS[cfg.model.preset] | cfg.model.model_overrides
     skip = max(1, math.ceil(fps * tr / p["frames_per_tr"] - 1e-6)) if fps else 1   # no film: no frames to skip
     return FeatureParams(size=(int(p["frame_width"]), int(p["frame_height"])), frame_skip=skip, n_mels=int(p["n_mels"]),
-                         text_dim=int(p["text_dim"]), text_model=cfg.text_model, allow_silence=bool(cfg.allow_silence),
-                         text_columns=None if cfg.text_columns is None else tuple([cfg.text_columns] if isinstance(cfg.text_columns, str) else cfg.text_columns))
+                         text_dim=int(p["text_dim"]), text_model=cfg.data.text_model, allow_silence=bool(cfg.data.allow_silence),
+                         text_columns=None if cfg.data.text_columns is None else tuple([cfg.data.text_columns] if isinstance(cfg.data.text_columns, str) else cfg.data.text_columns))
 
 # %% ../../nbs/30_training.data.ipynb #f9b2c253
 @dataclass
@@ -312,9 +132,9 @@ def run_split(n_trs:int, # TRs in the (concatenated) series
               tr:float, # seconds per TR
               cfg:TrainConfig, # val_frac, test_frac, gap, n_folds, fold
              )->Split:
-    "The run's blocks: train | gap | val | gap | test, or outer fold `cfg.fold` of `cfg.n_folds`."
-    if cfg.n_folds: return outer_split(n_trs, tr, cfg.n_folds, cfg.fold, cfg.gap)
-    return block_split(n_trs, tr, cfg.val_frac, cfg.test_frac, cfg.gap)
+    "The run's blocks: train | gap | val | gap | test, or outer fold `cfg.data.fold` of `cfg.data.n_folds`."
+    if cfg.data.n_folds: return outer_split(n_trs, tr, cfg.data.n_folds, cfg.data.fold, cfg.data.gap)
+    return block_split(n_trs, tr, cfg.data.val_frac, cfg.data.test_frac, cfg.data.gap)
 
 # %% ../../nbs/30_training.data.ipynb #1452eaf7
 def silent_audio(audio, # (n_trs, n_mels, A) log-mel windows (a memory map is read in chunks)
@@ -342,47 +162,44 @@ def run_data(al:Aligned, # the aligned study
     if not np.asarray(al.has_text)[split.train].any():   # target_variances would say only "no training text"
         tables = sorted({str(spec.annotations_of(r)) for r in spec.runs}) if spec is not None else ["the study's annotation table"]
         raise ValueError(f"no training text: no TR of the training block has annotation text in {', '.join(tables)} (columns read: "
-                         f"{[cfg.text_columns] if isinstance(cfg.text_columns, str) else cfg.text_columns or 'the default text columns'}); name the columns that hold "
+                         f"{[cfg.data.text_columns] if isinstance(cfg.data.text_columns, str) else cfg.data.text_columns or 'the default text columns'}); name the columns that hold "
                          "it with --set text_columns='[\"COLUMN\"]' (--annotations for another table), or check its times")
     norm = fit_normaliser(al.fmri, al.audio, split.train)
-    tensors = StreamTensors(al, norm, device, cfg.subjects, streams) if streams else StudyTensors(al, norm, device, cfg.subjects)
-    if cfg.high_pass: high_pass(tensors.fmri, (split.train, split.val, split.test), al.run, al.tr, cfg.high_pass)   # every target reads these
+    tensors = StreamTensors(al, norm, device, cfg.data.subjects, streams) if streams else StudyTensors(al, norm, device, cfg.data.subjects)
+    if cfg.data.high_pass: high_pass(tensors.fmri, (split.train, split.val, split.test), al.run, al.tr, cfg.data.high_pass)   # every target reads these
     tr_idx = split.train
     variances = target_variances(video=None if al.video is None else _rows(al.video, tr_idx),
                                  audio=None if tensors.audio is None else tensors.audio[torch.as_tensor(tr_idx, device=tensors.device)].cpu().numpy(),
                                  text=_rows(al.text, tr_idx), has_text=_rows(al.has_text, tr_idx))
-    w = reliability_weights(al, split.train) if cfg.voxel_weights == "reliability" else None
+    w = reliability_weights(al, split.train) if cfg.loss.voxel_weights == "reliability" else None
     return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
                    None if w is None else torch.as_tensor(w, device=tensors.device), spec, dict(streams or {}))
 
 # %% ../../nbs/30_training.data.ipynb #f8ce7a97
-DATA_OPTIONS = ("data_dir", "study", "film", "annotations", "film_start", "drop_short", "synthetic", "text_model", "text_columns", "allow_silence", "features", "subjects",
-                "val_frac", "test_frac", "gap", "n_folds", "fold", "high_pass")
-
 def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                  data:RunData, # the data the model is for
                  start:str|None=None, # the ridge the run starts from (`start_kind`), when the caller has it; None: resolved here
                 )->ModelConfig:
     "The run's model configuration: its preset and overrides, every data size from the data."
     if data.cfg is not None:
-        differ = [k for k in DATA_OPTIONS if getattr(cfg, k) != getattr(data.cfg, k)]
+        differ = changed_options(cfg, data.cfg, "data")
         if differ: raise ValueError(f"the data was prepared with other {', '.join(differ)} than this run asks for")
     al = data.aligned
     has = {m: getattr(al, m) is not None for m in MODALITIES}
     sizes = dict(modalities=tuple(m for m in MODALITIES if has[m]), text_dim=al.text.shape[1], n_voxels=al.n_voxels,
                  **(dict(frame_height=al.video.shape[2], frame_width=al.video.shape[3], frames_per_tr=al.video.shape[1]) if has["video"] else {}),
                  **(dict(n_mels=al.audio.shape[1], mel_frames=al.audio.shape[2]) if has["audio"] else {}),
-                 n_subjects=al.n_subjects if cfg.subjects == "each" else 0, tr=float(al.tr),
+                 n_subjects=al.n_subjects if cfg.data.subjects == "each" else 0, tr=float(al.tr),
                  stream_dims={n: int(np.shape(a)[1]) for n, a in data.streams.items()})
-    clash = {k: v for k, v in cfg.model_overrides.items() if k in sizes and v != sizes[k]}
+    clash = {k: v for k, v in cfg.model.model_overrides.items() if k in sizes and v != sizes[k]}
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
-    mc = ModelConfig.preset(cfg.preset, **{**cfg.model_overrides, **sizes})
+    mc = ModelConfig.preset(cfg.model.preset, **{**cfg.model.model_overrides, **sizes})
     if start_kind(cfg, data) if start is None else start:   # unless told otherwise, the ridge the run starts from has the baselines' design: FIR delays 0-12 s
-        mc = replace(mc, linear_delay=mc.linear_delay or 12.0, linear_basis=cfg.model_overrides.get("linear_basis", "fir"))
-    if cfg.ridge_start in ("ridge", "banded") and mc.linear_rank: raise ValueError(f"ridge_start fits the linear path's full read-out; linear_rank={mc.linear_rank} must be 0")
+        mc = replace(mc, linear_delay=mc.linear_delay or 12.0, linear_basis=cfg.model.model_overrides.get("linear_basis", "fir"))
+    if cfg.model.ridge_start in ("ridge", "banded") and mc.linear_rank: raise ValueError(f"ridge_start fits the linear path's full read-out; linear_rank={mc.linear_rank} must be 0")
     for k in ("skip_first", "skip_last"):   # a window with no TR left in a loss gives NaN gradients, not an error
-        if getattr(cfg, k) >= mc.context_trs:
-            raise ValueError(f"{k}={getattr(cfg, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "
+        if getattr(cfg.loss, k) >= mc.context_trs:
+            raise ValueError(f"{k}={getattr(cfg.loss, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "
                              f"pass --set {k}=N with N < {mc.context_trs}, or a longer context_trs")
     return mc
 
@@ -391,13 +208,13 @@ def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, an
                di:DistInfo|None=None, # under torchrun, rank 0 generates the embedded study while the others wait
               )->StudySpec:
     "The run's resolved study: its spec file, BIDS dataset or study folder (else the embedded synthetic study), with the run's overrides."
-    source = cfg.study or cfg.data_dir
+    source = cfg.data.study or cfg.data.data_dir
     if source is None:
-        source = main_first(di, lambda: embedded_dataset(cfg.cache_dir, progress=cfg.progress and (di is None or di.main), **cfg.synthetic))
-    spec = resolve_study(source, film=cfg.film, annotations=cfg.annotations)
-    if cfg.film_start is not None: spec = replace(spec, runs=[replace(r, film_start=float(cfg.film_start)) for r in spec.runs])
-    if cfg.atlas is not None: spec = replace(spec, atlas=Path(cfg.atlas), atlas_names=None if cfg.atlas_names is None else Path(cfg.atlas_names))
-    elif cfg.atlas_names is not None: raise ValueError(f"atlas_names {cfg.atlas_names} without an atlas: give --atlas, the label NIfTI it names")
+        source = main_first(di, lambda: embedded_dataset(cfg.data.cache_dir, progress=cfg.run.progress and (di is None or di.main), **cfg.data.synthetic))
+    spec = resolve_study(source, film=cfg.data.film, annotations=cfg.data.annotations)
+    if cfg.data.film_start is not None: spec = replace(spec, runs=[replace(r, film_start=float(cfg.data.film_start)) for r in spec.runs])
+    if cfg.data.atlas is not None: spec = replace(spec, atlas=Path(cfg.data.atlas), atlas_names=None if cfg.data.atlas_names is None else Path(cfg.data.atlas_names))
+    elif cfg.data.atlas_names is not None: raise ValueError(f"atlas_names {cfg.data.atlas_names} without an atlas: give --atlas, the label NIfTI it names")
     return spec
 
 # %% ../../nbs/30_training.data.ipynb #c3a2bd62
@@ -410,13 +227,13 @@ def study_data(cfg:TrainConfig, # the run's options
     main = di is None or di.main
     if spec is None: spec = study_spec(cfg, di)
     fp = feature_params(cfg, *study_rates(spec))
-    load = lambda: load_spec(spec, cfg.cache_dir, params=fp, drop_short=cfg.drop_short, show_progress=cfg.progress and main,
+    load = lambda: load_spec(spec, cfg.data.cache_dir, params=fp, drop_short=cfg.data.drop_short, show_progress=cfg.run.progress and main,
                              verify=verify)
     al = main_first(di, load)
-    features = cfg.features or spec.features
-    if cfg.features and spec.features and main:
-        logger.warning("the run's --features %s replace the streams %s names %s", cfg.features, spec.source, spec.features)
-    get = lambda: study_streams(features, spec, al, cfg.cache_dir, progress=cfg.progress and main, text_columns=fp.text_columns)
+    features = cfg.data.features or spec.features
+    if cfg.data.features and spec.features and main:
+        logger.warning("the run's --features %s replace the streams %s names %s", cfg.data.features, spec.source, spec.features)
+    get = lambda: study_streams(features, spec, al, cfg.data.cache_dir, progress=cfg.run.progress and main, text_columns=fp.text_columns)
     streams = {**(main_first(di, get) if features else {}), **study_predictors(spec, al)}   # the spec's own predictors are streams too
     return spec, fp, al, streams or None
 
@@ -428,7 +245,7 @@ def prepare_data(cfg:TrainConfig, # the run's options
                 )->RunData:
     "The run's data: its study (`study_spec`, or the `spec` its caller resolved once) read through the feature cache, cut for the run's model."
     spec, fp, al, streams = study_data(cfg, di, spec=spec)
-    src = Path(cfg.study or cfg.data_dir or spec.source)
+    src = Path(cfg.data.study or cfg.data.data_dir or spec.source)
     return run_data(al, cfg, device, fp, src if src.is_dir() else src.parent, spec, streams)
 
 # %% ../../nbs/30_training.data.ipynb #e355b06d
@@ -444,10 +261,10 @@ def start_kind(cfg:TrainConfig, # the run's options
                data:RunData, # its data
                n_folds:int=5, # inner folds of the ridge's penalties
               )->str: # "", "ridge" or "banded"
-    "The ridge the run starts from: `cfg.ridge_start`, with 'auto' resolved to 'banded' where it can be fitted, else none."
-    if cfg.ridge_start != "auto": return cfg.ridge_start
-    o = cfg.model_overrides
-    why = ("the sherlock preset's linear read-out would be too large" if cfg.preset == "sherlock" else
+    "The ridge the run starts from: `cfg.model.ridge_start`, with 'auto' resolved to 'banded' where it can be fitted, else none."
+    if cfg.model.ridge_start != "auto": return cfg.model.ridge_start
+    o = cfg.model.model_overrides
+    why = ("the sherlock preset's linear read-out would be too large" if cfg.model.preset == "sherlock" else
            "the linear read-out is low-rank" if o.get("linear_rank") else None)
     if why is None:
         tr = float(data.aligned.tr)

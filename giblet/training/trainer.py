@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager
 from typing import Sequence
@@ -25,7 +24,9 @@ from ..io import no_bar
 from ..dataset import ContextDataset, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
 from ..models.encoder import LinearPath
-from .data import HRF_SECONDS, DistInfo, RunData, TrainConfig, check_resumable, model_config
+from .config import HRF_SECONDS, TrainConfig, check_resumable, flat_options
+from .data import RunData, model_config
+from .distributed import DistInfo
 from .checkpoints import CHECKPOINTS, checkpoint_folder, load_checkpoint, save_checkpoint
 from ..metrics import voxel_r
 from ..data.bold_stats import stretches
@@ -34,44 +35,8 @@ from .data import ridge_rows, start_kind
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'DeviceUnavailable', 'resolve_device', 'init_distributed', 'close_distributed', 'ShardedLoader', 'lr_factor',
-           'TrainStep', 'step_losses', 'fit_ridge', 'ridge_start', 'NonFiniteLoss', 'Trainer']
-
-# %% ../../nbs/32_training.trainer.ipynb #4636823f
-class DeviceUnavailable(RuntimeError):
-    "The device a run asks for is not there (a user error, not a fault)."
-
-# %% ../../nbs/32_training.trainer.ipynb #148dc5a1
-def resolve_device(name:str, # "cpu", "cuda", "cuda:N" or "auto"
-                   local_rank:int=0, # this process's GPU under torchrun
-                  )->torch.device:
-    "The torch device a run asks for; asking for CUDA without a usable GPU is a `DeviceUnavailable` error."
-    if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu": return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DeviceUnavailable(f"device {name!r} was asked for, but CUDA is not available (torch {torch.__version__}, "
-                           f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu or install a CUDA build of torch")
-    return torch.device(name if ":" in name else f"cuda:{local_rank}")
-
-# %% ../../nbs/32_training.trainer.ipynb #b268618a
-def init_distributed(device:torch.device|str="cpu", # the device this process trains on
-                    )->DistInfo:
-    "Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1: return DistInfo()
-    if torch.device(device).type == "cuda": torch.cuda.set_device(torch.device(device))   # this rank's GPU, before NCCL starts
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-# %% ../../nbs/32_training.trainer.ipynb #17a84779
-def close_distributed():
-    "Leave the process group at the end of a run (a process that exits still in it can abort in gloo's teardown)."
-    if dist.is_initialized(): dist.destroy_process_group()
-
-# %% ../../nbs/32_training.trainer.ipynb #4abe488e
-def _barrier(di:DistInfo|None):
-    if di is not None and di.world_size > 1: dist.barrier()
+__all__ = ['logger', 'ShardedLoader', 'lr_factor', 'TrainStep', 'step_losses', 'fit_ridge', 'ridge_start', 'NonFiniteLoss',
+           'Trainer']
 
 # %% ../../nbs/32_training.trainer.ipynb #af9fc0d0
 class ShardedLoader:
@@ -151,9 +116,9 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
                 voxel_weights:torch.Tensor|None=None, # (n_voxels,) weights of the BOLD terms (None: uniform)
                )->dict: # every term and 'total', as `compute_losses`
     "BOLD terms over the whole batch plus reconstruction terms over the decoded windows."
-    w = dict(w_video=cfg.w_video, w_audio=cfg.w_audio, w_text=cfg.w_text, w_from_fmri=cfg.w_from_fmri,
-             skip_first=cfg.skip_first, skip_last=cfg.skip_last)
-    terms = compute_losses(brain, batch, variances, w_fmri=cfg.w_fmri, w_corr=cfg.w_corr, voxel_weights=voxel_weights, **w)
+    w = dict(w_video=cfg.loss.w_video, w_audio=cfg.loss.w_audio, w_text=cfg.loss.w_text, w_from_fmri=cfg.loss.w_from_fmri,
+             skip_first=cfg.loss.skip_first, skip_last=cfg.loss.skip_last)
+    terms = compute_losses(brain, batch, variances, w_fmri=cfg.loss.w_fmri, w_corr=cfg.loss.w_corr, voxel_weights=voxel_weights, **w)
     if not rec: return terms
     n = next(iter(rec.values())).shape[0]
     sub = {k: v[:n] for k, v in batch.items()}
@@ -244,7 +209,7 @@ class Trainer:
         self.start = start_kind(cfg, data)   # the ridge the run starts from, if any (resolved once: "auto" logs why not)
         self.model_config = model_config(cfg, data, self.start)
         self.device, self.k = data.tensors.device, self.model_config.context_trs
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         self.model = BrainAutoencoder(self.model_config).to(self.device)
         if data.voxel_weights is not None:  # the decoder reads each unit in proportion to its reliability
             self.model.decoder.unit_gain.copy_(data.voxel_weights)
@@ -252,26 +217,26 @@ class Trainer:
             train = data.split.train
             self.model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
         if self.start: ridge_start(self.model, data, banded=self.start == "banded")
-        torch.manual_seed(cfg.seed + 1 + self.di.rank)  # dropout differs between processes
-        self.net = TrainStep(self.model, cfg.decode_from, cfg.detach_brain)
+        torch.manual_seed(cfg.run.seed + 1 + self.di.rank)  # dropout differs between processes
+        self.net = TrainStep(self.model, cfg.loss.decode_from, cfg.loss.detach_brain)
         if self.di.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids, find_unused_parameters=True)
-        self.train_ds = ContextDataset(data.tensors, data.split.train, self.k, cfg.stride)
-        self.val_ds = ContextDataset(data.tensors, data.split.val, self.k, max(1, self.k - cfg.skip_first))
-        self.loader = ShardedLoader(self.train_ds, cfg.batch_size, True, cfg.seed, self.di)
+        self.train_ds = ContextDataset(data.tensors, data.split.train, self.k, cfg.optim.stride)
+        self.val_ds = ContextDataset(data.tensors, data.split.val, self.k, max(1, self.k - cfg.loss.skip_first))
+        self.loader = ShardedLoader(self.train_ds, cfg.optim.batch_size, True, cfg.run.seed, self.di)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         rest = [p for p in self.model.parameters() if p.ndim < 2]
-        self.opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.lr)
+        self.opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.optim.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.optim.lr)
         n = len(self.loader)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(
-            step, self.cfg.epochs * n, max(1, round(self.cfg.warmup_epochs * n)), self.cfg.min_lr_frac))
+            step, self.cfg.optim.epochs * n, max(1, round(self.cfg.optim.warmup_epochs * n)), self.cfg.optim.min_lr_frac))
         self.epoch, self.best_r, self.best_epoch, self.bad_epochs, self.history, self.stopped = 0, -math.inf, 0, 0, [], False
-        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.ema else None
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.optim.ema else None
 
     @contextmanager
     def averaged(self):
-        "Within this block the model holds the moving-average weights (when `cfg.ema` is on)."
+        "Within this block the model holds the moving-average weights (when `cfg.optim.ema` is on)."
         if self.ema is None: yield; return
         kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.ema)
@@ -279,7 +244,7 @@ class Trainer:
         finally: self.model.load_state_dict(kept)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.amp and self.device.type == "cuda")
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.run.amp and self.device.type == "cuda")
 
     def _losses(self, batch:dict, frac:float=1.0)->dict:
         n = batch["trs"].shape[0]
@@ -311,20 +276,20 @@ def train_epoch(self:Trainer)->dict:
     "One pass over the training windows; the mean of every loss term (over all processes) and the last lr."
     self.net.train()
     sums, n = None, 0
-    bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
-               disable=no_bar(self.cfg.progress and self.di.main))
+    bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}", leave=False,
+               disable=no_bar(self.cfg.run.progress and self.di.main))
     for i, batch in enumerate(bar):
-        terms = self._losses(batch, self.cfg.recon_frac)
+        terms = self._losses(batch, self.cfg.loss.recon_frac)
         vals = self._check(terms, f"epoch {self.epoch + 1}, batch {i + 1}")
         self.opt.zero_grad(set_to_none=True)
         terms["total"].backward()
-        if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.cfg.optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             if not torch.isfinite(norm): self._check({"gradient": norm}, f"epoch {self.epoch + 1}, batch {i + 1}")
         self.opt.step(); self.sched.step()
         if self.ema is not None:
             with torch.no_grad():
-                for k, v in self.model.state_dict().items(): self.ema[k].lerp_(v, 1 - self.cfg.ema)
+                for k, v in self.model.state_dict().items(): self.ema[k].lerp_(v, 1 - self.cfg.optim.ema)
         sums = vals if sums is None else sums + vals; n += self.di.world_size
         bar.set_postfix(loss=f"{vals[-1].item() / self.di.world_size:.3f}")
     return {f"train_{k}": v / n for k, v in zip(terms, sums.tolist())} | {"lr": self.sched.get_last_lr()[0]}
@@ -345,7 +310,7 @@ def predict(self:Trainer, trs, # TR indices to predict (any order)
     out = torch.zeros(len(uniq), self.model_config.n_voxels, device=self.device)
     self.model.eval()
     with self._autocast():
-        out[torch.as_tensor(mine, device=self.device)] = self.model.predict_series(self.data.tensors, uniq[mine], batch_size=batch_size or self.cfg.batch_size)
+        out[torch.as_tensor(mine, device=self.device)] = self.model.predict_series(self.data.tensors, uniq[mine], batch_size=batch_size or self.cfg.optim.batch_size)
     out = self._reduce(out)[torch.as_tensor(inv.ravel(), device=self.device)].cpu().numpy()
     if self.data.tensors.subjects == "each": out = (out - self.data.norm.avg_mean) / self.data.norm.avg_std
     return out.astype(np.float32)
@@ -364,10 +329,10 @@ def _evaluate(self:Trainer)->dict:
     weight = np.ones(len(mine))
     if not len(mine): mine, weight = np.zeros(1, np.int64), np.zeros(1)  # keep in step with the other processes
     sums = n = 0
-    for a in range(0, len(mine), self.cfg.batch_size):
-        j = mine[a:a + self.cfg.batch_size]
+    for a in range(0, len(mine), self.cfg.optim.batch_size):
+        j = mine[a:a + self.cfg.optim.batch_size]
         terms = self._losses(self.data.tensors.gather(self.val_ds.starts[j], self.k, self.val_ds.rows[j]))
-        w = float(weight[a:a + self.cfg.batch_size].sum())
+        w = float(weight[a:a + self.cfg.optim.batch_size].sum())
         sums = sums + torch.stack([v.detach().float() for v in terms.values()]) * w; n += w
     vals = self._check(dict(zip(terms, sums)), "validation", reduce=True)
     n = self._reduce(torch.tensor(float(n), device=self.device)).item()
@@ -379,8 +344,8 @@ def _evaluate(self:Trainer)->dict:
 @patch
 def fit(self:Trainer, until_epoch:int|None=None, # stop after this epoch (as if interrupted); None: run to the end
        )->list: # the history: one dict per epoch
-    "Train to `cfg.epochs` (or early stop), validating, logging and checkpointing after every epoch."
-    stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
+    "Train to `cfg.optim.epochs` (or early stop), validating, logging and checkpointing after every epoch."
+    stop = self.cfg.optim.epochs if until_epoch is None else min(until_epoch, self.cfg.optim.epochs)
     if self.start and self.epoch == 0 and self.best_r == -math.inf:   # the ridge it starts from is a candidate too
         self.best_r = self.evaluate()["val_voxel_r_mean"]
         self.save(best=True)
@@ -393,7 +358,7 @@ def fit(self:Trainer, until_epoch:int|None=None, # stop after this epoch (as if 
         improved = row["val_voxel_r_mean"] > self.best_r
         if improved: self.best_r, self.best_epoch, self.bad_epochs = row["val_voxel_r_mean"], self.epoch, 0
         else: self.bad_epochs += 1
-        self.stopped = bool(self.cfg.patience) and self.bad_epochs >= self.cfg.patience
+        self.stopped = bool(self.cfg.optim.patience) and self.bad_epochs >= self.cfg.optim.patience
         self.history.append({"epoch": self.epoch, **row, "seconds": time.perf_counter() - t0})
         self.save(best=improved)
         if self.di.main:
@@ -442,9 +407,10 @@ def load_state_dict(self:Trainer, ck:dict, # from `state_dict` or `load_checkpoi
     self.epoch, self.loader.epoch = ck["epoch"], ck["loader_epoch"]
     self.best_r, self.best_epoch, self.bad_epochs = ck["best_r"], ck["best_epoch"], ck["bad_epochs"]
     self.stopped, self.history = ck["stopped"], list(ck["history"])
-    if ck["config"]["train"]["epochs"] != self.cfg.epochs:
+    saved_epochs = flat_options(ck["config"]["train"], source)["epochs"]
+    if saved_epochs != self.cfg.optim.epochs:
         logger.warning("%s: epochs changed from %d to %d; the cosine schedule is stretched from here on",
-                       source, ck["config"]["train"]["epochs"], self.cfg.epochs)
+                       source, saved_epochs, self.cfg.optim.epochs)
 
 # %% ../../nbs/32_training.trainer.ipynb #41559b25
 @patch
