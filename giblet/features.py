@@ -76,9 +76,9 @@ def _is_video_model(config)->bool:
 # %% ../nbs/14_features.ipynb #0171c853
 @dataclass
 class Backbone:
-    "A frozen pretrained model with its processor, ready to turn inputs into per-layer hidden states."
+    "A frozen pretrained model and its processor, turning inputs into per-layer hidden states."
     spec:StreamSpec # what was asked for
-    model:torch.nn.Module # the frozen model (the vision tower or the audio encoder where the checkpoint holds more)
+    model:torch.nn.Module # the frozen model (the vision tower or audio encoder of a larger checkpoint)
     processor:object # image/video processor, feature extractor or tokenizer
     device:torch.device # where it runs
     video_model:bool = False # video: whether the model takes whole clips

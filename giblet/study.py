@@ -72,6 +72,7 @@ class StudySpec:
 KINDS = ("video", "audio", "text")
 POOLINGS = dict(video=("mean", "cls"), audio=("mean", "last"), text=("last", "mean"))
 
+# %% ../nbs/09_study.ipynb #34107958
 @dataclass(frozen=True)
 class StreamSpec:
     "One feature stream: which frozen backbone, which layers, how pooled, over which window."
@@ -106,6 +107,7 @@ class StreamSpec:
 # %% ../nbs/09_study.ipynb #73a8c30d
 _LAYERS = re.compile(r"-?\d+(,-?\d+)*")
 
+# %% ../nbs/09_study.ipynb #eca22f5b
 def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]", e.g. "video=facebook/dinov2-small:-1:pooling=cls"
                      )->StreamSpec:
     "A `StreamSpec` from the command-line form; LAYERS is one index or several joined by commas; options are StreamSpec fields."
@@ -351,6 +353,7 @@ NOT_ANNOTATIONS = ("participants", "_events", "_timeseries", "_regressors", "_co
                    "_sessions") # tables that end their name (before the suffix) with one of these are BIDS/fMRIPrep side files
 NOT_SUBJECTS = ("mask", "dseg", "probseg", "boldref", "t1w", "t2w") # NIfTIs whose name holds one of these are no subject's BOLD
 
+# %% ../nbs/09_study.ipynb #2d233d04
 @dataclass
 class StudyFiles:
     "The files of one study: the film, the annotation spreadsheet and the subjects' NIfTIs in subject order."
@@ -496,7 +499,7 @@ def _run_key(f)->tuple:
 
 # %% ../nbs/09_study.ipynb #ca3089a5
 def _bids_runs(bold:list, root:Path)->dict:
-    "BOLD files by run key: key -> [(subject, key, file)]; two files for one subject's run are refused."
+    "BOLD files by run: key -> [(subject, key, file)], at most one per subject."
     runs = {}
     for f in bold:
         if (f.entities["subject"], _run_key(f)) in {(s, k) for s, k, _ in runs.get(_run_key(f), [])}:

@@ -77,6 +77,7 @@ def load_nifti(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .ni
 _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 TR_RANGE = (0.05, 30.0) # seconds: a TR outside this range is implausible
 
+# %% ../../nbs/01_data.fmri.ipynb #6a9bdf48
 def read_tr(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .nii.gz file
            )->float: # the repetition time in seconds
     "The TR in seconds, from the header's pixdim[4] and its time units."

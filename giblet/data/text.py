@@ -215,7 +215,7 @@ def _check_tr_column(df: pd.DataFrame, trs: pd.Series, name: str, path) -> None:
 
 # %% ../../nbs/04_data.text.ipynb #a7099106
 def _blank_spaces(raw: pd.DataFrame, path) -> pd.DataFrame:
-    "The table with cells of spaces only made blank (NaN), counted per column in the log."
+    "Space-only cells made blank (NaN), counted per column in the log."
     spaces = raw.map(lambda v: isinstance(v, str) and not v.strip())
     if not spaces.any().any(): return raw
     per_col = spaces.sum()[lambda n: n > 0]
@@ -392,6 +392,7 @@ is are was were be been being am it its this that these those he she they them h
 my your our us not no so then than there here very just also has have had do does did will would can could should may
 might shall about after before while when where which who whom what why how all any some each both s t""".split())
 
+# %% ../../nbs/04_data.text.ipynb #f6cbe0e1
 @lru_cache(maxsize=1 << 18)
 def _feature_hash(feature: str) -> int:
     "A stable 64-bit hash of a feature string (blake2b; unlike hash(), the same in every process)."

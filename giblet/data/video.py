@@ -476,9 +476,9 @@ def _moving_pattern(n_frames:int, # number of frames
 
 # %% ../../nbs/02_data.video.ipynb #e4413813
 def psnr(a:np.ndarray, # uint8 frames
-         b:np.ndarray, # uint8 frames of the same shape
+         b:np.ndarray, # uint8 frames, `a`'s shape
         )->float: # peak signal-to-noise ratio in dB (inf when identical)
-    "Peak signal-to-noise ratio between two uint8 images or stacks of images, over all pixels."
+    "PSNR between two uint8 images or stacks of them, over all pixels."
     if np.shape(a) != np.shape(b): raise ValueError(f"psnr needs equal shapes, got {np.shape(a)} and {np.shape(b)}")
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
