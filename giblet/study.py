@@ -242,15 +242,6 @@ def _run_from_dict(r, i:int, subjects:list|None, base:Path, err)->StudyRun:
         err(f"{at}.film_stop", f"{run.film_stop} s is not after film_start {run.film_start} s")
     return run
 
-# %% ../nbs/09_study.ipynb #30b5ff0c
-def _check_scan_kind(spec:StudySpec, err)->None:
-    "Refuse a study mixing NIfTIs and tables, or fields that do not fit its kind of scan."
-    if spec.atlas_names is not None and spec.atlas is None: err("atlas_names", "names without an `atlas` (the label NIfTI they name)")
-    if len({is_table(next(iter(r.nii.values()))) for r in spec.runs}) > 1: err("runs", "some runs give NIfTIs and others tables; one kind per study")
-    if spec.tables and spec.tr is None: err("tr", "BOLD tables carry no header: give the study's `tr` in seconds")
-    if spec.tables and spec.mask is not None: err("mask", "a mask selects voxels of NIfTIs; BOLD tables are already regions")
-    if spec.tables and spec.atlas is not None: err("atlas", "an atlas groups the voxels of NIfTIs; BOLD tables are already regions (name them with `units`)")
-
 # %% ../nbs/09_study.ipynb #6325f6a5
 def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                    base:str|Path=".", # folder that relative paths are resolved against
@@ -275,7 +266,11 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                      film=_path(d.get("film"), base, "film", err), annotations=_path(d.get("annotations"), base, "annotations", err),
                      mask=mask, source=str(source), features=_streams(d.get("features"), base, "features", err), units=_units(d.get("units"), err),
                      atlas=_path(d.get("atlas"), base, "atlas", err), atlas_names=_path(d.get("atlas_names"), base, "atlas_names", err))
-    _check_scan_kind(spec, err)
+    if spec.atlas_names is not None and spec.atlas is None: err("atlas_names", "names without an `atlas` (the label NIfTI they name)")
+    if len({is_table(next(iter(r.nii.values()))) for r in runs}) > 1: err("runs", "some runs give NIfTIs and others tables; one kind per study")
+    if spec.tables and spec.tr is None: err("tr", "BOLD tables carry no header: give the study's `tr` in seconds")
+    if spec.tables and spec.mask is not None: err("mask", "a mask selects voxels of NIfTIs; BOLD tables are already regions")
+    if spec.tables and spec.atlas is not None: err("atlas", "an atlas groups the voxels of NIfTIs; BOLD tables are already regions (name them with `units`)")
     if len({frozenset(r.predictors) for r in runs}) > 1: err("runs", "every run needs the same predictors")
     for i, r in enumerate(runs):
         if spec.film_of(r) is None and not spec.tables: err(f"runs[{i}].film", "no film: give the run's `film` or the study's (a study without a film gives its BOLD as tables under `bold`)")
