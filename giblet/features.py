@@ -76,9 +76,9 @@ def _is_video_model(config)->bool:
 # %% ../nbs/14_features.ipynb #0171c853
 @dataclass
 class Backbone:
-    "A frozen pretrained model with its processor, ready to turn inputs into per-layer hidden states."
+    "A frozen pretrained model and its processor, turning inputs into per-layer hidden states."
     spec:StreamSpec # what was asked for
-    model:torch.nn.Module # the frozen model (the vision tower or the audio encoder where the checkpoint holds more)
+    model:torch.nn.Module # the frozen model (the vision tower or audio encoder of a larger checkpoint)
     processor:object # image/video processor, feature extractor or tokenizer
     device:torch.device # where it runs
     video_model:bool = False # video: whether the model takes whole clips
@@ -173,44 +173,65 @@ def _hidden(bb:Backbone, inputs:dict)->tuple:
     x = {k: (v.to(bb.device, dt) if v.is_floating_point() else v.to(bb.device)) for k, v in inputs.items() if torch.is_tensor(v)}
     with torch.inference_mode(): return bb.model(**x, output_hidden_states=True).hidden_states
 
+# %% ../nbs/14_features.ipynb #5fe48401
+def _embed_video(bb:Backbone, items:list)->np.ndarray:
+    "One pooled vector per uint8 clip (n_frames, H, W, 3)."
+    s = bb.spec
+    if bb.video_model:
+        clips = [list(c) for c in items]
+        try: x = bb.processor(videos=clips, return_tensors="pt")
+        except TypeError: x = bb.processor(clips, return_tensors="pt")
+        return _pool(_hidden(bb, x), s.layers, s.pooling)
+    x = bb.processor(images=[f for c in items for f in c], return_tensors="pt")   # every frame, one image each
+    per_frame = _pool(_hidden(bb, x), s.layers, s.pooling)
+    return per_frame.reshape(len(items), -1, per_frame.shape[-1]).mean(1)
+
+# %% ../nbs/14_features.ipynb #63874e17
+def _embed_audio(bb:Backbone, items:list)->np.ndarray:
+    "One pooled vector per float32 audio clip (all of one length)."
+    s = bb.spec
+    h = _hidden(bb, bb.processor(list(items), sampling_rate=s.sr, return_tensors="pt"))
+    T, n, padded = h[-1].shape[1], len(items[0]), getattr(bb.processor, "n_samples", 0)
+    valid = (torch.arange(T) < math.ceil(T * n / padded)).expand(len(items), T) if padded > n else None  # Whisper pads
+    return _pool(h, s.layers, s.pooling, valid)
+
+# %% ../nbs/14_features.ipynb #a7bc8a53
+def _last_tokens(ids:list, config, model:str)->list:
+    "Token id lists cut to the model's positions, keeping their last tokens."
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and any(len(t) > limit for t in ids):
+        logger.info("%s: %d contexts longer than the model's %d positions keep their last tokens", model,
+                    sum(len(t) > limit for t in ids), limit)
+        ids = [t[-limit:] for t in ids]
+    return ids
+
+# %% ../nbs/14_features.ipynb #27649212
+def _token_batch(ids:list)->tuple:
+    "Token id lists right-padded with 0 into one long tensor, and its attention mask."
+    L = max(len(t) for t in ids)
+    inp = torch.zeros(len(ids), L, dtype=torch.long); mask = torch.zeros(len(ids), L, dtype=torch.long)
+    for r, t in enumerate(ids): inp[r, :len(t)] = torch.tensor(t); mask[r, :len(t)] = 1
+    return inp, mask
+
+# %% ../nbs/14_features.ipynb #46324301
+def _embed_text(bb:Backbone, items:list)->np.ndarray:
+    "One pooled vector per text; a None (no words yet) gets a zero row."
+    s = bb.spec
+    real = [i for i, t in enumerate(items) if t is not None]
+    out = np.zeros((len(items), bb.model.config.hidden_size * len(s.layers)), np.float32)   # no word yet: zeros (logged)
+    if real:
+        inp, mask = _token_batch(_last_tokens([bb.processor(items[i])["input_ids"] for i in real], bb.model.config, s.model))
+        out[real] = _pool(_hidden(bb, dict(input_ids=inp, attention_mask=mask)), s.layers, s.pooling, mask.bool())
+    return out
+
 # %% ../nbs/14_features.ipynb #457214af
 def embed(bb:Backbone, # a loaded backbone
           items:list, # video: uint8 clips (n_frames, H, W, 3); audio: float32 clips; text: strings (None: no words yet)
          )->np.ndarray: # float32 (len(items), d)
     "One pooled feature vector per clip (or per text), computed in one batch."
-    s = bb.spec
-    if s.kind == "video":
-        if bb.video_model:
-            clips = [list(c) for c in items]
-            try: x = bb.processor(videos=clips, return_tensors="pt")
-            except TypeError: x = bb.processor(clips, return_tensors="pt")
-            return _pool(_hidden(bb, x), s.layers, s.pooling)
-        x = bb.processor(images=[f for c in items for f in c], return_tensors="pt")   # every frame, one image each
-        per_frame = _pool(_hidden(bb, x), s.layers, s.pooling)
-        return per_frame.reshape(len(items), -1, per_frame.shape[-1]).mean(1)
-    if s.kind == "audio":
-        x = bb.processor(list(items), sampling_rate=s.sr, return_tensors="pt")
-        h = _hidden(bb, x)
-        T, n, padded = h[-1].shape[1], len(items[0]), getattr(bb.processor, "n_samples", 0)
-        valid = None
-        if padded > n:   # Whisper pads every clip to 30 s: keep the encoder frames of the real samples
-            valid = (torch.arange(T) < math.ceil(T * n / padded)).expand(len(items), T)
-        return _pool(h, s.layers, s.pooling, valid)
-    real = [i for i, t in enumerate(items) if t is not None]
-    out = np.zeros((len(items), bb.model.config.hidden_size * len(s.layers)), np.float32)   # no word yet: zeros (logged)
-    if real:
-        ids = [bb.processor(items[i])["input_ids"] for i in real]
-        limit = getattr(bb.model.config, "max_position_embeddings", None) or getattr(bb.model.config, "n_positions", None)
-        if limit and any(len(t) > limit for t in ids):
-            logger.info("%s: %d contexts longer than the model's %d positions keep their last tokens", s.model,
-                        sum(len(t) > limit for t in ids), limit)
-            ids = [t[-limit:] for t in ids]
-        L = max(len(t) for t in ids)
-        inp = torch.zeros(len(ids), L, dtype=torch.long); mask = torch.zeros(len(ids), L, dtype=torch.long)
-        for r, t in enumerate(ids): inp[r, :len(t)] = torch.tensor(t); mask[r, :len(t)] = 1
-        feats = _pool(_hidden(bb, dict(input_ids=inp, attention_mask=mask)), s.layers, s.pooling, mask.bool())
-        out[real] = feats
-    return out
+    if bb.spec.kind == "video": return _embed_video(bb, items)
+    if bb.spec.kind == "audio": return _embed_audio(bb, items)
+    return _embed_text(bb, items)
 
 # %% ../nbs/14_features.ipynb #28c4bdd3
 CACHE_VERSION = 1

@@ -60,9 +60,9 @@ def host_tag()->str:
 
 # %% ../nbs/00_io.ipynb #c19b765f
 def temp_name(path:str|Path, # the file or folder the temporary one will replace
-              keep_suffix:bool=False, # end the name with `path`'s suffixes (for writers that pick a format by suffix)
+              keep_suffix:bool=False, # end with `path`'s suffixes (for writers that pick a format by them)
              )->Path:
-    "A hidden, unique temporary name beside `path` that records this process's id and machine, and that it is giblet's."
+    "A hidden, unique temporary name beside `path`, recording this process's id, its machine and giblet."
     path = Path(path)
     ext = "".join(path.suffixes) if keep_suffix else ""
     return path.parent / f".{path.name}.{os.getpid()}-{host_tag()}{secrets.token_hex(2)}.giblet.tmp{ext}"
@@ -375,6 +375,7 @@ class RunLock:
 # %% ../nbs/00_io.ipynb #6765bfc5
 FINGERPRINT_BYTES = 1 << 16   # bytes read at each end of a file for its fingerprint
 
+# %% ../nbs/00_io.ipynb #abf94b25
 def input_fingerprint(paths:Sequence[str|Path], # the input files
                      )->list[dict]:
     "Per file: resolved path, size, modification time (ns) and a blake2b of its first and last `FINGERPRINT_BYTES`."
@@ -407,10 +408,11 @@ CACHE_VERSION = 3   # 3: a study folder joining one cache folder per stream
 VERIFIED = "verified.json"   # modification times of the files at their last checksum check
 RACY_SECONDS = 2.0           # files younger than this at a check are checked again next time (coarse time stamps)
 
-def cache_key(inputs:Sequence[str|Path], # files the features are computed from
+# %% ../nbs/00_io.ipynb #32ab9760
+def cache_key(inputs:Sequence[str|Path], # files the features come from
               params:dict, # every parameter of the computation (JSON-serialisable)
              )->str:
-    "A hash of the inputs' paths, sizes and modification times and of every parameter."
+    "A hash of the inputs' paths, sizes and mtimes, and of `params`."
     st = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs]
     blob = json.dumps({"v": CACHE_VERSION, "inputs": st, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -67,7 +67,7 @@ def _voxel_score(pred, true, kind:str, fill:float):
 # %% ../nbs/07_metrics.ipynb #36f4c9d1
 def voxel_r(pred, # predicted BOLD (n_trs, n_voxels, ...): NumPy array or torch tensor, time on axis 0
             true, # measured BOLD of the same shape (NumPy or torch)
-            fill:float=0.0, # score of voxels where either series is constant (r undefined): 0 or np.nan
+            fill:float=0.0, # score where either series is constant (r undefined): 0 or np.nan
            ): # Pearson r per voxel, shape pred.shape[1:]: float32 NumPy, or a tensor on the input's device
     "Pearson correlation over time between `pred` and `true`, for every voxel."
     return _voxel_score(pred, true, "r", fill)
@@ -77,7 +77,7 @@ def voxel_r2(pred, # predicted BOLD (n_trs, n_voxels, ...): NumPy array or torch
              true, # measured BOLD of the same shape (NumPy or torch)
              fill:float=0.0, # score of voxels whose `true` series is constant (R² undefined): 0 or np.nan
             ): # R² = 1 - SS_res / SS_tot per voxel (can be negative), shape pred.shape[1:]
-    "Coefficient of determination of `pred` for `true` over time, for every voxel (SS_tot about `true`'s own mean)."
+    "R² of `pred` for `true` over time, per voxel (SS_tot about `true`'s own mean)."
     return _voxel_score(pred, true, "r2", fill)
 
 # %% ../nbs/07_metrics.ipynb #77e7f1b1

@@ -72,6 +72,7 @@ class StudySpec:
 KINDS = ("video", "audio", "text")
 POOLINGS = dict(video=("mean", "cls"), audio=("mean", "last"), text=("last", "mean"))
 
+# %% ../nbs/09_study.ipynb #34107958
 @dataclass(frozen=True)
 class StreamSpec:
     "One feature stream: which frozen backbone, which layers, how pooled, over which window."
@@ -106,6 +107,7 @@ class StreamSpec:
 # %% ../nbs/09_study.ipynb #73a8c30d
 _LAYERS = re.compile(r"-?\d+(,-?\d+)*")
 
+# %% ../nbs/09_study.ipynb #eca22f5b
 def parse_stream_spec(text:str, # "KIND=NAME_OR_PATH[:LAYERS][:option=value ...]", e.g. "video=facebook/dinov2-small:-1:pooling=cls"
                      )->StreamSpec:
     "A `StreamSpec` from the command-line form; LAYERS is one index or several joined by commas; options are StreamSpec fields."
@@ -185,6 +187,61 @@ def _units(v, err):
         err("units", f"expected a list of distinct column names, got {v!r}")
     return list(v)
 
+# %% ../nbs/09_study.ipynb #1bbcf0c5
+def _subject_names(d:dict, err)->list|None:
+    "The spec's `subjects` as strings, refused unless a list of distinct names; None when it names none."
+    subjects = d.get("subjects")
+    if subjects is not None and (not isinstance(subjects, list) or not subjects or
+                                 not all(isinstance(s, (str, int)) for s in subjects)):
+        err("subjects", f"expected a list of subject names, got {subjects!r}")
+    subjects = None if subjects is None else [str(s) for s in subjects]
+    if subjects and len(set(subjects)) < len(subjects): err("subjects", f"names repeat: {subjects}")
+    return subjects
+
+# %% ../nbs/09_study.ipynb #720516b3
+def _run_scans(r:dict, at:str, subjects:list|None, base:Path, err)->dict:
+    "A run's scans, subject -> path: NIfTIs under `nii` or tables under `bold` (a list is zipped with `subjects`)."
+    if ("nii" in r) == ("bold" in r): err(at, "give each subject's scan under `nii` (NIfTIs) or its region time courses under `bold` (tables), one of the two")
+    nii = r.get("nii", r.get("bold"))
+    if isinstance(nii, list):
+        if subjects is None or len(nii) != len(subjects):
+            err(f"{at}.nii", "a list of NIfTIs needs `subjects` of the same length (or map subject -> NIfTI)")
+        nii = dict(zip(subjects, nii))
+    if not isinstance(nii, dict) or not nii: err(f"{at}.nii", f"expected subject -> NIfTI path, got {nii!r}")
+    nii = {str(s): _path(p, base, f"{at}.nii.{s}", err, optional=False) for s, p in nii.items()}
+    if ("bold" in r) != all(map(is_table, nii.values())) or len({is_table(p) for p in nii.values()}) > 1:
+        err(f"{at}.{'bold' if 'bold' in r else 'nii'}", f"`bold` takes tables ({'|'.join(TABLE_EXTS)}) and `nii` NIfTIs; got {sorted(map(str, nii.values()))[:3]}")
+    return nii
+
+# %% ../nbs/09_study.ipynb #f2f1dc3b
+def _run_from_dict(r, i:int, subjects:list|None, base:Path, err)->StudyRun:
+    "Run `i` of a spec, checked; its scans in the order of `subjects` (its own order when that is None)."
+    at = f"runs[{i}]"
+    if not isinstance(r, dict): err(at, f"expected a mapping of {', '.join(_RUN)}, got {r!r}")
+    for k in r:
+        if k not in _RUN: err(f"{at}.{k}", f"unknown field (known: {', '.join(_RUN)})")
+    nii = _run_scans(r, at, subjects, base, err)
+    preds = r.get("predictors") or {}
+    if not isinstance(preds, dict) or not all(isinstance(k, str) and k.isidentifier() for k in preds):
+        err(f"{at}.predictors", f"expected name -> table (names: letters, digits, _), got {preds!r}")
+    subjects = subjects or list(nii)
+    if set(nii) != set(subjects):
+        err(f"{at}.nii", f"subjects {sorted(nii)} differ from {subjects}: every run needs a NIfTI per subject")
+    part = r.get("part")
+    if part is not None and (isinstance(part, bool) or not isinstance(part, int) or part < 1):
+        err(f"{at}.part", f"expected a part number 1, 2, ..., got {part!r}")
+    run = StudyRun(name=str(r.get("name", f"run-{i + 1}")), nii={s: nii[s] for s in subjects},
+                   film=_path(r.get("film"), base, f"{at}.film", err),
+                   film_start=_number(r.get("film_start", 0.0), f"{at}.film_start", err),
+                   film_stop=_number(r.get("film_stop"), f"{at}.film_stop", err, optional=True),
+                   scan_offset=_number(r.get("scan_offset", 0.0), f"{at}.scan_offset", err),
+                   annotations=_path(r.get("annotations"), base, f"{at}.annotations", err), part=part,
+                   part_start=_number(r.get("part_start"), f"{at}.part_start", err, optional=True),
+                   predictors={k: _path(v, base, f"{at}.predictors.{k}", err, optional=False) for k, v in preds.items()})
+    if run.film_stop is not None and run.film_stop <= run.film_start:
+        err(f"{at}.film_stop", f"{run.film_stop} s is not after film_start {run.film_start} s")
+    return run
+
 # %% ../nbs/09_study.ipynb #6325f6a5
 def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
                    base:str|Path=".", # folder that relative paths are resolved against
@@ -197,48 +254,11 @@ def spec_from_dict(d:dict, # the parsed spec (as written by `spec_to_dict`)
     for k in d:
         if k not in _TOP: err(k, f"unknown field (known: {', '.join(_TOP)})")
     if not isinstance(d.get("runs"), list) or not d["runs"]: err("runs", "expected a non-empty list of runs")
-    subjects = d.get("subjects")
-    if subjects is not None and (not isinstance(subjects, list) or not subjects or
-                                 not all(isinstance(s, (str, int)) for s in subjects)):
-        err("subjects", f"expected a list of subject names, got {subjects!r}")
-    subjects = None if subjects is None else [str(s) for s in subjects]
-    if subjects and len(set(subjects)) < len(subjects): err("subjects", f"names repeat: {subjects}")
+    subjects = _subject_names(d, err)
     runs = []
     for i, r in enumerate(d["runs"]):
-        at = f"runs[{i}]"
-        if not isinstance(r, dict): err(at, f"expected a mapping of {', '.join(_RUN)}, got {r!r}")
-        for k in r:
-            if k not in _RUN: err(f"{at}.{k}", f"unknown field (known: {', '.join(_RUN)})")
-        if ("nii" in r) == ("bold" in r): err(at, "give each subject's scan under `nii` (NIfTIs) or its region time courses under `bold` (tables), one of the two")
-        nii = r.get("nii", r.get("bold"))
-        if isinstance(nii, list):
-            if subjects is None or len(nii) != len(subjects):
-                err(f"{at}.nii", "a list of NIfTIs needs `subjects` of the same length (or map subject -> NIfTI)")
-            nii = dict(zip(subjects, nii))
-        if not isinstance(nii, dict) or not nii: err(f"{at}.nii", f"expected subject -> NIfTI path, got {nii!r}")
-        nii = {str(s): _path(p, base, f"{at}.nii.{s}", err, optional=False) for s, p in nii.items()}
-        if ("bold" in r) != all(map(is_table, nii.values())) or len({is_table(p) for p in nii.values()}) > 1:
-            err(f"{at}.{'bold' if 'bold' in r else 'nii'}", f"`bold` takes tables ({'|'.join(TABLE_EXTS)}) and `nii` NIfTIs; got {sorted(map(str, nii.values()))[:3]}")
-        preds = r.get("predictors") or {}
-        if not isinstance(preds, dict) or not all(isinstance(k, str) and k.isidentifier() for k in preds):
-            err(f"{at}.predictors", f"expected name -> table (names: letters, digits, _), got {preds!r}")
-        subjects = subjects or list(nii)
-        if set(nii) != set(subjects):
-            err(f"{at}.nii", f"subjects {sorted(nii)} differ from {subjects}: every run needs a NIfTI per subject")
-        part = r.get("part")
-        if part is not None and (isinstance(part, bool) or not isinstance(part, int) or part < 1):
-            err(f"{at}.part", f"expected a part number 1, 2, ..., got {part!r}")
-        run = StudyRun(name=str(r.get("name", f"run-{i + 1}")), nii={s: nii[s] for s in subjects},
-                       film=_path(r.get("film"), base, f"{at}.film", err),
-                       film_start=_number(r.get("film_start", 0.0), f"{at}.film_start", err),
-                       film_stop=_number(r.get("film_stop"), f"{at}.film_stop", err, optional=True),
-                       scan_offset=_number(r.get("scan_offset", 0.0), f"{at}.scan_offset", err),
-                       annotations=_path(r.get("annotations"), base, f"{at}.annotations", err), part=part,
-                       part_start=_number(r.get("part_start"), f"{at}.part_start", err, optional=True),
-                       predictors={k: _path(v, base, f"{at}.predictors.{k}", err, optional=False) for k, v in preds.items()})
-        if run.film_stop is not None and run.film_stop <= run.film_start:
-            err(f"{at}.film_stop", f"{run.film_stop} s is not after film_start {run.film_start} s")
-        runs.append(run)
+        runs.append(_run_from_dict(r, i, subjects, base, err))
+        subjects = subjects or list(runs[-1].nii)
     if len({r.name for r in runs}) < len(runs): err("runs", f"run names repeat: {[r.name for r in runs]}")
     mask = d.get("mask")
     if mask is not None and mask != "nonzero": mask = _path(mask, base, "mask", err)
@@ -328,6 +348,7 @@ NOT_ANNOTATIONS = ("participants", "_events", "_timeseries", "_regressors", "_co
                    "_sessions") # tables that end their name (before the suffix) with one of these are BIDS/fMRIPrep side files
 NOT_SUBJECTS = ("mask", "dseg", "probseg", "boldref", "t1w", "t2w") # NIfTIs whose name holds one of these are no subject's BOLD
 
+# %% ../nbs/09_study.ipynb #2d233d04
 @dataclass
 class StudyFiles:
     "The files of one study: the film, the annotation spreadsheet and the subjects' NIfTIs in subject order."
@@ -455,6 +476,71 @@ def _film_event(events:Path, root:Path, film:Path|None):
     num = lambda k, default: default if k not in ev.columns or pd.isna(row[k]) else float(row[k])
     return Path(film), num("onset", 0.0), num("duration", None), num("film_start", 0.0)
 
+# %% ../nbs/09_study.ipynb #548a34f1
+def _bids_task(tasks:list, task:str|None, root:Path)->str:
+    "`task`, or else the dataset's only task; an error when it has none or several."
+    if task is not None: return task
+    if not tasks: raise ValueError(f"{root}: read as BIDS because it holds dataset_description.json, but no BOLD file names a "
+                                   "task (sub-*/func/*_task-NAME_bold.nii.gz); if this is a Sherlock-layout folder, move the "
+                                   "stray dataset_description.json away")
+    if len(tasks) > 1: raise ValueError(f"{root}: tasks {tasks}; name the movie task with task= (from the command line: "
+                                        "write_spec(bids_spec(root, task=...)) and pass --study)")
+    return tasks[0]
+
+# %% ../nbs/09_study.ipynb #9521bc25
+def _run_key(f)->tuple:
+    "A BIDS file's (session, run) entities, None where absent: which run of the study it belongs to."
+    return (f.entities.get("session"), f.entities.get("run"))
+
+# %% ../nbs/09_study.ipynb #ca3089a5
+def _bids_runs(bold:list, root:Path)->dict:
+    "BOLD files by run: key -> [(subject, key, file)], at most one per subject."
+    runs = {}
+    for f in bold:
+        if (f.entities["subject"], _run_key(f)) in {(s, k) for s, k, _ in runs.get(_run_key(f), [])}:
+            raise ValueError(f"{root}: several BOLD files for subject {f.entities['subject']} run {_run_key(f)}: narrow with space=/desc=")
+        runs.setdefault(_run_key(f), []).append((f.entities["subject"], _run_key(f), f))
+    return runs
+
+# %% ../nbs/09_study.ipynb #00f543e0
+def _bids_annotations(root:Path)->Path:
+    "The one annotation table in `root/stimuli` (events files, hidden files and Office lock files left out)."
+    found = sorted(p for p in (root / "stimuli").glob("*") if p.suffix.lower() in ANNOTATION_EXTS
+                   and not p.name.endswith("_events.tsv") and not p.name.startswith((".", "~$")))
+    if len(found) != 1: raise FileNotFoundError(f"{root}/stimuli: expected one annotation table "
+                                                f"({'|'.join(ANNOTATION_EXTS)}), found {[p.name for p in found]}; pass annotations= "
+                                                "(--annotations from the command line)")
+    return found[0]
+
+# %% ../nbs/09_study.ipynb #a801d17b
+def _bids_timing(layout, root:Path, src, got, films:Path|None)->tuple:
+    "(TR, film placement) of one subject's run: `src` its raw BOLD file, `got` the one read (raw or derivative)."
+    meta = {**src.get_metadata(), **got.get_metadata()}
+    if "RepetitionTime" not in meta: raise ValueError(f"{got.path}: no RepetitionTime in its JSON sidecar")
+    tr = float(meta["RepetitionTime"])
+    ent = {e: v for e, v in src.entities.items() if e in ("subject", "session", "task", "run", "acquisition")}
+    ev = layout.get(scope="raw", suffix="events", extension=".tsv", **ent)
+    if len(ev) != 1: raise FileNotFoundError(f"{src.path}: expected one events file (*_events.tsv) naming the film "
+                                             f"and its onset, found {len(ev)}")
+    return tr, _film_event(Path(ev[0].path), root, films)
+
+# %% ../nbs/09_study.ipynb #dcaecfdd
+def _bids_run(layout, root:Path, name:str, got:dict, raw_by:dict, key:tuple, subjects:list, films, part:int)->tuple:
+    "(`StudyRun`, TR) of run `key`: every subject present, and all agreeing on the TR and the film's placement."
+    lack = [s for s in subjects if s not in got]
+    if lack: raise FileNotFoundError(f"{root}: {name} has no BOLD for subjects {lack}")
+    tr, placement = {}, {}
+    for s in subjects: tr[s], placement[s] = _bids_timing(layout, root, raw_by.get((s, key), got[s]), got[s], films)
+    if len(set(tr.values())) > 1: raise ValueError(f"{root}: {name}: the sidecars disagree on the TR: {tr}")
+    if len({(str(p[0]), *(round(x, 3) if x is not None else None for x in p[1:])) for p in placement.values()}) > 1:
+        raise ValueError(f"{root}: {name}: subjects disagree on the film, its onset or its segment: {placement}; "
+                         "giblet needs one placement per run")
+    the_film, onset, duration, start = placement[subjects[0]]
+    t = tr[subjects[0]]
+    return StudyRun(name, {f"sub-{s}": Path(got[s].path) for s in subjects}, film=the_film,
+                    film_start=start, film_stop=None if duration is None else start + duration,
+                    scan_offset=onset / t, part=part), t
+
 # %% ../nbs/09_study.ipynb #2ffa72e2
 def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its top)
               task:str|None=None, # the movie task; None: the dataset's only task
@@ -470,60 +556,21 @@ def bids_spec(root:str|Path, # a BIDS dataset (dataset_description.json at its t
     root = Path(root)
     if not (root / "dataset_description.json").is_file(): raise FileNotFoundError(f"{root}: no dataset_description.json; not BIDS")
     layout = _bids_layout(root, derivatives if derivatives is not None else bool(space), validate)
-    tasks = layout.get_tasks()
-    if task is None:
-        if not tasks: raise ValueError(f"{root}: read as BIDS because it holds dataset_description.json, but no BOLD file names a "
-                                       "task (sub-*/func/*_task-NAME_bold.nii.gz); if this is a Sherlock-layout folder, move the "
-                                       "stray dataset_description.json away")
-        if len(tasks) > 1: raise ValueError(f"{root}: tasks {tasks}; name the movie task with task= (from the command line: "
-                                            "write_spec(bids_spec(root, task=...)) and pass --study)")
-        task = tasks[0]
+    task = _bids_task(layout.get_tasks(), task, root)
     query = dict(task=task, suffix="bold", extension=[".nii.gz", ".nii"])
     raw = layout.get(scope="raw", **query)
     bold = layout.get(scope="derivatives", space=space, desc=desc, **query) if space else raw
     if not bold: raise FileNotFoundError(f"{root}: no BOLD for task {task!r}" + (f" in space {space!r}" if space else ""))
-    key = lambda f: (f.entities.get("session"), f.entities.get("run"))
-    raw_by = {(f.entities["subject"], key(f)): f for f in raw}
+    raw_by = {(f.entities["subject"], _run_key(f)): f for f in raw}
     subjects = sorted({f.entities["subject"] for f in bold})
-    runs = {}
-    for f in bold:
-        if (f.entities["subject"], key(f)) in {(s, k) for s, k, _ in runs.get(key(f), [])}:
-            raise ValueError(f"{root}: several BOLD files for subject {f.entities['subject']} run {key(f)}: narrow with space=/desc=")
-        runs.setdefault(key(f), []).append((f.entities["subject"], key(f), f))
+    runs = _bids_runs(bold, root)
     films = Path(film) if film else None
-    if annotations is None:
-        found = sorted(p for p in (root / "stimuli").glob("*") if p.suffix.lower() in ANNOTATION_EXTS
-                       and not p.name.endswith("_events.tsv") and not p.name.startswith((".", "~$")))
-        if len(found) != 1: raise FileNotFoundError(f"{root}/stimuli: expected one annotation table "
-                                                    f"({'|'.join(ANNOTATION_EXTS)}), found {[p.name for p in found]}; pass annotations= "
-                                                    "(--annotations from the command line)")
-        annotations = found[0]
+    if annotations is None: annotations = _bids_annotations(root)
     spec_runs, run_trs = [], []
     for i, k in enumerate(sorted(runs, key=lambda k: tuple("" if v is None else str(v).zfill(6) for v in k))):
-        got = {s: f for s, _, f in runs[k]}
         name = "_".join(f"{e}-{v}" for e, v in zip(("ses", "run"), k) if v is not None) or "run-1"
-        lack = [s for s in subjects if s not in got]
-        if lack: raise FileNotFoundError(f"{root}: {name} has no BOLD for subjects {lack}")
-        tr, placement = {}, {}
-        for s in subjects:
-            src = raw_by.get((s, k), got[s])
-            meta = {**src.get_metadata(), **got[s].get_metadata()}
-            if "RepetitionTime" not in meta: raise ValueError(f"{got[s].path}: no RepetitionTime in its JSON sidecar")
-            tr[s] = float(meta["RepetitionTime"])
-            ent = {e: v for e, v in src.entities.items() if e in ("subject", "session", "task", "run", "acquisition")}
-            ev = layout.get(scope="raw", suffix="events", extension=".tsv", **ent)
-            if len(ev) != 1: raise FileNotFoundError(f"{src.path}: expected one events file (*_events.tsv) naming the film "
-                                                     f"and its onset, found {len(ev)}")
-            placement[s] = _film_event(Path(ev[0].path), root, films)
-        if len(set(tr.values())) > 1: raise ValueError(f"{root}: {name}: the sidecars disagree on the TR: {tr}")
-        if len({(str(p[0]), *(round(x, 3) if x is not None else None for x in p[1:])) for p in placement.values()}) > 1:
-            raise ValueError(f"{root}: {name}: subjects disagree on the film, its onset or its segment: {placement}; "
-                             "giblet needs one placement per run")
-        the_film, onset, duration, start = placement[subjects[0]]
-        t = tr[subjects[0]]; run_trs.append(t)
-        spec_runs.append(StudyRun(name, {f"sub-{s}": Path(got[s].path) for s in subjects}, film=the_film,
-                                  film_start=start, film_stop=None if duration is None else start + duration,
-                                  scan_offset=onset / t, part=i + 1))
+        run, t = _bids_run(layout, root, name, {s: f for s, _, f in runs[k]}, raw_by, k, subjects, films, i + 1)
+        spec_runs.append(run); run_trs.append(t)
     if len(set(run_trs)) > 1: raise ValueError(f"{root}: runs differ in TR {run_trs}; giblet needs one TR per study")
     logger.info("%s: task %s, %d subjects, %d runs (run i shows annotation part i of %s)%s", root, task, len(subjects),
                 len(spec_runs), Path(annotations).name, f", space {space}" if space else "")

@@ -344,6 +344,7 @@ def show_timing(spec:StudySpec|str|Path, # a spec, or what `resolve_study` accep
 # %% ../nbs/12_study_plan.ipynb #b3cf3f65
 _LABEL_COLS, _NAME_COLS = ("index", "label_index", "value", "id", "label"), ("name", "label_name", "region", "roi", "label", "abbreviation")
 
+# %% ../nbs/12_study_plan.ipynb #0c10e366
 def _names_table(path:Path)->list:
     "(label, name) pairs of a TSV/CSV (a header naming the columns, or none: label, then name) or a whitespace .txt (label name...)."
     if path.suffix.lower() == ".txt":

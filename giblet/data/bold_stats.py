@@ -22,6 +22,7 @@ __all__ = ['logger', 'ZScoreStats', 'zscore_stats', 'apply_zscore', 'zscore', 'a
 # %% ../../nbs/05_data.bold_stats.ipynb #8a3c514e
 _BLOCK = 4_000_000  # float64 elements per working block (32 MB)
 
+# %% ../../nbs/05_data.bold_stats.ipynb #5ec39079
 @dataclass
 class ZScoreStats:
     "Per-voxel mean and std (per subject for stacked subjects) and the TRs they came from."

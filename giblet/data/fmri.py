@@ -52,18 +52,21 @@ def _check_size(img, name):
     if have < need:
         raise ValueError(f"{name}: file is truncated: {have} bytes, but a {p.shape} {p.dtype} image needs {need}")
 
+# %% ../../nbs/01_data.fmri.ipynb #e4503c1d
+def _open_nifti(path, name:str):
+    "The image nibabel opens at `path` (lazily), or an error naming the file when it is missing or unreadable."
+    if not Path(path).is_file(): raise FileNotFoundError(f"{name}: no such NIfTI file")
+    try: return nib.load(path)
+    except _READ_ERRORS as e:
+        raise ValueError(f"{name}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+
 # %% ../../nbs/01_data.fmri.ipynb #98d4c8f5
 def load_nifti(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .nii.gz file
                ndim:int|None=4, # the number of dimensions required: 4 for a time series, 3 for a mask, None for any
               )->nib.Nifti1Image: # the image, its data still on disk
     "Open a NIfTI-1 or NIfTI-2 image lazily and check that it is readable and has `ndim` dimensions."
     name = _name(img_or_path)
-    if isinstance(img_or_path, (str, os.PathLike)):
-        if not Path(img_or_path).is_file(): raise FileNotFoundError(f"{name}: no such NIfTI file")
-        try: img = nib.load(img_or_path)
-        except _READ_ERRORS as e:
-            raise ValueError(f"{name}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
-    else: img = img_or_path
+    img = _open_nifti(img_or_path, name) if isinstance(img_or_path, (str, os.PathLike)) else img_or_path
     if not isinstance(img, nib.nifti1.Nifti1Pair):
         raise ValueError(f"{name}: expected a NIfTI-1 or NIfTI-2 image, got {type(img).__name__}")
     if ndim is not None and len(img.shape) != ndim:
@@ -77,6 +80,18 @@ def load_nifti(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .ni
 _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 TR_RANGE = (0.05, 30.0) # seconds: a TR outside this range is implausible
 
+# %% ../../nbs/01_data.fmri.ipynb #2eca9c14
+def _tr_in_any_unit(raw:float, unit:str, name:str)->float:
+    "`raw` in seconds by the first of `_TIME_UNITS` that puts it in `TR_RANGE`, with a warning; an error if none does."
+    lo, hi = TR_RANGE
+    for guess, factor in _TIME_UNITS.items():
+        if lo <= raw * factor <= hi:
+            why = "has no time unit" if unit == "unknown" else f"is implausible as {raw:g} {unit}"
+            logger.warning(f"{name}: TR {why}; reading it as {raw:g} {guess} = {raw * factor:g} s")
+            return round(raw * factor, 6)
+    raise ValueError(f"{name}: TR {raw:g} {unit} is implausible in any time unit (expected {lo}-{hi} s)")
+
+# %% ../../nbs/01_data.fmri.ipynb #6a9bdf48
 def read_tr(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .nii.gz file
            )->float: # the repetition time in seconds
     "The TR in seconds, from the header's pixdim[4] and its time units."
@@ -88,12 +103,7 @@ def read_tr(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .nii.g
         raise ValueError(f"{name}: the header's time unit is '{unit}', not a time; expected sec, msec or usec")
     lo, hi = TR_RANGE
     if unit in _TIME_UNITS and lo <= raw * _TIME_UNITS[unit] <= hi: return round(raw * _TIME_UNITS[unit], 6)
-    for guess, factor in _TIME_UNITS.items():
-        if lo <= raw * factor <= hi:
-            why = "has no time unit" if unit == "unknown" else f"is implausible as {raw:g} {unit}"
-            logger.warning(f"{name}: TR {why}; reading it as {raw:g} {guess} = {raw * factor:g} s")
-            return round(raw * factor, 6)
-    raise ValueError(f"{name}: TR {raw:g} {unit} is implausible in any time unit (expected {lo}-{hi} s)")
+    return _tr_in_any_unit(raw, unit, name)
 
 # %% ../../nbs/01_data.fmri.ipynb #edaeb762
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -332,6 +342,18 @@ def features_to_nii(features, # float32 (n_trs, n_voxels), voxels in the mask's 
     img.header["pixdim"][4] = 0.0 if tr is None else tr  # never a default 1.0 that would pass for a real TR
     return img
 
+# %% ../../nbs/01_data.fmri.ipynb #9f2cfff9
+def _common_stop(lengths:list, names:list, stop:int|None)->int:
+    "`stop`, or the subjects' common length when it is None; an error when they differ or some are shorter."
+    if stop is None:
+        if len(set(lengths)) > 1:
+            raise ValueError("subjects have different numbers of TRs (" + ", ".join(f"{n}: {k}" for n, k in
+                             zip(names, lengths)) + "); pass stop= to load a common length")
+        stop = lengths[0]
+    short = [f"{n}: {k}" for n, k in zip(names, lengths) if k < stop]
+    if short: raise ValueError(f"subjects shorter than the {stop} TRs requested: {', '.join(short)}")
+    return stop
+
 # %% ../../nbs/01_data.fmri.ipynb #e1f6884a
 def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a folder of them (numeric subject order)
                   mask, # the shared mask: a 3-D NIfTI image, its path, or a bool (x, y, z) array
@@ -346,14 +368,7 @@ def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a fold
     items = list(paths_or_folder)
     if not items: raise ValueError("load_subjects needs at least one subject")
     imgs, names = [load_nifti(x, ndim=4) for x in items], [_name(x) for x in items]
-    lengths = [i.shape[3] for i in imgs]
-    if stop is None:
-        if len(set(lengths)) > 1:
-            raise ValueError("subjects have different numbers of TRs (" + ", ".join(f"{n}: {k}" for n, k in
-                             zip(names, lengths)) + "); pass stop= to load a common length")
-        stop = lengths[0]
-    short = [f"{n}: {k}" for n, k in zip(names, lengths) if k < stop]
-    if short: raise ValueError(f"subjects shorter than the {stop} TRs requested: {', '.join(short)}")
+    stop = _common_stop([i.shape[3] for i in imgs], names, stop)
     if not 0 <= start < stop: raise ValueError(f"TRs {start}..{stop} requested: nothing to load")
     if isinstance(mask, (str, os.PathLike)): mask = load_nifti(mask, ndim=3)
     shape = (len(imgs), stop - start, int(_mask_array(mask).sum()))
@@ -499,6 +514,14 @@ class _ScanCopy:
 def _remove(paths):
     for p in paths: Path(p).unlink(missing_ok=True)
 
+# %% ../../nbs/01_data.fmri.ipynb #4f70241a
+def _scan_spans(parts:list)->dict:
+    "Each scan of `parts` with the volumes `(a, b)` its runs use, joined into one span when several runs share it."
+    span = {}
+    for paths, a, b in parts:
+        for p in paths: lo, hi = span.get(p, (a, b)); span[p] = (min(lo, a), max(hi, b))
+    return span
+
 # %% ../../nbs/01_data.fmri.ipynb #bf775fe7
 class OnePassBold(SubjectBold):
     "`SubjectBold` with the mask of a `MaskRule`, reading each scan once: the mask's statistics and a local copy of the used volumes in one pass."
@@ -511,9 +534,7 @@ class OnePassBold(SubjectBold):
         _check_rule(rule.threshold, rule.brain_mask)
         self.parts = _check_parts(parts)
         workdir = Path(workdir or tempfile.gettempdir()); workdir.mkdir(parents=True, exist_ok=True)
-        span = {}
-        for paths, a, b in self.parts:
-            for p in paths: lo, hi = span.get(p, (a, b)); span[p] = (min(lo, a), max(hi, b))
+        span = _scan_spans(self.parts)
         rule_scans = [Path(p) for p in rule.scans]
         if not rule_scans: raise ValueError("a mask rule needs at least one scan")
         scans = list(dict.fromkeys(rule_scans + list(span)))

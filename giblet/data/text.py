@@ -40,6 +40,7 @@ _END_KEYS = ("endtimes", "endtimesec", "endtimeseconds", "ends", "endsec", "ends
 _DURATION_KEYS = ("durations", "durationsec", "durationseconds", "duration")
 _FALLBACK_TEXT = ("text", "annotation", "description")  # used when none of the Sherlock text columns is present
 
+# %% ../../nbs/04_data.text.ipynb #c8232823
 def _norm(name) -> str:
     "A column name with surrounding whitespace stripped, inner whitespace collapsed, case folded."
     return " ".join(str(name).split()).casefold()
@@ -162,25 +163,38 @@ def _tr_column(columns, path):
     if len(hits) > 1: raise ValueError(f"{path}: {len(hits)} columns could be the start-TR column: {hits}")
     return hits[0] if hits else None
 
+# %% ../../nbs/04_data.text.ipynb #2fc28644
+def _tr_restarts(trs: pd.Series, back) -> list:
+    "The rows of `back` where the TR count runs on (or is missing): clock restarts, not rows out of order."
+    t = pd.Series(trs.to_numpy(float))
+    before, after = t.ffill().to_numpy(), t.bfill().to_numpy()
+    return [i for i in back if not after[i] < before[i - 1]]
+
+# %% ../../nbs/04_data.text.ipynb #d4107357
+def _clock_restarts(s: np.ndarray, back) -> list:
+    "The rows of `back` where the clock falls to its part's start or earlier; none if any row of `back` does not."
+    restarts, first = [], 0
+    for i in back:
+        if s[i] <= s[first]: restarts.append(i); first = i
+    return restarts if len(restarts) == len(back) else []   # rows merely out of order: one clock
+
 # %% ../../nbs/04_data.text.ipynb #0229991f
 def _parts(start: pd.Series, trs: pd.Series|None, path) -> np.ndarray:
     "Part number (1, 2, ...) of each row in file order: a part begins where the seconds restart while the TR count runs on."
     s = start.to_numpy(float)
     back = np.flatnonzero(s[1:] < s[:-1]) + 1               # rows where the seconds go backwards
-    if trs is not None:                                      # the TR column decides: a restart keeps counting up
-        t = pd.Series(trs.to_numpy(float))
-        before, after = t.ffill().to_numpy(), t.bfill().to_numpy()
-        restarts = [i for i in back if not after[i] < before[i - 1]]
-    else:                                                    # no TR column: the clock must fall back to its part's start
-        restarts, first = [], 0
-        for i in back:
-            if s[i] <= s[first]: restarts.append(i); first = i
-        if len(restarts) < len(back): restarts = []          # rows merely out of order: one clock
+    restarts = _tr_restarts(trs, back) if trs is not None else _clock_restarts(s, back)
     if len(back) > len(restarts):
         logger.info("%s: %d rows are out of time order (not clock restarts); sorted", path, len(back) - len(restarts))
     part = np.ones(len(s), np.int64)
     for i in restarts: part[i:] += 1
     return part
+
+# %% ../../nbs/04_data.text.ipynb #e38a14df
+def _tr_length(name) -> float|None:
+    "The TR length in seconds written in a column's name, e.g. 1.5 in \"Start Time (TRs, 1.5s)\"; None if there is none."
+    m = re.search(r"(\d+(?:\.\d+)?)\s*s\b", _norm(name))
+    return None if m is None else float(m.group(1))
 
 # %% ../../nbs/04_data.text.ipynb #4e4e628d
 def _check_tr_column(df: pd.DataFrame, trs: pd.Series, name: str, path) -> None:
@@ -189,9 +203,8 @@ def _check_tr_column(df: pd.DataFrame, trs: pd.Series, name: str, path) -> None:
     if missing.any():
         logger.info("%s: %d rows have no value in %r (rows %s); they are placed by their seconds", path,
                     int(missing.sum()), name, _rows(trs.index[missing]))
-    m = re.search(r"(\d+(?:\.\d+)?)\s*s\b", _norm(name))     # the TR length in the column's name, e.g. "1.5s"
-    if m is None or missing.all(): return
-    tr_s = float(m.group(1))
+    tr_s = _tr_length(name)
+    if tr_s is None or missing.all(): return
     for p, rows in df.loc[~missing].groupby("part"):
         lag = (trs[rows.index] - 1) * tr_s - rows["start"]       # TR k (counted from 1) starts at (k - 1)·TR
         lag = lag - np.round(np.median(lag) / tr_s) * tr_s      # each part's TR count starts where it starts
@@ -199,6 +212,27 @@ def _check_tr_column(df: pd.DataFrame, trs: pd.Series, name: str, path) -> None:
         if off.any():
             logger.warning("%s: part %d: %d rows disagree by more than one TR between %r and the seconds (rows %s)",
                            path, p, int(off.sum()), name, _rows(rows.index[off]))
+
+# %% ../../nbs/04_data.text.ipynb #a7099106
+def _blank_spaces(raw: pd.DataFrame, path) -> pd.DataFrame:
+    "Space-only cells made blank (NaN), counted per column in the log."
+    spaces = raw.map(lambda v: isinstance(v, str) and not v.strip())
+    if not spaces.any().any(): return raw
+    per_col = spaces.sum()[lambda n: n > 0]
+    logger.info("%s: %d cells hold only spaces and are read as blank (%s)", path, int(per_col.sum()),
+                ", ".join(f"{str(c).strip()!r}: {n}" for c, n in per_col.items()))
+    return raw.mask(spaces)
+
+# %% ../../nbs/04_data.text.ipynb #07604eb2
+def _drop_empty_rows(raw: pd.DataFrame, path) -> pd.DataFrame:
+    "The table without its blank rows and exact duplicate rows (the first copy kept)."
+    blank = raw.isna().all(axis=1)
+    if blank.any(): logger.debug("%s: skipping %d blank rows", path, int(blank.sum()))
+    raw = raw.loc[~blank]
+    dup = raw.duplicated(keep="first")
+    if dup.any():
+        logger.info("%s: dropped %d exact duplicate rows (rows %s)", path, int(dup.sum()), _rows(raw.index[dup]))
+    return raw.loc[~dup]
 
 # %% ../../nbs/04_data.text.ipynb #44cf4b34
 def load_annotations(
@@ -222,19 +256,7 @@ def load_annotations(
         raise ValueError(f"film_duration must be a positive number of seconds, not {film_duration!r}")
     raw = _read_table(path, sheet_name)
     found = [str(c) for c in raw.columns]
-    spaces = raw.map(lambda v: isinstance(v, str) and not v.strip())
-    if spaces.any().any():
-        per_col = spaces.sum()[lambda n: n > 0]
-        logger.info("%s: %d cells hold only spaces and are read as blank (%s)", path, int(per_col.sum()),
-                    ", ".join(f"{str(c).strip()!r}: {n}" for c, n in per_col.items()))
-        raw = raw.mask(spaces)
-    blank = raw.isna().all(axis=1)
-    if blank.any(): logger.debug("%s: skipping %d blank rows", path, int(blank.sum()))
-    raw = raw.loc[~blank]
-    dup = raw.duplicated(keep="first")
-    if dup.any():
-        logger.info("%s: dropped %d exact duplicate rows (rows %s)", path, int(dup.sum()), _rows(raw.index[dup]))
-    raw = raw.loc[~dup]
+    raw = _drop_empty_rows(_blank_spaces(raw, path), path)
     if raw.empty: raise ValueError(f"{path}: no annotated segments, only a header row; columns found: {found}")
 
     cols = list(raw.columns)
@@ -251,8 +273,8 @@ def load_annotations(
         raise ValueError(f"{path}: no end-time column (looked for {wanted}); columns found: {found}")
     start = _seconds(raw[start_col])
     end = _seconds(raw[end_col]) if end_col is not None else start + _seconds(raw[dur_col])
-    _check_times(start, end, path, (start_col, end_col if end_col is not None else dur_col))
-
+    names = (start_col, end_col if end_col is not None else dur_col)
+    _check_times(start, end, path, names)
     if text_columns is None:
         text_cols = [c for c in (_find_column(cols, n, path, "text") for n in SHERLOCK_TEXT_COLUMNS) if c is not None]
         if text_cols and len(text_cols) < len(SHERLOCK_TEXT_COLUMNS):
@@ -295,11 +317,29 @@ def load_annotations(
     df = df.sort_values(["part", "start", "end"], kind="stable")
     df.attrs["n_parts"] = n_parts
     if film_duration is not None:
-        _check_seconds(df, float(film_duration), path, (start_col, end_col if end_col is not None else dur_col))
+        _check_seconds(df, float(film_duration), path, names)
         df = _fit_to_film(df, float(film_duration), past_end, path)
     for p, g in df.groupby("part"):
         logger.info("%s: part %d: %d segments from %.1f s to %.1f s", path, p, len(g), g["start"].min(), g["end"].max())
     return df
+
+# %% ../../nbs/04_data.text.ipynb #4227aa89
+def _window_span(s: np.ndarray, e: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple:
+    "The first and last window (`[lo, hi)` edges) each segment `[s, e]` overlaps."
+    first = np.searchsorted(hi, s, side="right")  # first window ending after the segment starts
+    last = np.where(e > s, np.searchsorted(lo, e, side="left"), np.searchsorted(lo, s, side="right")) - 1
+    return first, last
+
+# %% ../../nbs/04_data.text.ipynb #0a2c1293
+def _texts_per_window(first, last, texts, n: int) -> list[list[str]]:
+    "The distinct non-blank texts of each of `n` windows, in segment order."
+    per_tr = [[] for _ in range(n)]
+    for i0, i1, text in zip(first, last, texts):
+        text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
+        if not text: continue
+        for i in range(i0, min(i1, n - 1) + 1):
+            if text not in per_tr[i]: per_tr[i].append(text)
+    return per_tr
 
 # %% ../../nbs/04_data.text.ipynb #a881451e
 def annotations_to_trs(
@@ -324,19 +364,12 @@ def annotations_to_trs(
     if not tr > 0: raise ValueError(f"tr must be positive, not {tr!r}")
     n_trs = int(n_trs)
     edges = start + np.arange(n_trs + 1) * float(tr)
-    lo, hi = edges[:-1], edges[1:]
     seg = df.sort_values(["start", "end"], kind="stable")
     s, e = seg["start"].to_numpy(float), seg["end"].to_numpy(float)
     if np.isnan(s).any() or np.isnan(e).any() or (e < s).any():
         raise ValueError("annotations have missing or reversed times; read them with load_annotations")
-    first = np.searchsorted(hi, s, side="right")  # first window ending after the segment starts
-    last = np.where(e > s, np.searchsorted(lo, e, side="left"), np.searchsorted(lo, s, side="right")) - 1
-    per_tr = [[] for _ in range(n_trs)]
-    for i0, i1, text in zip(first, last, seg["text"]):
-        text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
-        if not text: continue
-        for i in range(i0, min(i1, n_trs - 1) + 1):
-            if text not in per_tr[i]: per_tr[i].append(text)
+    first, last = _window_span(s, e, edges[:-1], edges[1:])
+    per_tr = _texts_per_window(first, last, seg["text"], n_trs)
     texts = [sep.join(parts) for parts in per_tr]
     return texts, np.array([bool(parts) for parts in per_tr], dtype=bool)
 
@@ -359,6 +392,7 @@ is are was were be been being am it its this that these those he she they them h
 my your our us not no so then than there here very just also has have had do does did will would can could should may
 might shall about after before while when where which who whom what why how all any some each both s t""".split())
 
+# %% ../../nbs/04_data.text.ipynb #f6cbe0e1
 @lru_cache(maxsize=1 << 18)
 def _feature_hash(feature: str) -> int:
     "A stable 64-bit hash of a feature string (blake2b; unlike hash(), the same in every process)."
@@ -369,6 +403,16 @@ def _phrases(text: str) -> list[list[str]]:
     "Lower-case word tokens, possessive 's removed, in phrases split at ; | . ! ? and line breaks (n-grams stay inside one)."
     text = re.sub(r"['\u2019]s\b", "", text.casefold())
     return [words for part in re.split(r"[;|.!?\n]+", text) if (words := re.findall(r"[^\W_]+", part))]
+
+# %% ../../nbs/04_data.text.ipynb #cb702d78
+def _hashed_row(feats: Counter, dim: int, char_weight: float) -> np.ndarray:
+    "One text's features summed into `dim` signed buckets (float64, not yet normalised)."
+    row = np.zeros(dim, dtype=np.float64)
+    for feat, count in feats.items():
+        h = _feature_hash(feat)  # bucket from the low bits, sign from the top bit
+        weight = (1.0 + math.log(count)) * (char_weight if feat.startswith("c:") else 1.0)
+        row[h % dim] += weight if h >> 63 else -weight
+    return row
 
 # %% ../../nbs/04_data.text.ipynb #1362f4b2
 class HashingEmbedder:
@@ -409,20 +453,26 @@ class HashingEmbedder:
         "Embed a list of texts."
         if isinstance(texts, str): texts = [texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
-        for row, text in enumerate(texts):
-            for feat, count in self.features(str(text)).items():
-                h = _feature_hash(feat)  # bucket from the low bits, sign from the top bit
-                weight = (1.0 + math.log(count)) * (self.char_weight if feat.startswith("c:") else 1.0)
-                out[row, h % self.dim] += weight if h >> 63 else -weight
+        for row, text in enumerate(texts): out[row] = _hashed_row(self.features(str(text)), self.dim, self.char_weight)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0).astype(np.float32)
 
-# %% ../../nbs/04_data.text.ipynb #1d8eda4d
+# %% ../../nbs/04_data.text.ipynb #ef7f8f6e
 _ST_HELP = ("Install the text extra with `pip install 'giblet[text]'` (or `pip install sentence-transformers`). "
             "Without network access, download the model once elsewhere, e.g. "
             "`SentenceTransformer('all-MiniLM-L6-v2').save('/models/all-MiniLM-L6-v2')`, copy the folder over and pass its "
             "path: `SentenceTransformerEmbedder('/models/all-MiniLM-L6-v2')`.")
 
+# %% ../../nbs/04_data.text.ipynb #f43e9969
+def _import_sentence_transformers():
+    "The sentence_transformers module, or an ImportError that says how to install it."
+    try:
+        return importlib.import_module("sentence_transformers")
+    except ImportError as e:
+        raise ImportError(f"SentenceTransformerEmbedder needs the sentence-transformers package, which is not "
+                          f"installed. {_ST_HELP}") from e
+
+# %% ../../nbs/04_data.text.ipynb #1d8eda4d
 class SentenceTransformerEmbedder:
     "A sentence-transformers model as a text embedder (needs the optional `[text]` extra)."
     def __init__(self,
@@ -432,11 +482,7 @@ class SentenceTransformerEmbedder:
                  local_files_only:bool=False,   # True: never try to download, use only local files and the cache
                  cache_folder:str|None=None,    # where downloaded models are kept; None: the library default
                 ):
-        try:
-            st = importlib.import_module("sentence_transformers")
-        except ImportError as e:
-            raise ImportError(f"SentenceTransformerEmbedder needs the sentence-transformers package, which is not "
-                              f"installed. {_ST_HELP}") from e
+        st = _import_sentence_transformers()
         self.model_name_or_path, self.batch_size = str(model_name_or_path), int(batch_size)
         kwargs = {"device": device}
         if local_files_only: kwargs["local_files_only"] = True
@@ -488,6 +534,22 @@ def embed_trs(
     for i in np.flatnonzero(has_text): out[i] = vecs[where[texts[i]]]
     return out
 
+# %% ../../nbs/04_data.text.ipynb #48d1d20b
+def _unit_rows(a: np.ndarray) -> tuple:
+    "`a` with each row scaled to unit length (zero rows stay zero), and which rows are non-zero."
+    n = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.divide(a, n, out=np.zeros_like(a), where=n > 0), n[:, 0] > 0
+
+# %% ../../nbs/04_data.text.ipynb #baae3cd7
+def _best_matches(Xn: np.ndarray, Bn: np.ndarray, block: int = 4096) -> tuple:
+    "For each unit row of `Xn`, the index of the most similar unit row of `Bn` and that similarity (float32)."
+    best, score = np.zeros(len(Xn), dtype=np.int64), np.zeros(len(Xn), dtype=np.float32)
+    for a in range(0, len(Xn), block):
+        sims = Xn[a:a + block] @ Bn.T
+        best[a:a + block] = sims.argmax(axis=1)
+        score[a:a + block] = sims[np.arange(len(sims)), best[a:a + block]]
+    return best, score
+
 # %% ../../nbs/04_data.text.ipynb #1854e030
 def nearest_text(
     embeddings,                  # (n, d) or (d,) embeddings to read, e.g. a decoder's output (numpy or CPU tensor)
@@ -509,15 +571,8 @@ def nearest_text(
     if B.shape != (len(bank), X.shape[1]):
         raise ValueError(f"bank embeddings have shape {B.shape}; expected ({len(bank)}, {X.shape[1]}) to match the "
                          f"bank and the embeddings' size")
-    def unit(a):
-        n = np.linalg.norm(a, axis=1, keepdims=True)
-        return np.divide(a, n, out=np.zeros_like(a), where=n > 0), n[:, 0] > 0
-    (Xn, nonzero), (Bn, _) = unit(X), unit(B)
-    best, score = np.zeros(len(X), dtype=np.int64), np.zeros(len(X), dtype=np.float32)
-    for a in range(0, len(X), 4096):  # bounded memory for long films and large banks
-        sims = Xn[a:a + 4096] @ Bn.T
-        best[a:a + 4096] = sims.argmax(axis=1)
-        score[a:a + 4096] = sims[np.arange(len(sims)), best[a:a + 4096]]
+    (Xn, nonzero), (Bn, _) = _unit_rows(X), _unit_rows(B)
+    best, score = _best_matches(Xn, Bn)
     out = [bank[k] if ok else "" for k, ok in zip(best, nonzero)]
     score[~nonzero] = 0.0
     return (out, score) if return_scores else out

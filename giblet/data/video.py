@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'FITS', 'decode_stream', 'VideoInfo', 'video_info', 'frames_per_tr', 'video_to_frames', 'frames_to_video',
            'psnr']
 
-# %% ../../nbs/02_data.video.ipynb #865fc1ab
-_NOT_FILMS = {"tty": "a text file", "image2": "a still image", "lavfi": "a filter graph"}
+# %% ../../nbs/02_data.video.ipynb #0f049f2b
+_NOT_FILMS = {"tty": "a text file", "image2": "a still image", "lavfi": "a filter graph"}  # formats PyAV opens that are no film
 
+# %% ../../nbs/02_data.video.ipynb #865fc1ab
 def _open_video(path):
     "Open `path` with PyAV and return `(container, video_stream)`; raise a clear error naming the file otherwise."
     path = Path(path)
@@ -154,25 +155,37 @@ FITS = ("crop", "pad") # how a film of another aspect fills the output frame: ce
 @lru_cache(maxsize=256)
 def _say_once(level:int, msg:str): logger.log(level, msg)
 
-# %% ../../nbs/02_data.video.ipynb #587510f1
-def _layout(frame, stream, size, fit:str, path)->tuple:
-    "How a decoded frame becomes an upright picture of `size`: (scaled size before turning, quarter turns, offset, crop?)."
-    w, h = size
+# %% ../../nbs/02_data.video.ipynb #be4fe32f
+def _quarter_turns(frame, path)->int:
+    "Quarter turns (counter-clockwise) that set `frame` upright, by its display rotation (rounded, with a warning)."
     rot = float(getattr(frame, "rotation", 0) or 0)     # the display matrix: degrees counter-clockwise
     k = round(rot / 90) % 4
     if abs(rot - 90 * round(rot / 90)) > 1:
         _say_once(logging.WARNING, f"{path}: a display rotation of {rot:g} degrees is not a quarter turn; "
                                    f"turned by {90 * k} degrees")
     elif k: _say_once(logging.INFO, f"{path}: display rotation {rot:g} degrees: frames turned upright")
+    return k
+
+# %% ../../nbs/02_data.video.ipynb #e30d8f16
+def _scaled_size(aspect:Fraction, w:int, h:int, fit:str)->tuple:
+    "The size a picture of display `aspect` is scaled to before it is cropped (`fit=\"crop\"`) or padded to `w` x `h`."
+    want = Fraction(w, h)
+    if abs(aspect / want - 1) <= Fraction(1, 100): sw, sh = w, h          # the same aspect, to 1%: scaled as is
+    elif (aspect > want) == (fit == "crop"): sw, sh = round(h * aspect), h  # crop a wider film's sides / pad a taller's
+    else: sw, sh = w, round(w / aspect)                                    # crop a taller film's top and bottom / pad
+    return (max(sw, w), max(sh, h)) if fit == "crop" else (max(1, min(sw, w)), max(1, min(sh, h)))
+
+# %% ../../nbs/02_data.video.ipynb #587510f1
+def _layout(frame, stream, size, fit:str, path)->tuple:
+    "How a decoded frame becomes an upright picture of `size`: (scaled size before turning, quarter turns, offset, crop?)."
+    w, h = size
+    k = _quarter_turns(frame, path)
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
     dw, dh = frame.width * sar, Fraction(frame.height)  # the displayed picture, before turning
     if k % 2: dw, dh = dh, dw
     aspect, want = dw / dh, Fraction(w, h)
-    if abs(aspect / want - 1) <= Fraction(1, 100): sw, sh = w, h          # the same aspect, to 1%: scaled as is
-    elif (aspect > want) == (fit == "crop"): sw, sh = round(h * aspect), h  # crop a wider film's sides / pad a taller's
-    else: sw, sh = w, round(w / aspect)                                    # crop a taller film's top and bottom / pad
-    sw, sh = (max(sw, w), max(sh, h)) if fit == "crop" else (max(1, min(sw, w)), max(1, min(sh, h)))
+    sw, sh = _scaled_size(aspect, w, h, fit)
     if (sw, sh) != (w, h):
         lost = f"{100 * (1 - w * h / (sw * sh)):.0f}% of the picture cut" if fit == "crop" else \
                f"{100 * (1 - sw * sh / (w * h)):.0f}% of the frame black"
@@ -182,14 +195,46 @@ def _layout(frame, stream, size, fit:str, path)->tuple:
     return ((sw, sh) if k % 2 == 0 else (sh, sw)), k, (abs(sw - w) // 2, abs(sh - h) // 2), fit == "crop"
 
 # %% ../../nbs/02_data.video.ipynb #3ed609e7
-# swscale flags: area averaging when shrinking; interpolated (not repeated) chroma and accurate rounding
-_TO_RGB = int(Interpolation.AREA) | int(Interpolation.FULL_CHR_H_INT) | int(Interpolation.ACCURATE_RND)
-
 def _check_size(size)->tuple[int, int]:
     try: w, h = (int(v) for v in size)
     except (TypeError, ValueError): raise ValueError(f"size must be (width, height), got {size!r}") from None
     if w < 1 or h < 1 or (w, h) != tuple(size): raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
     return w, h
+
+# %% ../../nbs/02_data.video.ipynb #6874e99a
+# swscale flags: area averaging when shrinking; interpolated (not repeated) chroma and accurate rounding
+_TO_RGB = int(Interpolation.AREA) | int(Interpolation.FULL_CHR_H_INT) | int(Interpolation.ACCURATE_RND)
+
+# %% ../../nbs/02_data.video.ipynb #7ec4261f
+def _check_decode_args(tr, start, fit:str, max_trs)->tuple:
+    "`tr` and `start` as exact fractions, after checking them, `fit` and `max_trs`."
+    tr_q, start_q = _exact(tr, "tr"), _exact(start, "start")
+    if tr_q <= 0: raise ValueError(f"tr must be positive, got {tr}")
+    if start_q < 0: raise ValueError(f"start must be >= 0 seconds, got {start}")
+    if fit not in FITS: raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if max_trs is not None and (int(max_trs) != max_trs or max_trs < 1):
+        raise ValueError(f"max_trs must be a positive integer or None, got {max_trs!r}")
+    return tr_q, start_q
+
+# %% ../../nbs/02_data.video.ipynb #c81afc25
+def _window_capacity(duration, start_q, tr_q, max_trs, path)->int:
+    "TR windows to allocate: `max_trs`, else those the stream's `duration` holds plus one (64 when it is unknown)."
+    n_meta = None if duration is None else math.floor((duration - start_q) / tr_q)
+    if n_meta is not None and n_meta + 1 < (max_trs or 1):   # metadata may be off by a frame: decode to be sure
+        raise ValueError(f"{path}: the film ({float(duration):.3f} s) holds {max(n_meta, 0)} complete TR windows of "
+                         f"{float(tr_q)} s after start={float(start_q)} s, fewer than the {max_trs or 1} requested")
+    if max_trs is not None: return max_trs
+    return max(n_meta, 0) + 1 if n_meta is not None else 64
+
+# %% ../../nbs/02_data.video.ipynb #2ade1330
+def _fit_into(img:np.ndarray, dest:np.ndarray, layout:tuple)->None:
+    "Write the RGB picture `img` into `dest` (H, W, 3): turned by `layout`'s quarter turns, then cropped or padded."
+    _, k, (x0, y0), crop = layout
+    height, width = dest.shape[:2]
+    if k: img = np.rot90(img, k)
+    if img.shape[:2] == (height, width): dest[...] = img
+    elif crop: dest[...] = img[y0:y0 + height, x0:x0 + width]
+    else: dest[...] = 0; dest[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
 
 # %% ../../nbs/02_data.video.ipynb #5d7509de
 def video_to_frames(path, # path to a film PyAV can read
@@ -202,25 +247,14 @@ def video_to_frames(path, # path to a film PyAV can read
                    )->np.ndarray: # uint8 RGB frames, shape (n_trs, frames_per_tr, height, width, 3)
     "Decode the film at `path` into TR windows of RGB frames, placed by presentation timestamp."
     width, height = _check_size(size)
-    tr_q, start_q = _exact(tr, "tr"), _exact(start, "start")
-    if tr_q <= 0: raise ValueError(f"tr must be positive, got {tr}")
-    if start_q < 0: raise ValueError(f"start must be >= 0 seconds, got {start}")
-    if fit not in FITS: raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    if max_trs is not None and (int(max_trs) != max_trs or max_trs < 1):
-        raise ValueError(f"max_trs must be a positive integer or None, got {max_trs!r}")
+    tr_q, start_q = _check_decode_args(tr, start, fit, max_trs)
     container, stream = _open_video(path)
     with container:
         fps = _frame_rate(stream, path)
         n_keep = frames_per_tr(fps, tr_q, frame_skip)
         step, slack = Fraction(int(frame_skip)) / fps, Fraction(1, 2) / fps
         tb, t_zero = stream.time_base, _film_zero(container)
-        duration = _stream_duration(container, stream)
-        n_meta = None if duration is None else math.floor((duration - start_q) / tr_q)
-        if n_meta is not None and n_meta + 1 < (max_trs or 1):   # metadata may be off by a frame: decode to be sure
-            raise ValueError(f"{path}: the film ({float(duration):.3f} s) holds {max(n_meta, 0)} complete TR windows of "
-                             f"{float(tr_q)} s after start={float(start_q)} s, fewer than the {max_trs or 1} requested")
-        if max_trs is not None: cap = max_trs
-        else: cap = max(n_meta, 0) + 1 if n_meta is not None else 64
+        cap = _window_capacity(_stream_duration(container, stream), start_q, tr_q, max_trs, path)
         out = np.empty((cap, n_keep, height, width, 3), np.uint8)
 
         to_rgb = VideoReformatter()   # one scaler for the whole decode, not one per frame
@@ -228,12 +262,9 @@ def video_to_frames(path, # path to a film PyAV can read
         def convert(frame, dest):
             nonlocal layout
             if layout is None: layout = _layout(frame, stream, (width, height), fit, path)
-            (pw, ph), k, (x0, y0), crop = layout
+            pw, ph = layout[0]
             img = to_rgb.reformat(frame, width=pw, height=ph, format="rgb24", interpolation=_TO_RGB).to_ndarray()
-            if k: img = np.rot90(img, k)
-            if img.shape[:2] == (height, width): dest[...] = img
-            elif crop: dest[...] = img[y0:y0 + height, x0:x0 + width]
-            else: dest[...] = 0; dest[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
+            _fit_into(img, dest, layout)
 
         stream.thread_type = "AUTO"
         if start_q > 0: container.seek(math.floor((start_q + t_zero) / tb), stream=stream, backward=True)
@@ -287,9 +318,6 @@ def video_to_frames(path, # path to a film PyAV can read
     return out[:n_trs] if n_trs > 0.9 * len(out) else out[:n_trs].copy()
 
 # %% ../../nbs/02_data.video.ipynb #fce48837
-_TO_YUV = int(Interpolation.AREA) | int(Interpolation.ACCURATE_RND)   # chroma halved by area averaging
-_AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
-
 def _frames_iter(frames, path):
     "Yield (H, W, 3) uint8 frames from an array (n, H, W, 3) / (n_trs, F, H, W, 3) or an iterable of frames."
     def bad(what): return ValueError(f"{path}: frames must be uint8 RGB of shape (n_frames, H, W, 3) or "
@@ -309,6 +337,9 @@ def _frames_iter(frames, path):
         shape = frame.shape
         yield frame
 
+# %% ../../nbs/02_data.video.ipynb #1c545e1e
+_AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
 # %% ../../nbs/02_data.video.ipynb #71153149
 def _check_audio(audio, sample_rate, path):
     "The waveform as float32 (channels, n) and the sample rate, or a clear error."
@@ -323,6 +354,31 @@ def _check_audio(audio, sample_rate, path):
     if not np.isfinite(audio).all() or np.abs(audio).max() > 1:
         raise ValueError(f"{path}: audio must be finite and within [-1, 1] (max |x| = {np.abs(audio).max()})")
     return np.ascontiguousarray(audio, np.float32), int(sample_rate)
+
+# %% ../../nbs/02_data.video.ipynb #1e07d9c4
+_TO_YUV = int(Interpolation.AREA) | int(Interpolation.ACCURATE_RND)   # chroma halved by area averaging
+
+# %% ../../nbs/02_data.video.ipynb #1831daad
+def _add_video_stream(out, rate:Fraction, width:int, height:int, crf:int):
+    "A yuv420p H.264 stream of `width` x `height` at `rate` in the open container `out`."
+    vs = out.add_stream("libx264", rate=rate)
+    vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+    # chroma is halved by area averaging, i.e. centre-sited: say so, or decoders shift it by half a pixel;
+    # the pixels are BT.601 limited range (swscale's default), tagged so players agree
+    vs.options = {"crf": str(int(crf)), "preset": "medium", "chroma_sample_location": "center",
+                  "colorspace": "smpte170m", "color_range": "tv"}
+    return vs
+
+# %% ../../nbs/02_data.video.ipynb #65669a9a
+def _send_audio(out, ast, audio:np.ndarray, sample_rate:int, n_sent:int, upto:int)->int:
+    "Encode samples `n_sent` to `upto` of `audio` (channels, n) on `ast` into `out`; returns the samples sent so far."
+    upto = min(upto, audio.shape[1])
+    if upto <= n_sent: return n_sent
+    layout = "mono" if len(audio) == 1 else "stereo"
+    af = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, n_sent:upto]), format="fltp", layout=layout)
+    af.sample_rate, af.pts, af.time_base = sample_rate, n_sent, Fraction(1, sample_rate)
+    out.mux(ast.encode(af))
+    return upto
 
 # %% ../../nbs/02_data.video.ipynb #16a645f1
 def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_per_tr, H, W, 3) in time order, or an iterable of (H, W, 3) frames
@@ -349,26 +405,11 @@ def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_p
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.part"   # same folder, so os.replace is atomic
     try:
         with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            vs = out.add_stream("libx264", rate=rate)
-            vs.width, vs.height, vs.pix_fmt = w + pad_w, h + pad_h, "yuv420p"
-            # chroma is halved by area averaging, i.e. centre-sited: say so, or decoders shift it by half a pixel;
-            # the pixels are BT.601 limited range (swscale's default), tagged so players agree
-            vs.options = {"crf": str(int(crf)), "preset": "medium", "chroma_sample_location": "center",
-                          "colorspace": "smpte170m", "color_range": "tv"}
+            vs = _add_video_stream(out, rate, w + pad_w, h + pad_h, crf)
             if audio is not None:
-                layout = "mono" if len(audio) == 1 else "stereo"
-                ast = out.add_stream("aac", rate=sample_rate, layout=layout)
+                ast = out.add_stream("aac", rate=sample_rate, layout="mono" if len(audio) == 1 else "stereo")
                 ast.bit_rate = 96_000 * len(audio)
             n_sent = 0                               # audio samples encoded so far
-
-            def send_audio(upto):                    # encode audio up to sample `upto`, interleaved with the video
-                nonlocal n_sent
-                upto = min(upto, audio.shape[1])
-                if upto <= n_sent: return
-                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, n_sent:upto]), format="fltp", layout=layout)
-                af.sample_rate, af.pts, af.time_base = sample_rate, n_sent, Fraction(1, sample_rate)
-                out.mux(ast.encode(af))
-                n_sent = upto
 
             to_yuv = VideoReformatter()   # one converter for the whole film, not one per frame
             for k, img in enumerate(itertools.chain([first], it)):
@@ -377,10 +418,10 @@ def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_p
                 vf = to_yuv.reformat(vf, format="yuv420p", interpolation=_TO_YUV)
                 vf.pts = k
                 out.mux(vs.encode(vf))
-                if audio is not None: send_audio(math.floor((k + 1) / rate * sample_rate))
+                if audio is not None: n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, math.floor((k + 1) / rate * sample_rate))
             out.mux(vs.encode())
             if audio is not None:
-                send_audio(audio.shape[1])
+                n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, audio.shape[1])
                 out.mux(ast.encode())
                 gap = audio.shape[1] / sample_rate - (k + 1) / rate
                 if abs(gap) > 1 / rate: logger.info("%s: the audio is %+.3f s longer than the video", path, gap)
@@ -390,6 +431,24 @@ def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_p
         raise
     logger.debug("%s: wrote %d frames at %s fps%s", path, k + 1, rate, "" if audio is None else f" with {n_sent} audio samples")
     return path
+
+# %% ../../nbs/02_data.video.ipynb #beba8e8b
+def _draw_disc(img:np.ndarray, xs:np.ndarray, ys:np.ndarray, t:float)->None:
+    "Paint the yellow disc, circling at time `t` (s), into `img` (H, W, 3) with pixel coordinates `xs`, `ys` in widths."
+    cx, cy = 0.5 + 0.35 * np.sin(1.3 * t), 0.28 + 0.2 * np.cos(0.9 * t)
+    r, c = np.flatnonzero(np.abs(ys - cy) < 0.08), np.flatnonzero(np.abs(xs - cx) < 0.08)
+    if len(r) and len(c):
+        patch = img[r[0]:r[-1] + 1, c[0]:c[-1] + 1]
+        patch[(xs[c][None, :] - cx) ** 2 + (ys[r][:, None] - cy) ** 2 < 0.08 ** 2] = (0.95, 0.85, 0.1)
+
+# %% ../../nbs/02_data.video.ipynb #d30da825
+def _draw_checks(img:np.ndarray, xs:np.ndarray, ys:np.ndarray, t:float)->None:
+    "Paint the grey checkerboard, sliding right at time `t` (s), into `img` as `_draw_disc` does."
+    sx = (0.15 * t) % 1.2 - 0.2
+    r, c = np.flatnonzero((ys >= 0.3) & (ys < 0.5)), np.flatnonzero((xs >= sx) & (xs < sx + 0.2))
+    if len(r) and len(c):
+        checks = (np.floor((xs[c] - sx) * 40)[None, :] + np.floor(ys[r] * 40)[:, None]) % 2
+        img[r[0]:r[-1] + 1, c[0]:c[-1] + 1] = (checks * 0.9 + 0.05)[..., None]
 
 # %% ../../nbs/02_data.video.ipynb #8e003004
 def _moving_pattern(n_frames:int, # number of frames
@@ -409,25 +468,17 @@ def _moving_pattern(n_frames:int, # number of frames
         for c, p in enumerate((0.0, 2.1, 4.2)):
             p -= 2 * np.pi * 0.35 * t
             img[..., c] = 0.5 + 0.3 * (sin_b * np.cos(p) + cos_b * np.sin(p))
-        cx, cy = 0.5 + 0.35 * np.sin(1.3 * t), 0.28 + 0.2 * np.cos(0.9 * t)
-        r, c = np.flatnonzero(np.abs(ys - cy) < 0.08), np.flatnonzero(np.abs(xs - cx) < 0.08)
-        if len(r) and len(c):
-            patch = img[r[0]:r[-1] + 1, c[0]:c[-1] + 1]
-            patch[(xs[c][None, :] - cx) ** 2 + (ys[r][:, None] - cy) ** 2 < 0.08 ** 2] = (0.95, 0.85, 0.1)
-        sx = (0.15 * t) % 1.2 - 0.2
-        r, c = np.flatnonzero((ys >= 0.3) & (ys < 0.5)), np.flatnonzero((xs >= sx) & (xs < sx + 0.2))
-        if len(r) and len(c):
-            checks = (np.floor((xs[c] - sx) * 40)[None, :] + np.floor(ys[r] * 40)[:, None]) % 2
-            img[r[0]:r[-1] + 1, c[0]:c[-1] + 1] = (checks * 0.9 + 0.05)[..., None]
+        _draw_disc(img, xs, ys, t)
+        _draw_checks(img, xs, ys, t)
         np.clip(img * 255 + 0.5, 0, 255, out=img)
         out[n] = img
     return out
 
 # %% ../../nbs/02_data.video.ipynb #e4413813
 def psnr(a:np.ndarray, # uint8 frames
-         b:np.ndarray, # uint8 frames of the same shape
+         b:np.ndarray, # uint8 frames, `a`'s shape
         )->float: # peak signal-to-noise ratio in dB (inf when identical)
-    "Peak signal-to-noise ratio between two uint8 images or stacks of images, over all pixels."
+    "PSNR between two uint8 images or stacks of them, over all pixels."
     if np.shape(a) != np.shape(b): raise ValueError(f"psnr needs equal shapes, got {np.shape(a)} and {np.shape(b)}")
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
