@@ -135,12 +135,13 @@ def _loadings(rng, mask, affine, roi):
     total = W.sum(axis=0)
     return (W / np.where(total > 0, total, 1.0)).astype(np.float32)
 
-# %% ../nbs/17_synthetic.ipynb #daff14c9
+# %% ../nbs/17_synthetic.ipynb #5b64d3f5
 _TRACKS = {  # name: (shortest block s, longest block s, P(block off), lowest "on" level, wobble sd)
     "brightness": (3, 12, 0.0, 0.05, 0.08), "red_left": (3, 12, 0.35, 0.3, 0.06), "blue_right": (3, 12, 0.35, 0.3, 0.06),
     "objects": (2, 10, 0.4, 0.4, 0.05), "tone_low": (2, 10, 0.35, 0.3, 0.06), "tone_high": (2, 10, 0.35, 0.3, 0.06),
     "voice": (1.5, 8, 0.4, 0.4, 0.05)}
 
+# %% ../nbs/17_synthetic.ipynb #daff14c9
 def _track(rng, n:int, fps:float, shortest, longest, p_off, low, wobble)->np.ndarray:
     "One factor at the frame rate: random blocks (some off = 0) plus a slow wobble while on, in [0, 1]."
     x, i = np.zeros(n, np.float32), 0

@@ -19,10 +19,8 @@ NONLINEAR_FACTORS = (("texture", "video"), ("motion_dir", "video"), ("glide_dir"
 NONLINEAR_ROI_NAMES = tuple(n for n, _ in NONLINEAR_FACTORS)   # each factor drives its own ROI, labels 4, 5, 6, 7
 NONLINEAR_ROI_SEEDS = ((4, (-30.0, -76.0, -14.0), 0.02), (5, (46.0, -66.0, 4.0), 0.02),
                        (6, (-60.0, -42.0, 26.0), 0.02), (7, (4.0, -58.0, 44.0), 0.02))
-# where each element sits, as fractions of the frame: (x0, x1, y0, y1); clear of the colour regions of the linear factors
-_TEXTURE_BOX, _SWEEP_BOX, _FLASH_BOX = (0.56, 0.96, 0.04, 0.36), (0.04, 0.46, 0.66, 0.94), (0.43, 0.53, 0.06, 0.30)
-_GLIDE_HZ, _BUZZ_HZ = (3900.0, 7200.0), (1800.0, 2000.0)
 
+# %% ../nbs/16_synthetic_nonlinear.ipynb #c7963612
 def _tr_blocks(rng, n_trs:int, tr:float, values, p, shortest:float=3.0, longest:float=12.0)->np.ndarray:
     "A state per TR: blocks of `shortest`..`longest` seconds (whole TRs), each drawing one of `values` with probabilities `p`."
     out, i = np.empty(n_trs, np.float32), 0
@@ -51,6 +49,10 @@ def nonlinear_factors(states:dict, # from `nonlinear_states`
     a, b = states["flash"][:n_trs], states["buzz"][:n_trs]
     av = 4.0 * (a - a.mean()) * (b - b.mean())        # ±1 when both are on half the time; uncorrelated with either alone
     return np.stack([states["texture"][:n_trs], states["motion_dir"][:n_trs], states["glide_dir"][:n_trs], av], 1).astype(np.float32)
+
+# %% ../nbs/16_synthetic_nonlinear.ipynb #35c8feff
+# where each element sits, as fractions of the frame: (x0, x1, y0, y1); clear of the colour regions of the linear factors
+_TEXTURE_BOX, _SWEEP_BOX, _FLASH_BOX = (0.56, 0.96, 0.04, 0.36), (0.04, 0.46, 0.66, 0.94), (0.43, 0.53, 0.06, 0.30)
 
 # %% ../nbs/16_synthetic_nonlinear.ipynb #fdcbb56d
 def _box(frac, W:int, H:int)->tuple:
@@ -101,6 +103,9 @@ def nonlinear_painter(states:dict, # from `nonlinear_states`
         # the visual half of the audiovisual product: a yellow flash
         img[np.flatnonzero(states["flash"][i] > 0), fy, fx] = np.array([230.5, 210.5, 40.5], np.float32)
     return paint
+
+# %% ../nbs/16_synthetic_nonlinear.ipynb #70618a51
+_GLIDE_HZ, _BUZZ_HZ = (3900.0, 7200.0), (1800.0, 2000.0)   # the glide's range and the buzz's two tones
 
 # %% ../nbs/16_synthetic_nonlinear.ipynb #47931e01
 def nonlinear_sound(states:dict, # from `nonlinear_states`
