@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'NO_TRAIN_RUN', 'STREAMS', 'STREAM_PARAMS', 'Split', 'block_split', 'block_folds', 'Normaliser',
            'fit_normaliser', 'blame_cache', 'stream_keys', 'cached_stream', 'stream_folders', 'context_starts',
-           'StudyTensors', 'ContextDataset', 'default_cache_dir', 'align_study', 'load_spec', 'load_study',
-           'cache_main']
+           'StudyTensors', 'ContextDataset', 'toy_aligned', 'default_cache_dir', 'align_study', 'load_spec',
+           'load_study', 'cache_main']
 
 # %% ../nbs/15_dataset.ipynb #e4e008ad
 @dataclass
@@ -52,6 +52,23 @@ def _blocks(n_trs:int, fracs:Sequence[float]):
     edges = np.round(np.cumsum([0, *fracs]) / sum(fracs) * n_trs).astype(int)
     return list(zip(edges[:-1], edges[1:]))
 
+# %% ../nbs/15_dataset.ipynb #22b93314
+def _fold_blocks(idx, n_folds:int, fold:int, gap_trs:int)->tuple:
+    "(train, val, no test): block `fold` of `n_folds` validates, training TRs stay `gap_trs` away on both sides."
+    if not 0 <= fold < n_folds: raise ValueError(f"fold {fold} is not in 0..{n_folds - 1}")
+    lo, hi = _blocks(len(idx), [1] * n_folds)[fold]
+    return idx[(idx < lo - gap_trs) | (idx >= hi + gap_trs)], idx[lo:hi], idx[:0]
+
+# %% ../nbs/15_dataset.ipynb #fb82a8d1
+def _frac_blocks(idx, val_frac:float, test_frac:float, gap_trs:int, gap:float)->tuple:
+    "(train, val, test) as consecutive shares of `idx`, `gap_trs` dropped before validation and before testing."
+    if not 0 < val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
+        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in (0, 1) and sum below 1")
+    (t0, t1), (v0, v1), (s0, s1) = _blocks(len(idx), [1 - val_frac - test_frac, val_frac, test_frac])
+    train, val, test = idx[t0:max(t0, t1 - gap_trs)], idx[v0:v1], idx[min(s0 + gap_trs, s1):s1]
+    if test_frac and not len(test): raise ValueError(f"no test TRs are left after the {gap} s gap")
+    return train, val, test
+
 # %% ../nbs/15_dataset.ipynb #ee88e04e
 def block_split(n_trs:int, # number of TRs in the (concatenated) data
                 tr:float, # repetition time in seconds
@@ -62,19 +79,9 @@ def block_split(n_trs:int, # number of TRs in the (concatenated) data
                 fold:int=0, # which block validates, with `n_folds`
                )->Split:
     "Contiguous train / validation (/ test) TR blocks separated by `gap` seconds."
-    gap_trs = math.ceil(gap / tr - 1e-9)
-    idx = np.arange(n_trs)
-    if n_folds:
-        if not 0 <= fold < n_folds: raise ValueError(f"fold {fold} is not in 0..{n_folds - 1}")
-        lo, hi = _blocks(n_trs, [1] * n_folds)[fold]
-        val, test = idx[lo:hi], idx[:0]
-        train = idx[(idx < lo - gap_trs) | (idx >= hi + gap_trs)]
-    else:
-        if not 0 < val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
-            raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in (0, 1) and sum below 1")
-        (t0, t1), (v0, v1), (s0, s1) = _blocks(n_trs, [1 - val_frac - test_frac, val_frac, test_frac])
-        train, val, test = idx[t0:max(t0, t1 - gap_trs)], idx[v0:v1], idx[min(s0 + gap_trs, s1):s1]
-        if test_frac and not len(test): raise ValueError(f"no test TRs are left after the {gap} s gap")
+    gap_trs, idx = math.ceil(gap / tr - 1e-9), np.arange(n_trs)
+    if n_folds: train, val, test = _fold_blocks(idx, n_folds, fold, gap_trs)
+    else: train, val, test = _frac_blocks(idx, val_frac, test_frac, gap_trs, gap)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{n_trs} TRs are too few for these blocks with a {gap} s gap ({gap_trs} TRs)")
     return Split(train, val, test)
@@ -94,8 +101,6 @@ def block_folds(trs, # sorted TR indices of the training block
     return out
 
 # %% ../nbs/15_dataset.ipynb #f6919975
-NO_TRAIN_RUN = ("pooled", "error") # what `fit_normaliser` does with a run that has no training TRs
-
 @dataclass
 class Normaliser:
     "Training-block statistics: fMRI mean/std per subject, run and voxel, the subject average's, and mel mean/std per band."
@@ -171,6 +176,16 @@ def _run_stats(fmri, train, run, pooled, no_train_run):
         means.append(m); stds.append(sd)
     return ids, np.stack(means, 1), np.stack(stds, 1)
 
+# %% ../nbs/15_dataset.ipynb #b2fec0d8
+def _audio_stats(audio, train)->tuple:
+    "float32 mean and std of each mel band over the training TRs (every frame); empty for a study without sound."
+    if audio is None: return (np.zeros(0, np.float32),) * 2
+    a = np.asarray(audio[train], dtype=np.float32)
+    return a.mean((0, 2), dtype=np.float64).astype(np.float32), _safe_std(a.transpose(1, 0, 2).reshape(a.shape[1], -1), 1)
+
+# %% ../nbs/15_dataset.ipynb #eae64058
+NO_TRAIN_RUN = ("pooled", "error") # what `fit_normaliser` does with a run that has no training TRs
+
 # %% ../nbs/15_dataset.ipynb #bf580090
 def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (may be a memmap)
                    audio:np.ndarray|None, # (n_trs, n_mels, frames_per_tr) log-mel; None: a study without sound (empty mel statistics)
@@ -191,10 +206,7 @@ def fit_normaliser(fmri:np.ndarray, # (n_subjects, n_trs, n_voxels) raw BOLD (ma
     r = None if run is None else run[train]
     avg = sum(nz.zscore(s, np.asarray(fmri[s][train], np.float32), r) for s in range(len(pooled[0]))) / len(pooled[0])
     nz.avg_mean, nz.avg_std = avg.mean(0, dtype=np.float64).astype(np.float32), _safe_std(avg, 0)
-    if audio is None: nz.audio_mean = nz.audio_std = np.zeros(0, np.float32); return nz
-    a = np.asarray(audio[train], dtype=np.float32)
-    nz.audio_mean = a.mean((0, 2), dtype=np.float64).astype(np.float32)
-    nz.audio_std = _safe_std(a.transpose(1, 0, 2).reshape(a.shape[1], -1), 1)
+    nz.audio_mean, nz.audio_std = _audio_stats(audio, train)
     return nz
 
 # %% ../nbs/15_dataset.ipynb #655c91c0
@@ -242,11 +254,12 @@ class _DecodedBold:
     def __array__(self, dtype=None, copy=None):
         a = self[:]; return a if dtype is None else a.astype(dtype)
 
-# %% ../nbs/15_dataset.ipynb #470b989d
+# %% ../nbs/15_dataset.ipynb #427777bd
 STREAMS = ("video", "audio", "text", "fmri") # the stream caches a study joins
 STREAM_PARAMS = dict(video=("size", "frame_skip"), audio=("sr", "n_mels", "allow_silence"),
                      text=("text_dim", "text_model", "text_columns"), fmri=()) # the `FeatureParams` fields that key each stream
 
+# %% ../nbs/15_dataset.ipynb #470b989d
 def stream_keys(plans:Sequence[RunPlan], # the study's runs, planned
                 params:FeatureParams, # how the streams are cut
                 mask:MaskRule|Callable, # the mask rule, or a callable making the mask
@@ -438,6 +451,34 @@ class ContextDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         b = self.tensors.gather(self.starts[[i]], self.k, self.rows[[i]])
         return {k: v[0] for k, v in b.items()}
+
+# %% ../nbs/15_dataset.ipynb #176120ca
+def _toy_film(rng, n_trs:int)->tuple:
+    "The toy study's light level per TR (blocks of 6 TRs) and its uint8 frames, whose left half's brightness follows it."
+    light = np.repeat(rng.random(n_trs // 6), 6)[:n_trs]
+    video = np.full((n_trs, 2, 6, 8, 3), 128.0) + rng.normal(0, 10, (n_trs, 2, 6, 8, 3))
+    video[:, :, :, :4] += (light[:, None, None, None, None] - 0.5) * 200
+    return light, np.clip(video, 0, 255).astype(np.uint8)
+
+# %% ../nbs/15_dataset.ipynb #e0b086bd
+def toy_aligned(n_trs:int=120, # TRs, a multiple of 6
+                n_sub:int=2, # subjects
+                n_vox:int=12, # voxels
+                runs:Sequence[int]=(0,), # run ids: the TRs are cut into equal runs, in this order
+                seed:int=0, # random seed
+               )->Aligned:
+    "A small in-memory study for tests: every voxel's BOLD follows the brightness of the frames' left half."
+    import nibabel as nib
+    rng = np.random.default_rng(seed)
+    light, video = _toy_film(rng, n_trs)
+    drive = np.convolve(light - light.mean(), np.exp(-(np.arange(10) - 3.5) ** 2 / 4))[:n_trs]
+    w = rng.normal(size=n_vox)
+    fmri = 1000 + 10 * (drive[None, :, None] * w + 0.5 * rng.normal(size=(n_sub, n_trs, n_vox)))
+    return Aligned(video=video, audio=rng.normal(size=(n_trs, 4, 8)).astype(np.float32),
+                   text=rng.normal(size=(n_trs, 8)).astype(np.float32), has_text=rng.random(n_trs) > 0.3,
+                   fmri=fmri.astype(np.float32), tr=1.5, tr_start=np.arange(n_trs) * 1.5,
+                   run=np.asarray(runs)[np.arange(n_trs) * len(runs) // n_trs], volume=np.arange(n_trs),
+                   texts=[f"scene {i // 6}" for i in range(n_trs)], mask=nib.Nifti1Image(np.ones((n_vox, 1, 1), np.uint8), np.eye(4)))
 
 # %% ../nbs/15_dataset.ipynb #de80a0fe
 def default_cache_dir()->Path:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from tqdm import tqdm
 
 from .alignment.hrf import convolve_hrf
 from .data.video import frames_to_video
-from .synthetic_nonlinear import (NONLINEAR_FACTORS, NONLINEAR_ROI_NAMES, NONLINEAR_ROI_SEEDS,
-                                             nonlinear_factors, nonlinear_painter, nonlinear_sound, nonlinear_states)
+from .synthetic_nonlinear import (NONLINEAR_FACTORS, NONLINEAR_ROI_NAMES, NONLINEAR_ROI_SEEDS, _noise, _smooth_field,
+                                        nonlinear_factors, nonlinear_painter, nonlinear_sound, nonlinear_states,
+                                        shared_signal, slow_drift)
 from .io import atomic_write, no_bar
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'ROI_NAMES', 'FACTORS', 'FACTOR_NAMES', 'FACTOR_MODALITY', 'ROI_MODALITY', 'TOPIC_NAMES',
            'ANNOTATION_COLUMNS', 'PRESETS', 'mni_affine', 'brain_mask', 'plant_rois', 'plant_bold', 'SyntheticLayout',
-           'shared_signal', 'slow_drift', 'make_dataset', 'load_truth']
+           'make_dataset', 'load_truth']
 
 # %% ../nbs/17_synthetic.ipynb #596125d8
 ROI_NAMES = ("none", "visual", "auditory", "language")
@@ -123,14 +123,6 @@ def plant_bold(factors, # (n_trs, n_factors) per-TR stimulus factors (0 = absent
     bold[:, live] = (mix - mix.mean(axis=0)) / sd * np.asarray(amplitude, np.float64)[live]
     return bold
 
-# %% ../nbs/17_synthetic.ipynb #ec0430a4
-def _smooth_field(rng, mask, affine, fwhm_mm:float=16.0):
-    "A smooth Gaussian random field over the brain voxels (C order), standardised to mean 0 and std 1."
-    vox = np.abs(np.diag(affine)[:3])
-    sigma = fwhm_mm / 2.3548 / vox
-    field = ndimage.gaussian_filter(rng.standard_normal(mask.shape), sigma)[mask > 0]
-    return (field - field.mean()) / field.std()
-
 # %% ../nbs/17_synthetic.ipynb #f5dd5609
 def _loadings(rng, mask, affine, roi):
     "(n_factors, n_voxels) positive mixing weights summing to 1 over each responsive voxel's own modality."
@@ -143,12 +135,13 @@ def _loadings(rng, mask, affine, roi):
     total = W.sum(axis=0)
     return (W / np.where(total > 0, total, 1.0)).astype(np.float32)
 
-# %% ../nbs/17_synthetic.ipynb #daff14c9
+# %% ../nbs/17_synthetic.ipynb #5b64d3f5
 _TRACKS = {  # name: (shortest block s, longest block s, P(block off), lowest "on" level, wobble sd)
     "brightness": (3, 12, 0.0, 0.05, 0.08), "red_left": (3, 12, 0.35, 0.3, 0.06), "blue_right": (3, 12, 0.35, 0.3, 0.06),
     "objects": (2, 10, 0.4, 0.4, 0.05), "tone_low": (2, 10, 0.35, 0.3, 0.06), "tone_high": (2, 10, 0.35, 0.3, 0.06),
     "voice": (1.5, 8, 0.4, 0.4, 0.05)}
 
+# %% ../nbs/17_synthetic.ipynb #daff14c9
 def _track(rng, n:int, fps:float, shortest, longest, p_off, low, wobble)->np.ndarray:
     "One factor at the frame rate: random blocks (some off = 0) plus a slow wobble while on, in [0, 1]."
     x, i = np.zeros(n, np.float32), 0
@@ -358,25 +351,15 @@ PRESETS = {
 # %% ../nbs/17_synthetic.ipynb #655bd254
 def _subject_raw(rng, bold, mask, affine, snr:float, noise_ar:float, drift=None)->np.ndarray:
     "(n_trs, n_voxels) int16 raw scanner values of one subject: baseline · (1 + gain · (bold + noise / snr))."
-    n_trs, n_vox = bold.shape
-    burn = 20
-    one = np.float32(1.0)
-    white = rng.standard_normal((n_trs + burn, n_vox), dtype=np.float32)
-    ar = lfilter(np.array([np.sqrt(1 - noise_ar ** 2)], np.float32), np.array([1.0, -noise_ar], np.float32), white, axis=0)
-    noise = ar[burn:] * np.float32(np.sqrt(0.7))
-    del white, ar
-    sources = lfilter([np.sqrt(1 - 0.9 ** 2)], [1.0, -0.9], rng.standard_normal((n_trs + 50, 3)), axis=0)[50:]
-    spread = np.stack([_smooth_field(rng, mask, affine, 40.0) for _ in range(3)])
-    spread /= np.linalg.norm(spread, axis=0, keepdims=True)
-    noise += (np.float32(np.sqrt(0.3)) * sources.astype(np.float32)) @ spread.astype(np.float32)
+    noise = _noise(rng, *bold.shape, mask, affine, noise_ar)
     if drift is not None: noise += drift                       # this subject's slow drift, in noise units
     base = 1000.0 * rng.uniform(0.9, 1.1) * np.clip(1.0 + 0.15 * _smooth_field(rng, mask, affine, 24.0), 0.6, 1.4)
-    base += rng.normal(0.0, 10.0, n_vox)
+    base += rng.normal(0.0, 10.0, bold.shape[1])
     gain = rng.uniform(0.01, 0.02)
     noise /= snr
     noise += bold
     noise *= gain
-    noise += one
+    noise += np.float32(1.0)
     noise *= base.astype(np.float32)
     return np.rint(noise).astype(np.int16)
 
@@ -400,36 +383,6 @@ def _write_nii(path:Path, raw, mask, affine, tr:float):
     img.header.set_qform(affine, code=4)
     img.header.set_sform(affine, code=4)
     atomic_write(path, lambda tmp: nib.save(img, tmp), as_path=True)
-
-# %% ../nbs/17_synthetic.ipynb #7344fe67
-def shared_signal(rng, # random generator
-                  n_trs:int, # TRs of the run
-                  mask, # the brain mask (its voxels, C order, are the columns)
-                  affine, # the mask's affine (mm)
-                  sd:float, # standard deviation at every voxel
-                  n_sources:int=4, # slow latent series, each a smooth map
-                  ar:float=0.95, # their AR(1) coefficient per TR
-                 )->np.ndarray: # float32 (n_trs, n_voxels)
-    "A signal every subject shares but no stimulus feature explains: slow latent series (arousal, attention, the story's state), each on a smooth map."
-    src = lfilter([np.sqrt(1 - ar ** 2)], [1.0, -ar], rng.standard_normal((n_trs + 100, n_sources)), axis=0)[100:]
-    maps = np.stack([_smooth_field(rng, mask, affine, 40.0) for _ in range(n_sources)])
-    maps /= np.linalg.norm(maps, axis=0, keepdims=True)        # each voxel: unit variance over the sources
-    x = src @ maps
-    return (sd * (x - x.mean(0)) / x.std(0)).astype(np.float32)
-
-# %% ../nbs/17_synthetic.ipynb #2eb88347
-def slow_drift(rng, # random generator
-               n_trs:int, # TRs of the run
-               n_voxels:int, # brain voxels
-               tr:float, # seconds per TR
-               sd:float, # standard deviation at every voxel
-               min_period:float=100.0, # seconds: the fastest drift component
-              )->np.ndarray: # float32 (n_trs, n_voxels)
-    "One subject's scanner drift: random mixes of the discrete cosines slower than `min_period`, per voxel."
-    k = np.arange(1, max(1, int(2 * n_trs * tr / min_period)) + 1)          # cosine k has period 2 n_trs tr / k
-    basis = np.cos(np.pi * k[None] * (np.arange(n_trs)[:, None] + 0.5) / n_trs)
-    x = basis @ (rng.standard_normal((len(k), n_voxels)) / np.sqrt(k)[:, None])   # slower components carry more
-    return (sd * (x - x.mean(0)) / x.std(0)).astype(np.float32)
 
 # %% ../nbs/17_synthetic.ipynb #4850aa6d
 def _run_plan(n_trs:int, n_runs:int)->list:

@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'BrainAutoencoder', 'target_variances', 'compute_losses', 'param_breakdown']
 
+# %% ../../nbs/22_models.autoencoder.ipynb #565e9b89
+def _check_decode_from(decode_from:str, batch:dict):
+    "Refuse an unknown `decode_from`, and one that decodes measured fMRI from a batch without it."
+    if decode_from not in ("brain", "fmri", "both"):
+        raise ValueError(f"decode_from must be 'brain', 'fmri' or 'both', got {decode_from!r}")
+    if decode_from != "brain" and batch.get("fmri") is None: raise ValueError(f"decode_from={decode_from!r} needs batch['fmri']")
+
 # %% ../../nbs/22_models.autoencoder.ipynb #bebfbc48
 class BrainAutoencoder(nn.Module):
     "Stimulus -> brain layer (predicted z-scored BOLD, one unit per voxel) -> stimulus."
@@ -56,9 +63,7 @@ class BrainAutoencoder(nn.Module):
                 heads:Sequence[str]|None=None, # modalities to reconstruct (None: all)
                )->dict: # 'brain' and each reconstruction
         "Encode, then decode the predicted brain layer and/or the measured fMRI."
-        if decode_from not in ("brain", "fmri", "both"):
-            raise ValueError(f"decode_from must be 'brain', 'fmri' or 'both', got {decode_from!r}")
-        if decode_from != "brain" and batch.get("fmri") is None: raise ValueError(f"decode_from={decode_from!r} needs batch['fmri']")
+        _check_decode_from(decode_from, batch)
         brain = self.encode(batch, modalities)
         out = {"brain": brain}
         if decode_from != "fmri": out.update(self.decode(brain, lesion, keep, heads))
@@ -110,6 +115,17 @@ def _moments(x, axis_samples:int, chunk:int=64):
         s, ss, n = s + c.sum(0), ss + (c * c).sum(0), n + len(c)
     return s, ss, n
 
+# %% ../../nbs/22_models.autoencoder.ipynb #fe20f27a
+def _variance(x, axis:int, name:str)->float:
+    "Mean over features of a training target's variance across samples (features from dim `axis`; audio pools its frames)."
+    x = np.asarray(x) if not hasattr(x, "shape") else x
+    if len(x) == 0: raise ValueError(f"target_variances: no training {name}")
+    s, ss, n = _moments(x, axis)
+    if name == "audio": s, ss = s.sum(-1), ss.sum(-1); n = n * x.shape[-1]
+    v = float(np.mean(ss / n - (s / n) ** 2))
+    if not v > 0: raise ValueError(f"target_variances: the training {name} is constant; it cannot normalise a loss")
+    return v
+
 # %% ../../nbs/22_models.autoencoder.ipynb #ce9ad322
 def target_variances(video:np.ndarray|None=None, # (n_trs, F, H, W, 3) uint8 training frames
                      audio:np.ndarray|None=None, # (n_trs, n_mels, A) training mel windows, in the model's units
@@ -117,15 +133,7 @@ def target_variances(video:np.ndarray|None=None, # (n_trs, F, H, W, 3) uint8 tra
                      has_text:np.ndarray|None=None, # (n_trs,) bool; only TRs with text count
                     )->dict: # modality -> float: mean over features of the variance across samples
     "Training-set variance of each reconstruction target: frames (pixels / 255) per pixel, mels per band, text per dim."
-    out = {}
-    def var(x, axis, name):
-        x = np.asarray(x) if not hasattr(x, "shape") else x
-        if len(x) == 0: raise ValueError(f"target_variances: no training {name}")
-        s, ss, n = _moments(x, axis)
-        if name == "audio": s, ss = s.sum(-1), ss.sum(-1); n = n * x.shape[-1]
-        v = float(np.mean(ss / n - (s / n) ** 2))
-        if not v > 0: raise ValueError(f"target_variances: the training {name} is constant; it cannot normalise a loss")
-        return v
+    out, var = {}, _variance
     if video is not None: out["video"] = var(video, 2, "video") / 255.0 ** 2
     if audio is not None: out["audio"] = var(audio, 0, "audio")
     if text is not None:
@@ -151,6 +159,16 @@ def _voxel_corr(pred, target, mask, weights=None):
     r = (p * y * m).sum(0) / (((p * p * m).sum(0) * (y * y * m).sum(0)).sqrt() + 1e-8)
     return r.mean() if weights is None else (r * weights).mean()
 
+# %% ../../nbs/22_models.autoencoder.ipynb #2e18b839
+def _fmri_terms(brain, batch:dict, skip_first:int, voxel_weights)->dict:
+    "The fMRI MSE and correlation (`1 - r`) terms, over the TRs from `skip_first` on that have fMRI (`fmri_mask`)."
+    B, K = brain.shape[:2]
+    ok = (torch.arange(K, device=brain.device) >= skip_first).expand(B, K)
+    if batch.get("fmri_mask") is not None: ok = ok & batch["fmri_mask"].to(brain.device)
+    y = batch["fmri"].to(brain.device, non_blocking=True)
+    w = None if voxel_weights is None else voxel_weights.to(brain.device, torch.float32)
+    return dict(fmri=_masked_mse(brain, y, ok, w), corr=1 - _voxel_corr(brain, y, ok, w))
+
 # %% ../../nbs/22_models.autoencoder.ipynb #b78c2ea6
 def compute_losses(out:dict, # model output ('brain' and reconstructions)
                    batch:dict, # the batch it came from (targets)
@@ -171,12 +189,7 @@ def compute_losses(out:dict, # model output ('brain' and reconstructions)
     tr = torch.arange(K, device=dev)
     terms, total = {}, out["brain"].new_zeros((), dtype=torch.float32)
     if batch.get("fmri") is not None:
-        ok = (tr >= skip_first).expand(B, K)
-        if batch.get("fmri_mask") is not None: ok = ok & batch["fmri_mask"].to(dev)
-        y = batch["fmri"].to(dev, non_blocking=True)
-        w = None if voxel_weights is None else voxel_weights.to(dev, torch.float32)
-        terms["fmri"] = _masked_mse(out["brain"], y, ok, w)
-        terms["corr"] = 1 - _voxel_corr(out["brain"], y, ok, w)
+        terms |= _fmri_terms(out["brain"], batch, skip_first, voxel_weights)
         total = total + w_fmri * terms["fmri"] + w_corr * terms["corr"]
     weights = dict(video=w_video, audio=w_audio, text=w_text)
     rec_ok = (tr < K - skip_last).expand(B, K)

@@ -24,9 +24,10 @@ __all__ = ['logger', 'MODALITIES', 'PRESETS', 'ModelConfig', 'example_batch', 'A
            'TextEncoder', 'Fusion', 'MLPBlocks', 'hrf_kernels', 'TemporalConv', 'TemporalTransformer', 'make_temporal',
            'BrainHead', 'batch_size_and_k', 'check_modalities', 'StimulusEncoder', 'LinearPath']
 
-# %% ../../nbs/20_models.encoder.ipynb #dd3abccc
+# %% ../../nbs/20_models.encoder.ipynb #1f3d0024
 MODALITIES = ("video", "audio", "text")
 
+# %% ../../nbs/20_models.encoder.ipynb #dd3abccc
 @dataclass
 class ModelConfig:
     "Every size of the giblet model; build one with `ModelConfig.preset(name, **overrides)`."
@@ -129,6 +130,7 @@ class ModelConfig:
         if unknown: raise ValueError(f"ModelConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**d)
 
+# %% ../../nbs/20_models.encoder.ipynb #2b84c062
 PRESETS = {
     "tiny": {},
     "default": dict(frame_height=36, frame_width=64, frames_per_tr=5, n_mels=32, mel_frames=16, text_dim=64,
