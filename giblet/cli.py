@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from fastcore.docments import docments
+from fastcore.meta import delegates
 from fastcore.script import Param, store_true
 
 from .dataset import default_cache_dir
@@ -30,13 +31,13 @@ from .training.config import TrainConfig, flat_options
 from .training.data import study_data
 from .training.distributed import DeviceUnavailable
 from .training.trainer import NonFiniteLoss
-from .run import check_run_plan, run_training, saved_config, study_overview
+from .run import run_training, saved_config, study_overview
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'USER_ERRORS', 'MANY', 'HEADLINE', 'parse_sets', 'train_config', 'train_main', 'cli_parser', 'cli_args',
-           'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook',
+__all__ = ['logger', 'USER_ERRORS', 'MANY', 'HEADLINE', 'parse_sets', 'train_config', 'study_options', 'train_main', 'cli_parser',
+           'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook',
            'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
 
 # %% ../nbs/50_cli.ipynb #9388e917
@@ -88,43 +89,47 @@ def train_config(data_dir:str|None=None, # --data-dir (None: the saved run's, el
     try: return TrainConfig.make(**base)
     except TypeError as e: raise ValueError(f"bad training option: {e}") from None
 
+# %% ../nbs/50_cli.ipynb #51bc7838
+def study_options(data_dir:str=None, # the study folder (Sherlock layout or BIDS); omit (without --study) for the embedded synthetic study
+                  study:str=None, # a study spec file (.yaml/.json), a BIDS dataset or a study folder (instead of --data-dir)
+                  film:str=None, # the film of every run, overriding the study's
+                  annotations:str=None, # the annotation table of every run, overriding the study's
+                  film_start:float=None, # film time (s) at the start of each run's segment (negative: the film starts after volume 0)
+                  features:str=None, # pretrained feature streams, e.g. --features video=PATH:-1 audio=PATH:-1 text=PATH:-1
+                  preset:str=None, # model preset (tiny, default or sherlock); the study cache is cut for its frame size and rates
+                  cache_dir:str=None, # feature and synthetic-data cache (default: $GIBLET_CACHE or ~/.cache/giblet)
+                  config:str=None, # more TrainConfig fields: a JSON file or a JSON object
+                  set:str=None, # one TrainConfig field as KEY=VALUE (VALUE read as JSON when it parses); repeat for more
+                 )->dict: # `train_config`'s arguments
+    "The options `giblet-train` and `giblet-cache` share, as `train_config`'s arguments."
+    listed = lambda v: [v] if isinstance(v, str) else v
+    return dict(data_dir=data_dir, config=config, sets=listed(set), study=study, film=film, annotations=annotations,
+                film_start=film_start, features=listed(features), preset=preset, cache_dir=cache_dir)
+
 # %% ../nbs/50_cli.ipynb #b4d00f7c
-def train_main(data_dir:str=None, # the study folder (Sherlock layout or BIDS); omit to train on the embedded synthetic dataset
-               out:str="runs/demo", # the run folder
-               study:str=None, # a study spec file (.yaml/.json), a BIDS dataset or a study folder (instead of --data-dir)
+@delegates(study_options)
+def train_main(out:str="runs/demo", # the run folder
                show_study:store_true=False, # print the resolved study (subjects, runs, films, offsets, NIfTIs) and exit
-               film:str=None, # the film of every run, overriding the study's
-               annotations:str=None, # the annotation table of every run, overriding the study's
-               film_start:float=None, # film time (s) at the start of each run's segment (negative: the film starts after volume 0)
-               features:str=None, # pretrained feature streams, e.g. --features video=PATH:-1 audio=PATH:-1 text=PATH:-1
                epochs:int=None, # training epochs
                device:str=None, # cpu, cuda or auto
                seed:int=None, # random seed
-               preset:str=None, # model preset: tiny, default or sherlock
                resume:store_true=False, # continue the run in --out
                batch_size:int=None, # windows per step (per process)
                lr:float=None, # peak learning rate
-               cache_dir:str=None, # feature and synthetic-data cache (default: $GIBLET_CACHE or ~/.cache/giblet)
                n_folds:int=None, # blocked outer cross-validation over this many blocks (one run per fold in OUT/fold_k)
-               config:str=None, # more TrainConfig fields: a JSON file or a JSON object
-               set:str=None, # one TrainConfig field as KEY=VALUE (VALUE read as JSON when it parses); repeat for more
                no_baseline:store_true=False, # skip the himalaya baselines
                atlas:str=None, # a label NIfTI on the BOLD grid (0: no region): the report gets a row per region (default: the spec's atlas)
                atlas_names:str=None, # the atlas's region names: TSV/CSV of index and name, or JSON label -> name
                threads:int=None, # CPU threads for torch and BLAS (default: half the CPUs, or OMP_NUM_THREADS when set)
+               **kwargs, # the study options (`study_options`)
               )->dict: # the metrics written to OUT/metrics.json
     "Train a giblet model and write OUT/metrics.json, report.md, test_pred.nii.gz, val_pred.nii.gz, config.json, checkpoints/ and figures/."
-    sets = set if isinstance(set, list) else None if set is None else [set]
-    cfg = train_config(data_dir, out, resume, config, sets, epochs=epochs, device=device, seed=seed, preset=preset,
-                       batch_size=batch_size, lr=lr, cache_dir=cache_dir, n_folds=n_folds, study=study, film=film,
-                       annotations=annotations, film_start=film_start,
-                       features=[features] if isinstance(features, str) else features, atlas=atlas, atlas_names=atlas_names,
-                       threads=threads)
+    cfg = train_config(out=out, resume=resume, **study_options(**kwargs), epochs=epochs, device=device, seed=seed,
+                       batch_size=batch_size, lr=lr, n_folds=n_folds, atlas=atlas, atlas_names=atlas_names, threads=threads)
     if show_study:   # the study, then its timing as the first cache build will resolve it (nothing is decoded or cached)
         print(study_overview(cfg))
         return {}
-    check_run_plan(cfg, out)   # refused here, before `run_training` is called (which refuses the same)
-    m = run_training(cfg, out, resume=resume, baseline=not no_baseline)
+    m = run_training(cfg, out, resume=resume, baseline=not no_baseline)   # which refuses a run it cannot report first
     return {k: v for k, v in m.items() if k != "_eval"}
 
 # %% ../nbs/50_cli.ipynb #4e923edc
@@ -217,24 +222,14 @@ def giblet_lesion(argv:list|None=None, # command-line arguments (default: sys.ar
     if table is not None: print(table.to_string(index=False) if hasattr(table, "to_string") else table)
 
 # %% ../nbs/50_cli.ipynb #94d22447
-def cache_cli(data_dir:str=None, # the study folder (Sherlock layout or BIDS); omit (without --study) for the embedded synthetic study
-              study:str=None, # a study spec file (.yaml/.json), a BIDS dataset or a study folder (instead of --data-dir)
-              film:str=None, # the film of every run, overriding the study's
-              annotations:str=None, # the annotation table of every run, overriding the study's
-              film_start:float=None, # film time (s) at the start of each run's segment
-              features:str=None, # pretrained feature streams to extract, as for giblet-train
-              preset:str=None, # the model preset the study cache is cut for (frame size, frames per TR, mel bands)
-              cache_dir:str=None, # the cache root (default: $GIBLET_CACHE or ~/.cache/giblet)
-              config:str=None, # more TrainConfig fields (as for giblet-train): a JSON file or a JSON object
-              set:str=None, # one TrainConfig field as KEY=VALUE; repeat for more
-              verify:store_true=False, # also checksum every cache under --cache-dir (study and feature-stream caches), removing damaged ones
+@delegates(study_options)
+def cache_cli(verify:store_true=False, # also checksum every cache under --cache-dir (study and feature-stream caches), removing damaged ones
               only_verify:store_true=False, # only check the caches already there (build nothing)
+              **kwargs, # the study options (`study_options`), as for giblet-train
              )->dict: # what was built and checked
     "Build the study cache and feature-stream caches a `giblet-train` run with these options will read."
     from giblet.dataset import cache_main
-    sets = set if isinstance(set, list) else None if set is None else [set]
-    cfg = train_config(data_dir, None, False, config, sets, preset=preset, cache_dir=cache_dir, study=study, film=film,
-                       annotations=annotations, film_start=film_start, features=[features] if isinstance(features, str) else features)
+    cfg = train_config(**study_options(**kwargs))
     out = {}
     if not only_verify:
         spec, fp, al, streams = study_data(cfg, verify=True if verify else None)
