@@ -26,14 +26,20 @@ def _zrows(x:np.ndarray)->np.ndarray:
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
 # %% ../nbs/34_decoding.ipynb #1de46d30
-def frame_corr(decoded:np.ndarray, # (n_trs, ...) decoded frames of each TR, floats in [0, 1]
-               true:np.ndarray, # (n_trs, ...) true frames, uint8 (or floats in [0, 1])
-              )->np.ndarray: # float64 (n_trs,) Pearson r of each TR's pixels
-    "Per-TR correlation of every pixel of the TR's frames, decoded vs true."
+def frame_corr(decoded:np.ndarray, # (n_trs, ...) decoded frames, floats in [0, 1]
+               true:np.ndarray, # (n_trs, ...) true frames, uint8 or floats in [0, 1]
+              )->np.ndarray: # float64 (n_trs,) r per TR
+    "Per-TR Pearson r of every pixel of the TR's frames, decoded vs true."
     d = np.asarray(decoded, np.float64).reshape(len(decoded), -1)
     t = np.asarray(true, np.float64).reshape(len(true), -1)
     if d.shape != t.shape: raise ValueError(f"frame_corr: decoded {d.shape} and true {t.shape} differ")
     return (_zrows(d) * _zrows(t)).sum(1)
+
+# %% ../nbs/34_decoding.ipynb #73750c5a
+def _centre(x:np.ndarray, # (n_trs, p) patterns
+           )->np.ndarray: # the patterns minus their mean over TRs; 0 where that differs from 0 only by rounding
+    "Each column centred on its mean over the block's TRs, rounding set to 0."
+    return np.where(np.abs(x - x.mean(0)) > 1e-9 * max(1.0, np.abs(x).max()), x - x.mean(0), 0.0)
 
 # %% ../nbs/34_decoding.ipynb #012eff98
 def identify(decoded:np.ndarray, # (n_trs, ...) decoded stimulus of each TR
@@ -44,8 +50,7 @@ def identify(decoded:np.ndarray, # (n_trs, ...) decoded stimulus of each TR
     d = np.asarray(decoded, np.float64).reshape(len(decoded), -1)
     t = np.asarray(true, np.float64).reshape(len(true), -1)
     if d.shape != t.shape: raise ValueError(f"identify: decoded {d.shape} and true {t.shape} differ")
-    centre = lambda x: np.where(np.abs(x - x.mean(0)) > 1e-9 * max(1.0, np.abs(x).max()), x - x.mean(0), 0.0)  # rounding is no signal
-    c = _zrows(centre(d)) @ _zrows(centre(t)).T  # (n, n): decoded TR i vs true TR j
+    c = _zrows(_centre(d)) @ _zrows(_centre(t)).T  # (n, n): decoded TR i vs true TR j
     own = np.diag(c)
     beat = (c >= own[:, None]).sum(1) - 1  # other TRs at least as close (ties count against)
     return (beat < k).astype(np.float64)
@@ -90,9 +95,10 @@ def text_retrieval(decoded:np.ndarray, # (n_trs, d) decoded text embeddings
     hits[has] = (((s >= mine[:, None]).sum(1) - 1) < k).astype(np.float64)
     return hits, min(k, len(bank)) / len(bank)
 
-# %% ../nbs/34_decoding.ipynb #d0000010
+# %% ../nbs/34_decoding.ipynb #78f242c7
 METRICS = (("video", "frame_r"), ("video", "top1"), ("audio", "band_r"), ("audio", "top1"), ("text", "top1"), ("text", "top5")) # (modality, score) pairs
 
+# %% ../nbs/34_decoding.ipynb #d0000010
 def _per_tr(decoded:dict, true:dict)->dict:
     "(modality, score) -> per-TR values (NaN where undefined), or band moments for 'band_r'; and the text chance levels."
     out, chance = {}, {}
@@ -149,6 +155,14 @@ def roll_decoded(decoded:dict, # modality -> (n_trs, ...) decoded arrays
     "The decoding of a brain series rolled by `shift` TRs, when each TR is decoded from its own window (edges aside)."
     return {m: np.roll(np.asarray(v), shift, 0) for m, v in decoded.items()}
 
+# %% ../nbs/34_decoding.ipynb #4163e984
+def _n_trs(decoded:dict, true:dict)->int:
+    "The TRs of a block, once every decoded array and its true counterpart have that many."
+    n = len(next(iter(decoded.values())))
+    bad = {m: len(v) for m, v in decoded.items() if len(v) != n} | {m: len(true[m]) for m in decoded if m in true and len(true[m]) != n}
+    if bad or not set(decoded) <= set(true): raise ValueError(f"decoding_scores: every array needs {n} TRs and a true counterpart; got {bad}, true keys {sorted(true)}")
+    return n
+
 # %% ../nbs/34_decoding.ipynb #d0000013
 def decoding_scores(decoded:dict, # modality -> (n_trs, ...) decoded from the brain series: video floats in [0, 1], audio, text
                     true:dict, # 'video' (uint8), 'audio', 'text' and 'has_text' of the same TRs
@@ -162,9 +176,7 @@ def decoding_scores(decoded:dict, # modality -> (n_trs, ...) decoded from the br
                     seed:int=0, # seed of the bootstrap
                    )->pd.DataFrame: # one row per (modality, score)
     "Each decoding score with its block-bootstrap CI, beside the shifted null (mean, upper quantile, empirical p) and chance."
-    n = len(next(iter(decoded.values())))
-    bad = {m: len(v) for m, v in decoded.items() if len(v) != n} | {m: len(true[m]) for m in decoded if m in true and len(true[m]) != n}
-    if bad or not set(decoded) <= set(true): raise ValueError(f"decoding_scores: every array needs {n} TRs and a true counterpart; got {bad}, true keys {sorted(true)}")
+    n = _n_trs(decoded, true)
     if block_s < 20: raise ValueError(f"decoding_scores: bootstrap blocks must be at least 20 s, got {block_s}")
     if null is None: null = [roll_decoded(decoded, s) for s in null_shifts(n, tr, min_shift_s, n_shifts)]
     if len(null) < 2: raise ValueError("decoding_scores: the null needs at least 2 shifted decodings")
@@ -196,6 +208,16 @@ def true_block(tensors, # a `giblet.dataset.StudyTensors`
     i = torch.as_tensor(np.asarray(trs), device=tensors.device)
     return {k: getattr(tensors, k)[i].cpu().numpy() for k in ("video", "audio", "text", "has_text") if getattr(tensors, k) is not None}
 
+# %% ../nbs/34_decoding.ipynb #d69b0935
+def _one_block(trs:np.ndarray, # TR indices
+               run:np.ndarray, # (n_trs,) run of every TR of the series
+              )->np.ndarray: # the TRs as int64
+    "The TRs, checked to be one contiguous block of one run (of at least 2 TRs)."
+    trs = np.asarray(trs, np.int64)
+    if len(trs) < 2 or np.any(np.diff(trs) != 1) or len(np.unique(run[trs])) != 1:
+        raise ValueError(f"decode_block: TRs {trs[:3].tolist()}..{trs[-1:].tolist()} are not one contiguous block of one run")
+    return trs
+
 # %% ../nbs/34_decoding.ipynb #d000001b
 def decode_block(model, # a `giblet.models.autoencoder.BrainAutoencoder`
                  tensors, # a `giblet.dataset.StudyTensors`
@@ -207,9 +229,7 @@ def decode_block(model, # a `giblet.models.autoencoder.BrainAutoencoder`
                  position:int|None=None, # where in its window each TR sits (None: the middle)
                 )->tuple: # (decoded dict, list of decodings of the shifted series): modality -> numpy (len(trs), ...)
     "A block decoded from its brain series, and from that series circularly shifted by each of `null_shifts`."
-    trs = np.asarray(trs, np.int64)
-    if len(trs) < 2 or np.any(np.diff(trs) != 1) or len(np.unique(tensors.run[trs])) != 1:
-        raise ValueError(f"decode_block: TRs {trs[:3].tolist()}..{trs[-1:].tolist()} are not one contiguous block of one run")
+    trs = _one_block(trs, tensors.run)
     if source not in ("brain", "fmri"): raise ValueError(f"decode_block: source must be 'brain' or 'fmri', got {source!r}")
     series = model.predict_series(tensors, trs) if source == "brain" else tensors.fmri[:, torch.as_tensor(trs, device=tensors.device)].float().mean(0)
     decode = lambda s: {m: v.numpy() for m, v in model.decode_series(s, position).items()}

@@ -8,23 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-
-from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
-from .stacking import cv_stack_weights, model_share, stack
-from .dataset import block_folds
-from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
-from .io import atomic_write, write_json
-from .features import stream_key
-from .training.config import HRF_SECONDS, TrainConfig
-from .training.data import RunData, SubjectRows
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +24,22 @@ __all__ = ['logger', 'BASELINES', 'PRESHIFT_WARNING', 'RESOLVE', 'WORDS', 'R_KEY
            'headline_words', 'trs_needed', 'block_resolution', 'voxel_signs', 'factor_table', 'score_table',
            'roi_table', 'evaluate_run']
 
+# %% ../nbs/33_evaluation.ipynb #dc5c5f56
+from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
+from .stacking import cv_stack_weights, model_share, stack
+from .dataset import block_folds
+from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
+from .features import stream_key
+from .training.config import HRF_SECONDS, TrainConfig
+from .training.data import RunData, SubjectRows
+
 # %% ../nbs/33_evaluation.ipynb #26b62134
 def fir_delays(tr:float, # seconds per TR
-               max_delay:float=12.0, # the longest delay in seconds (the last delay reaches at least this far)
-               min_delay:float=0.0, # the shortest delay in seconds
-              )->np.ndarray: # int64 delays in TRs, consecutive
+               max_delay:float=12.0, # seconds the last delay reaches (at least)
+               min_delay:float=0.0, # seconds of the first delay
+              )->np.ndarray: # consecutive int64 delays in TRs
     "Whole-TR FIR delays covering [min_delay, max_delay] seconds at this TR."
-    if not (math.isfinite(tr) and tr > 0): raise ValueError(f"tr must be a positive number of seconds; got {tr}")
+    if not 0 < tr < math.inf: raise ValueError(f"tr must be a positive number of seconds; got {tr}")
     if not 0 <= min_delay <= max_delay: raise ValueError(f"need 0 <= min_delay <= max_delay; got {min_delay}, {max_delay}")
     return np.arange(math.ceil(min_delay / tr - 1e-9), math.ceil(max_delay / tr - 1e-9) + 1)
 
@@ -97,10 +95,11 @@ def baseline_design(bands:Mapping, # name -> (n_trs, p) features of the whole se
 # %% ../nbs/33_evaluation.ipynb #1e8974c8
 BASELINES = {"banded_ridge": "himalaya banded ridge", "ridge": "himalaya ridge"}
 
-def _himalaya(device:str):
-    "The himalaya backend for a torch device: torch on the CPU, torch_cuda on a GPU."
-    from himalaya.backend import set_backend
-    return set_backend("torch_cuda" if torch.device(device).type == "cuda" else "torch", on_error="raise")
+def _himalaya(name:str):
+    "himalaya's backend `name` ('torch' or 'torch_cuda'), made its global backend only when another one is."
+    from himalaya.backend import get_backend, set_backend
+    b = get_backend()
+    return b if b.name == name else set_backend(name, on_error="raise")
 
 # %% ../nbs/33_evaluation.ipynb #7a4edd9d
 @dataclass
@@ -116,7 +115,7 @@ class Baselines:
                 trs, # TR indices to predict
                )->np.ndarray: # float32 (len(trs), n_voxels)
         "The baseline's prediction of the target at `trs`."
-        b = _himalaya(self.info["device"])
+        b = _himalaya(self.info["backend"])
         return (b.to_numpy(self.models[name].predict(self.design.x[np.asarray(trs)])) + self.y_mean).astype(np.float32)
 
     def split_r2(self, trs, # TR indices to score
@@ -124,7 +123,7 @@ class Baselines:
                 )->np.ndarray: # float32 (n_bands, n_voxels), summing to the banded ridge's R² (about the block mean) per voxel
         "Each band's share of the banded ridge's R² at `trs` (himalaya's r2_score_split)."
         from himalaya.scoring import r2_score_split
-        b = _himalaya(self.info["device"])
+        b = _himalaya(self.info["backend"])
         split = self.models["banded_ridge"].predict(self.design.x[np.asarray(trs)], split=True)
         y = np.asarray(true, np.float32)
         y = b.asarray(y - y.mean(0), dtype=split.dtype)  # R² about the block's own mean, as `voxel_r2`: offsets aside
@@ -198,7 +197,7 @@ def fit_baselines(bands:Mapping, # name -> (n_trs, p) features of the whole seri
     design = baseline_design(bands, train, run_ids, delays)
     folds = block_folds(train, n_folds, math.ceil(cv_gap / tr - 1e-9))
     ym = y.mean(0)
-    b = _himalaya(device)
+    b = _himalaya("torch_cuda" if torch.device(device).type == "cuda" else "torch")   # set once: predict sets it only if changed since
     x, yc = design.x[train], y - ym
     models, seconds = {}, {}
     t0 = time.perf_counter()
@@ -386,10 +385,10 @@ def block_resolution(d:dict, # the headline difference (model minus banded ridge
     return out | dict(message=msg)
 
 # %% ../nbs/33_evaluation.ipynb #d797474d
-def voxel_signs(scores:Mapping, # name -> (n_voxels,) test r: 'model' and the baselines
-                selected:np.ndarray, # bool (n_voxels,) the headline's voxels
-               )->dict: # n_selected, model_below_0 and model_below_<baseline>: fractions of the selected voxels
-    "The fraction of the headline's voxels where the model's test r is below 0, and where it is below each baseline's."
+def voxel_signs(scores:Mapping, # name -> (n_voxels,) test r: 'model', baselines
+                selected:np.ndarray, # bool (n_voxels,): headline voxels
+               )->dict: # n_selected; fractions model_below_0, model_below_<baseline>
+    "Where the model's test r is below 0, and below each baseline's."
     sel = np.asarray(selected, bool)
     r = np.asarray(scores["model"])[sel]
     out = dict(n_selected=int(sel.sum()), model_below_0=float((r < 0).mean()))
@@ -427,7 +426,6 @@ def factor_table(preds:Mapping, # name -> (n_trs, n_voxels) predictions at the s
 
 # %% ../nbs/33_evaluation.ipynb #de307e16
 ROW_NAMES = {"model": "giblet model", **BASELINES, "stack": "giblet model stacked with the banded ridge", "noise_ceiling": "noise ceiling"}
-_NONE_NAMES = ("none", "background", "unlabelled", "unlabeled", "unassigned", "")
 
 def score_table(scores:Mapping, # row -> (n_voxels,) test r: 'model' and the baselines
                 ceiling:np.ndarray|None, # (n_voxels,) test-block noise ceiling, or None
@@ -447,16 +445,21 @@ def score_table(scores:Mapping, # row -> (n_voxels,) test r: 'model' and the bas
                                         truth_r=(truth or {}).get(k, np.nan))
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("row")
 
+# %% ../nbs/33_evaluation.ipynb #a841d57f
+_NONE_NAMES = ("none", "background", "unlabelled", "unlabeled", "unassigned", "")
+
+def _seq_names(roi_names)->dict:
+    "A sequence of region names as label -> name: a leading 'none' (`_NONE_NAMES`) is label 0, else the first is label 1."
+    seq = [str(v) for v in roi_names]
+    off = 0 if seq and seq[0].strip().lower() in _NONE_NAMES else 1
+    return {i + off: v for i, v in enumerate(seq)}
+
 # %% ../nbs/33_evaluation.ipynb #c71d555e
 def _roi_name_map(roi_names, labels)->dict:
     "Label -> name for every positive label present."
     present = [int(k) for k in np.unique(labels) if k > 0]
     if roi_names is None: return {k: f"roi {k}" for k in present}
-    if isinstance(roi_names, Mapping): names = {int(k): str(v) for k, v in roi_names.items()}
-    else:
-        seq = [str(v) for v in roi_names]
-        off = 0 if seq and seq[0].strip().lower() in _NONE_NAMES else 1
-        names = {i + off: v for i, v in enumerate(seq)}
+    names = {int(k): str(v) for k, v in roi_names.items()} if isinstance(roi_names, Mapping) else _seq_names(roi_names)
     missing = [k for k in present if k not in names]
     if missing: raise ValueError(f"roi_names has no name for ROI label(s) {missing}")
     return {k: names[k] for k in present}

@@ -14,16 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .decoding import decode_block, decoding_scores, true_block
-from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, verdict
-from .stacking import model_share
-from .data.bold_stats import stretches
-from .metrics import voxel_r
-from .synthetic_truth import study_truth
-from .io import atomic_write, write_json
-from .training.trainer import Trainer
-from .alignment.sync import Aligned
-
 logger = logging.getLogger(__name__)
 
 # %% auto #0
@@ -31,12 +21,27 @@ __all__ = ['logger', 'longest_stretch', 'run_decoding', 'decoding_metrics', 'plo
            'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'region_table', 'write_map',
            'write_report', 'fold_summary']
 
+# %% ../nbs/35_report.ipynb #3286d4de
+from .decoding import decode_block, decoding_scores, true_block
+from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, verdict
+from .stacking import model_share
+from .data.bold_stats import stretches
+from .data.fmri import features_to_nii
+from .metrics import voxel_r
+from .synthetic_truth import study_truth
+from .io import atomic_write, write_json
+from .training.trainer import Trainer
+from .alignment.sync import Aligned
+
 # %% ../nbs/35_report.ipynb #0e64ca6c
 def longest_stretch(trs:np.ndarray, # sorted TR indices
                     run:np.ndarray, # (n_trs,) run of every TR of the series
                    )->np.ndarray: # the longest stretch of consecutive TRs of one run
     "The longest stretch of consecutive TRs within one run."
     return max(stretches(trs, run) or [np.asarray(trs)], key=len)
+
+# %% ../nbs/35_report.ipynb #be393640
+_SOURCES = {"brain": "predicted brain layer (mean of the subject heads)", "fmri": "measured fMRI (mean of the z-scored subjects)"}
 
 # %% ../nbs/35_report.ipynb #faccc7cf
 def run_decoding(model, # a `giblet.models.autoencoder.BrainAutoencoder`
@@ -53,7 +58,7 @@ def run_decoding(model, # a `giblet.models.autoencoder.BrainAutoencoder`
     if len(seg) < len(trs): logger.warning("decoding scores use %d of the %d TRs of the block: its longest stretch within one run",
                                            len(seg), len(trs))
     true, out = true_block(tensors, seg), {}
-    for source in ("brain", "fmri"):
+    for source in _SOURCES:
         dec, null = decode_block(model, tensors, seg, source, tr, min_shift_s, n_shifts)
         out[source] = decoding_scores(dec, true, tr, null, min_shift_s, n_boot=n_boot, seed=seed)
     return pd.concat(out, names=["source"])
@@ -61,13 +66,12 @@ def run_decoding(model, # a `giblet.models.autoencoder.BrainAutoencoder`
 # %% ../nbs/35_report.ipynb #b4782cc6
 def decoding_metrics(table:pd.DataFrame, # from `run_decoding`
                      trs:np.ndarray, # the TRs scored
-                     volumes:np.ndarray, # the scanner volume of every TR of the series
-                     min_shift_s:float=30.0, # the null's least shift, seconds
+                     volumes:np.ndarray, # the scanner volume of each TR
+                     min_shift_s:float=30.0, # the null's least shift (s)
                     )->dict: # the "decoding" entry of metrics.json
     "The decoding scores as metrics.json holds them."
-    return dict(block="test", n_trs=int(len(trs)), volumes=[int(volumes[trs[0]]), int(volumes[trs[-1]])], min_shift_s=float(min_shift_s),
-                sources={"brain": "predicted brain layer (mean of the subject heads)", "fmri": "measured fMRI (mean of the z-scored subjects)"},
-                scores=_records(table))
+    return dict(block="test", n_trs=int(len(trs)), volumes=[int(volumes[t]) for t in (trs[0], trs[-1])], min_shift_s=float(min_shift_s),
+                sources=dict(_SOURCES), scores=_records(table))
 
 # %% ../nbs/35_report.ipynb #872fe9ec
 def plot_decoding(table:pd.DataFrame, # from `run_decoding` (index: source, modality, score)
@@ -124,15 +128,13 @@ def plot_r_hist(scores:Mapping, # name -> (n_voxels,) test r
     return fig
 
 # %% ../nbs/35_report.ipynb #eea0074d
-def plot_r_brain(r:np.ndarray, # (n_voxels,) test voxel r
+def plot_r_brain(r:np.ndarray, # (n_voxels,) test r
                  mask, # the run's mask image
                 )->plt.Figure:
     "A nilearn glass brain of the model's test voxel r."
     import matplotlib.pyplot as plt
-    from nilearn import plotting
-    from nilearn.image import index_img
-    from giblet.data.fmri import features_to_nii
-    img = index_img(features_to_nii(np.asarray(r, np.float32)[None], mask), 0)
+    from nilearn import image, plotting
+    img = image.index_img(features_to_nii(np.asarray(r, np.float32)[None], mask), 0)
     fig = plt.figure(figsize=(7, 2.8))
     plotting.plot_glass_brain(img, figure=fig, colorbar=True, plot_abs=False, cmap="RdBu_r", vmax=max(0.1, float(np.max(np.abs(r)))),
                               title="test voxel r")
@@ -204,6 +206,44 @@ def _md_table(df:pd.DataFrame, fmt:str="{:.3f}")->str:
     rows = zip(df.index, df.astype(object).values.tolist())
     return "\n".join(lines + ["| " + " | ".join([str(i)] + [cell(v) for v in row]) + " |" for i, row in rows])
 
+# %% ../nbs/35_report.ipynb #49df95ce
+def _md_signs(s:dict, # `voxel_signs` of the headline's voxels
+             )->list: # report.md lines
+    "The per-voxel signs in a sentence: where the model's test r is below 0, and below each baseline's."
+    below = [f"below 0 in {s['model_below_0']:.0%}"] + [f"below the {WORDS[k]}'s in {s['model_below_' + k]:.0%}" for k in BASELINES if "model_below_" + k in s]
+    return [f"Per voxel, over the {s['n_selected']} headline voxels, the model's test r is {', '.join(below)} of them.", ""]
+
+# %% ../nbs/35_report.ipynb #dfa8cef3
+def _md_stack(d:dict, sw:dict)->list:
+    "The stack minus the banded ridge (`d`, from `stack_comparison`) with its CI and verdict, and how its weights `sw` were chosen."
+    return ["", f"The model stacked with the banded ridge ({sw['method']}; the model's mean share over the headline's voxels "
+                f"{sw['model_share_selected']:.2f}) minus the banded ridge: {d['difference']:+.4f} [{d['ci_low']:+.4f}, "
+                f"{d['ci_high']:+.4f}]: **{d['verdict']}**. Each voxel's two weights are in `stack_weights.nii.gz`."]
+
+# %% ../nbs/35_report.ipynb #3421e6d6
+def _md_baselines(b:dict, # the metrics' `baseline`: `Baselines.info`
+                 )->list: # report.md lines
+    "The himalaya baselines' fit in a sentence."
+    return ["", f"Baselines: himalaya ({b['backend']}), bands {b['bands']}, FIR delays {b['delays_s'][0]:g}–{b['delays_s'][-1]:g} s "
+                  f"({len(b['delays_trs'])} delays), alphas by {b['inner_folds']}-fold leave-block-out CV inside the training block "
+                  f"({b['inner_gap_s']:g} s gaps)."]
+
+# %% ../nbs/35_report.ipynb #3b0d84e3
+def _md_preshift(peak_s:float, # the delay where the banded ridge's weight peaks, s
+                )->list: # report.md lines
+    "The warning of BOLD that looks shifted earlier than its stimulus, and what to set."
+    return [f"**The BOLD may be pre-shifted**: the banded ridge's weight peaks at a delay of {peak_s:g} s, where a "
+            "haemodynamic response peaks 4-6 s after its stimulus. If the data were shifted to line up with the stimulus, give "
+            "each run its `scan_offset` in the study spec (e.g. `scan_offset: -3` for BOLD shifted 3 TRs earlier).", ""]
+
+# %% ../nbs/35_report.ipynb #a67162f1
+def _md_decoding(d:dict)->list:
+    "The decoding scores (`decoding_metrics`) beside their null and chance."
+    return [f"Decoding on the test block ({d['n_trs']} TRs, volumes {d['volumes'][0]}–{d['volumes'][1]}), from the predicted brain "
+            f"layer and from measured fMRI: each score with its block-bootstrap 95 % CI, beside a null whose brain input is "
+            f"circularly shifted by at least {d['min_shift_s']:g} s (its mean and 95th percentile, the empirical p) and chance:", "",
+            _md_table(pd.DataFrame(d["scores"]).set_index("source")), ""]
+
 # %% ../nbs/35_report.ipynb #03567ba4
 def report_markdown(m:dict, # metrics from `evaluate_run`
                    )->str:
@@ -216,9 +256,7 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
              _md_table(pd.DataFrame(m["table"]).set_index("row")), ""]
     if words := headline_words(m): lines += ["**In words** (the point estimates, whether or not their CI decides):", ""] + [f"- {s}" for s in words] + [""]
     if (res := m.get("test_block_resolution")) and res["too_short"]: lines += [f"**Test block too short**: {res['message']}.", ""]
-    if s := m.get("voxel_signs"):
-        below = [f"below 0 in {s['model_below_0']:.0%}"] + [f"below the {WORDS[k]}'s in {s['model_below_' + k]:.0%}" for k in BASELINES if "model_below_" + k in s]
-        lines += [f"Per voxel, over the {s['n_selected']} headline voxels, the model's test r is {', '.join(below)} of them.", ""]
+    if s := m.get("voxel_signs"): lines += _md_signs(s)
     c = m.get("comparison")
     if c:
         lines.append(f"Model minus baseline in headline r, with a block-bootstrap 95 % CI ({c['n_boot']} resamples of "
@@ -229,15 +267,8 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
         n = c["null"]
         if n["n_shifts"]: lines += ["", f"Null of the model's prediction circularly shifted by {c['block_trs']}+ TRs ({n['n_shifts']} shifts): "
                                         f"mean {n['mean']:.4f}, 95th percentile {n['q95']:.4f}; p = {n['p']:.3g}."]
-        if sc := m.get("stack_comparison"):
-            d, sw = sc["differences"]["banded_ridge"], m["stack_weights"]
-            lines += ["", f"The model stacked with the banded ridge ({sw['method']}; the model's mean share over the headline's voxels "
-                          f"{sw['model_share_selected']:.2f}) minus the banded ridge: {d['difference']:+.4f} [{d['ci_low']:+.4f}, "
-                          f"{d['ci_high']:+.4f}]: **{d['verdict']}**. Each voxel's two weights are in `stack_weights.nii.gz`."]
-        b = m["baseline"]
-        lines += ["", f"Baselines: himalaya ({b['backend']}), bands {b['bands']}, FIR delays {b['delays_s'][0]:g}–{b['delays_s'][-1]:g} s "
-                      f"({len(b['delays_trs'])} delays), alphas by {b['inner_folds']}-fold leave-block-out CV inside the training block "
-                      f"({b['inner_gap_s']:g} s gaps)."]
+        if sc := m.get("stack_comparison"): lines += _md_stack(sc["differences"]["banded_ridge"], m["stack_weights"])
+        lines += _md_baselines(m["baseline"])
     if m.get("noise_ceiling_method"): lines += ["", f"Noise ceiling: {m['noise_ceiling_method']}."]
     lines += ["", "Mean test r per region:", "", _md_table(pd.DataFrame(m["roi_table"]).set_index("region")), ""]
     if rt := m.get("region_table"):
@@ -246,10 +277,7 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
                   "verdicts; the model's share of the stack; each band's share of the banded ridge's test R². Every voxel's test "
                   "prediction is in `test_pred`, `baseline_test_pred` (the banded ridge), `ridge_test_pred` and `stack_test_pred`.", "",
                   _region_markdown(rt), ""]
-    if (lag := (m.get("baseline") or {}).get("lag")) and lag.get("preshifted"):
-        lines += [f"**The BOLD may be pre-shifted**: the banded ridge's weight peaks at a delay of {lag['peak_s']:g} s, where a "
-                  "haemodynamic response peaks 4-6 s after its stimulus. If the data were shifted to line up with the stimulus, give "
-                  "each run its `scan_offset` in the study spec (e.g. `scan_offset: -3` for BOLD shifted 3 TRs earlier).", ""]
+    if (lag := (m.get("baseline") or {}).get("lag")) and lag.get("preshifted"): lines += _md_preshift(lag["peak_s"])
     if f := m.get("truth_factors"):
         lines += ["Planted truth per factor: mean r with the noise-free signal over the factor's ROI"
                   + (", and model minus banded ridge with a block-bootstrap 95 % CI:" if "difference" in f[0] else ":"), "",
@@ -258,12 +286,7 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
         cols = ["factor", "stack", "banded_ridge", "difference", "ci_low", "ci_high", "verdict"]
         lines += ["The same per factor for the model stacked with the banded ridge, minus the banded ridge:", "",
                   _md_table(pd.DataFrame(f)[cols].set_index("factor")), ""]
-    if d := m.get("decoding"):
-        if "scores" not in d: lines += [f"Decoding: not scored ({d['skipped']}).", ""]
-        else: lines += [f"Decoding on the test block ({d['n_trs']} TRs, volumes {d['volumes'][0]}–{d['volumes'][1]}), from the predicted brain "
-                        f"layer and from measured fMRI: each score with its block-bootstrap 95 % CI, beside a null whose brain input is "
-                        f"circularly shifted by at least {d['min_shift_s']:g} s (its mean and 95th percentile, the empirical p) and chance:", "",
-                        _md_table(pd.DataFrame(d["scores"]).set_index("source")), ""]
+    if d := m.get("decoding"): lines += _md_decoding(d) if "scores" in d else [f"Decoding: not scored ({d['skipped']}).", ""]
     if r := m.get("reconstructions"): lines += [f"Reconstructions: not drawn ({r['skipped']}).", ""]
     return "\n".join(lines)
 
@@ -350,7 +373,6 @@ def write_map(out:Path, # the run folder
               rows:list|None=None, # names of the rows (None: their TR index)
              )->Path:
     "A per-unit array as the study's data are: a NIfTI on its mask, or for region tables a TSV with a column per region."
-    from giblet.data.fmri import features_to_nii
     if al.mask is not None:
         img = features_to_nii(np.asarray(values, np.float32), al.mask, tr=al.tr)
         atomic_write(out / f"{name}.nii.gz", lambda f: f.write(_nii_bytes(img)))
@@ -371,7 +393,6 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
     "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz (and the baselines' and the stack's), val_pred.nii.gz, mask.nii.gz, modality_r2.*, stack_weights.nii.gz, normaliser.npz and figures/; under torchrun every process calls it and rank 0 writes."
     import matplotlib.pyplot as plt
     import nibabel as nib
-    from giblet.data.fmri import features_to_nii
     out, al, h, main = Path(out_dir), trainer.data.aligned, trainer.history, trainer.di.main
     truth = study_truth(trainer.data.data_dir) if al.mask is not None and main else None   # region tables have no voxels to match with a truth
     ev = evaluate_run(trainer.predict, trainer.data, trainer.cfg, baseline, truth=truth, main=main, **kwargs)
