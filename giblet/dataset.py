@@ -230,7 +230,7 @@ def _encode_fmri(fmri:np.ndarray, show_progress:bool=True):
 def blame_cache(folder:Path|None, # the cache folder the array came from (None: not from a cache)
                 what:str, # the array, for the message
                ):
-    "Called when a cached array holds NaN or inf: checksum its cache folder (`giblet.io.cache_damage`, as `giblet-cache --verify` does) and, when a file changed, raise naming it; an intact cache returns."
+    "Raise, naming the damaged file, where `folder` fails its checksums (`giblet.io.cache_damage`); else return."
     if folder is None or (bad := cache_damage(folder)) is None: return
     raise ValueError(f"{what} holds NaN or inf values because the cache is corrupt: {bad}; the next run rebuilds it "
                      "(giblet-cache --verify checks every cache and removes the damaged ones)")

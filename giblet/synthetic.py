@@ -155,7 +155,7 @@ def _track(rng, n:int, fps:float, shortest, longest, p_off, low, wobble)->np.nda
 
 # %% ../nbs/17_synthetic.ipynb #57fb96d4
 def _per_tr(values, times, n_trs:int, tr:float)->np.ndarray:
-    "Mean of `values` (n_samples, ...) over the samples whose `times` fall in each TR window [i·tr, (i+1)·tr)."
+    "Mean of `values` (n_samples, ...) over the samples whose `times` fall in each TR, [i·tr, (i+1)·tr)."
     idx = np.floor(np.asarray(times) / tr + 1e-9).astype(np.int64)
     keep = idx < n_trs
     counts = np.bincount(idx[keep], minlength=n_trs)

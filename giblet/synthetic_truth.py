@@ -25,26 +25,40 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'embedded_dataset', 'study_truth', 'truth_columns', 'truth_rows', 'truth_block', 'truth_scores',
            'factor_units']
 
+# %% ../nbs/18_synthetic_truth.ipynb #bfd1b964
+def _embedded_root(cache_dir, kwargs:dict)->Path:
+    "The cache folder of the study these `make_dataset` arguments write: `synthetic/<hash of the arguments>`."
+    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(cache_dir or default_cache_dir()) / "synthetic" / key
+
+# %% ../nbs/18_synthetic_truth.ipynb #0ffdc5a9
+def _write_study(folder:Path, progress:bool, kwargs:dict):
+    "Write the study, the arguments that made it (`synthetic.json`), and last the `.complete` marker into `folder`."
+    make_dataset(folder, progress=progress, **kwargs)
+    (folder / "synthetic.json").write_text(json.dumps(kwargs, sort_keys=True, default=str))
+    (folder / ".complete").write_text("")
+
+# %% ../nbs/18_synthetic_truth.ipynb #6e7279e0
+def _generate_into(root:Path, progress:bool, kwargs:dict):
+    "Write the study into a hidden folder beside `root`, then rename it into place."
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        logger.info("generating the embedded synthetic dataset %s into %s", kwargs, root)
+        _write_study(tmp, progress, kwargs)
+        try: os.replace(tmp, root)
+        except OSError:
+            if not (root / ".complete").is_file(): raise
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
 # %% ../nbs/18_synthetic_truth.ipynb #4bafa5bf
 def embedded_dataset(cache_dir:str|Path|None=None, # cache root (None: `default_cache_dir()`)
                      progress:bool=False, # show the generator's progress bar
                      **kwargs, # `make_dataset` arguments (n_subjects, n_trs, seed, ...)
                     )->Path: # the study folder
     "The synthetic study for these arguments, generated into the cache on first use (atomically) and reused after."
-    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = Path(cache_dir or default_cache_dir()) / "synthetic" / key
-    if (root / ".complete").is_file(): return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{key}."))
-    try:
-        logger.info("generating the embedded synthetic dataset %s into %s", kwargs, root)
-        make_dataset(tmp, progress=progress, **kwargs)
-        (tmp / "synthetic.json").write_text(json.dumps(kwargs, sort_keys=True, default=str))
-        (tmp / ".complete").write_text("")
-        try: os.replace(tmp, root)
-        except OSError:
-            if not (root / ".complete").is_file(): raise  # else another process finished first: use its copy
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    root = _embedded_root(cache_dir, kwargs)
+    if not (root / ".complete").is_file(): _generate_into(root, progress, kwargs)
     return root
 
 # %% ../nbs/18_synthetic_truth.ipynb #6c0ab84e
@@ -54,43 +68,63 @@ def study_truth(data_dir:str|Path|None, # the study folder (None: a study read f
     if data_dir is None or not (Path(data_dir) / "truth.npz").is_file(): return None
     return load_truth(data_dir)
 
+# %% ../nbs/18_synthetic_truth.ipynb #ed6c19b0
+def _world_to_voxel(world:np.ndarray, affine)->np.ndarray:
+    "int64 (n, 3): the voxel of the grid with this `affine` nearest to each world point (n, 3)."
+    inv = np.linalg.inv(np.asarray(affine, np.float64))
+    return np.rint(world @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+
+# %% ../nbs/18_synthetic_truth.ipynb #f16bc426
+def _column_at(truth:dict, tijk:np.ndarray)->np.ndarray:
+    "int64 (n,): the column of truth['bold'] at each truth voxel (n, 3); -1 outside the truth's brain or grid."
+    bm = np.asarray(truth["brain_mask"]) != 0
+    col = -np.ones(bm.shape, np.int64); col[bm] = np.arange(bm.sum())
+    inside = np.all((tijk >= 0) & (tijk < np.array(bm.shape)), axis=1)
+    out = -np.ones(len(tijk), np.int64)
+    out[inside] = col[tuple(tijk[inside].T)]
+    return out
+
 # %% ../nbs/18_synthetic_truth.ipynb #7f3a2ae5
 def truth_columns(truth:dict, # the planted truth (`study_truth`, `giblet.synthetic.load_truth`)
                   mask, # the run's mask (a 3-D NIfTI image)
                  )->np.ndarray: # int64 (n_voxels,): column of truth['bold'] per mask voxel, -1 outside the truth's brain
     "Map the run's voxels onto the truth's brain voxels through world (NIfTI) coordinates."
-    m = np.asarray(mask.dataobj) != 0
-    ijk = np.argwhere(m)  # C order, as the features
+    ijk = np.argwhere(np.asarray(mask.dataobj) != 0)  # C order, as the features
     world = ijk @ mask.affine[:3, :3].T + mask.affine[:3, 3]
-    inv = np.linalg.inv(np.asarray(truth["affine"], np.float64))
-    tijk = np.rint(world @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
-    bm = np.asarray(truth["brain_mask"]) != 0
-    col = -np.ones(bm.shape, np.int64); col[bm] = np.arange(bm.sum())
-    inside = np.all((tijk >= 0) & (tijk < np.array(bm.shape)), axis=1)
-    out = -np.ones(len(ijk), np.int64)
-    out[inside] = col[tuple(tijk[inside].T)]
-    return out
+    return _column_at(truth, _world_to_voxel(world, truth["affine"]))
+
+# %% ../nbs/18_synthetic_truth.ipynb #c3a89265
+def _one_run_rows(volumes:np.ndarray, runs)->np.ndarray:
+    "Rows of a one-run truth: the volumes themselves; TRs from several runs are refused."
+    if runs is not None and len(np.unique(runs)) > 1:
+        raise ValueError(f"the planted truth holds one run, but the TRs come from runs {np.unique(runs).tolist()}")
+    return volumes
+
+# %% ../nbs/18_synthetic_truth.ipynb #41ccc89a
+def _run_volume_rows(truth:dict, volumes:np.ndarray, runs)->np.ndarray:
+    "int64 rows of a multi-run truth at each TR's (run, volume); -1 where the truth has none."
+    if runs is None: raise ValueError("the planted truth holds several runs: pass the run of each TR")
+    where = {(int(r), int(v)): i for i, (r, v) in enumerate(zip(truth["run"], truth["volume"]))}
+    return np.array([where.get((int(r), int(v)), -1) for r, v in zip(np.asarray(runs), volumes)], np.int64)
+
+# %% ../nbs/18_synthetic_truth.ipynb #1b8e5283
+def _check_rows(rows:np.ndarray, n:int, volumes:np.ndarray, runs):
+    "Refuse rows outside the truth's `n` (or -1), naming the first TR without one."
+    bad = (rows < 0) | (rows >= n)
+    if not bad.any(): return
+    first = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{int(bad.sum())} TRs have no row in the planted truth ({n} rows); the first: volume {int(volumes[first])}"
+                     + ("" if runs is None else f" of run {int(np.asarray(runs)[first])}"))
 
 # %% ../nbs/18_synthetic_truth.ipynb #79052385
 def truth_rows(truth:dict, # the planted truth
                volumes:np.ndarray, # the scanner volume of each TR, counted within its run
                runs:np.ndarray|None=None, # the run of each TR (None: a one-run study)
               )->np.ndarray: # int64 rows of truth['bold'], one per TR
-    "The rows of the truth's noise-free BOLD at some TRs: a multi-run truth numbers its rows through truth['run'] and truth['volume']."
-    volumes, n = np.asarray(volumes, np.int64), len(truth["bold"])
-    if "run" not in truth:
-        if runs is not None and len(np.unique(runs)) > 1:
-            raise ValueError(f"the planted truth holds one run, but the TRs come from runs {np.unique(runs).tolist()}")
-        rows = volumes
-    else:
-        if runs is None: raise ValueError("the planted truth holds several runs: pass the run of each TR")
-        where = {(int(r), int(v)): i for i, (r, v) in enumerate(zip(truth["run"], truth["volume"]))}
-        rows = np.array([where.get((int(r), int(v)), -1) for r, v in zip(np.asarray(runs), volumes)], np.int64)
-    bad = (rows < 0) | (rows >= n)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{int(bad.sum())} TRs have no row in the planted truth ({n} rows); the first: volume {int(volumes[first])}"
-                         + ("" if runs is None else f" of run {int(np.asarray(runs)[first])}"))
+    "The rows of the truth's noise-free BOLD at some TRs."
+    volumes = np.asarray(volumes, np.int64)
+    rows = _run_volume_rows(truth, volumes, runs) if "run" in truth else _one_run_rows(volumes, runs)
+    _check_rows(rows, len(truth["bold"]), volumes, runs)
     return rows
 
 # %% ../nbs/18_synthetic_truth.ipynb #c5f37bf1
@@ -104,6 +138,15 @@ def truth_block(truth:dict, # the planted truth
     ok = col >= 0
     return ok, np.asarray(truth["roi"])[col[ok]], np.asarray(truth["bold"])[truth_rows(truth, volumes, runs)][:, col[ok]]
 
+# %% ../nbs/18_synthetic_truth.ipynb #0a1d201d
+def _r_scores(pred:np.ndarray, true:np.ndarray, roi:np.ndarray, roi_names)->dict:
+    "Voxel r of `pred` against `true` (n_trs, n_voxels): mean over the voxels with roi > 0, pooled, and per ROI."
+    r, resp = voxel_r(pred, true), roi > 0
+    pooled = np.corrcoef(pred[:, resp].ravel(), true[:, resp].ravel())[0, 1] if resp.any() else np.nan
+    return {"truth_r_responsive_mean": float(r[resp].mean()), "truth_r_pooled": float(pooled),
+            "truth_n_responsive": int(resp.sum())} | {
+        f"truth_r_{roi_names[k]}": float(r[roi == k].mean()) for k in np.unique(roi) if k > 0}
+
 # %% ../nbs/18_synthetic_truth.ipynb #9600f9f6
 def truth_scores(pred:np.ndarray, # (n_trs, n_voxels) prediction at the TRs `volumes`
                  volumes:np.ndarray, # the scanner volume of each predicted TR
@@ -111,19 +154,14 @@ def truth_scores(pred:np.ndarray, # (n_trs, n_voxels) prediction at the TRs `vol
                  mask, # the run's mask image
                  runs:np.ndarray|None=None, # the run of each predicted TR (needed for a multi-run truth)
                 )->dict:
-    "Voxel r of a prediction against the noise-free signal: mean over responsive voxels (roi > 0), per ROI, and pooled."
+    "Voxel r of a prediction against the planted noise-free signal."
     ok, roi, true = truth_block(truth, mask, volumes, runs)
-    r = voxel_r(pred[:, ok], true)
-    resp = roi > 0
-    pooled = np.corrcoef(pred[:, ok][:, resp].ravel(), true[:, resp].ravel())[0, 1] if resp.any() else np.nan
-    return {"truth_r_responsive_mean": float(r[resp].mean()), "truth_r_pooled": float(pooled),
-            "truth_n_responsive": int(resp.sum())} | {
-        f"truth_r_{truth['roi_names'][k]}": float(r[roi == k].mean()) for k in np.unique(roi) if k > 0}
+    return _r_scores(pred[:, ok], true, roi, truth["roi_names"])
 
 # %% ../nbs/18_synthetic_truth.ipynb #aaad1c07
 def factor_units(truth:dict, # the planted truth (with `factor_names` and `factor_roi`)
                 )->dict: # ROI label -> (name, [factors that drive it])
-    "Each responsive ROI of the truth, named by the factor that alone drives it, else by its own name."
+    "Each responsive ROI, named by the one factor that drives it, else by its own name."
     names, froi = tuple(truth.get("factor_names", ())), np.asarray(truth.get("factor_roi", np.zeros(0, np.int64)))
     out = {}
     for k in (int(k) for k in np.unique(truth["roi"]) if k > 0):

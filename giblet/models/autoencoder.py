@@ -161,12 +161,12 @@ def _voxel_corr(pred, target, mask, weights=None):
 
 # %% ../../nbs/22_models.autoencoder.ipynb #2e18b839
 def _fmri_terms(brain, batch:dict, skip_first:int, voxel_weights)->dict:
-    "The fMRI MSE and correlation (`1 - r`) terms, over the TRs from `skip_first` on that have fMRI (`fmri_mask`)."
-    B, K = brain.shape[:2]
-    ok = (torch.arange(K, device=brain.device) >= skip_first).expand(B, K)
-    if batch.get("fmri_mask") is not None: ok = ok & batch["fmri_mask"].to(brain.device)
-    y = batch["fmri"].to(brain.device, non_blocking=True)
-    w = None if voxel_weights is None else voxel_weights.to(brain.device, torch.float32)
+    "The fMRI MSE and `1 - r` terms, over the TRs from `skip_first` on that have fMRI (`fmri_mask`)."
+    (B, K), dev = brain.shape[:2], brain.device
+    ok = (torch.arange(K, device=dev) >= skip_first).expand(B, K)
+    if batch.get("fmri_mask") is not None: ok = ok & batch["fmri_mask"].to(dev)
+    y = batch["fmri"].to(dev, non_blocking=True)
+    w = None if voxel_weights is None else voxel_weights.to(dev, torch.float32)
     return dict(fmri=_masked_mse(brain, y, ok, w), corr=1 - _voxel_corr(brain, y, ok, w))
 
 # %% ../../nbs/22_models.autoencoder.ipynb #b78c2ea6
@@ -206,6 +206,12 @@ def compute_losses(out:dict, # model output ('brain' and reconstructions)
     terms["total"] = total
     return terms
 
+# %% ../../nbs/22_models.autoencoder.ipynb #eb2c72f2
+def _mean_of_heads(mod, args, out):
+    "A forward hook on the brain head: its output becomes the mean over the subject heads of the trunk's features `h`."
+    h = args[0]
+    return torch.stack([mod.forward(h, torch.full((h.shape[0],), s, device=h.device)).float() for s in range(mod.n_subjects)]).mean(0)
+
 # %% ../../nbs/22_models.autoencoder.ipynb #dd047129
 @patch
 def predict_brain(self:BrainAutoencoder, batch:dict, # a batch of windows (its subject ids are ignored)
@@ -213,12 +219,23 @@ def predict_brain(self:BrainAutoencoder, batch:dict, # a batch of windows (its s
     "The brain layer predicted from the stimulus: the mean of the subject heads, or the average head when there are none."
     head = self.encoder.head
     if head.n_subjects == 0: return self.encode(batch | {"subject": None}).float()
-    def mean_of_heads(mod, args, out):  # replaces the head's output: the trunk's features `h` are computed once
-        h = args[0]
-        return torch.stack([mod.forward(h, torch.full((h.shape[0],), s, device=h.device)).float() for s in range(mod.n_subjects)]).mean(0)
-    hook = head.register_forward_hook(mean_of_heads)
+    hook = head.register_forward_hook(_mean_of_heads)
     try: return self.encode(batch | {"subject": None}).float()
     finally: hook.remove()
+
+# %% ../../nbs/22_models.autoencoder.ipynb #11dc5ace
+def _stretches(trs:np.ndarray, run:np.ndarray, within:str)->list:
+    "Index arrays into sorted `trs`, one per stretch: TRs of one run, and with `within='block'` consecutive too."
+    cut = np.flatnonzero((run[trs[1:]] != run[trs[:-1]]) | ((np.diff(trs) != 1) & (within == "block"))) + 1
+    return np.split(np.arange(len(trs)), cut)
+
+# %% ../../nbs/22_models.autoencoder.ipynb #938025c6
+def _window_starts(t:np.ndarray, run:np.ndarray, k:int, position:int, within:str)->tuple:
+    "(window length, the start of each TR's window) for a stretch `t`, windows kept inside its run or stretch."
+    lo, hi = (t[0], t[-1]) if within == "block" else np.flatnonzero(run == run[t[0]])[[0, -1]]
+    if within == "run" and hi - lo + 1 < k: raise ValueError(f"run {run[t[0]]} has {hi - lo + 1} TRs, fewer than the model's window of {k}")
+    w = min(k, hi - lo + 1)
+    return w, np.clip(t - position, lo, hi - w + 1)
 
 # %% ../../nbs/22_models.autoencoder.ipynb #976a5b22
 @patch
@@ -236,13 +253,9 @@ def context_windows(self:BrainAutoencoder, tensors, # a study's tensors: `run` (
     if within not in ("run", "block"): raise ValueError(f"within must be 'run' or 'block', got {within!r}")
     if np.any(np.diff(trs) <= 0): raise ValueError("context_windows: the TRs must be sorted and distinct")
     if not len(trs): return
-    cut = np.flatnonzero((run[trs[1:]] != run[trs[:-1]]) | ((np.diff(trs) != 1) & (within == "block"))) + 1
-    for seg in np.split(np.arange(len(trs)), cut):
+    for seg in _stretches(trs, run, within):
         t = trs[seg]
-        lo, hi = (t[0], t[-1]) if within == "block" else np.flatnonzero(run == run[t[0]])[[0, -1]]
-        if within == "run" and hi - lo + 1 < k: raise ValueError(f"run {run[t[0]]} has {hi - lo + 1} TRs, fewer than the model's window of {k}")
-        w = min(k, hi - lo + 1)
-        s = np.clip(t - position, lo, hi - w + 1)
+        w, s = _window_starts(t, run, k, position, within)
         starts, inv = np.unique(s, return_inverse=True)
         for i in range(0, len(starts), batch_size):
             sel = (inv >= i) & (inv < i + batch_size)
@@ -293,9 +306,9 @@ def decode_series(self:BrainAutoencoder, series:torch.Tensor, # (n_trs, n_voxels
 
 # %% ../../nbs/22_models.autoencoder.ipynb #c7d1c5f2
 def param_breakdown(model:nn.Module, # usually a BrainAutoencoder
-                    depth:int=2, # how many module levels name a block (2: e.g. 'encoder.video')
+                    depth:int=2, # how many module levels name a block (2: 'encoder.video')
                    )->dict: # block name -> parameter count, plus 'total'
-    "Parameters per block (e.g. 'encoder.video', 'decoder.video'), and the total."
+    "The parameter count of each block, and the total."
     out = {}
     for name, p in model.named_parameters():
         block = ".".join(name.split(".")[:depth]) if name.count(".") >= depth else name.rsplit(".", 1)[0] or name

@@ -19,20 +19,37 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'apply_lesion', 'VideoHead', 'AudioHead', 'TextHead', 'BrainDecoder']
 
-# %% ../../nbs/21_models.decoder.ipynb #dbac743c
-def apply_lesion(brain:torch.Tensor, # (B, K, n_voxels) brain layer or z-scored fMRI
-                 lesion:torch.Tensor|None=None, # bool (n_voxels,) or (B, n_voxels): units set to 0
-                 keep:torch.Tensor|None=None, # bool mask of the only units kept (the rest set to 0)
-                )->torch.Tensor: # same shape, lesioned units at baseline 0
-    "Set lesioned brain units to their baseline (0 in z-units); `keep` lesions the complement."
-    if lesion is not None and keep is not None: raise ValueError("give `lesion` or `keep`, not both")
-    mask = lesion if keep is None else ~torch.as_tensor(keep, dtype=torch.bool)
-    if mask is None: return brain
-    mask = torch.as_tensor(mask, device=brain.device)
+# %% ../../nbs/21_models.decoder.ipynb #da493a89
+def _check_lesion(mask:torch.Tensor, brain:torch.Tensor):
+    "Refuse a lesion mask that is not bool, or fits the brain layer neither as (n_voxels,) nor as (B, n_voxels)."
     if mask.dtype != torch.bool: raise ValueError(f"a lesion mask must be bool, got {mask.dtype}")
     if mask.shape[-1] != brain.shape[-1] or mask.dim() > 2 or (mask.dim() == 2 and mask.shape[0] != brain.shape[0]):
         raise ValueError(f"lesion mask of shape {tuple(mask.shape)} does not fit a brain layer of shape {tuple(brain.shape)}")
-    return brain.masked_fill(mask if mask.dim() == 1 else mask[:, None], 0.0)
+
+# %% ../../nbs/21_models.decoder.ipynb #ae17f530
+def _lesion_mask(brain:torch.Tensor, lesion, keep)->torch.Tensor|None:
+    "The bool mask of the units to silence, on `brain`'s device and checked against it; None: no lesion."
+    if lesion is not None and keep is not None: raise ValueError("give `lesion` or `keep`, not both")
+    mask = lesion if keep is None else ~torch.as_tensor(keep, dtype=torch.bool)
+    if mask is None: return None
+    mask = torch.as_tensor(mask, device=brain.device)
+    _check_lesion(mask, brain)
+    return mask
+
+# %% ../../nbs/21_models.decoder.ipynb #dbac743c
+def apply_lesion(brain:torch.Tensor, # (B, K, n_voxels) brain layer or z-scored fMRI
+                 lesion:torch.Tensor|None=None, # bool (n_voxels,) or (B, n_voxels): units set to 0
+                 keep:torch.Tensor|None=None, # bool mask of the only units kept
+                )->torch.Tensor: # same shape, lesioned units at 0
+    "Set lesioned brain units to their baseline (0 in z-units); `keep` lesions the complement."
+    mask = _lesion_mask(brain, lesion, keep)
+    return brain if mask is None else brain.masked_fill(mask if mask.dim() == 1 else mask[:, None], 0.0)
+
+# %% ../../nbs/21_models.decoder.ipynb #ca7b1284
+def _crop_pixels(x:torch.Tensor, H:int, W:int)->torch.Tensor:
+    "(N, 3, h, w) decoder output -> (N, H, W, 3) pixels in [0, 1]: its centre H×W through a sigmoid."
+    top, left = (x.shape[-2] - H) // 2, (x.shape[-1] - W) // 2
+    return torch.sigmoid(x.permute(0, 2, 3, 1)[:, top:top + H, left:left + W])
 
 # %% ../../nbs/21_models.decoder.ipynb #cc2eca77
 class VideoHead(nn.Module):
@@ -54,9 +71,7 @@ class VideoHead(nn.Module):
         B, K = z.shape[:2]
         x = self.seed(self.frames(z).reshape(B * K * self.F, self.code)).reshape(B * K * self.F, -1, self.h0, self.w0)
         x = self.rgb(self.up(x.contiguous(memory_format=torch.channels_last)))  # channels-last convs: faster on CPU and GPU
-        top, left = (x.shape[-2] - self.H) // 2, (x.shape[-1] - self.W) // 2
-        x = torch.sigmoid(x.permute(0, 2, 3, 1)[:, top:top + self.H, left:left + self.W])
-        return x.reshape(B, K, self.F, self.H, self.W, 3)
+        return _crop_pixels(x, self.H, self.W).reshape(B, K, self.F, self.H, self.W, 3)
 
 # %% ../../nbs/21_models.decoder.ipynb #30524a96
 class AudioHead(nn.Module):
