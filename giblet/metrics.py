@@ -25,44 +25,55 @@ def _chunks(n_trs:int, n_vox:int):
     step = max(1, _CHUNK_ELEMS // max(n_trs, 1))
     return [slice(s, s + step) for s in range(0, n_vox, step)]
 
-# %% ../nbs/07_metrics.ipynb #e51426b2
-def _score(p, t, kind:str, fill:float):
-    "Pearson r ('r') or R² ('r2') over axis 0 of two same-shape NumPy arrays or tensors, `fill` where undefined."
-    xp = np if isinstance(p, np.ndarray) else torch
-    eps = float((np.finfo if xp is np else torch.finfo)(p.dtype).eps)
-    n, dot = p.shape[0], lambda a, b: xp.einsum("i...,i...->...", a, b)
-    tc = t - t.mean(0)
-    stt = dot(tc, tc)
-    ok = stt > n * (16 * eps * xp.amax(abs(t), 0)) ** 2
-    if kind == "r":
-        pc = p - p.mean(0)
-        spp = dot(pc, pc)
-        ok = ok & (spp > n * (16 * eps * xp.amax(abs(p), 0)) ** 2)
-        val = xp.clip(dot(pc, tc) / xp.sqrt(xp.where(ok, spp * stt, 1.0)), -1.0, 1.0)
-    else:
-        res = t - p
-        val = 1.0 - dot(res, res) / xp.where(ok, stt, 1.0)
-    return xp.where(ok, val, fill)
+# %% ../nbs/07_metrics.ipynb #072c5d40
+def _centred(x, xp)->tuple:
+    "`x` centred over axis 0, its sum of squares, and where it varies: that sum above ~16 machine epsilons of its size."
+    xc = x - x.mean(0)
+    ss = xp.einsum("i...,i...->...", xc, xc)
+    eps = float((np.finfo if xp is np else torch.finfo)(x.dtype).eps)
+    return xc, ss, ss > x.shape[0] * (16 * eps * xp.amax(abs(x), 0)) ** 2
 
-# %% ../nbs/07_metrics.ipynb #b47bc7ec
-def _voxel_score(pred, true, kind:str, fill:float):
-    "Shared front end of `voxel_r` and `voxel_r2`: type matching, shape checks, chunking."
+# %% ../nbs/07_metrics.ipynb #4ff79816
+def _score(p, t, kind:str, fill:float):
+    "Pearson r ('r') or R² ('r2') over axis 0 of same-shape arrays or tensors; `fill` where undefined."
+    xp = np if isinstance(p, np.ndarray) else torch
+    dot = lambda a, b: xp.einsum("i...,i...->...", a, b)
+    tc, stt, ok = _centred(t, xp)
+    if kind != "r":
+        res = t - p
+        return xp.where(ok, 1.0 - dot(res, res) / xp.where(ok, stt, 1.0), fill)
+    pc, spp, ok_p = _centred(p, xp)
+    ok = ok & ok_p
+    return xp.where(ok, xp.clip(dot(pc, tc) / xp.sqrt(xp.where(ok, spp * stt, 1.0)), -1.0, 1.0), fill)
+
+# %% ../nbs/07_metrics.ipynb #09870a05
+def _as_pair(pred, true)->tuple:
+    "`pred` and `true` as NumPy arrays, or both as tensors on one device and float dtype when either is a tensor."
     if isinstance(pred, torch.Tensor) or isinstance(true, torch.Tensor):
         ref = pred if isinstance(pred, torch.Tensor) else true
         dt = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
-        pred, true = (torch.as_tensor(x, device=ref.device).to(dt) for x in (pred, true))
-    else: pred, true = np.asarray(pred), np.asarray(true)
-    if tuple(pred.shape) != tuple(true.shape):
-        raise ValueError(f"pred and true must have the same shape (n_trs, n_voxels); got {tuple(pred.shape)} "
-                         f"and {tuple(true.shape)}")
-    if pred.ndim < 1 or pred.shape[0] < 2:
-        raise ValueError(f"need at least 2 TRs on axis 0 to score over time; got shape {tuple(pred.shape)}")
-    if isinstance(pred, torch.Tensor): return _score(pred, true, kind, fill)
+        return tuple(torch.as_tensor(x, device=ref.device).to(dt) for x in (pred, true))
+    return np.asarray(pred), np.asarray(true)
+
+# %% ../nbs/07_metrics.ipynb #71749556
+def _score_np(pred:np.ndarray, true:np.ndarray, kind:str, fill:float)->np.ndarray:
+    "`_score` of NumPy arrays, in float64 over chunks of voxels: float32 of shape `pred.shape[1:]`."
     p2, t2 = pred.reshape(pred.shape[0], -1), true.reshape(true.shape[0], -1)
     out = np.empty(p2.shape[1], np.float32)
     for sl in _chunks(*p2.shape):
         out[sl] = _score(p2[:, sl].astype(np.float64), t2[:, sl].astype(np.float64), kind, fill)
     return out.reshape(pred.shape[1:])
+
+# %% ../nbs/07_metrics.ipynb #b47bc7ec
+def _voxel_score(pred, true, kind:str, fill:float):
+    "Types matched and shapes checked for `voxel_r` and `voxel_r2`."
+    pred, true = _as_pair(pred, true)
+    shape = tuple(pred.shape)
+    if shape != tuple(true.shape):
+        raise ValueError(f"pred and true must have the same shape (n_trs, n_voxels); got {shape} and {tuple(true.shape)}")
+    if not shape or shape[0] < 2:
+        raise ValueError(f"need at least 2 TRs on axis 0 to score over time; got shape {shape}")
+    return (_score if isinstance(pred, torch.Tensor) else _score_np)(pred, true, kind, fill)
 
 # %% ../nbs/07_metrics.ipynb #36f4c9d1
 def voxel_r(pred, # predicted BOLD (n_trs, n_voxels, ...): NumPy array or torch tensor, time on axis 0
@@ -94,24 +105,25 @@ def ceiling_from_r(r, # correlation between the mean of `n_a` subjects and the m
         c = np.where(r > 0, 1 / np.sqrt(1 + np.maximum(q, 0) / n_target), 0.0)
     return np.where(np.isnan(r), np.nan, c).astype(np.float32)
 
-# %% ../nbs/07_metrics.ipynb #e7fb406e
+# %% ../nbs/07_metrics.ipynb #26972ec8
+def _subject_array(x, i:int, first:dict)->np.ndarray:
+    "Subject `i` as checked float32 (`first`: subject 0's shape)."
+    x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    if x.ndim != 2: raise ValueError(f"subject {i} must be (n_trs, n_voxels); got shape {x.shape}")
+    s0 = first.setdefault("shape", x.shape)
+    if x.shape != s0: raise ValueError(f"subject {i} has shape {x.shape}; subject 0 has {s0}")
+    if not np.isfinite(x.sum(0, dtype=np.float64)).all(): raise ValueError(f"subject {i} holds NaN or inf values")
+    return x
+
+# %% ../nbs/07_metrics.ipynb #9805f96d
 def _subject_reader(subject_bold):
     "(n_subjects, get) where get(i) is subject i as a float32 (n_trs, n_voxels) array; nothing is loaded up front."
     if isinstance(subject_bold, (np.ndarray, torch.Tensor)) and subject_bold.ndim != 3:
         raise ValueError(f"subject_bold must be (n_subjects, n_trs, n_voxels); got shape {tuple(subject_bold.shape)}")
     n = len(subject_bold)
     if n < 2: raise ValueError(f"a noise ceiling needs at least 2 subjects; got {n}")
-    shape = []
-    def get(i):
-        x = subject_bold[i]
-        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2: raise ValueError(f"subject {i} must be (n_trs, n_voxels); got shape {x.shape}")
-        if not shape: shape.append(x.shape)
-        if x.shape != shape[0]: raise ValueError(f"subject {i} has shape {x.shape}; subject 0 has {shape[0]}")
-        if not np.isfinite(np.add.reduce(x, axis=0, dtype=np.float64)).all(): raise ValueError(f"subject {i} holds NaN or inf values")
-        return x
-    return n, get
+    first = {}
+    return n, lambda i: _subject_array(subject_bold[i], i, first)
 
 # %% ../nbs/07_metrics.ipynb #dec844c4
 def _sum(get, idx):
@@ -131,7 +143,27 @@ def _chunked_r(x, y_of):
         out[sl] = _score(x[:, sl].astype(np.float64), y_of(sl).astype(np.float64), "r", 0.0)
     return out
 
-# %% ../nbs/07_metrics.ipynb #f026eb9e
+# %% ../nbs/07_metrics.ipynb #88e9a57a
+def _loo_r(get, n:int, total:np.ndarray)->np.ndarray:
+    "The mean over subjects of each subject's voxel r with the mean of the other `n - 1` (`total`: the sum of all)."
+    acc = np.zeros(total.shape[1], np.float64)
+    for i in range(n):
+        x = get(i)
+        acc += _chunked_r(x, lambda sl: (total[:, sl] - x[:, sl]) / (n - 1))
+    return acc / n
+
+# %% ../nbs/07_metrics.ipynb #cb593dcb
+def _split_half_r(get, a:int, b:int, total:np.ndarray, n_splits:int, seed:int)->np.ndarray:
+    "Mean over `n_splits` random splits of the voxel r between the means of `a` subjects and of the other `b`."
+    acc, rng = np.zeros(total.shape[1], np.float64), np.random.default_rng(seed)
+    for _ in range(n_splits):
+        half = _sum(get, np.sort(rng.choice(a + b, a, replace=False)))
+        half /= a  # in place: this half's mean
+        acc += _chunked_r(half, lambda sl: (total[:, sl] - a * half[:, sl]) / b)
+        del half  # before the next split's sum
+    return acc / n_splits
+
+# %% ../nbs/07_metrics.ipynb #e28150f3
 def intersubject_r(subject_bold, # (n_subjects, n_trs, n_voxels): array, memmap, lazy loader or list of 2-D arrays
                    method:str="loo", # "loo" (subject vs mean of others) or "split_half" (mean of half vs other half)
                    n_splits:int=10, # random splits averaged for "split_half"
@@ -141,21 +173,9 @@ def intersubject_r(subject_bold, # (n_subjects, n_trs, n_voxels): array, memmap,
     if method not in ("loo", "split_half"): raise ValueError(f"method must be 'loo' or 'split_half'; got {method!r}")
     n, get = _subject_reader(subject_bold)
     total = _sum(get, range(n))
-    acc = np.zeros(total.shape[1], np.float64)
-    if method == "loo":
-        a, b = 1, n - 1
-        for i in range(n):
-            x = get(i)
-            acc += _chunked_r(x, lambda sl: (total[:, sl] - x[:, sl]) / b)
-        return (acc / n).astype(np.float32), a, b
+    if method == "loo": return _loo_r(get, n, total).astype(np.float32), 1, n - 1
     a, b = n // 2, n - n // 2
-    rng = np.random.default_rng(seed)
-    for _ in range(n_splits):
-        half = _sum(get, np.sort(rng.choice(n, a, replace=False)))
-        half /= a                                                    # in place: the mean of this half
-        acc += _chunked_r(half, lambda sl: (total[:, sl] - a * half[:, sl]) / b)
-        del half                                                     # before the next split's sum is built
-    return (acc / n_splits).astype(np.float32), a, b
+    return _split_half_r(get, a, b, total, n_splits, seed).astype(np.float32), a, b
 
 # %% ../nbs/07_metrics.ipynb #6995b13b
 def noise_ceiling(subject_bold, # (n_subjects, n_trs, n_voxels): array, memmap, lazy loader or list of 2-D arrays
@@ -169,7 +189,38 @@ def noise_ceiling(subject_bold, # (n_subjects, n_trs, n_voxels): array, memmap, 
     r, a, b = intersubject_r(subject_bold, method, n_splits, seed)
     return ceiling_from_r(r, a, b, a + b if target == "mean" else 1)
 
-# %% ../nbs/07_metrics.ipynb #3485dcad
+# %% ../nbs/07_metrics.ipynb #d6109538
+def _grids(v:torch.Tensor, gw:int, gh:int)->tuple:
+    "Colour `(c, 3·gw·gh)` and motion `(c, gw·gh)` grids of float frames `(c, F, H, W, 3)` in [0, 1]."
+    pool = lambda x: torch.nn.functional.adaptive_avg_pool2d(x, (gh, gw)).flatten(1)
+    grey = v.mean(-1)                                                    # (c, F, H, W)
+    diff = (grey[:, 1:] - grey[:, :-1]).abs().mean(1, keepdim=True)      # (c, 1, H, W)
+    return pool(v.mean(1).permute(0, 3, 1, 2)), pool(diff)
+
+# %% ../nbs/07_metrics.ipynb #20390c2b
+def _video_blocks(video:np.ndarray, grid:tuple, chunk:int)->list:
+    "Colour and motion blocks, `chunk` TRs at a time."
+    if video.ndim != 5 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise ValueError(f"video must be uint8 (n_trs, frames_per_tr, H, W, 3); got {video.dtype} {video.shape}")
+    if video.shape[1] < 2: raise ValueError(f"motion needs >= 2 frames per TR; got {video.shape[1]}")
+    g = [_grids(torch.from_numpy(np.array(video[s:s + chunk])).float() / 255.0, *grid) for s in range(0, len(video), chunk)]
+    return [torch.cat(b).numpy() for b in zip(*g)]
+
+# %% ../nbs/07_metrics.ipynb #478c0be6
+def _audio_text_blocks(audio, text)->list:
+    "The per-mel mean and std of log-mel `(n_trs, n_mels, A)` and the text embeddings `(n_trs, d)`, if given."
+    blocks = []
+    if audio is not None:
+        a = np.asarray(audio, dtype=np.float32)
+        if a.ndim != 3: raise ValueError(f"audio must be (n_trs, n_mels, A); got shape {a.shape}")
+        blocks += [a.mean(2), a.std(2)]
+    if text is not None:
+        t = np.asarray(text, dtype=np.float32)
+        if t.ndim != 2: raise ValueError(f"text must be (n_trs, d); got shape {t.shape}")
+        blocks.append(t)
+    return blocks
+
+# %% ../nbs/07_metrics.ipynb #c958f38b
 def stimulus_features(video=None, # uint8 (n_trs, frames_per_tr, H, W, 3) frames, or None
                       audio=None, # float32 (n_trs, n_mels, A) log-mel, or None
                       text=None, # float32 (n_trs, d) text embeddings, or None
@@ -181,29 +232,7 @@ def stimulus_features(video=None, # uint8 (n_trs, frames_per_tr, H, W, 3) frames
     if not given: raise ValueError("stimulus_features needs at least one of video, audio, text")
     lens = {k: len(v) for k, v in given.items()}
     if len(set(lens.values())) > 1: raise ValueError(f"modalities disagree on n_trs: {lens}")
-    blocks = []
-    if video is not None:
-        if video.ndim != 5 or video.shape[-1] != 3 or video.dtype != np.uint8:
-            raise ValueError(f"video must be uint8 (n_trs, frames_per_tr, H, W, 3); got {video.dtype} {video.shape}")
-        if video.shape[1] < 2: raise ValueError(f"motion needs >= 2 frames per TR; got {video.shape[1]}")
-        gw, gh = grid
-        colour, motion = [], []
-        for s in range(0, len(video), chunk):
-            v = torch.from_numpy(np.array(video[s:s + chunk])).float() / 255.0         # (c, F, H, W, 3)
-            mean = v.mean(1).permute(0, 3, 1, 2)                                      # (c, 3, H, W)
-            colour.append(torch.nn.functional.adaptive_avg_pool2d(mean, (gh, gw)).flatten(1))
-            grey = v.mean(-1)                                                         # (c, F, H, W)
-            diff = (grey[:, 1:] - grey[:, :-1]).abs().mean(1, keepdim=True)           # (c, 1, H, W)
-            motion.append(torch.nn.functional.adaptive_avg_pool2d(diff, (gh, gw)).flatten(1))
-        blocks += [torch.cat(colour).numpy(), torch.cat(motion).numpy()]
-    if audio is not None:
-        a = np.asarray(audio, dtype=np.float32)
-        if a.ndim != 3: raise ValueError(f"audio must be (n_trs, n_mels, A); got shape {a.shape}")
-        blocks += [a.mean(2), a.std(2)]
-    if text is not None:
-        t = np.asarray(text, dtype=np.float32)
-        if t.ndim != 2: raise ValueError(f"text must be (n_trs, d); got shape {t.shape}")
-        blocks.append(t)
+    blocks = (_video_blocks(video, grid, chunk) if video is not None else []) + _audio_text_blocks(audio, text)
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 # %% ../nbs/07_metrics.ipynb #242247ed

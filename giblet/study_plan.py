@@ -202,10 +202,10 @@ def _table_plan(spec:StudySpec, run:StudyRun, i:int, tr:float, n_volumes:int, pa
 
 # %% ../nbs/12_study_plan.ipynb #36fe6766
 def _table_bold(spec:StudySpec, run:StudyRun, width:int|None)->tuple:
-    "A run's tables read (each of `width` columns), every subject cut to the shortest (warned): `(subject -> array, volumes kept)`."
+    "A run's tables (`width` columns) by subject, and the shortest's length (warned)."
     bold = {s: read_table(p, len(spec.units) if spec.units else width, "BOLD") for s, p in run.nii.items()}
-    n_vol = min(len(b) for b in bold.values())
-    if n_vol < max(len(b) for b in bold.values()):
+    n_vol = min(map(len, bold.values()))
+    if n_vol < max(map(len, bold.values())):
         logger.warning("%s: %s: every subject is cut to %d volumes by the shortest (%s)", spec.source, run.name, n_vol,
                        ", ".join(f"{s}: {len(b)}" for s, b in bold.items() if len(b) > n_vol))
     return bold, n_vol

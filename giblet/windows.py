@@ -25,7 +25,25 @@ def _runs_of(times:np.ndarray, tr:float)->list:
     edges = [0, *breaks.tolist(), len(times)]
     return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
 
-# %% ../nbs/13_windows.ipynb #2ffd050a
+# %% ../nbs/13_windows.ipynb #7611f0ae
+def _decode_size(info, tr:float, n_frames:int, context_trs:int, frame_height:int)->tuple:
+    "`(width, frame_skip)`: the film's aspect ratio at an even width, and enough frames per TR for the clips."
+    width = max(2, 2 * round(frame_height * info.width / info.height / 2))
+    per_tr = math.ceil(n_frames / (context_trs + 1))
+    return width, max(1, math.floor(info.fps * tr / per_tr))
+
+# %% ../nbs/13_windows.ipynb #cc56d750
+def _clip(wins:np.ndarray, j:int, context_trs:int, n_frames:int)->np.ndarray:
+    "`n_frames` evenly spaced frames of the decoded windows `j` to `j + context_trs`."
+    clip = wins[j:j + context_trs + 1].reshape(-1, *wins.shape[2:])
+    return clip[np.linspace(0, len(clip) - 1, n_frames).round().astype(int)]
+
+# %% ../nbs/13_windows.ipynb #5678d52f
+def _before_film(wins:np.ndarray, n:int)->np.ndarray:
+    "`wins` after `n` windows of the film's first frame."
+    return np.concatenate([np.repeat(wins[:1, :1], n, 0).repeat(wins.shape[1], 1), wins])
+
+# %% ../nbs/13_windows.ipynb #2b3be927
 def video_clips(film:str|Path, # the film file
                 times:np.ndarray, # (n,) film time (s) where each TR window starts
                 tr:float, # repetition time (s)
@@ -34,22 +52,17 @@ def video_clips(film:str|Path, # the film file
                 frame_height:int=224, # decode height; the width keeps the film's aspect ratio
                )->np.ndarray: # uint8 (n, n_frames, H, W, 3): evenly spaced frames of [t - context_trs·tr, t + tr)
     "The frames each TR's clip is made of, decoded with `video_to_frames`; no frame after a window's end is ever read."
-    info = video_info(film)
-    width = max(2, 2 * round(frame_height * info.width / info.height / 2))
-    per_tr = math.ceil(n_frames / (context_trs + 1))
-    skip = max(1, math.floor(info.fps * tr / per_tr))
+    width, skip = _decode_size(video_info(film), tr, n_frames, context_trs, frame_height)
     out, n_short = None, 0
     for a, n in _runs_of(np.asarray(times, float), tr):
         t0 = float(times[a])
         have = min(context_trs, math.floor(t0 / tr + 1e-6))   # context windows that lie inside the film
         wins = video_to_frames(film, tr=tr, size=(width, frame_height), frame_skip=skip, max_trs=n + have, start=max(0.0, t0 - have * tr))
         if out is None: out = np.empty((len(times), n_frames, *wins.shape[2:]), np.uint8)
-        if have < context_trs:   # windows before the film's start: its first frame is what was on screen
+        if have < context_trs:
             n_short += min(n, context_trs - have)
-            wins = np.concatenate([np.repeat(wins[:1, :1], context_trs - have, 0).repeat(wins.shape[1], 1), wins])
-        for j in range(n):
-            clip = wins[j:j + context_trs + 1].reshape(-1, *wins.shape[2:])
-            out[a + j] = clip[np.linspace(0, len(clip) - 1, n_frames).round().astype(int)]
+            wins = _before_film(wins, context_trs - have)
+        for j in range(n): out[a + j] = _clip(wins, j, context_trs, n_frames)
     if n_short: logger.info("%s: %d TRs start less than %d TRs after the film's start; their context repeats its first frame",
                             film, n_short, context_trs)
     return out
@@ -76,31 +89,41 @@ def audio_clips(wave:np.ndarray, # float32 (n_samples,) mono waveform at `sr`; s
     return np.stack([padded[s:s + n] for s in idx])
 
 # %% ../nbs/13_windows.ipynb #1aad24a0
-def read_transcript(path:str|Path, # a TSV (or CSV) with columns onset, duration and word, times in film seconds
-                   )->pd.DataFrame: # columns onset, duration, word, sorted by onset
+def read_transcript(path:str|Path, # a TSV (or CSV): onset, duration and word, in film seconds
+                   )->pd.DataFrame: # onset, duration, word, sorted by onset
     "A word-timed transcript, checked: every word has a finite onset and a non-negative duration."
-    import pandas as pd   # imported on first use: the model side imports this module too
+    import pandas as pd   # on first use: the model side imports this module too
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such transcript file")
     df = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",")
     return _check_words(df, path)
 
-# %% ../nbs/13_windows.ipynb #87585200
-def _check_words(df:pd.DataFrame, name)->pd.DataFrame:
+# %% ../nbs/13_windows.ipynb #88781210
+def _word_times(df:pd.DataFrame, name)->tuple:
+    "The onset and duration columns as numbers; an error naming `name` for a missing onset or a bad duration."
     import pandas as pd
-    missing = [c for c in ("onset", "duration", "word") if c not in df.columns]
-    if missing: raise ValueError(f"{name}: a transcript needs columns onset, duration and word; missing {missing} (found {list(df.columns)})")
     onset, dur = pd.to_numeric(df["onset"], errors="coerce"), pd.to_numeric(df["duration"], errors="coerce")
     bad = ~np.isfinite(onset) | ~(dur >= 0)
-    if bad.any(): raise ValueError(f"{name}: {int(bad.sum())} words have a missing onset or a negative/missing duration (rows {np.flatnonzero(bad)[:5].tolist()})")
+    if bad.any(): raise ValueError(f"{name}: {int(bad.sum())} words have a missing onset or a negative/missing duration "
+                                   f"(rows {np.flatnonzero(bad)[:5].tolist()})")
+    return onset, dur
+
+# %% ../nbs/13_windows.ipynb #88ece619
+def _check_words(df:pd.DataFrame, name)->pd.DataFrame:
+    "A word table checked (errors name `name`), its empty words dropped, sorted by onset."
+    import pandas as pd
+    missing = [c for c in ("onset", "duration", "word") if c not in df.columns]
+    if missing: raise ValueError(f"{name}: a transcript needs columns onset, duration and word; missing {missing} "
+                                 f"(found {list(df.columns)})")
+    onset, dur = _word_times(df, name)
     empty = df["word"].isna() | (df["word"].astype(str).str.strip() == "")
     if empty.any(): logger.info("%s: dropped %d rows with no word", name, int(empty.sum()))
     out = pd.DataFrame({"onset": onset, "duration": dur, "word": df["word"].astype(str).str.strip()})[~empty]
     return out.sort_values("onset", kind="stable").reset_index(drop=True)
 
 # %% ../nbs/13_windows.ipynb #32ea35a6
-def words_from_annotations(df:pd.DataFrame, # segments with start, end and text, as from `giblet.data.text.load_annotations`
-                          )->pd.DataFrame: # a transcript: every word of a segment with the segment's onset and duration
+def words_from_annotations(df:pd.DataFrame, # segments (start, end, text), as from `giblet.data.text.load_annotations`
+                          )->pd.DataFrame: # a transcript: each segment's words with its onset and duration
     "Annotation segments as a word table: a segment's words all become available when the segment starts."
     import pandas as pd
     rows = [(s, e - s, w) for s, e, t in zip(df["start"], df["end"], df["text"]) if isinstance(t, str) for w in t.split()]
@@ -111,8 +134,8 @@ def text_contexts(words:pd.DataFrame, # a transcript (onset, duration, word)
                   times:np.ndarray, # (n,) film time (s) where each TR window starts
                   tr:float, # repetition time (s)
                   max_words:int=256, # words of context
-                 )->list: # per TR: the words with onset before the TR's end (the last `max_words`), joined; None if none
-    "The text a causal language model reads for each TR: every word begun before the window ends, never a later one."
+                 )->list: # per TR: its last `max_words` words begun before its end, joined; None if none
+    "The text a causal language model reads for each TR: never a word begun after the window."
     n = np.searchsorted(words["onset"].to_numpy(float), np.asarray(times, float) + tr, side="left")
     w = words["word"].tolist()
     return [" ".join(w[max(0, k - max_words):k]) if k else None for k in n]

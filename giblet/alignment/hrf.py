@@ -40,13 +40,19 @@ def glover_hrf(tr:float, # repetition time (sampling period) in seconds
         raise ValueError(f"oversampling must be a positive integer; got {oversampling!r}")
     return np.asarray(_nilearn_glover_hrf(tr, int(oversampling), time_length, float(onset)), dtype=np.float64)
 
-# %% ../../nbs/10_alignment.hrf.ipynb #371fc513
+# %% ../../nbs/10_alignment.hrf.ipynb #934535ee
+def _n_lags(tr:float, time_length:float)->int:
+    "How many lags 0, tr, 2·tr, ... lie within `time_length`: at least 4, or an error."
+    n = int(math.floor(time_length / tr + 1e-9)) + 1
+    if n < 4: raise ValueError(f"tr={tr} s is too long for a {time_length} s HRF: it needs at least 4 samples, "
+                               f"i.e. tr <= time_length / 3")
+    return n
+
+# %% ../../nbs/10_alignment.hrf.ipynb #8c0d3175
 @functools.lru_cache(maxsize=64)
 def _kernel(tr:float, time_length:float)->np.ndarray:
     "The cached, read-only `hrf_kernel`."
-    n = int(math.floor(time_length / tr + 1e-9)) + 1  # lags 0, tr, ..., <= time_length
-    if n < 4: raise ValueError(f"tr={tr} s is too long for a {time_length} s HRF: it needs at least 4 samples, "
-                               f"i.e. tr <= time_length / 3")
+    n = _n_lags(tr, time_length)
     span = (n - 1) * tr  # nilearn samples linspace(0, span, round(span / step)) = the lags, when step = span / n
     step = span / n
     h = glover_hrf(step, 1, span, -step)  # onset -step cancels nilearn's shift by one step (loc=dt)
@@ -96,17 +102,22 @@ def _causal_conv(x:torch.Tensor, # (T, C): C series of T steps, rows contiguous 
     rest = _mm(mat(b, b + c), windows, None if out is None else out[H:].unflatten(0, (nw, b)))  # all blocks, one call
     return out if out is not None else torch.cat([head, rest.flatten(0, 1)])
 
-# %% ../../nbs/10_alignment.hrf.ipynb #48fbaa9c
+# %% ../../nbs/10_alignment.hrf.ipynb #7c3a8e6d
+def _wrappable(x:np.ndarray)->np.ndarray:
+    "`x` in a layout torch can wrap: native byte order and no negative strides (a copy only when needed)."
+    if not x.dtype.isnative: x = x.astype(x.dtype.newbyteorder("="))
+    if any(s < 0 for s in x.strides): x = np.ascontiguousarray(x)
+    return x
+
+# %% ../../nbs/10_alignment.hrf.ipynb #f28b2e56
 def _as_tensor(x)->tuple[torch.Tensor, bool]:
     "`x` as a tensor sharing its memory, and whether it was a numpy array."
     if isinstance(x, torch.Tensor): return x, False
     if not isinstance(x, np.ndarray):
         raise TypeError(f"expected a numpy array or a torch tensor; got {type(x).__name__}")
-    if not x.dtype.isnative: x = x.astype(x.dtype.newbyteorder("="))
-    if any(s < 0 for s in x.strides): x = np.ascontiguousarray(x)
     with warnings.catch_warnings():  # read-only input (e.g. a memory map) is only read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(x), True
+        return torch.from_numpy(_wrappable(x)), True
 
 # %% ../../nbs/10_alignment.hrf.ipynb #265ff03d
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -117,7 +128,24 @@ def _empty(shape:tuple, like:torch.Tensor)->torch.Tensor:
         return torch.from_numpy(np.empty(shape, _NUMPY_DTYPES[like.dtype]))
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
-# %% ../../nbs/10_alignment.hrf.ipynb #df4de642
+# %% ../../nbs/10_alignment.hrf.ipynb #68e952ba
+def _time_axis(xt:torch.Tensor, axis)->int:
+    "`axis` as an index in `[0, xt.ndim)`, or an error for a scalar `xt` or an axis it does not have."
+    if xt.ndim == 0: raise ValueError("convolve_hrf needs at least one dimension (time); got a scalar")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -xt.ndim <= axis < xt.ndim:
+        raise ValueError(f"axis must be an integer in [{-xt.ndim}, {xt.ndim}) for shape {tuple(xt.shape)}; got {axis!r}")
+    return int(axis) % xt.ndim
+
+# %% ../../nbs/10_alignment.hrf.ipynb #1fed5852
+def _time_first(xt:torch.Tensor, ax:int)->torch.Tensor:
+    "`xt` as a (T, everything else) matrix of whole rows: a view when time is the slowest axis, else one copy."
+    x2 = xt.movedim(ax, 0).reshape(xt.shape[ax], -1)
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        logger.debug("convolve_hrf: copying %s with time on axis %d to time-first", tuple(xt.shape), ax)
+        x2 = x2.contiguous()
+    return x2
+
+# %% ../../nbs/10_alignment.hrf.ipynb #7fd3b964
 def convolve_hrf(x:np.ndarray|torch.Tensor, # floating-point series with time along `axis`, one value per TR
                  tr:float, # repetition time in seconds
                  axis:int=0, # the time axis
@@ -126,20 +154,13 @@ def convolve_hrf(x:np.ndarray|torch.Tensor, # floating-point series with time al
     xt, was_numpy = _as_tensor(x)
     if not xt.is_floating_point():
         raise TypeError(f"convolve_hrf needs a floating-point array or tensor; got dtype {xt.dtype}")
-    if xt.ndim == 0: raise ValueError("convolve_hrf needs at least one dimension (time); got a scalar")
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -xt.ndim <= axis < xt.ndim:
-        raise ValueError(f"axis must be an integer in [{-xt.ndim}, {xt.ndim}) for shape {tuple(xt.shape)}; "
-                         f"got {axis!r}")
-    tr, ax = _check_tr(tr), int(axis) % xt.ndim
+    ax = _time_axis(xt, axis)
+    tr = _check_tr(tr)
     if xt.numel() == 0: return x.copy() if was_numpy else xt.clone()
-    T = xt.shape[ax]
-    x2 = xt.movedim(ax, 0).reshape(T, -1)  # time first: a view unless time is not the slowest-varying axis
-    if x2.shape[1] > 1 and x2.stride(1) != 1:  # one copy, so the products read whole rows
-        logger.debug("convolve_hrf: copying %s with time on axis %d to time-first", tuple(xt.shape), ax)
-        x2 = x2.contiguous()
+    x2 = _time_first(xt, ax)
     grad = torch.is_grad_enabled() and xt.requires_grad
     y = _causal_conv(x2, tr, None if grad else _empty(x2.shape, xt))
-    out = y.reshape((T, *xt.movedim(ax, 0).shape[1:])).movedim(0, ax)
+    out = y.reshape((xt.shape[ax], *xt.movedim(ax, 0).shape[1:])).movedim(0, ax)
     if not out.is_contiguous(): out = out.contiguous() if grad else _empty(tuple(xt.shape), xt).copy_(out)
     if not was_numpy: return out
     out = out.numpy()

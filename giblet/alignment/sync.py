@@ -113,13 +113,13 @@ class FeatureParams:
 # %% ../../nbs/11_alignment.sync.ipynb #77ce1b5a
 @dataclass
 class RunSpec:
-    "One run: which NIfTIs, and where its segment sits in the film."
-    nii: list # one NIfTI path per subject, in subject order
-    film_start: float = 0.0 # film time (s) at stimulus time 0, the segment's start: volume 0's when scan_offset is 0 (either sign)
+    "One run: its NIfTIs and its segment of the film."
+    nii: list # a NIfTI path per subject, in order
+    film_start: float = 0.0 # film time (s) at stimulus time 0: the segment's start (either sign)
     film_stop: float | None = None # film time (s) where it stops
-    scan_offset: float = 0.0 # seconds from the scan's start to the segment's start
-    part: int | None = None # the annotation part shown in this run (1, 2, ...); None: part run_id + 1
-    part_start: float | None = None # film time (s) where that part's clock reads 0; None: 0 for part 1 (or a table of one part), else the segment's start
+    scan_offset: float = 0.0 # seconds from the scan's start to the segment's
+    part: int | None = None # the annotation part shown (1, 2, ...; None: run_id + 1)
+    part_start: float | None = None # film time (s) where that part's clock reads 0; None: 0 for part 1, else the segment's start
 
 # %% ../../nbs/11_alignment.sync.ipynb #675b1cd1
 def _check_tr(paths, tr):
@@ -131,26 +131,35 @@ def _check_tr(paths, tr):
         raise ValueError(f"{paths[0]}: the header says TR = {hdr} s, but TR = {tr} s was asked for")
     return hdr
 
-# %% ../../nbs/11_alignment.sync.ipynb #a9132665
+# %% ../../nbs/11_alignment.sync.ipynb #4c0a505b
+def _drop_short(own:dict, vols:dict, min_trs:int, run_id:int)->list:
+    "The subjects giving at least `min_trs` TRs (`own`: each one's TRs); each one dropped is warned of, with its counts."
+    for p in own:
+        if own[p] < min_trs: logger.warning("run %d: subject %s dropped: its %d volumes give %d TRs, fewer than min_trs=%d",
+                                            run_id, p, vols[p], own[p], min_trs)
+    keep = [p for p in own if own[p] >= min_trs]
+    if not keep: raise ValueError(f"run {run_id}: no subject gives min_trs={min_trs} TRs: {own}")
+    return keep
+
+# %% ../../nbs/11_alignment.sync.ipynb #311206a4
+def _warn_shortest(own, vols, run_id):
+    "Warn, with counts, if the shortest of `own` (subject -> TRs) cuts the rest."
+    n, most = min(own.values()), max(own.values())
+    if n == most: return
+    cut = ", ".join(f"{p} ({vols[p]} volumes, {t} TRs)" for p, t in own.items() if t < most)
+    logger.warning("run %d: every subject is cut to %d TRs by the shortest: %s; the others lose up to %d TRs each "
+                   "(%d TRs in all); pass min_trs=%d to drop the short subjects instead", run_id, n, cut, most - n,
+                   sum(t - n for t in own.values()), most)
+
+# %% ../../nbs/11_alignment.sync.ipynb #2fccc43b
 def _subject_trs(vols, tr, info, run, run_id, min_trs)->list:
     "The subjects to keep: all, cut to the shortest (warned, with counts), or those giving at least `min_trs` TRs."
     def n_trs(v):
         try: return tr_grid(v, tr, info.duration, run.film_start, run.film_stop, run.scan_offset).n_trs
         except ValueError: return 0
     own = {p: n_trs(v) for p, v in vols.items()}
-    keep = list(vols)
-    if min_trs is not None:
-        short = [p for p in keep if own[p] < min_trs]
-        for p in short: logger.warning("run %d: subject %s dropped: its %d volumes give %d TRs, fewer than min_trs=%d",
-                                       run_id, p, vols[p], own[p], min_trs)
-        keep = [p for p in keep if own[p] >= min_trs]
-        if not keep: raise ValueError(f"run {run_id}: no subject gives min_trs={min_trs} TRs: {own}")
-    n, most = min(own[p] for p in keep), max(own[p] for p in keep)
-    if n < most:
-        cut = [f"{p} ({vols[p]} volumes, {own[p]} TRs)" for p in keep if own[p] < most]
-        logger.warning("run %d: every subject is cut to %d TRs by the shortest: %s; the others lose up to %d TRs each "
-                       "(%d TRs in all); pass min_trs=%d to drop the short subjects instead", run_id, n, ", ".join(cut),
-                       most - n, sum(own[p] - n for p in keep), most)
+    keep = list(vols) if min_trs is None else _drop_short(own, vols, min_trs, run_id)
+    _warn_shortest({p: own[p] for p in keep}, vols, run_id)
     return keep
 
 # %% ../../nbs/11_alignment.sync.ipynb #88ba37f7
@@ -227,10 +236,9 @@ def run_audio(plan:RunPlan, params:FeatureParams)->np.ndarray:
 
 # %% ../../nbs/11_alignment.sync.ipynb #de3eef90
 def run_text(plan:RunPlan, params:FeatureParams, embedder:Callable|None=None)->tuple[np.ndarray, np.ndarray, list]:
-    "The run's annotation text on every TR of its grid, only from its own part: `(embeddings, has_text, texts)`."
+    "Each TR's text, from the run's own annotation part: `(embeddings, has_text, texts)`."
     g = plan.grid
-    df = load_annotations(plan.annotations, film_duration=plan.film_duration - plan.part_start, part=plan.part,
-                          text_columns=params.text_columns)
+    df = load_annotations(plan.annotations, film_duration=plan.film_duration - plan.part_start, part=plan.part, text_columns=params.text_columns)
     texts, has_text = annotations_to_trs(df, g.n_trs, g.tr, start=g.film_time - plan.part_start, part=plan.part)
     return embed_trs(texts, has_text, embedder or params.embedder()), np.asarray(has_text), list(texts)
 
@@ -296,15 +304,22 @@ def check_same_subjects(subjects:dict, # run id -> the positions of the subjects
         raise ValueError(f"runs keep different subjects (positions per run, None = all): {subjects}; "
                          f"drop a short subject from every run")
 
-# %% ../../nbs/11_alignment.sync.ipynb #c0097ac0
-def concat_runs(runs:Sequence[Aligned])->Aligned:
-    "One `Aligned` study from several runs that share a TR, subjects and mask."
+# %% ../../nbs/11_alignment.sync.ipynb #ea054c88
+def _check_runs(runs:Sequence[Aligned]):
+    "Refuse runs that differ in TR, subjects or voxels."
     first = runs[0]
     check_same_subjects({r.run[0] if len(r.run) else k: r.subjects for k, r in enumerate(runs)})
     if any(abs(r.tr - first.tr) > 1e-6 or r.fmri.shape[::2] != first.fmri.shape[::2] for r in runs):
         raise ValueError("runs must share the TR, the subjects and the voxels")
+
+# %% ../../nbs/11_alignment.sync.ipynb #55ae0dc4
+def concat_runs(runs:Sequence[Aligned])->Aligned:
+    "One `Aligned` study from several runs that share a TR, subjects and mask."
+    _check_runs(runs)
+    first = runs[0]
     cat = lambda name, axis=0: np.concatenate([np.asarray(getattr(r, name)) for r in runs], axis)
     lazy = all(isinstance(r.fmri, SubjectBold) for r in runs)     # streamed runs stay unread
     return Aligned(video=cat("video"), audio=cat("audio"), text=cat("text"), has_text=cat("has_text"),
-                   fmri=SubjectBold.concat([r.fmri for r in runs]) if lazy else cat("fmri", 1), tr=first.tr, tr_start=cat("tr_start"), run=cat("run"), volume=cat("volume"),
+                   fmri=SubjectBold.concat([r.fmri for r in runs]) if lazy else cat("fmri", 1), tr=first.tr,
+                   tr_start=cat("tr_start"), run=cat("run"), volume=cat("volume"),
                    texts=[t for r in runs for t in r.texts], mask=first.mask, subjects=first.subjects)

@@ -101,34 +101,50 @@ def _mono(frame) -> np.ndarray:
     a = frame.to_ndarray()
     return (a.mean(0) if a.shape[0] > 1 else a[0]).astype(np.float32, copy=False)
 
-# %% ../../nbs/03_data.audio.ipynb #129203b0
+# %% ../../nbs/03_data.audio.ipynb #c7f31821
+def _audio_stream(c, path):
+    "The first audio stream of the open container `c`, decoded with threads; a `NoAudioStreamError` if it has none."
+    if not c.streams.audio:
+        found = ", ".join(f"{s.type}:{s.codec_context.name}" for s in c.streams) or "no streams"
+        raise NoAudioStreamError(f"{path}: no audio stream (found {found}); pass allow_silence=True to "
+                                 "audio_to_mel to read it as silence (giblet-train: --set allow_silence=true)")
+    stream = c.streams.audio[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+# %% ../../nbs/03_data.audio.ipynb #4a16377e
+def _lead(frame, t0:float, sr:int, path)->int:
+    "Samples from film time 0 to the first decoded `frame`: silence to put first, or (negative) priming to drop."
+    lead = round(((frame.time if frame.time is not None else t0) - t0) * sr)
+    if lead > sr // 1000: logger.warning("%s: audio starts %.3f s after the film; silence before it", path, lead / sr)
+    return lead
+
+# %% ../../nbs/03_data.audio.ipynb #f91f4668
+def _decode_mono(c, stream, path, t0:float, sr:int, need:int|None)->tuple:
+    "`(pieces, lead)`: mono float32 at `sr` from film time 0 (`_lead`), decoded until `need` samples are covered."
+    resampler = av.AudioResampler(format="fltp", rate=sr)
+    chunks, n, lead = [], 0, None                      # n: samples so far, counted from film time 0
+    for frame in decode_stream(c, stream, path, t0):
+        if lead is None:
+            lead = n = _lead(frame, t0, sr, path)
+            if lead > 0: chunks.append(np.zeros(lead, np.float32))
+        for out in resampler.resample(frame): chunks.append(_mono(out)); n += out.samples
+        if need is not None and n >= need: break
+    else:
+        for out in resampler.resample(None): chunks.append(_mono(out)); n += out.samples
+    return chunks, lead
+
+# %% ../../nbs/03_data.audio.ipynb #cc37566a
 def load_audio(path:str|Path, # any film or audio file PyAV reads
                sr:int=16000, # sample rate to resample to, in Hz
                stop:float|None=None, # stop decoding once this film time (seconds) is covered (None: read all)
               )->np.ndarray: # float32 (n_samples,) mono waveform; sample 0 is film time 0
     "Decode the first audio stream of `path` to a mono float32 waveform at `sr` with PyAV."
     with _open_media(path) as c:
-        if not c.streams.audio:
-            found = ", ".join(f"{s.type}:{s.codec_context.name}" for s in c.streams) or "no streams"
-            raise NoAudioStreamError(f"{path}: no audio stream (found {found}); pass allow_silence=True to "
-                                     "audio_to_mel to read it as silence (giblet-train: --set allow_silence=true)")
-        stream = c.streams.audio[0]
-        stream.thread_type = "AUTO"
+        stream = _audio_stream(c, path)
         t0 = c.start_time / av.time_base if c.start_time is not None else 0.0
-        resampler = av.AudioResampler(format="fltp", rate=sr)
         need = None if stop is None else math.ceil(stop * sr)
-        chunks, n, lead = [], 0, None                      # n: samples so far, counted from film time 0
-        for frame in decode_stream(c, stream, path, t0):
-            if lead is None:
-                lead = round(((frame.time if frame.time is not None else t0) - t0) * sr)
-                if lead > sr // 1000: logger.warning("%s: audio starts %.3f s after the film; silence before it", path, lead / sr)
-                if lead > 0: chunks.append(np.zeros(lead, np.float32))
-                n = lead
-            for out in resampler.resample(frame):
-                chunks.append(_mono(out)); n += out.samples
-            if need is not None and n >= need: break
-        else:
-            for out in resampler.resample(None): chunks.append(_mono(out)); n += out.samples
+        chunks, lead = _decode_mono(c, stream, path, t0, sr, need)
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if lead is not None and lead < 0: wave = wave[-lead:]  # priming before film time 0
     return wave if need is None else wave[:need]
@@ -320,7 +336,7 @@ def mel_to_audio(mel, # log-mel windows (n_trs, n_mels, frames_per_tr), numpy or
 def log_spectral_distance(mel_a, # log-mel in dB, (..., n_mels, n_frames)
                           mel_b, # log-mel in dB, same shape
                          )->float: # mean over frames of the RMS over mel bands, in dB
-    "The log-spectral distance between two log-mel arrays of one shape."
+    "The log-spectral distance of two log-mel arrays of one shape."
     a, b = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float64) for x in (mel_a, mel_b))
     if a.shape != b.shape or a.ndim < 2: raise ValueError(f"need two log-mels of one shape, got {a.shape} and {b.shape}")
     return float(np.sqrt(((a - b) ** 2).mean(-2)).mean())

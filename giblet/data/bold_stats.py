@@ -42,7 +42,7 @@ class ZScoreStats:
 
 # %% ../../nbs/05_data.bold_stats.ipynb #c820f184
 def _tr_indices(trs, n_trs)->np.ndarray:
-    "TR selection (None, slice, int or bool array) as sorted-as-given int64 indices."
+    "None, a slice, ints or a bool mask as int64 TR indices."
     if trs is None: return np.arange(n_trs)
     if isinstance(trs, slice): return np.arange(n_trs)[trs]
     trs = np.asarray(trs)
@@ -99,12 +99,12 @@ def apply_zscore(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_
 
 # %% ../../nbs/05_data.bold_stats.ipynb #74561c94
 def zscore(features, # float32 (n_trs, n_voxels) or (n_subjects, n_trs, n_voxels)
-           trs=None, # TRs to compute the statistics on (ignored when `stats` is given)
-           stats:ZScoreStats|None=None, # statistics to reuse; None computes them on `trs`
-           out:np.ndarray|None=None, # optional float32 array to write into (may be `features` itself)
+           trs=None, # TRs for the statistics (ignored with `stats`)
+           stats:ZScoreStats|None=None, # statistics to reuse (None: from `trs`)
+           out:np.ndarray|None=None, # float32 array to write into (may be `features` itself)
           )->tuple[np.ndarray, ZScoreStats]: # (float32 z-scores, the statistics used)
-    "z-score all TRs with statistics from `trs` (or reused `stats`), returning both."
-    stats = zscore_stats(features, trs) if stats is None else stats
+    "z-score every TR with statistics from `trs` (or `stats`)."
+    if stats is None: stats = zscore_stats(features, trs)
     return apply_zscore(features, stats, out), stats
 
 # %% ../../nbs/05_data.bold_stats.ipynb #c4873b58

@@ -15,23 +15,33 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'read_table']
 
-# %% ../../nbs/06_data.tables.ipynb #aa7d4ace
-def read_table(path:str|Path, # a whitespace-, comma- or tab-separated numeric table, one row per volume (no header, or a '#' one)
-               n_columns:int|None=None, # the columns it must have; None: any number
-               what:str="table", # what the table holds, for messages ("BOLD", "predictor")
-              )->np.ndarray: # float32 (n_rows, n_columns)
-    "A numeric per-volume table, checked: numbers only, one width, finite, and no column constant (e.g. a subject with no data)."
-    path = Path(path)
+# %% ../../nbs/06_data.tables.ipynb #5340f96f
+def _load_table(path:Path, what:str)->np.ndarray:
+    "The numbers of a text table (commas read as spaces, '#' lines skipped), float64 (n_rows, n_columns)."
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such {what} table")
-    text = path.read_text()
-    try: a = np.loadtxt(text.replace(",", " ").splitlines(), dtype=np.float64, ndmin=2)
+    try: a = np.loadtxt(path.read_text().replace(",", " ").splitlines(), dtype=np.float64, ndmin=2)
     except ValueError as e: raise ValueError(f"{path}: not a numeric {what} table ({e})") from None
     if a.size == 0: raise ValueError(f"{path}: the {what} table is empty")
-    if n_columns is not None and a.shape[1] != n_columns:
-        raise ValueError(f"{path}: {a.shape[1]} columns, expected {n_columns} (one per {'unit' if what == 'BOLD' else 'feature'})")
+    return a
+
+# %% ../../nbs/06_data.tables.ipynb #f457ff53
+def _check_values(a:np.ndarray, path:Path, what:str):
+    "Refuse rows holding NaN or infinite values, and constant columns."
     bad = ~np.isfinite(a).all(1)
     if bad.any(): raise ValueError(f"{path}: {int(bad.sum())} of {len(a)} rows hold NaN or infinite values (first: row {int(bad.argmax())})")
     flat = np.flatnonzero(a.std(0) == 0)
     if len(flat): raise ValueError(f"{path}: column(s) {flat.tolist()} of the {what} table are constant "
                                    f"({'all ' + format(a[0, flat[0]], 'g')}); a {what} series without variation cannot be used")
+
+# %% ../../nbs/06_data.tables.ipynb #597d54e5
+def read_table(path:str|Path, # a whitespace-, comma- or tab-separated numeric table, one row per volume (no header, or a '#' one)
+               n_columns:int|None=None, # the columns it must have; None: any number
+               what:str="table", # what the table holds, for messages ("BOLD", "predictor")
+              )->np.ndarray: # float32 (n_rows, n_columns)
+    "A numeric per-volume table, checked: numbers only, one width, finite, no constant column (e.g. a subject with no data)."
+    path = Path(path)
+    a = _load_table(path, what)
+    if n_columns is not None and a.shape[1] != n_columns:
+        raise ValueError(f"{path}: {a.shape[1]} columns, expected {n_columns} (one per {'unit' if what == 'BOLD' else 'feature'})")
+    _check_values(a, path, what)
     return a.astype(np.float32)
