@@ -83,18 +83,23 @@ def _as_mask(region, n_units:int, device)->torch.Tensor|None:
                          "was it built on the model's mask?")
     return torch.as_tensor(mask, device=device)
 
-# %% ../nbs/41_lesion.ipynb #f18685fa
-def _brains(model, data:LesionData, source:str, position:int|None, batch_size:int):
-    "Yield (index into data.trs, batch, brain layer, window row, position) batch by batch: what the decoder reads."
-    if source not in ("stimulus", "fmri"): raise ValueError(f"source must be 'stimulus' or 'fmri', got {source!r}")
-    cfg, dev = model.config, next(model.parameters()).device
+# %% ../nbs/41_lesion.ipynb #c574035f
+def _check_reads(cfg, data:LesionData):
+    "An error unless `data` has the brain units of a model of config `cfg` and every feature stream it reads."
     if data.n_units != cfg.n_voxels:
         raise ValueError(f"the data has {data.n_units} brain units but the model has {cfg.n_voxels}; they must share a mask")
     lacking = [n for n in cfg.stream_dims if stream_key(n) not in getattr(data.tensors, "streams", {})]
     if lacking: raise ValueError(f"the model reads feature stream(s) {lacking}; build the data with them (`lesion_data` does)")
-    position = cfg.context_trs // 4 if position is None else int(position)
-    for idx, batch, brain, row, pos in model.context_windows(data.tensors, data.trs, position, "block", batch_size, predict=source == "stimulus"):
-        yield idx, batch, brain if source == "stimulus" else batch["fmri"].to(dev).float(), row, pos
+
+# %% ../nbs/41_lesion.ipynb #f18685fa
+def _brains(model, data:LesionData, source:str, position:int|None, batch_size:int):
+    "Yield (index into data.trs, batch, brain layer, window row, position) batch by batch: what the decoder reads."
+    if source not in ("stimulus", "fmri"): raise ValueError(f"source must be 'stimulus' or 'fmri', got {source!r}")
+    _check_reads(model.config, data)
+    dev, predict = next(model.parameters()).device, source == "stimulus"
+    position = model.config.context_trs // 4 if position is None else int(position)
+    for idx, batch, brain, row, pos in model.context_windows(data.tensors, data.trs, position, "block", batch_size, predict=predict):
+        yield idx, batch, brain if predict else batch["fmri"].to(dev).float(), row, pos
 
 # %% ../nbs/41_lesion.ipynb #5c673854
 def _silence(brain:torch.Tensor, mask:torch.Tensor, mode:str, baseline:torch.Tensor|None)->torch.Tensor:
@@ -165,9 +170,10 @@ def reconstruct(model, # a BrainAutoencoder
                 out[c][m][torch.as_tensor(idx)] = v.cpu()
     return out
 
-# %% ../nbs/41_lesion.ipynb #adc843a3
+# %% ../nbs/41_lesion.ipynb #644466ab
 METRICS = (("video", "nmse", 1), ("audio", "nmse", 1), ("text", "nmse", 1), ("text", "cosine", 1), ("text", "accuracy", -1)) # modality, metric, +1 if higher is worse
 
+# %% ../nbs/41_lesion.ipynb #adc843a3
 def _tr_errors(pred:dict, tgt:dict, var:dict, bank:tuple, texts:list)->dict:
     "Per-TR errors of one batch of reconstructions: (modality, metric) -> float64 array (NaN where undefined)."
     has = tgt["has_text"].cpu().numpy()
@@ -239,6 +245,23 @@ def collect_errors(model, # a BrainAutoencoder
             for key, e in _tr_errors(pred, tgt, var, bank, texts).items(): out[c][key][idx] = e
     return out
 
+# %% ../nbs/41_lesion.ipynb #dd943839
+def _conditions(regions:list, nulls:dict)->dict:
+    "What `lesion_effects` runs: the intact model (None), each region and each of its matched blobs."
+    conds = {"intact": None}
+    for r in regions:
+        conds[("region", r.name)] = r
+        for j, b in enumerate(nulls[r.name].blobs): conds[("null", r.name, j)] = b
+    return conds
+
+# %% ../nbs/41_lesion.ipynb #4b86e4d2
+def _boot_counts(data:LesionData, block_seconds:float, n_boot:int, seed:int)->tuple:
+    "(block id of every evaluated TR, (n_boot, n_blocks) times each block is drawn in each replicate)."
+    block = _blocks(data, max(1, math.ceil(block_seconds / data.tr - 1e-9)))
+    n_blocks = block.max() + 1
+    counts = np.random.default_rng(seed).multinomial(n_blocks, np.full(n_blocks, 1 / n_blocks), size=n_boot).astype(np.float64)
+    return block, counts
+
 # %% ../nbs/41_lesion.ipynb #a57fd6b6
 def _null_stats(effect:float, null:np.ndarray, direction:int)->dict:
     "p (one-sided, counting ties against the region) and rank of `effect` among the null effects; NaN with no null."
@@ -270,15 +293,10 @@ def lesion_effects(model, # a trained BrainAutoencoder
     if mode not in ("lesion", "keep"): raise ValueError(f"mode must be 'lesion' or 'keep', got {mode!r}")
     gain, grid = model.decoder.unit_gain.detach().float().cpu().numpy(), UnitGrid(data.mask)
     nulls = {r.name: matched_blobs(r, grid, gain, n_null, gain_tolerance, (seed, i), max_draws) for i, r in enumerate(regions)}
-    conds = {"intact": None}
-    for r in regions:
-        conds[("region", r.name)] = r
-        for j, b in enumerate(nulls[r.name].blobs): conds[("null", r.name, j)] = b
-    errs = collect_errors(model, data, conds, mode, source, replace, position, batch_size)
+    errs = collect_errors(model, data, _conditions(regions, nulls), mode, source, replace, position, batch_size)
     chance = _chance(data, data.bank())
-    block = _blocks(data, max(1, math.ceil(block_seconds / data.tr - 1e-9)))
-    n_blocks = block.max() + 1
-    counts = np.random.default_rng(seed).multinomial(n_blocks, np.full(n_blocks, 1 / n_blocks), size=n_boot).astype(np.float64)
+    block, counts = _boot_counts(data, block_seconds, n_boot, seed)
+    n_blocks = counts.shape[1]
     q = (50 * (1 - ci), 50 * (1 + ci))
     ci_of = lambda name, x: dict(zip((f"{name}_lo", f"{name}_hi"), np.nanpercentile(x, q) if np.isfinite(x).any() else (np.nan,) * 2))
     direction = 1 if mode == "lesion" else -1
@@ -334,18 +352,23 @@ def plot_effects(table:pd.DataFrame, # from `lesion_effects`
     fig.tight_layout()
     return fig
 
-# %% ../nbs/41_lesion.ipynb #cb05e9c5
-def _text_strip(width:int, height:int, items:Sequence, fontsize:float, cache:dict)->np.ndarray:
-    "A black (height, width, 3) uint8 strip with white text items [(x_centre_px, text)], drawn by matplotlib."
-    key = (width, height, tuple(items), fontsize)
-    if key in cache: return cache[key]
+# %% ../nbs/41_lesion.ipynb #cc123dd0
+def _draw_text(width:int, height:int, items:Sequence, fontsize:float)->np.ndarray:
+    "White `items` [(x_centre_px, text)] on black: an RGB uint8 image of about (height, width)."
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="black")
     canvas = FigureCanvasAgg(fig)
     for x, text in items: fig.text(x / width, 0.5, text, color="white", ha="center", va="center", fontsize=fontsize)
     canvas.draw()
-    img = np.asarray(canvas.buffer_rgba())[..., :3]
+    return np.asarray(canvas.buffer_rgba())[..., :3]
+
+# %% ../nbs/41_lesion.ipynb #cb05e9c5
+def _text_strip(width:int, height:int, items:Sequence, fontsize:float, cache:dict)->np.ndarray:
+    "A black (height, width, 3) uint8 strip with white text items [(x_centre_px, text)], drawn by matplotlib."
+    key = (width, height, tuple(items), fontsize)
+    if key in cache: return cache[key]
+    img = _draw_text(width, height, items, fontsize)
     out = np.zeros((height, width, 3), np.uint8)
     h, w = min(height, img.shape[0]), min(width, img.shape[1])
     out[:h, :w] = img[:h, :w]
@@ -483,9 +506,10 @@ def lesion_data(run, # a `RunData` (from `load_run` or `prepare_data`)
     if run.features is not None: data.sample_rate = int(run.features.sr)
     return data
 
-# %% ../nbs/41_lesion.ipynb #5ca56f60
+# %% ../nbs/41_lesion.ipynb #7daf1f40
 RUN_MARKER = "effects.csv" # a folder holding this file holds a lesion run
 
+# %% ../nbs/41_lesion.ipynb #5ca56f60
 def _check_out(out:Path, overwrite:bool):
     "Refuse an output folder that holds a lesion run (unless overwriting) or anything else."
     if not out.exists(): return
@@ -493,6 +517,21 @@ def _check_out(out:Path, overwrite:bool):
     if (out / RUN_MARKER).is_file():
         if not overwrite: raise FileExistsError(f"{out} already holds a lesion run; pass --overwrite to replace it as a whole")
     elif any(out.iterdir()): raise FileExistsError(f"{out} holds other files, not a lesion run; give a new or empty folder")
+
+# %% ../nbs/41_lesion.ipynb #2498e51f
+def _check_choices(mode:str, replace:str, source:str, split:str):
+    "A one-line error for a choice option of `lesion_main` that is none of its choices."
+    for name, value, ok in (("mode", mode, ("lesion", "keep")), ("replace", replace, ("zero", "mean")),
+                            ("source", source, ("stimulus", "fmri")), ("split", split, ("val", "test", "train", "all"))):
+        if value not in ok: raise ValueError(f"--{name} must be {' or '.join(ok)}, got {value!r}")
+
+# %% ../nbs/41_lesion.ipynb #58e984cc
+def _png(table:pd.DataFrame)->bytes:
+    "The effect figure (`plot_effects`) of a table, as PNG bytes."
+    import matplotlib.pyplot as plt
+    png, fig = io.BytesIO(), plot_effects(table)
+    fig.savefig(png, format="png", dpi=120); plt.close(fig)
+    return png.getvalue()
 
 # %% ../nbs/41_lesion.ipynb #ffe457c4
 def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or a saved model
@@ -513,9 +552,7 @@ def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or
                 overwrite:bool=False, # replace a lesion run already in --out, as a whole
                )->pd.DataFrame: # the effect table (also in OUT/effects.csv)
     "Lesion (or keep only) brain regions of a trained giblet model: an effect table against matched nulls, and rendered video, sound and text."
-    for name, value, ok in (("mode", mode, ("lesion", "keep")), ("replace", replace, ("zero", "mean")),
-                            ("source", source, ("stimulus", "fmri")), ("split", split, ("val", "test", "train", "all"))):
-        if value not in ok: raise ValueError(f"--{name} must be {' or '.join(ok)}, got {value!r}")
+    _check_choices(mode, replace, source, split)
     if n_null < 1 or n_boot < 1 or render_trs < 0: raise ValueError("--n-null and --n-boot must be >= 1 and --render-trs >= 0")
     out = Path(out).absolute()
     with RunLock(out.parent, f".{out.name}.lock"):   # a second run into the same --out is refused while this one runs
@@ -526,12 +563,10 @@ def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or
         regs = parse_regions(regions, data.mask, run.data_dir)
         table = lesion_effects(model, data, regs, mode=mode, source=source, replace=replace, n_null=n_null,
                                gain_tolerance=gain_tolerance, n_boot=n_boot, seed=seed)
-        import matplotlib.pyplot as plt
         with atomic_folder(out) as tmp:
             _atomic_text(tmp / RUN_MARKER, table.to_csv(index=False))
-            png, fig = io.BytesIO(), plot_effects(table)
-            fig.savefig(png, format="png", dpi=120); plt.close(fig)
-            atomic_write(tmp / "effects.png", lambda f: f.write(png.getvalue()))
+            png = _png(table)
+            atomic_write(tmp / "effects.png", lambda f: f.write(png))
             for r in regs if render_trs > 0 else ():
                 render(model, data, r, tmp / _slug(r.name), mode=mode, source=source, n_trs=render_trs, replace=replace)
         logger.info("%s", table[["region", "modality", "metric", "intact", "value", "effect", "null_mean", "specific", "p", "rank",

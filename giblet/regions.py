@@ -57,20 +57,29 @@ def _units(m:np.ndarray, values:np.ndarray, what:str, name:str)->Region:
                          f"{n} of its voxels lie on the mask's grid, none inside the mask. Is it in the same space (MNI)?")
     return Region(name, units, what)
 
-# %% ../nbs/40_regions.ipynb #ee89acf8
-def _on_grid(img, model_mask, what:str)->tuple:
-    "An image's values on the model's grid (resampled with nearest neighbour when the grids differ), and the bool mask."
-    m_img, m = _model_mask(model_mask)
+# %% ../nbs/40_regions.ipynb #785526d9
+def _volume(img, what:str)->tuple:
+    "(image, 3-D data) of a NIfTI, a 4-D image of one volume taken as 3-D; an error if it is not 3-D or all zero."
     img = load_nifti(img, ndim=None)
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1: img = nib.Nifti1Image(data[..., 0], img.affine, img.header); data = data[..., 0]
     if data.ndim != 3: raise ValueError(f"{what}: expected a 3-D image, got shape {data.shape}")
     if not np.any(data != 0): raise ValueError(f"{what}: the image has no nonzero voxel")
-    if data.shape != m.shape or not np.allclose(img.affine, m_img.affine, atol=1e-3):
-        from nilearn.image import resample_to_img
-        logger.info("%s: resampling %s to the model's grid %s (nearest)", what, data.shape, m.shape)
-        img = resample_to_img(img, m_img, interpolation="nearest", force_resample=True, copy_header=True)
-        data = np.asanyarray(img.dataobj)
+    return img, data
+
+# %% ../nbs/40_regions.ipynb #60f25738
+def _resample(img, m_img, what:str)->np.ndarray:
+    "An image's data on the model's grid, resampled by nearest neighbour (so labels stay labels)."
+    from nilearn.image import resample_to_img
+    logger.info("%s: resampling %s to the model's grid %s (nearest)", what, img.shape, m_img.shape)
+    return np.asanyarray(resample_to_img(img, m_img, interpolation="nearest", force_resample=True, copy_header=True).dataobj)
+
+# %% ../nbs/40_regions.ipynb #ee89acf8
+def _on_grid(img, model_mask, what:str)->tuple:
+    "An image's values on the model's grid (resampled with nearest neighbour when the grids differ), and the bool mask."
+    m_img, m = _model_mask(model_mask)
+    img, data = _volume(img, what)
+    if data.shape != m.shape or not np.allclose(img.affine, m_img.affine, atol=1e-3): data = _resample(img, m_img, what)
     return data, m
 
 # %% ../nbs/40_regions.ipynb #703aab9a
@@ -87,20 +96,33 @@ def mask_region(mask_img, # a 3-D mask NIfTI (image or path): nonzero voxels are
     data, m = _on_grid(mask_img, model_mask, what)
     return _units(m, data, what, name or Path(what).name.split(".")[0])
 
+# %% ../nbs/40_regions.ipynb #93af3fcb
+def _lookup_file(p:Path)->dict:
+    "Label id -> name from a CSV/TSV file (columns index, name) or a text file (line = id)."
+    ext = p.suffix.lower()
+    if ext not in (".csv", ".tsv"): return dict(enumerate(l.strip() for l in p.read_text().splitlines()))
+    df = pd.read_csv(p, sep="\t" if ext == ".tsv" else ",").rename(columns=str.lower)
+    if not {"index", "name"} <= set(df.columns):
+        raise ValueError(f"{p}: a label table needs columns 'index' and 'name', found {list(df.columns)}")
+    return dict(zip(df["index"].astype(int), df["name"].astype(str)))
+
 # %% ../nbs/40_regions.ipynb #afaa6378
 def _lookup(names)->dict:
-    "Label id -> name from a dict, a sequence (index = id), or a CSV/TSV (columns index, name) or text file (line = id)."
+    "Label id -> name from a dict, a sequence (index = id), or a lookup file (`_lookup_file`)."
     if names is None: return {}
     if isinstance(names, dict): return {int(k): str(v) for k, v in names.items()}
-    if isinstance(names, (str, os.PathLike)):
-        p = Path(names)
-        if not p.is_file(): raise FileNotFoundError(f"{p}: no label lookup table")
-        if p.suffix.lower() not in (".csv", ".tsv"): return dict(enumerate(l.strip() for l in p.read_text().splitlines()))
-        df = pd.read_csv(p, sep="\t" if p.suffix.lower() == ".tsv" else ",").rename(columns=str.lower)
-        if not {"index", "name"} <= set(df.columns):
-            raise ValueError(f"{p}: a label table needs columns 'index' and 'name', found {list(df.columns)}")
-        return dict(zip(df["index"].astype(int), df["name"].astype(str)))
-    return {i: str(n) for i, n in enumerate(names)}
+    if not isinstance(names, (str, os.PathLike)): return {i: str(n) for i, n in enumerate(names)}
+    if not Path(names).is_file(): raise FileNotFoundError(f"{Path(names)}: no label lookup table")
+    return _lookup_file(Path(names))
+
+# %% ../nbs/40_regions.ipynb #322d1385
+def _label_id(lab, lut:dict, what:str)->int:
+    "An atlas label's id, given as an id (int or digits) or a name in `lut` (any case)."
+    if isinstance(lab, str) and not lab.lstrip("-").isdigit():
+        by_name = {v.casefold(): k for k, v in lut.items()}
+        if lab.casefold() not in by_name: raise ValueError(f"{what}: no label named {lab!r}; known: {sorted(lut.values())}")
+        lab = by_name[lab.casefold()]
+    return int(lab)
 
 # %% ../nbs/40_regions.ipynb #57af6589
 def atlas_regions(atlas, # a 3-D label image (image or path): integer labels, 0 = background
@@ -110,18 +132,19 @@ def atlas_regions(atlas, # a 3-D label image (image or path): integer labels, 0 
                  )->list: # one Region per label
     "One region per atlas label."
     what, lut = _describe(atlas), _lookup(names)
-    by_name = {v.casefold(): k for k, v in lut.items()}
     data, m = _on_grid(atlas, model_mask, what)
     data = np.rint(data).astype(np.int64)
     out = []
     for lab in labels:
-        if isinstance(lab, str) and not lab.lstrip("-").isdigit():
-            if lab.casefold() not in by_name: raise ValueError(f"{what}: no label named {lab!r}; known: {sorted(lut.values())}")
-            lab = by_name[lab.casefold()]
-        lab = int(lab)
+        lab = _label_id(lab, lut, what)
         if not (data == lab).any(): raise ValueError(f"{what}: label {lab} ({lut.get(lab, 'unnamed')}) is not in the atlas")
         out.append(_units(m, data == lab, f"{what} label {lab}", lut.get(lab, f"label {lab}")))
     return out
+
+# %% ../nbs/40_regions.ipynb #b1c08be7
+def _mm(ijk:np.ndarray, affine)->np.ndarray:
+    "World coordinates (mm) of voxel indices `ijk` (n, 3) under `affine`."
+    a = np.asarray(affine); return ijk @ a[:3, :3].T + a[:3, 3]
 
 # %% ../nbs/40_regions.ipynb #4e38b0df
 def sphere_region(center:Sequence[float], # (x, y, z) in the mask's world space, mm (MNI)
@@ -133,13 +156,31 @@ def sphere_region(center:Sequence[float], # (x, y, z) in the mask's world space,
     img, m = _model_mask(model_mask)
     c = np.asarray(center, dtype=np.float64)
     if c.shape != (3,) or not radius > 0: raise ValueError(f"need a centre (x, y, z) and a radius > 0, got {center}, {radius}")
-    xyz = np.argwhere(m) @ img.affine[:3, :3].T + img.affine[:3, 3]
-    name = name or f"sphere({c[0]:g},{c[1]:g},{c[2]:g};r={radius:g})"
-    units = np.linalg.norm(xyz - c, axis=1) <= radius
+    d = np.linalg.norm(_mm(np.argwhere(m), img.affine) - c, axis=1)
+    name, units = name or f"sphere({c[0]:g},{c[1]:g},{c[2]:g};r={radius:g})", d <= radius
     if not units.any():
-        d = np.linalg.norm(xyz - c, axis=1).min()
-        raise ValueError(f"sphere {name}: no voxel of the model's mask lies within {radius:g} mm (the nearest is {d:.1f} mm away)")
+        raise ValueError(f"sphere {name}: no voxel of the model's mask lies within {radius:g} mm (the nearest is {d.min():.1f} mm away)")
     return Region(name, units, f"sphere at {tuple(c)} mm, radius {radius:g} mm")
+
+# %% ../nbs/40_regions.ipynb #03292504
+def _face_neighbours(ijk:np.ndarray, shape:tuple)->np.ndarray:
+    "(n, 6): the index in `ijk` of each voxel's six face neighbours (-1: not one of the voxels)."
+    index = np.full(np.array(shape) + 2, -1, np.int64)  # padded, so every voxel has six neighbours to look up
+    index[tuple((ijk + 1).T)] = np.arange(len(ijk))
+    steps = np.vstack([np.eye(3, dtype=np.int64), -np.eye(3, dtype=np.int64)])
+    return np.stack([index[tuple((ijk + 1 + s).T)] for s in steps], 1)
+
+# %% ../nbs/40_regions.ipynb #f5696125
+def _grow(neighbours:np.ndarray, xyz:np.ndarray, seed:int, size:int, allowed:np.ndarray|None)->tuple:
+    "(bool mask, count) of the units a blob of at most `size` reaches from `seed`."
+    out, seen, heap, n = np.zeros(len(xyz), bool), {seed}, [(0.0, seed)], 0
+    while heap and n < size:
+        _, u = heapq.heappop(heap)
+        out[u] = True; n += 1
+        for v in neighbours[u]:
+            if v >= 0 and v not in seen and (allowed is None or allowed[v]):
+                seen.add(v); heapq.heappush(heap, (float(((xyz[v] - xyz[seed]) ** 2).sum()), int(v)))
+    return out, n
 
 # %% ../nbs/40_regions.ipynb #f2307bb1
 class UnitGrid:
@@ -149,11 +190,8 @@ class UnitGrid:
         img, m = _model_mask(model_mask)
         ijk = np.argwhere(m)  # C order: unit i is the i-th in-mask voxel
         self.shape, self.ijk = m.shape, ijk
-        self.xyz = ijk @ np.asarray(img.affine)[:3, :3].T + np.asarray(img.affine)[:3, 3]
-        index = np.full(np.array(m.shape) + 2, -1, np.int64)  # padded, so every voxel has six neighbours to look up
-        index[tuple((ijk + 1).T)] = np.arange(len(ijk))
-        steps = np.vstack([np.eye(3, dtype=np.int64), -np.eye(3, dtype=np.int64)])
-        self.neighbours = np.stack([index[tuple((ijk + 1 + s).T)] for s in steps], 1)  # (n_units, 6), -1: not a unit
+        self.xyz = _mm(ijk, img.affine)
+        self.neighbours = _face_neighbours(ijk, m.shape)  # (n_units, 6), -1: not a unit
 
     @property
     def n_units(self)->int: return len(self.xyz)
@@ -169,13 +207,7 @@ class UnitGrid:
             )->np.ndarray|None: # bool (n_units,), or None when fewer than `size` allowed units connect to the seed
         "The `size` units reached first from `seed` through face neighbours, nearest (in mm) first."
         if allowed is not None and not allowed[seed]: return None
-        out, seen, heap, n = np.zeros(self.n_units, bool), {seed}, [(0.0, seed)], 0
-        while heap and n < size:
-            _, u = heapq.heappop(heap)
-            out[u] = True; n += 1
-            for v in self.neighbours[u]:
-                if v >= 0 and v not in seen and (allowed is None or allowed[v]):
-                    seen.add(v); heapq.heappush(heap, (float(((self.xyz[v] - self.xyz[seed]) ** 2).sum()), int(v)))
+        out, n = _grow(self.neighbours, self.xyz, seed, size, allowed)
         return out if n == size else None
 
     def is_contiguous(self, mask:np.ndarray, # bool (n_units,)
@@ -204,22 +236,51 @@ def blob_region(center:Sequence[float], # (x, y, z) in the mask's world space, m
     if mask is None: raise ValueError(f"blob {name}: fewer than {size} units connect to the unit nearest {tuple(c)} mm")
     return Region(name, mask, f"blob of {size} units around {tuple(c)} mm")
 
+# %% ../nbs/40_regions.ipynb #60dda3d0
+def _roi_image(t:dict)->nib.Nifti1Image:
+    "A synthetic study's planted ROIs as a label image (0 outside its brain)."
+    vol = np.zeros(t["brain_mask"].shape, np.int16)
+    vol[np.asarray(t["brain_mask"]) != 0] = t["roi"]
+    return nib.Nifti1Image(vol, np.asarray(t["affine"], np.float64))
+
 # %% ../nbs/40_regions.ipynb #f4e718dc
 def synthetic_regions(truth, # truth.npz of a synthetic study (path, study folder, SyntheticLayout or the loaded dict)
                       model_mask, # the model's mask (image or path)
                       labels:Sequence=("visual", "auditory", "language"), # ROI names or ids
                      )->list: # one Region per label
-    "The planted ROIs of a synthetic study, on the model's units."
+    "A synthetic study's planted ROIs, on the model's units."
     from giblet.synthetic import load_truth
     t = truth if isinstance(truth, dict) else load_truth(truth)
-    vol = np.zeros(t["brain_mask"].shape, np.int16)
-    vol[np.asarray(t["brain_mask"]) != 0] = t["roi"]
-    return atlas_regions(nib.Nifti1Image(vol, np.asarray(t["affine"], np.float64)), model_mask, labels, list(t["roi_names"]))
+    return atlas_regions(_roi_image(t), model_mask, labels, list(t["roi_names"]))
 
-# %% ../nbs/40_regions.ipynb #ac99bf88
+# %% ../nbs/40_regions.ipynb #c919e820
 _SPECS = dict(synthetic="synthetic[:NAME,...]", sphere="sphere:X,Y,Z,RADIUS[:NAME]", blob="blob:X,Y,Z,N_UNITS[:NAME]",
               mask="mask:PATH[:NAME]", atlas="atlas:PATH:LABEL[,LABEL...][:LOOKUP]")
 
+# %% ../nbs/40_regions.ipynb #d17d6e03
+def _synthetic_spec(parts:list, model_mask, data_dir)->list:
+    "The planted ROIs a spec `synthetic[:NAME,...]` names (by default all three)."
+    if data_dir is None: raise ValueError("it needs the study folder (data_dir)")
+    return synthetic_regions(Path(data_dir), model_mask, parts[0].split(",") if parts else ("visual", "auditory", "language"))
+
+# %% ../nbs/40_regions.ipynb #ad1545f8
+def _point_spec(kind:str, parts:list, model_mask)->Region:
+    "The sphere or blob of a spec `sphere:X,Y,Z,RADIUS[:NAME]` or `blob:X,Y,Z,N_UNITS[:NAME]`."
+    x, y, z, r = (float(v) for v in parts[0].split(","))
+    name = parts[1] if len(parts) > 1 else None
+    if kind == "sphere": return sphere_region((x, y, z), r, model_mask, name)
+    return blob_region((x, y, z), int(r), model_mask, name)
+
+# %% ../nbs/40_regions.ipynb #4fd4550a
+def _spec_regions(kind:str, parts:list, model_mask, data_dir)->list:
+    "The regions of one spec of a known `kind`, from its `parts` (split at ':')."
+    opt = lambda i: parts[i] if len(parts) > i else None
+    if kind == "synthetic": return _synthetic_spec(parts, model_mask, data_dir)
+    if kind == "mask": return [mask_region(parts[0], model_mask, opt(1))]
+    if kind == "atlas": return atlas_regions(parts[0], model_mask, parts[1].split(","), opt(2))
+    return [_point_spec(kind, parts, model_mask)]
+
+# %% ../nbs/40_regions.ipynb #ac99bf88
 def parse_regions(specs:str|Sequence[str], # e.g. "synthetic", "sphere:0,-92,4,10:V1", "blob:0,-20,60,40", "mask:roi.nii.gz", "atlas:a.nii.gz:3,7:lut.tsv"
                   model_mask, # the model's mask (image or path)
                   data_dir:str|Path|None=None, # the study folder (for "synthetic", which reads its truth.npz)
@@ -230,18 +291,8 @@ def parse_regions(specs:str|Sequence[str], # e.g. "synthetic", "sphere:0,-92,4,1
     out = []
     for spec in specs:
         kind, *parts = spec.split(":")
-        opt = lambda i: parts[i] if len(parts) > i else None
         if kind not in _SPECS: raise ValueError(f"region {spec!r}: unknown kind {kind!r}; expected {' | '.join(_SPECS.values())}")
-        try:
-            if kind == "synthetic":
-                if data_dir is None: raise ValueError("it needs the study folder (data_dir)")
-                out += synthetic_regions(Path(data_dir), model_mask, parts[0].split(",") if parts else ("visual", "auditory", "language"))
-            elif kind in ("sphere", "blob"):
-                x, y, z, r = (float(v) for v in parts[0].split(","))
-                out.append(sphere_region((x, y, z), r, model_mask, opt(1)) if kind == "sphere"
-                           else blob_region((x, y, z), int(r), model_mask, opt(1)))
-            elif kind == "mask": out.append(mask_region(parts[0], model_mask, opt(1)))
-            else: out += atlas_regions(parts[0], model_mask, parts[1].split(","), opt(2))
+        try: out += _spec_regions(kind, parts, model_mask, data_dir)
         except (IndexError, ValueError) as e: raise ValueError(f"region {spec!r} (expected {_SPECS[kind]}): {e}") from e
     names = [r.name for r in out]
     if len(set(names)) != len(names): raise ValueError(f"regions {specs}: two regions share a name ({names}); name them (…:NAME)")

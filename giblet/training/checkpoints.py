@@ -61,14 +61,18 @@ def _point(link:Path, target:Path):
     "Move the symbolic link `link` to its sibling `target` in one rename: the instant a save takes effect."
     tmp = temp_name(link); os.symlink(target.name, tmp); os.replace(tmp, link); fsync_folder(link.parent)
 
+# %% ../../nbs/31_training.checkpoints.ipynb #9981d637
+def _adopt(link:Path)->Path:
+    "The real folder at `link` (the older layout) made the first checkpoint folder, `link` moved to it."
+    first = link.with_name(f".{CHECKPOINTS}.{0:06d}"); os.replace(link, first); _point(link, first); return first
+
 # %% ../../nbs/31_training.checkpoints.ipynb #8b8b6915
 def checkpoint_folder(out_dir:str|Path, # the run folder
                      )->Path|None:
-    "The folder `OUT/checkpoints` names, after mending a save killed before its link moved or a run folder of the older layout; None before the first save."
+    "The folder `OUT/checkpoints` names (mending a save killed before its link moved, or the older layout); None before the first save."
     link = Path(out_dir) / CHECKPOINTS
     if link.is_symlink() and link.exists(): return link.parent / os.readlink(link)
-    if link.is_dir():   # the older layout: its real folder becomes the first snapshot
-        first = link.with_name(f".{CHECKPOINTS}.{0:06d}"); os.replace(link, first); _point(link, first); return first
+    if link.is_dir(): return _adopt(link)
     snaps = _snapshots(link)
     if not snaps: return None
     _point(link, snaps[-1]); return snaps[-1]
@@ -86,16 +90,20 @@ def _drop_old(link:Path):
     for p in _snapshots(link):
         if p.resolve() != keep: shutil.rmtree(p, ignore_errors=True)
 
+# %% ../../nbs/31_training.checkpoints.ipynb #5d206ea7
+def _next_folder(link:Path)->Path:
+    "The name of the next checkpoint folder beside `link`, once a killed save's leftovers are gone."
+    checkpoint_folder(link.parent); _drop_old(link)    # a folder a kill left before its link moved goes
+    snaps = _snapshots(link)
+    return link.with_name(f".{CHECKPOINTS}.{int(snaps[-1].name.rsplit('.', 1)[1]) + 1 if snaps else 1:06d}")
+
 # %% ../../nbs/31_training.checkpoints.ipynb #21f52631
 @contextmanager
 def new_checkpoint_folder(out_dir:str|Path, # the run folder (this process holds it)
                          )->Iterator[Path]:
     "Yield an empty hidden folder to fill; on success `OUT/checkpoints` moves to it in one rename and the older folder goes."
     link = Path(out_dir) / CHECKPOINTS; link.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint_folder(out_dir); _drop_old(link)    # a folder a kill left before its link moved goes
-    snaps = _snapshots(link)
-    new = link.with_name(f".{CHECKPOINTS}.{int(snaps[-1].name.rsplit('.', 1)[1]) + 1 if snaps else 1:06d}")
-    tmp = temp_name(new); os.mkdir(tmp, 0o777)
+    new = _next_folder(link); tmp = temp_name(new); os.mkdir(tmp, 0o777)
     try:
         yield tmp
         fsync_folder(tmp); os.replace(tmp, new)
@@ -103,8 +111,7 @@ def new_checkpoint_folder(out_dir:str|Path, # the run folder (this process holds
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, DiskFullError): raise DiskFullError(link / e.path.name, e.need, e.written) from None
         raise
-    _point(link, new)
-    _drop_old(link)
+    _point(link, new); _drop_old(link)
 
 # %% ../../nbs/31_training.checkpoints.ipynb #c7082f11
 def write_log(out_dir:str|Path, # the folder to write log.csv and log.json into
@@ -122,6 +129,11 @@ def _log_link(path:Path):
     if path.is_symlink() and Path(os.readlink(path)) == target: return
     tmp = temp_name(path); os.symlink(target, tmp); os.replace(tmp, path)
 
+# %% ../../nbs/31_training.checkpoints.ipynb #f68fed3d
+def _best_source(last:Path, before:Path|None, best:bool)->Path:
+    "The file the new best.pt links to: `last` when it is the best (or there is no earlier best.pt), else the earlier one."
+    return last if best or before is None or not (before / "best.pt").is_file() else before / "best.pt"
+
 # %% ../../nbs/31_training.checkpoints.ipynb #67f268af
 def save_checkpoint(out_dir:str|Path, # the run folder (this process holds it)
                     state:dict, # what a resume reads back (`Trainer.state_dict`), saved as last.pt
@@ -137,8 +149,7 @@ def save_checkpoint(out_dir:str|Path, # the run folder (this process holds it)
         write_json(ck / "config.json", config)
         last = ck / "last.pt"
         atomic_write(last, lambda f: torch.save(state, f))
-        if best or before is None or not (before / "best.pt").is_file(): _link_best(last, ck / "best.pt")
-        else: _link_best(before / "best.pt", ck / "best.pt")
+        _link_best(_best_source(last, before, best), ck / "best.pt")
         write_log(ck, history)
     return out / CHECKPOINTS
 
@@ -152,6 +163,46 @@ def _resolve(value:str|None, what:str, bases:Sequence[Path])->str|None:
     raise FileNotFoundError(f"the run's {what} {value!r} is relative and exists under none of {', '.join(map(str, tried))}; "
                             f"pass --{what} with its location")
 
+# %% ../../nbs/31_training.checkpoints.ipynb #709d5c59
+def _read_run(path:Path)->tuple:
+    "(the file's contents, whether it is a training checkpoint); refused unless it is one or a bare model file."
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no checkpoint here")
+    ck, _ = _plain(path)
+    training = isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("config"), dict)
+    if not (training or (isinstance(ck, dict) and {"config", "state_dict"} <= set(ck))):
+        raise ValueError(f"{path} is not a giblet checkpoint")
+    return ck, training
+
+# %% ../../nbs/31_training.checkpoints.ipynb #a5b787b8
+def _bare_options(model:BrainAutoencoder)->dict:
+    "The options a bare model file reopens with: the tiny preset, overridden by the model's own configuration."
+    cfg = model.config.to_dict()
+    return dict(preset="tiny", model_overrides={k: v for k, v in cfg.items() if k not in ("n_subjects",)})
+
+# %% ../../nbs/31_training.checkpoints.ipynb #27f2566e
+def _saved_run(path:Path, data_dir)->tuple:
+    "(model, saved run options, the run's working folder or None) of a file."
+    ck, training = _read_run(path)
+    if not training and data_dir is None: raise ValueError(f"{path} is a bare model file; give the study folder (--data-dir) it was trained on")
+    model = BrainAutoencoder.from_checkpoint(ck["model"] if training else ck, str(path))
+    if not training: return model, _bare_options(model), None
+    train = dict(ck["config"].get("train", {})); cwd = train.pop("cwd", None)
+    return model, train, cwd or ck["config"].get("cwd")
+
+# %% ../../nbs/31_training.checkpoints.ipynb #bf8d953d
+@contextmanager
+def _its_options(path:Path, errors:tuple=(ValueError,)):
+    "Turn `errors` raised inside the block into a one-line refusal of the checkpoint's options."
+    try: yield
+    except errors as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
+
+# %% ../../nbs/31_training.checkpoints.ipynb #1d6249c7
+def _check_streams(path:Path, model:BrainAutoencoder, rd):
+    "Refuse a run's data whose feature streams are not those the model reads, saying where they come from."
+    if set(rd.streams) != set(model.config.stream_dims):
+        raise ValueError(f"{path}: the model reads feature streams {sorted(model.config.stream_dims)} but its run's data has "
+                         f"{sorted(rd.streams)}; they come from the run's --features, else its study spec's `features`")
+
 # %% ../../nbs/31_training.checkpoints.ipynb #4b6019ca
 def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) or a `BrainAutoencoder.save` file
              data_dir:str|Path|None=None, # the study folder (default: the run's own; needed for a bare model file)
@@ -160,32 +211,15 @@ def load_run(checkpoint:str|Path, # a training checkpoint (checkpoints/best.pt) 
             )->tuple: # (BrainAutoencoder in eval mode, RunData; its `cfg` is the run's TrainConfig)
     "The model of a checkpoint and the data of its run; a file that is not a giblet checkpoint is refused in one line."
     path = Path(checkpoint).absolute()
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no checkpoint here")
-    ck, _ = _plain(path)
-    training = isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("config"), dict)
-    if not (training or (isinstance(ck, dict) and {"config", "state_dict"} <= set(ck))):
-        raise ValueError(f"{path} is not a giblet checkpoint")
-    if training:
-        model, train = BrainAutoencoder.from_checkpoint(ck["model"], str(path)), dict(ck["config"].get("train", {}))
-        cwd = train.pop("cwd", None) or ck["config"].get("cwd")
-    else:   # a bare model
-        if data_dir is None: raise ValueError(f"{path} is a bare model file; give the study folder (--data-dir) it was trained on")
-        model, cwd = BrainAutoencoder.from_checkpoint(ck, str(path)), None
-        cfg = model.config.to_dict()
-        train = dict(preset="tiny", model_overrides={k: v for k, v in cfg.items() if k not in ("n_subjects",)})
-    try: train = flat_options(train, str(path))   # a run's options by section, or flat as older runs saved them
-    except ValueError as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
-    bases = [Path(cwd)] if cwd else []
-    bases += [Path.cwd(), path.parent.parent]
+    model, train, cwd = _saved_run(path, data_dir)
+    with _its_options(path): train = flat_options(train, str(path))   # by section, or flat as older runs saved them
+    bases = ([Path(cwd)] if cwd else []) + [Path.cwd(), path.parent.parent]
     for key, given in (("data_dir", data_dir), ("cache_dir", cache_dir)):
         train[key] = str(Path(given).absolute()) if given is not None else _resolve(train.get(key), key, bases)
     train.update(device=device, progress=False, subjects="average")
-    try: tc = TrainConfig.from_dict(train, saved=True)   # a run saved before an option reopens as it ran
-    except (TypeError, ValueError) as e: raise ValueError(f"{path} is not a giblet checkpoint (its options: {e})") from None
-    rd = prepare_data(tc, device)
-    if set(rd.streams) != set(model.config.stream_dims):
-        raise ValueError(f"{path}: the model reads feature streams {sorted(model.config.stream_dims)} but its run's data has "
-                         f"{sorted(rd.streams)}; they come from the run's --features, else its study spec's `features`")
+    with _its_options(path, (TypeError, ValueError)):   # a run saved before an option reopens as it ran
+        tc = TrainConfig.from_dict(train, saved=True)
+    rd = prepare_data(tc, device); _check_streams(path, model, rd)
     if rd.aligned.n_voxels != model.config.n_voxels:
         raise ValueError(f"{path}: the model has {model.config.n_voxels} brain units but the study in "
                          f"{rd.data_dir} has {rd.aligned.n_voxels}; it was trained on other data")
