@@ -202,7 +202,8 @@ def test_out_inside_the_study_folder_is_refused(tmp_path, capsys, option):
 
 def test_test_frac_0_is_refused_before_training(tmp_path, capsys, monkeypatch):
     "It used to be refused only when the report was written, after the whole training."
-    monkeypatch.setattr(cli, "run_training", lambda *a, **k: pytest.fail("trained"))
+    for stage in ("run_study", "run_folds"):   # the run's plan is refused before either trains anything
+        monkeypatch.setattr(run, stage, lambda *a, **k: pytest.fail("trained"))
     code, err = _exit(cli.giblet_train, ["--out", str(tmp_path / "o"), "--set", "test_frac=0"], capsys)
     assert code == 2 and "test_frac" in err and "--n-folds" in err, err
     assert not (tmp_path / "o").exists()
