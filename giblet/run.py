@@ -38,7 +38,7 @@ __all__ = ['logger', 'RUN_FILES', 'INPUTS', 'run_folder', 'check_out_dir', 'chec
 def run_folder(out:Path, # the run folder
                main:bool=True, # this process writes the folder (rank 0)
               ):
-    "Hold the folder's `RunLock` for the run and clean temporary leftovers of killed runs; a folder created here and left empty goes again."
+    "Hold the folder's `RunLock` and clean what killed runs left; a folder created here and left empty goes again."
     if not main: yield out; return
     created = not out.exists()
     lock = RunLock(out).acquire()
@@ -49,28 +49,34 @@ def run_folder(out:Path, # the run folder
         lock.release()
         if created and out.is_dir() and not any(out.iterdir()): out.rmdir()
 
-# %% ../nbs/36_run.ipynb #b4d1b2c3
-RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv")
+# %% ../nbs/36_run.ipynb #5848756b
+RUN_FILES = ("config.json", "checkpoints", "metrics.json", "log.csv") # entries that mark a folder as holding a run
 
-def check_out_dir(out:str|Path, # the run folder
-                  resume:bool=False, # continue the run in it
-                 )->Path:
-    "The run folder, after checking that it may be used: new, empty or never checkpointed for a fresh run, holding a run to resume."
-    out = Path(out)
+# %% ../nbs/36_run.ipynb #511881f4
+def _check_fresh(out:Path, # the run folder
+                ):
+    "Refuse a fresh run beside a run with a checkpoint or a report."
     found = [n for n in RUN_FILES if (out / n).exists()]
-    if not resume and found and not (out / "checkpoints" / "last.pt").is_file() and not (out / "metrics.json").is_file():
-        logger.warning("%s holds a run that ended before its first checkpoint (%s): starting it afresh", out, ", ".join(found))
-    elif not resume and found:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                              "or choose another --out folder")
+    if found and ((out / "checkpoints" / "last.pt").is_file() or (out / "metrics.json").is_file()):
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, or choose another --out folder")
+    if found: logger.warning("%s holds a run that ended before its first checkpoint (%s): starting it afresh", out, ", ".join(found))
+
+# %% ../nbs/36_run.ipynb #d9dd7727
+def check_out_dir(out:str|Path, # the run folder
+                  resume:bool=False, # continue its run
+                 )->Path:
+    "The run folder, checked: fit for a new run (`_check_fresh`), or holding one to resume."
+    out = Path(out)
+    if not resume: _check_fresh(out)
     if resume and not (out / "checkpoints" / "last.pt").is_file():
         raise FileNotFoundError(f"{out}: nothing to resume (no checkpoints/last.pt); start a new run without --resume")
     if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{out} exists and is not a folder")
     return out
 
-# %% ../nbs/36_run.ipynb #b7d1b2c3
+# %% ../nbs/36_run.ipynb #ac20aafa
 INPUTS = "inputs.json" # the run folder's fingerprint of the study's files (`giblet.io.input_fingerprint`)
 
+# %% ../nbs/36_run.ipynb #9ebc3982
 def check_inputs(out:Path, # the run folder
                  now:list, # `input_fingerprint` of the study's files now
                 ):
@@ -116,7 +122,16 @@ def _report_gap(n_trs:int, # TRs in the study
     except ValueError as e: return str(e)
     return None
 
-# %% ../nbs/36_run.ipynb #1593f160
+# %% ../nbs/36_run.ipynb #ec4cff5d
+def _least_trs(n_trs:int, # TRs in the study, too few
+               tr:float, # seconds per TR
+               cfg:TrainConfig, # the run's blocks
+               baseline:bool, # the report fits the himalaya baselines
+              )->int|None: # None: no study within reach works
+    "The fewest TRs past `n_trs` that a report works with."
+    return next((n for n in range(n_trs + 1, 20 * n_trs + 5000) if _report_gap(n, tr, cfg, baseline) is None), None)
+
+# %% ../nbs/36_run.ipynb #d85045ec
 def check_study_size(n_trs:int, # TRs in the study
                      tr:float, # seconds per TR
                      cfg:TrainConfig, # the run's options
@@ -125,8 +140,7 @@ def check_study_size(n_trs:int, # TRs in the study
     "Refuse, before training, a study too short to end in a report, saying the smallest study that would (and without the baselines)."
     why = _report_gap(n_trs, tr, cfg, baseline)
     if why is None: return
-    least = lambda b: next((n for n in range(n_trs + 1, 20 * n_trs + 5000) if _report_gap(n, tr, cfg, b) is None), None)
-    need, bare = least(baseline), least(False) if baseline else None
+    need, bare = _least_trs(n_trs, tr, cfg, baseline), _least_trs(n_trs, tr, cfg, False) if baseline else None
     name = cfg.data.study or cfg.data.data_dir or "the embedded study"
     raise ValueError(f"{name}: {n_trs} TRs ({n_trs * tr:g} s) are too few for a run that ends in a report ({why}); the smallest study "
                      f"that works with these options has {need} TRs" + (f", {bare} with --no-baseline" if bare and bare < need else "")
@@ -141,20 +155,25 @@ def default_threads()->int:
     except AttributeError: n = os.cpu_count() or 1   # no affinity on this platform
     return max(1, n // 2)
 
-# %% ../nbs/36_run.ipynb #d3d1b2c3
-def use_threads(n:int|None=None, # CPU threads (None: `default_threads()`)
-               )->int: # the number set
-    "Limit torch's CPU threads and the BLAS libraries' (through threadpoolctl when installed; else only those that read OMP_NUM_THREADS when they load) to `n`."
-    n = default_threads() if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"--threads must be a whole number >= 1, got {n!r}")
-    torch.set_num_threads(n)
+# %% ../nbs/36_run.ipynb #7c933b22
+def _limit_blas(n:int, # CPU threads
+               )->str: # what was limited, for the log
+    "Limit BLAS to `n` threads: by threadpoolctl if installed, else by OMP_NUM_THREADS (read as it loads)."
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.environ[k] = str(n)   # and this run's child processes
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(n)
-        how = "torch and BLAS (threadpoolctl)"
-    except ImportError: how = "torch (without threadpoolctl, BLAS libraries already loaded keep their own count)"
-    logger.info("%d CPU threads for %s", n, how)
+        return "torch and BLAS (threadpoolctl)"
+    except ImportError: return "torch (without threadpoolctl, BLAS libraries already loaded keep their own count)"
+
+# %% ../nbs/36_run.ipynb #b96128a6
+def use_threads(n:int|None=None, # CPU threads (None: `default_threads()`)
+               )->int: # the number set
+    "Limit torch's CPU threads and the BLAS libraries' to `n`."
+    n = default_threads() if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"--threads must be a whole number >= 1, got {n!r}")
+    torch.set_num_threads(n)
+    logger.info("%d CPU threads for %s", n, _limit_blas(n))
     return n
 
 # %% ../nbs/36_run.ipynb #e1d1b2c3
@@ -164,7 +183,69 @@ def study_overview(cfg:TrainConfig, # the run's options (its study and the overr
     spec = study_spec(cfg)
     return show_study(spec) + "\n" + show_timing(spec, feature_params(cfg, *study_rates(spec)), drop_short=cfg.data.drop_short)
 
-# %% ../nbs/36_run.ipynb #e3d1b2c3
+# %% ../nbs/36_run.ipynb #ccd38d54
+def _resumes(out:Path, # the run folder
+             resume:bool, # asked to resume
+             di:DistInfo, # this process
+            )->bool: # it resumes
+    "Mend a half-moved checkpoint folder; whether there is a run to resume."
+    main_first(di, lambda: checkpoint_folder(out) if di.main and resume and out.is_dir() else None)
+    if resume and not (out / "checkpoints" / "last.pt").is_file() and (out / "config.json").is_file():
+        logger.warning("%s: the run ended before its first checkpoint; starting it from scratch", out)
+        return False
+    return resume
+
+# %% ../nbs/36_run.ipynb #4f50894d
+def _study_inputs(spec, # the run's `StudySpec`
+                  out:Path, # the run folder
+                  resume:bool, # check the files against the run's
+                  di:DistInfo, # this process among the run's
+                 )->list|None: # their `input_fingerprint` (None on other ranks)
+    "The study's files as the run finds them, checked against the resumed run's."
+    def checked():
+        if not di.main: return None
+        now = input_fingerprint(study_inputs(spec))
+        if resume: check_inputs(out, now)
+        return now
+    return main_first(di, checked)
+
+# %% ../nbs/36_run.ipynb #f38e6c88
+def _best_weights(out:Path, # the run folder
+                  device:torch.device, # where the weights go
+                  di:DistInfo, # this process among the run's
+                 )->dict: # the model's state dict
+    "The weights of the run's best checkpoint, read by each rank once rank 0 has written them."
+    def best():
+        ck = out / "checkpoints"
+        return load_checkpoint(ck / ("best.pt" if (ck / "best.pt").is_file() else "last.pt"), device)
+    return main_first(di, best)["model"]["state_dict"]
+
+# %% ../nbs/36_run.ipynb #ad1e9642
+def _report(trainer:Trainer, # the trained run, best weights loaded
+            out:Path, # the run folder
+            baseline:bool, # fit the himalaya baselines
+            figures:bool, # write the figures
+            device:torch.device, # this process's device
+            di:DistInfo, # this process among the run's
+           )->dict: # the metrics, as `write_report`
+    "`write_report` for the run; a failure says where the checkpoints are kept."
+    try: return write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size})
+    except Exception:
+        logger.error("%s: the training finished and its checkpoints are kept in %s, but the report failed; once the cause below is "
+                     "fixed, giblet-train --resume --out %s writes the report without training again", out, out / "checkpoints", out)
+        raise
+
+# %% ../nbs/36_run.ipynb #686b75b7
+def _log_result(m:dict, # the run's metrics
+               ):
+    "Log the run's headline numbers and verdicts."
+    r4 = lambda v: "none" if v is None else f"{v:.4f}"
+    logger.info("test voxel r %.4f over %s; banded ridge %s: %s; stacked with the banded ridge %s: %s%s", m["test_voxel_r_selected"],
+                m["headline"]["voxels"], r4(m.get("banded_ridge_test_voxel_r_selected")), m["verdict"] or "no baseline",
+                r4(m.get("stack_test_voxel_r_selected")), m.get("stack_verdict") or "not fitted",
+                "".join(f"; {s}" for s in headline_words(m)))
+
+# %% ../nbs/36_run.ipynb #e968595a
 def _run_in(cfg:TrainConfig, # the run's options
             out:Path, # the run folder (locked by `run_folder`)
             resume:bool, # continue the run in it
@@ -174,20 +255,11 @@ def _run_in(cfg:TrainConfig, # the run's options
             di:DistInfo, # this process among the run's
            )->dict: # the metrics ({} on the other processes)
     "`run_study` inside its locked run folder: check it, resolve the study once, prepare, fit, evaluate and report."
-    # a kill while an older layout's checkpoints/ moved over leaves no link: mend it before looking, or the run would restart
-    main_first(di, lambda: checkpoint_folder(out) if di.main and resume and out.is_dir() else None)
-    if resume and not (out / "checkpoints" / "last.pt").is_file() and (out / "config.json").is_file():
-        logger.warning("%s: the run ended before its first checkpoint; starting it from scratch", out)
-        resume = False
+    resume = _resumes(out, resume, di)
     out = check_out_dir(out, resume)
     if resume: check_resumable({"train": saved_config(out)["train"]}, {"train": cfg.to_dict()}, str(out / "config.json"))
     spec = study_spec(cfg, di)   # the one resolution of the study: the data below are read from this spec
-    def checked():   # rank 0 checks the study's files; a user error there reaches the other ranks at once, not after hours
-        if not di.main: return None
-        now = input_fingerprint(study_inputs(spec))
-        if resume: check_inputs(out, now)
-        return now
-    inputs = main_first(di, checked)
+    inputs = _study_inputs(spec, out, resume, di)
     data = prepare_data(cfg, device, di, spec)
     check_study_size(data.aligned.n_trs, data.aligned.tr, cfg, baseline)   # before training: a short study fails now, not after it
     trainer = Trainer(data, cfg, out, di)
@@ -196,21 +268,10 @@ def _run_in(cfg:TrainConfig, # the run's options
         if not resume or not (out / INPUTS).is_file(): write_json(out / INPUTS, inputs)
         write_json(out / "config.json", trainer.config())   # the one place a run's config.json is written
     trainer.fit()
-    def best():   # rank 0 wrote the checkpoints: the other ranks read them once it has
-        ck = out / "checkpoints"
-        return load_checkpoint(ck / ("best.pt" if (ck / "best.pt").is_file() else "last.pt"), device)
-    trainer.model.load_state_dict(main_first(di, best)["model"]["state_dict"])
-    try: m = write_report(trainer, out, baseline=baseline, figures=figures, extra={"device": str(device), "world_size": di.world_size})
-    except Exception:   # the training is kept: say where, and how to write the report again without training
-        logger.error("%s: the training finished and its checkpoints are kept in %s, but the report failed; once the cause below is "
-                     "fixed, giblet-train --resume --out %s writes the report without training again", out, out / "checkpoints", out)
-        raise
+    trainer.model.load_state_dict(_best_weights(out, device, di))
+    m = _report(trainer, out, baseline, figures, device, di)
     if not di.main: return {}
-    r4 = lambda v: "none" if v is None else f"{v:.4f}"
-    logger.info("test voxel r %.4f over %s; banded ridge %s: %s; stacked with the banded ridge %s: %s%s", m["test_voxel_r_selected"],
-                m["headline"]["voxels"], r4(m.get("banded_ridge_test_voxel_r_selected")), m["verdict"] or "no baseline",
-                r4(m.get("stack_test_voxel_r_selected")), m.get("stack_verdict") or "not fitted",
-                "".join(f"; {s}" for s in headline_words(m)))   # the point estimates in words, decided or not
+    _log_result(m)
     return m
 
 # %% ../nbs/36_run.ipynb #e4d1b2c3
@@ -229,7 +290,31 @@ def run_study(cfg:TrainConfig, # the run's options
             return _run_in(cfg, out, resume, baseline, figures, device, di)
     finally: close_distributed()
 
-# %% ../nbs/36_run.ipynb #f1d1b2c3
+# %% ../nbs/36_run.ipynb #4bbc3e77
+def _write_folds(out:Path, # the folder of the folds' run folders
+                 table, # `fold_summary` of the folds' metrics
+                 ms:list, # each fold's metrics
+                 n_folds:int, # the number of folds
+                ):
+    "Write `folds.csv` and the folds' `report.md` into `out`."
+    atomic_write(out / "folds.csv", lambda f: f.write(table.to_csv().encode()))
+    text = (f"# giblet outer cross-validation\n\nEvery number is a test-block number: each of the {n_folds} folds tests on its own "
+            f"block (its neighbour validates, the rest trains). Headline: {ms[0]['headline']['metric']} over the voxels whose "
+            f"training-block noise ceiling is >= {ms[0]['headline']['ceiling_threshold']}. Per-fold reports: fold_k/report.md.\n\n"
+            + _md_table(table) + "\n")
+    atomic_write(out / "report.md", lambda f: f.write(text.encode()))
+
+# %% ../nbs/36_run.ipynb #dee21f00
+def _fold_metrics(table, # `fold_summary` of the folds' metrics
+                  ms:list, # each fold's metrics
+                  n_folds:int, # the number of folds
+                 )->dict: # what `run_folds` writes to metrics.json
+    "The metrics over the outer folds: each fold's row, the means, the verdicts and the training spent."
+    return dict(block="test", n_folds=n_folds, folds=table.reset_index().to_dict(orient="records"),
+                test_voxel_r_selected=float(table.loc["mean", "model"]), banded_ridge_test_voxel_r_selected=float(table.loc["mean", "banded_ridge"]),
+                verdicts=list(table["verdict"][:-1]), epochs=sum(x["epochs"] for x in ms), train_seconds=sum(x["train_seconds"] for x in ms))
+
+# %% ../nbs/36_run.ipynb #6793fe24
 def run_folds(cfg:TrainConfig, # the run's options, with n_folds
               out_dir:str|Path, # the folder of the folds' run folders
               resume:bool=False, # continue every fold that has a checkpoint
@@ -246,25 +331,18 @@ def run_folds(cfg:TrainConfig, # the run's options, with n_folds
         ms.append({k: v for k, v in m.items() if k != "_eval"})
     if not ms[0]: return {}
     table = fold_summary(ms)
-    atomic_write(out / "folds.csv", lambda f: f.write(table.to_csv().encode()))
-    text = (f"# giblet outer cross-validation\n\nEvery number is a test-block number: each of the {cfg.data.n_folds} folds tests on its own "
-            f"block (its neighbour validates, the rest trains). Headline: {ms[0]['headline']['metric']} over the voxels whose "
-            f"training-block noise ceiling is >= {ms[0]['headline']['ceiling_threshold']}. Per-fold reports: fold_k/report.md.\n\n"
-            + _md_table(table) + "\n")
-    atomic_write(out / "report.md", lambda f: f.write(text.encode()))
-    m = dict(block="test", n_folds=cfg.data.n_folds, folds=table.reset_index().to_dict(orient="records"),
-             test_voxel_r_selected=float(table.loc["mean", "model"]), banded_ridge_test_voxel_r_selected=float(table.loc["mean", "banded_ridge"]),
-             verdicts=list(table["verdict"][:-1]), epochs=sum(x["epochs"] for x in ms), train_seconds=sum(x["train_seconds"] for x in ms))
+    _write_folds(out, table, ms, cfg.data.n_folds)
+    m = _fold_metrics(table, ms, cfg.data.n_folds)
     write_json(out / "metrics.json", m)
     return m
 
 # %% ../nbs/36_run.ipynb #g1d1b2c3
 def run_training(cfg:TrainConfig, # the run's options
                  out_dir:str|Path, # the run folder
-                 resume:bool=False, # continue the run in `out_dir` (with n_folds: every fold that has a checkpoint)
-                 baseline:bool=True, # fit the himalaya baselines for the report
+                 resume:bool=False, # continue the run (with n_folds: each fold that has a checkpoint)
+                 baseline:bool=True, # fit the himalaya baselines
                  figures:bool=True, # write the figures
-                )->dict: # the metrics written to metrics.json
-    "Train a model (or resume one) and write its test-block report; every problem found before training leaves the folder untouched."
+                )->dict: # the metrics (metrics.json)
+    "Train a model (or resume one) and write its test-block report."
     check_run_plan(cfg, out_dir)
     return (run_folds if cfg.data.n_folds else run_study)(cfg, out_dir, resume, baseline, figures)

@@ -23,13 +23,13 @@ __all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'PRESET_OVERRIDES', 'RIDGE_START
            'TrainConfig', 'check_resumable', 'changed_options']
 
 # %% ../../nbs/29_training.config.ipynb #32737ccf
-def option(default=MISSING, # the default value (or give `factory`)
-           factory=MISSING, # makes the default (for lists and dicts)
+def option(default=MISSING, # the default (or give `factory`)
+           factory=MISSING, # makes the default (lists, dicts)
            path:bool=False, # names a file or folder: stored absolute
            resumable:bool=False, # a resumed run may change it
-           before=MISSING, # what a run saved before this option existed did
+           before=MISSING, # what runs saved before it existed did
           ):
-    "A dataclass field for a run option, with what a saved run needs to know about it in its metadata."
+    "A dataclass field for a run option, with its memory in the metadata."
     meta = dict(path=path, resumable=resumable) | ({} if before is MISSING else dict(before=before))
     return field(default=default, default_factory=factory, metadata=meta)
 
@@ -187,7 +187,7 @@ OPTIONS = {f.name: (s, f) for s, cls in SECTIONS.items() for f in fields(cls)} #
 def flat_options(d:dict, # options by name, by section (`{"optim": {"lr": ...}}`), or both
                  source:str="TrainConfig", # where `d` came from, for the message
                 )->dict: # option name -> value
-    "A config dict with its sections opened: old `config.json` files are flat, new ones have sections; unknown names are an error."
+    "A config dict with its sections opened (old `config.json` files are flat); unknown names are an error."
     out = {}
     for k, v in d.items():
         if k in SECTIONS and isinstance(v, dict): out.update(v)
@@ -240,6 +240,15 @@ class TrainConfig:
 # %% ../../nbs/29_training.config.ipynb #94d9f649
 RESUMABLE = tuple(k for k, (s, f) in OPTIONS.items() if f.metadata.get("resumable")) # options a resumed run may change
 
+# %% ../../nbs/29_training.config.ipynb #7ef899e2
+def _differ(part:str, # "train", "model" or "features"
+            a:dict, # the saved run's options of that part
+            b:dict, # the new run's
+           )->list: # "part.name: a (saved) != b (now)" each
+    "The options of `part` that differ, leaving out the `RESUMABLE` training options."
+    return [f"{part}.{k}: {a.get(k)!r} (saved) != {b.get(k)!r} (now)" for k in sorted(set(a) | set(b))
+            if not (part == "train" and k in RESUMABLE) and a.get(k) != b.get(k)]
+
 # %% ../../nbs/29_training.config.ipynb #b4ad4122
 def check_resumable(saved:dict, # the saved run's config.json ({'train', 'model', 'features'})
                     new:dict, # the config of the run that would resume it
@@ -250,9 +259,7 @@ def check_resumable(saved:dict, # the saved run's config.json ({'train', 'model'
     for part in ("train", "model", "features"):
         a, b = saved.get(part) or {}, new.get(part) or {}
         if part == "train": a, b = defaults | saved_before() | flat_options(a, source), defaults | flat_options(b)
-        for k in sorted(set(a) | set(b)):
-            if part == "train" and k in RESUMABLE: continue
-            if a.get(k) != b.get(k): diffs.append(f"{part}.{k}: {a.get(k)!r} (saved) != {b.get(k)!r} (now)")
+        diffs += _differ(part, a, b)
     if diffs: raise ValueError(f"cannot resume from {source}: the run's configuration differs:\n  - " + "\n  - ".join(diffs)
                                + "\nresume with the saved options (only " + ", ".join(RESUMABLE) + " may change), or start a new run")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..alignment.sync import Aligned, FeatureParams
+from ..alignment.sync import Aligned, FeatureParams, run_part
 from ..data.bold_stats import high_pass, stretches
 from ..dataset import Normaliser, Split, StudyTensors, block_split, fit_normaliser
 from ..dataset import block_folds
@@ -38,17 +38,30 @@ __all__ = ['logger', 'feature_params', 'RunData', 'SubjectRows', 'reliability_we
            'silent_audio', 'run_data', 'model_config', 'study_spec', 'study_data', 'prepare_data', 'ridge_rows',
            'start_kind', 'study_streams', 'StreamTensors']
 
-# %% ../../nbs/30_training.data.ipynb #5ae2c7c8
+# %% ../../nbs/30_training.data.ipynb #cb3bc76c
+def _model_options(cfg:TrainConfig, # the run's preset and overrides
+                  )->dict: # `ModelConfig` field -> value
+    "The model's options before the data gives its sizes: the defaults, then the preset, then the run's overrides."
+    return {f.name: f.default for f in fields(ModelConfig)} | PRESETS[cfg.model.preset] | cfg.model.model_overrides
+
+# %% ../../nbs/30_training.data.ipynb #6a0ae93f
+def _text_columns(cfg:TrainConfig, # the run's options
+                 )->tuple|None: # None: the Sherlock trio
+    "The annotation columns the run's text is read from: `text_columns` as a tuple (one name or several)."
+    c = cfg.data.text_columns
+    return None if c is None else tuple([c] if isinstance(c, str) else c)
+
+# %% ../../nbs/30_training.data.ipynb #eb3195c7
 def feature_params(cfg:TrainConfig, # the run's options (preset, overrides, text model)
                    fps:float|None, # the film's frame rate (None: a study without a film)
                    tr:float, # seconds per TR
                   )->FeatureParams:
     "How the streams are cut for this run's model: its frame size, frames per TR, mel bands and text width."
-    p = {f.name: f.default for f in fields(ModelConfig)} | PRESETS[cfg.model.preset] | cfg.model.model_overrides
+    p = _model_options(cfg)
     skip = max(1, math.ceil(fps * tr / p["frames_per_tr"] - 1e-6)) if fps else 1   # no film: no frames to skip
     return FeatureParams(size=(int(p["frame_width"]), int(p["frame_height"])), frame_skip=skip, n_mels=int(p["n_mels"]),
                          text_dim=int(p["text_dim"]), text_model=cfg.data.text_model, allow_silence=bool(cfg.data.allow_silence),
-                         text_columns=None if cfg.data.text_columns is None else tuple([cfg.data.text_columns] if isinstance(cfg.data.text_columns, str) else cfg.data.text_columns))
+                         text_columns=_text_columns(cfg))
 
 # %% ../../nbs/30_training.data.ipynb #f9b2c253
 @dataclass
@@ -144,7 +157,39 @@ def silent_audio(audio, # (n_trs, n_mels, A) log-mel windows (a memory map is re
     first = np.asarray(audio[:1]).flat[0]
     return all(bool((np.asarray(audio[i:i + 256]) == first).all()) for i in range(0, len(audio), 256))
 
-# %% ../../nbs/30_training.data.ipynb #45d2ee28
+# %% ../../nbs/30_training.data.ipynb #8def526b
+def _without_silence(al:Aligned, # the aligned study
+                    )->Aligned: # the study, without its audio when that is silence
+    "The study as a run reads it: a silent film's audio dropped, with a warning."
+    if al.audio is None or not silent_audio(al.audio): return al
+    logger.warning("the film is silent throughout (a film without sound, read with allow_silence): training without audio, "
+                   "so no audio encoder, decoder, loss or baseline band")
+    return replace(al, audio=None)
+
+# %% ../../nbs/30_training.data.ipynb #98a480c5
+def _check_training_text(al:Aligned, # the aligned study
+                         train:np.ndarray, # the training TRs
+                         cfg:TrainConfig, # the run's options (text_columns)
+                         spec:StudySpec|None, # the study (names its annotation tables)
+                        ):
+    "Refuse a training block with no annotation text (`target_variances` would say only \"no training text\")."
+    if np.asarray(al.has_text)[train].any(): return
+    tables = sorted({str(spec.annotations_of(r)) for r in spec.runs}) if spec is not None else ["the study's annotation table"]
+    raise ValueError(f"no training text: no TR of the training block has annotation text in {', '.join(tables)} (columns read: "
+                     f"{list(_text_columns(cfg) or []) or 'the default text columns'}); name the columns that hold "
+                     "it with --set text_columns='[\"COLUMN\"]' (--annotations for another table), or check its times")
+
+# %% ../../nbs/30_training.data.ipynb #191e3b11
+def _train_variances(al:Aligned, # the study
+                     tensors:StudyTensors, # its tensors (audio)
+                     trs:np.ndarray, # the training TRs
+                    )->dict: # as `target_variances`
+    "Each reconstruction target's training variance."
+    audio = None if tensors.audio is None else tensors.audio[torch.as_tensor(trs, device=tensors.device)].cpu().numpy()
+    return target_variances(video=None if al.video is None else _rows(al.video, trs), audio=audio,
+                            text=_rows(al.text, trs), has_text=_rows(al.has_text, trs))
+
+# %% ../../nbs/30_training.data.ipynb #7991b2f0
 def run_data(al:Aligned, # the aligned study
              cfg:TrainConfig, # the run's options
              device:torch.device|str="cpu", # where the tensors go
@@ -154,28 +199,41 @@ def run_data(al:Aligned, # the aligned study
              streams:dict|None=None, # pretrained feature streams: name -> (n_trs, d), batched under `stream_key(name)`
             )->RunData:
     "Split a study into blocks, normalise it with training statistics and move it to the device."
-    if al.audio is not None and silent_audio(al.audio):   # nothing to hear, nothing to learn: the run has no audio stream
-        logger.warning("the film is silent throughout (a film without sound, read with allow_silence): training without audio, "
-                       "so no audio encoder, decoder, loss or baseline band")
-        al = replace(al, audio=None)
+    al = _without_silence(al)
     split = run_split(al.n_trs, al.tr, cfg)
-    if not np.asarray(al.has_text)[split.train].any():   # target_variances would say only "no training text"
-        tables = sorted({str(spec.annotations_of(r)) for r in spec.runs}) if spec is not None else ["the study's annotation table"]
-        raise ValueError(f"no training text: no TR of the training block has annotation text in {', '.join(tables)} (columns read: "
-                         f"{[cfg.data.text_columns] if isinstance(cfg.data.text_columns, str) else cfg.data.text_columns or 'the default text columns'}); name the columns that hold "
-                         "it with --set text_columns='[\"COLUMN\"]' (--annotations for another table), or check its times")
+    _check_training_text(al, split.train, cfg, spec)
     norm = fit_normaliser(al.fmri, al.audio, split.train)
     tensors = StreamTensors(al, norm, device, cfg.data.subjects, streams) if streams else StudyTensors(al, norm, device, cfg.data.subjects)
     if cfg.data.high_pass: high_pass(tensors.fmri, (split.train, split.val, split.test), al.run, al.tr, cfg.data.high_pass)   # every target reads these
-    tr_idx = split.train
-    variances = target_variances(video=None if al.video is None else _rows(al.video, tr_idx),
-                                 audio=None if tensors.audio is None else tensors.audio[torch.as_tensor(tr_idx, device=tensors.device)].cpu().numpy(),
-                                 text=_rows(al.text, tr_idx), has_text=_rows(al.has_text, tr_idx))
+    variances = _train_variances(al, tensors, split.train)
     w = reliability_weights(al, split.train) if cfg.loss.voxel_weights == "reliability" else None
     return RunData(al, split, norm, tensors, features, variances, None if data_dir is None else Path(data_dir), cfg,
                    None if w is None else torch.as_tensor(w, device=tensors.device), spec, dict(streams or {}))
 
-# %% ../../nbs/30_training.data.ipynb #f8ce7a97
+# %% ../../nbs/30_training.data.ipynb #feef777f
+def _data_sizes(cfg:TrainConfig, # the run's options (subjects)
+                data:RunData, # the data the model is for
+               )->dict: # `ModelConfig` field -> the data's value
+    "Every `ModelConfig` size that the data decides."
+    al = data.aligned
+    has = {m: getattr(al, m) is not None for m in MODALITIES}
+    return dict(modalities=tuple(m for m in MODALITIES if has[m]), text_dim=al.text.shape[1], n_voxels=al.n_voxels,
+                **(dict(frame_height=al.video.shape[2], frame_width=al.video.shape[3], frames_per_tr=al.video.shape[1]) if has["video"] else {}),
+                **(dict(n_mels=al.audio.shape[1], mel_frames=al.audio.shape[2]) if has["audio"] else {}),
+                n_subjects=al.n_subjects if cfg.data.subjects == "each" else 0, tr=float(al.tr),
+                stream_dims={n: int(np.shape(a)[1]) for n, a in data.streams.items()})
+
+# %% ../../nbs/30_training.data.ipynb #c540036f
+def _check_windows(cfg:TrainConfig, # skip_first, skip_last
+                   mc:ModelConfig, # the model it would build
+                  ):
+    "Refuse a model whose windows leave no TR in a loss."
+    for k in ("skip_first", "skip_last"):
+        if getattr(cfg.loss, k) >= mc.context_trs:
+            raise ValueError(f"{k}={getattr(cfg.loss, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "
+                             f"pass --set {k}=N with N < {mc.context_trs}, or a longer context_trs")
+
+# %% ../../nbs/30_training.data.ipynb #17d25c50
 def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
                  data:RunData, # the data the model is for
                  start:str|None=None, # the ridge the run starts from (`start_kind`), when the caller has it; None: resolved here
@@ -184,38 +242,36 @@ def model_config(cfg:TrainConfig, # the run's options (preset, overrides)
     if data.cfg is not None:
         differ = changed_options(cfg, data.cfg, "data")
         if differ: raise ValueError(f"the data was prepared with other {', '.join(differ)} than this run asks for")
-    al = data.aligned
-    has = {m: getattr(al, m) is not None for m in MODALITIES}
-    sizes = dict(modalities=tuple(m for m in MODALITIES if has[m]), text_dim=al.text.shape[1], n_voxels=al.n_voxels,
-                 **(dict(frame_height=al.video.shape[2], frame_width=al.video.shape[3], frames_per_tr=al.video.shape[1]) if has["video"] else {}),
-                 **(dict(n_mels=al.audio.shape[1], mel_frames=al.audio.shape[2]) if has["audio"] else {}),
-                 n_subjects=al.n_subjects if cfg.data.subjects == "each" else 0, tr=float(al.tr),
-                 stream_dims={n: int(np.shape(a)[1]) for n, a in data.streams.items()})
+    sizes = _data_sizes(cfg, data)
     clash = {k: v for k, v in cfg.model.model_overrides.items() if k in sizes and v != sizes[k]}
     if clash: raise ValueError(f"model_overrides {clash} contradict the data's sizes {({k: sizes[k] for k in clash})}")
     mc = ModelConfig.preset(cfg.model.preset, **{**cfg.model.model_overrides, **sizes})
     if start_kind(cfg, data) if start is None else start:   # unless told otherwise, the ridge the run starts from has the baselines' design: FIR delays 0-12 s
         mc = replace(mc, linear_delay=mc.linear_delay or 12.0, linear_basis=cfg.model.model_overrides.get("linear_basis", "fir"))
     if cfg.model.ridge_start in ("ridge", "banded") and mc.linear_rank: raise ValueError(f"ridge_start fits the linear path's full read-out; linear_rank={mc.linear_rank} must be 0")
-    for k in ("skip_first", "skip_last"):   # a window with no TR left in a loss gives NaN gradients, not an error
-        if getattr(cfg.loss, k) >= mc.context_trs:
-            raise ValueError(f"{k}={getattr(cfg.loss, k)} leaves no TR of the model's {mc.context_trs}-TR windows in the loss; "
-                             f"pass --set {k}=N with N < {mc.context_trs}, or a longer context_trs")
+    _check_windows(cfg, mc)
     return mc
 
+# %% ../../nbs/30_training.data.ipynb #111bc8cc
+def _overridden(spec:StudySpec, # the resolved study
+                cfg:TrainConfig, # film_start, atlas, atlas_names
+               )->StudySpec:
+    "The study with the run's film start and atlas."
+    d = cfg.data
+    if d.film_start is not None: spec = replace(spec, runs=[replace(r, film_start=float(d.film_start)) for r in spec.runs])
+    if d.atlas is not None: spec = replace(spec, atlas=Path(d.atlas), atlas_names=None if d.atlas_names is None else Path(d.atlas_names))
+    elif d.atlas_names is not None: raise ValueError(f"atlas_names {d.atlas_names} without an atlas: give --atlas, the label NIfTI it names")
+    return spec
+
 # %% ../../nbs/30_training.data.ipynb #a9358895
-def study_spec(cfg:TrainConfig, # the run's options (study or data_dir, film, annotations, film_start)
-               di:DistInfo|None=None, # under torchrun, rank 0 generates the embedded study while the others wait
+def study_spec(cfg:TrainConfig, # the run's options
+               di:DistInfo|None=None, # this process (rank 0 makes the embedded study)
               )->StudySpec:
-    "The run's resolved study: its spec file, BIDS dataset or study folder (else the embedded synthetic study), with the run's overrides."
+    "The run's resolved study (else the embedded one), with the run's overrides."
     source = cfg.data.study or cfg.data.data_dir
     if source is None:
         source = main_first(di, lambda: embedded_dataset(cfg.data.cache_dir, progress=cfg.run.progress and (di is None or di.main), **cfg.data.synthetic))
-    spec = resolve_study(source, film=cfg.data.film, annotations=cfg.data.annotations)
-    if cfg.data.film_start is not None: spec = replace(spec, runs=[replace(r, film_start=float(cfg.data.film_start)) for r in spec.runs])
-    if cfg.data.atlas is not None: spec = replace(spec, atlas=Path(cfg.data.atlas), atlas_names=None if cfg.data.atlas_names is None else Path(cfg.data.atlas_names))
-    elif cfg.data.atlas_names is not None: raise ValueError(f"atlas_names {cfg.data.atlas_names} without an atlas: give --atlas, the label NIfTI it names")
-    return spec
+    return _overridden(resolve_study(source, film=cfg.data.film, annotations=cfg.data.annotations), cfg)
 
 # %% ../../nbs/30_training.data.ipynb #c3a2bd62
 def study_data(cfg:TrainConfig, # the run's options
@@ -256,27 +312,34 @@ def ridge_rows(train:np.ndarray, # the training TRs
     "The training TRs whose stimulus history lies inside their stretch: each stretch less its first `skip` TRs."
     return np.concatenate([s[skip:] for s in stretches(train, run) if len(s) > skip] or [np.zeros(0, np.int64)])
 
-# %% ../../nbs/30_training.data.ipynb #e0915c74
+# %% ../../nbs/30_training.data.ipynb #ffa2bc3d
+def _no_ridge(cfg:TrainConfig, # the run's options (preset, overrides)
+              data:RunData, # its data
+              n_folds:int, # inner folds of the ridge's penalties
+             )->str|None: # None: the banded ridge can be fitted
+    "Why the run cannot start from the banded ridge: its preset, a low-rank read-out, or too few training TRs."
+    o = cfg.model.model_overrides
+    if cfg.model.preset == "sherlock": return "the sherlock preset's linear read-out would be too large"
+    if o.get("linear_rank"): return "the linear read-out is low-rank"
+    tr = float(data.aligned.tr)
+    rows = ridge_rows(np.asarray(data.split.train), np.asarray(data.aligned.run), math.ceil((o.get("linear_delay") or 12.0) / tr - 1e-9))
+    try: block_folds(rows, n_folds, math.ceil(HRF_SECONDS / tr - 1e-9))
+    except ValueError: return f"{len(rows)} training TRs are too few for its {n_folds} inner folds"
+    return None
+
+# %% ../../nbs/30_training.data.ipynb #fda3a70c
 def start_kind(cfg:TrainConfig, # the run's options
                data:RunData, # its data
                n_folds:int=5, # inner folds of the ridge's penalties
               )->str: # "", "ridge" or "banded"
     "The ridge the run starts from: `cfg.model.ridge_start`, with 'auto' resolved to 'banded' where it can be fitted, else none."
     if cfg.model.ridge_start != "auto": return cfg.model.ridge_start
-    o = cfg.model.model_overrides
-    why = ("the sherlock preset's linear read-out would be too large" if cfg.model.preset == "sherlock" else
-           "the linear read-out is low-rank" if o.get("linear_rank") else None)
-    if why is None:
-        tr = float(data.aligned.tr)
-        rows = ridge_rows(np.asarray(data.split.train), np.asarray(data.aligned.run), math.ceil((o.get("linear_delay") or 12.0) / tr - 1e-9))
-        try: block_folds(rows, n_folds, math.ceil(HRF_SECONDS / tr - 1e-9)); return "banded"
-        except ValueError: why = f"{len(rows)} training TRs are too few for its {n_folds} inner folds"
+    why = _no_ridge(cfg, data, n_folds)
+    if why is None: return "banded"
     logger.info("no ridge start (ridge_start=auto): %s", why)
     return ""
 
-# %% ../../nbs/30_training.data.ipynb #e5514c57
-from ..alignment.sync import run_part
-
+# %% ../../nbs/30_training.data.ipynb #90d150c8
 def _run_words(spec:StudySpec, # the study
                i:int, # the run's position in `spec.runs`
                run, # the `StudyRun`
@@ -290,6 +353,7 @@ def _run_words(spec:StudySpec, # the study
     words["onset"] += start
     return words
 
+# %% ../../nbs/30_training.data.ipynb #b1d99668
 def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
                   spec:StudySpec, # the study
                   al:Aligned, # the study aligned on its TR grid (from `load_spec(spec)`)
@@ -307,6 +371,7 @@ def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:op
     if bad: raise ValueError(f"feature streams {bad} do not cover the study's {al.n_trs} TRs")
     return out
 
+# %% ../../nbs/30_training.data.ipynb #534766f6
 class StreamTensors(StudyTensors):
     "`StudyTensors` whose batches also carry each feature stream under `stream_key(name)`, (B, K, d) float32."
     def __init__(self, al:Aligned, # the aligned study

@@ -36,23 +36,22 @@ class DeviceUnavailable(RuntimeError):
 def resolve_device(name:str, # "cpu", "cuda", "cuda:N" or "auto"
                    local_rank:int=0, # this process's GPU under torchrun
                   )->torch.device:
-    "The torch device a run asks for; asking for CUDA without a usable GPU is a `DeviceUnavailable` error."
+    "The torch device a run asks for; CUDA without a usable GPU is a `DeviceUnavailable` error."
     if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu": return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceUnavailable(f"device {name!r} was asked for, but CUDA is not available (torch {torch.__version__}, "
-                           f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu or install a CUDA build of torch")
+        raise DeviceUnavailable(f"device {name!r} was asked for, but CUDA is not available (torch {torch.__version__}, built "
+                                f"for CUDA {torch.version.cuda or 'none'}); use --device cpu or install a CUDA build of torch")
     return torch.device(name if ":" in name else f"cuda:{local_rank}")
 
 # %% ../../nbs/28_training.distributed.ipynb #b268618a
-def init_distributed(device:torch.device|str="cpu", # the device this process trains on
+def init_distributed(device:torch.device|str="cpu", # this process's device
                     )->DistInfo:
     "Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1: return DistInfo()
-    if torch.device(device).type == "cuda": torch.cuda.set_device(torch.device(device))   # this rank's GPU, before NCCL starts
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return DistInfo()
+    cuda = torch.device(device).type == "cuda"
+    if cuda: torch.cuda.set_device(torch.device(device))   # this rank's GPU, before NCCL
+    if not dist.is_initialized(): dist.init_process_group("nccl" if cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 # %% ../../nbs/28_training.distributed.ipynb #17a84779
@@ -60,23 +59,38 @@ def close_distributed():
     "Leave the process group at the end of a run (a process that exits still in it can abort in gloo's teardown)."
     if dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../../nbs/28_training.distributed.ipynb #f6d61f3d
+# %% ../../nbs/28_training.distributed.ipynb #c72556f2
 WAIT_HOURS = 48.0 # how long the other ranks wait for rank 0 to build the caches
-_main_first_calls = itertools.count()
+_main_first_calls = itertools.count() # numbers each `main_first` hand-over: every rank makes the same calls in the same order
 
-def main_first(di:DistInfo|None, # this process among the run's (None: alone)
-               work:Callable, # builds what every rank needs (on rank 0), or reads it (on the others)
+# %% ../../nbs/28_training.distributed.ipynb #d34a81d2
+def _post_work(store, # the process group's key-value store
+               key:str, # this hand-over's key
+               work:Callable, # what rank 0 runs
               ):
-    "Rank 0 runs `work` while the others wait on the process group's key-value store, not in a collective (which would time out during a long cache build); then they run it."
-    if di is None or di.world_size <= 1 or not dist.is_initialized(): return work()
-    store, key = dist.distributed_c10d._get_default_store(), f"giblet/main_first/{next(_main_first_calls)}"
-    if di.main:
-        try: out = work()
-        except BaseException as e:
-            store.set(key, f"{type(e).__name__}: {e}"); raise
-        store.set(key, "ok")
-        return out
+    "Run `work` on rank 0 and post \"ok\", or the error it raised, under `key`."
+    try: out = work()
+    except BaseException as e:
+        store.set(key, f"{type(e).__name__}: {e}"); raise
+    store.set(key, "ok")
+    return out
+
+# %% ../../nbs/28_training.distributed.ipynb #bd21dc76
+def _wait_for_main(store, # the process group's key-value store
+                   key:str, # this hand-over's key
+                  ):
+    "Wait for rank 0's outcome under `key`; raise when it failed."
     store.wait([key], timedelta(hours=WAIT_HOURS))
     msg = store.get(key).decode()
     if msg != "ok": raise RuntimeError(f"rank 0 could not prepare the data: {msg}")
+
+# %% ../../nbs/28_training.distributed.ipynb #f6d61f3d
+def main_first(di:DistInfo|None, # this process among the run's (None: alone)
+               work:Callable, # builds what every rank needs (on rank 0), or reads it (on the others)
+              ):
+    "Rank 0 runs `work` while the others wait on the process group's key-value store; then they run it."
+    if di is None or di.world_size <= 1 or not dist.is_initialized(): return work()
+    store, key = dist.distributed_c10d._get_default_store(), f"giblet/main_first/{next(_main_first_calls)}"
+    if di.main: return _post_work(store, key, work)
+    _wait_for_main(store, key)
     return work()

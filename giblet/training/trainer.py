@@ -21,7 +21,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from ..io import no_bar
-from ..dataset import ContextDataset, block_folds
+from ..dataset import ContextDataset, StudyTensors, block_folds
 from ..models.autoencoder import BrainAutoencoder, compute_losses
 from ..models.encoder import LinearPath
 from .config import HRF_SECONDS, TrainConfig, check_resumable, flat_options
@@ -126,10 +126,31 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
     total = terms.pop("total") + r.pop("total")
     return terms | {k: v for k, v in r.items() if k not in terms} | {"total": total}
 
-# %% ../../nbs/32_training.trainer.ipynb #faf7c406
+# %% ../../nbs/32_training.trainer.ipynb #1f92aa5f
+@contextmanager
+def _himalaya_numpy():
+    "Within this block himalaya computes with numpy (float64); the backend set before it comes back after."
+    from himalaya.backend import get_backend, set_backend
+    before = get_backend().name
+    set_backend("numpy", on_error="raise")
+    try: yield
+    finally: set_backend(before, on_error="raise")
+
+# %% ../../nbs/32_training.trainer.ipynb #a4f1550d
+@torch.no_grad()
+def _set_readout(lin:LinearPath, # the linear path
+                 coef:np.ndarray, # (n_features, n_voxels) ridge weights of the centred design
+                 xm:np.ndarray, # (n_features,) the design's means
+                 ym:np.ndarray, # (n_voxels,) the BOLD's means
+                ):
+    "Copy a ridge of centred data into the read-out, with the bias that undoes the centring."
+    mix = lin.fir.mix
+    mix.weight.copy_(torch.as_tensor(coef.T, dtype=mix.weight.dtype)); mix.bias.copy_(torch.as_tensor(ym - xm @ coef, dtype=mix.bias.dtype))
+
+# %% ../../nbs/32_training.trainer.ipynb #69bae5de
 @torch.no_grad()
 def fit_ridge(lin:LinearPath, # the linear path to set (full read-out, `fit_scale` done)
-          x:torch.Tensor, # (n, p * hrf_basis) design rows (`design`) of training TRs with their whole history
+              x:torch.Tensor, # (n, p * hrf_basis) design rows (`design`) of training TRs with their whole history
               y:torch.Tensor, # (n, n_voxels) the BOLD they predict
               folds:list, # [(fit rows, held-out rows)] that choose each voxel's alpha, e.g. from `block_folds` of the splits
               alphas:Sequence[float]=tuple(np.logspace(-1, 7, 17)), # candidate penalties
@@ -138,17 +159,12 @@ def fit_ridge(lin:LinearPath, # the linear path to set (full read-out, `fit_scal
              )->np.ndarray: # (n_voxels,) the alpha each voxel chose
     "Set the linear path's read-out to himalaya's ridge (or banded ridge) of `y` on `x`, each voxel's penalties chosen by the folds: the path becomes a ridge encoding model."
     if lin.basis is not None: raise ValueError("fit_ridge needs the linear path's full read-out (linear_rank=0)")
-    from himalaya.backend import get_backend, set_backend
     X, Y = x.double().cpu().numpy(), y.double().cpu().numpy()
     xm, ym = X.mean(0), Y.mean(0)
-    before = get_backend().name
-    set_backend("numpy", on_error="raise")
-    try: coef, best = (_banded_ridge if banded and len(lin.sizes) > 1 else _ridge)(X - xm, Y - ym, folds, alphas, lin.band_columns(), n_iter)
-    finally: set_backend(before, on_error="raise")
-    mix = lin.fir.mix
-    mix.weight.copy_(torch.as_tensor(coef.T, dtype=mix.weight.dtype)); mix.bias.copy_(torch.as_tensor(ym - xm @ coef, dtype=mix.bias.dtype))
+    with _himalaya_numpy():
+        coef, best = (_banded_ridge if banded and len(lin.sizes) > 1 else _ridge)(X - xm, Y - ym, folds, alphas, lin.band_columns(), n_iter)
+    _set_readout(lin, coef, xm, ym)
     return best
-
 
 # %% ../../nbs/32_training.trainer.ipynb #79be0e90
 def _ridge(X, Y, folds, alphas, bands, n_iter):
@@ -168,7 +184,22 @@ def _banded_ridge(X, Y, folds, alphas, bands, n_iter):
     coef = np.concatenate([np.asarray(w, np.float64) for w in fit[-1].get_primal_coef(fit[0].get_X_fit())])   # bands in column order
     return coef, np.asarray(fit[-1].best_alphas_, np.float64)
 
-# %% ../../nbs/32_training.trainer.ipynb #b4834e67
+# %% ../../nbs/32_training.trainer.ipynb #1c24ab8e
+@torch.no_grad()
+def _stretch_design(lin:LinearPath, # the linear path
+                    t:StudyTensors, # the run's tensors
+                    train:np.ndarray, # the training TRs
+                    skip:int, # leading TRs of each stretch without their whole history
+                   )->tuple: # (x, y): (n, p) design rows, (n, n_voxels) subject-average BOLD
+    "The linear path's design and the BOLD it is fitted to, over every training stretch longer than `skip`."
+    xs, ys = [], []
+    for s in (s for s in stretches(train, t.run) if len(s) > skip):
+        b = t.gather(torch.as_tensor(s[:1], device=t.device), len(s))
+        xs.append(lin.design(b)[0, skip:]); ys.append(t.fmri[:, torch.as_tensor(s[skip:], device=t.device)].float().mean(0))
+    if not xs: raise ValueError(f"ridge_start: no stretch of the training block is longer than the linear path's {skip + 1} TRs")
+    return torch.cat(xs), torch.cat(ys)
+
+# %% ../../nbs/32_training.trainer.ipynb #2750ab92
 @torch.no_grad()
 def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linear_delay > 0`, `fit_scale` done)
                 data:RunData, # the run's data: the ridge sees its training block only
@@ -178,23 +209,90 @@ def ridge_start(model:BrainAutoencoder, # a new model with a linear path (`linea
     "Make `model` a ridge encoding model: its linear path fitted as himalaya's ridge (or banded ridge) on the training block and frozen, its deep path silent until trained."
     lin, t, train = model.encoder.linear, data.tensors, np.asarray(data.split.train)
     skip = lin.fir.kernel - 1                                   # the first TRs of a stretch lack their stimulus history
-    xs, ys = [], []
-    for s in (s for s in stretches(train, t.run) if len(s) > skip):
-        b = t.gather(torch.as_tensor(s[:1], device=t.device), len(s))
-        xs.append(lin.design(b)[0, skip:]); ys.append(t.fmri[:, torch.as_tensor(s[skip:], device=t.device)].float().mean(0))
-    if not xs: raise ValueError(f"ridge_start: no stretch of the training block is longer than the linear path's {skip + 1} TRs")
+    x, y = _stretch_design(lin, t, train, skip)
     rows = ridge_rows(train, t.run, skip)
-    alphas = fit_ridge(lin, torch.cat(xs), torch.cat(ys), block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)), banded=banded)
+    alphas = fit_ridge(lin, x, y, block_folds(rows, n_folds, math.ceil(HRF_SECONDS / data.aligned.tr - 1e-9)), banded=banded)
     lin.requires_grad_(False)
     model.encoder.head.gain.zero_()                             # the deep path adds nothing until it learns a correction
     logger.info("ridge start: the linear path is a %s on %d training TRs x %d features (alpha per voxel by %d inner folds: median %.3g, "
-                "range %.3g-%.3g), frozen; the deep path learns its correction from zero", "banded ridge" if banded else "ridge", len(rows), xs[0].shape[1], n_folds,
+                "range %.3g-%.3g), frozen; the deep path learns its correction from zero", "banded ridge" if banded else "ridge", len(rows), x.shape[1], n_folds,
                 np.median(alphas), alphas.min(), alphas.max())
     return alphas
 
 # %% ../../nbs/32_training.trainer.ipynb #42f89604
 class NonFiniteLoss(FloatingPointError):
     "A loss term or the gradient became NaN or infinite."
+
+# %% ../../nbs/32_training.trainer.ipynb #16054e27
+def _copy_weights(sd:dict, # a state dict
+                 )->dict:
+    "A detached copy of every tensor of `sd`."
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+# %% ../../nbs/32_training.trainer.ipynb #84d36143
+def _new_model(data:RunData, # the run's data
+               cfg:TrainConfig, # the run's options (its seed)
+               mc, # the `ModelConfig` (`model_config`)
+               start:str, # the ridge it starts from ("", "ridge" or "banded")
+              )->BrainAutoencoder:
+    "The run's new model on the data's device, its linear path scaled (and fitted, with a ridge start)."
+    torch.manual_seed(cfg.run.seed)
+    model = BrainAutoencoder(mc).to(data.tensors.device)
+    if data.voxel_weights is not None: model.decoder.unit_gain.copy_(data.voxel_weights)
+    if model.encoder.linear is not None:
+        train = data.split.train
+        model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
+    if start: ridge_start(model, data, banded=start == "banded")
+    return model
+
+# %% ../../nbs/32_training.trainer.ipynb #31f10165
+def _train_net(model:BrainAutoencoder, # the model
+               cfg:TrainConfig, # decode_from, detach_brain
+               di:DistInfo, # this process
+               device:torch.device, # its device
+              )->torch.nn.Module:
+    "`model`'s `TrainStep`, in `DistributedDataParallel` under torchrun."
+    net = TrainStep(model, cfg.loss.decode_from, cfg.loss.detach_brain)
+    if di.world_size <= 1: return net
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True)
+
+# %% ../../nbs/32_training.trainer.ipynb #9d047ac7
+def _adamw(model:BrainAutoencoder, # the model
+           cfg:TrainConfig, # lr and weight_decay
+          )->torch.optim.AdamW:
+    "AdamW over the model, with weight decay on the parameters of two or more dimensions."
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.optim.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.optim.lr)
+
+# %% ../../nbs/32_training.trainer.ipynb #082633c6
+def _schedule(opt:torch.optim.Optimizer, # the optimiser
+              cfg:TrainConfig, # epochs, warmup_epochs, min_lr_frac
+              n:int, # optimiser steps per epoch
+             )->torch.optim.lr_scheduler.LambdaLR:
+    "The run's `lr_factor` schedule, stepped per batch."
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(
+        step, cfg.optim.epochs * n, max(1, round(cfg.optim.warmup_epochs * n)), cfg.optim.min_lr_frac))
+
+# %% ../../nbs/32_training.trainer.ipynb #7ccf1a33
+def _kept(out:Path|None, # the run folder
+          epoch:int, # the epochs done
+         )->str:
+    "What a stopped run keeps: its last good checkpoint, or nothing yet."
+    last = out / "checkpoints" / "last.pt" if out else None
+    return (f"the last good checkpoint, {last} (epoch {epoch}), is kept" if last and last.exists()
+            else "no checkpoint was written yet")
+
+# %% ../../nbs/32_training.trainer.ipynb #63123c18
+def _non_finite(bad:list, # the names of the terms that are not finite
+                where:str, # where in the run, for the message
+                out:Path|None, # the run folder
+                epoch:int, # the epochs done
+               )->NonFiniteLoss:
+    "The error for loss terms that became NaN or infinite, naming them and the last good checkpoint."
+    return NonFiniteLoss(f"loss term(s) {', '.join(repr(b) for b in bad if b != 'total') or repr('total')} became "
+                         f"NaN or infinite at {where}; training stopped; {_kept(out, epoch)}")
 
 # %% ../../nbs/32_training.trainer.ipynb #4943171b
 class Trainer:
@@ -209,36 +307,22 @@ class Trainer:
         self.start = start_kind(cfg, data)   # the ridge the run starts from, if any (resolved once: "auto" logs why not)
         self.model_config = model_config(cfg, data, self.start)
         self.device, self.k = data.tensors.device, self.model_config.context_trs
-        torch.manual_seed(cfg.run.seed)
-        self.model = BrainAutoencoder(self.model_config).to(self.device)
-        if data.voxel_weights is not None:  # the decoder reads each unit in proportion to its reliability
-            self.model.decoder.unit_gain.copy_(data.voxel_weights)
-        if self.model.encoder.linear is not None:  # the linear path's features are standardised with training statistics
-            train = data.split.train
-            self.model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
-        if self.start: ridge_start(self.model, data, banded=self.start == "banded")
+        self.model = _new_model(data, cfg, self.model_config, self.start)
         torch.manual_seed(cfg.run.seed + 1 + self.di.rank)  # dropout differs between processes
-        self.net = TrainStep(self.model, cfg.loss.decode_from, cfg.loss.detach_brain)
-        if self.di.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids, find_unused_parameters=True)
+        self.net = _train_net(self.model, cfg, self.di, self.device)
         self.train_ds = ContextDataset(data.tensors, data.split.train, self.k, cfg.optim.stride)
         self.val_ds = ContextDataset(data.tensors, data.split.val, self.k, max(1, self.k - cfg.loss.skip_first))
         self.loader = ShardedLoader(self.train_ds, cfg.optim.batch_size, True, cfg.run.seed, self.di)
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        rest = [p for p in self.model.parameters() if p.ndim < 2]
-        self.opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.optim.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.optim.lr)
-        n = len(self.loader)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(
-            step, self.cfg.optim.epochs * n, max(1, round(self.cfg.optim.warmup_epochs * n)), self.cfg.optim.min_lr_frac))
+        self.opt = _adamw(self.model, cfg)
+        self.sched = _schedule(self.opt, cfg, len(self.loader))
         self.epoch, self.best_r, self.best_epoch, self.bad_epochs, self.history, self.stopped = 0, -math.inf, 0, 0, [], False
-        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.optim.ema else None
+        self.ema = _copy_weights(self.model.state_dict()) if cfg.optim.ema else None
 
     @contextmanager
     def averaged(self):
         "Within this block the model holds the moving-average weights (when `cfg.optim.ema` is on)."
         if self.ema is None: yield; return
-        kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        kept = _copy_weights(self.model.state_dict())
         self.model.load_state_dict(self.ema)
         try: yield
         finally: self.model.load_state_dict(kept)
@@ -262,13 +346,17 @@ class Trainer:
         vals = torch.stack([v.detach().float() for v in terms.values()])
         if reduce: vals = self._reduce(vals)
         if not torch.isfinite(vals).all():
-            bad = [k for k, v in zip(terms, vals.tolist()) if not math.isfinite(v)]
-            last = self.out / "checkpoints" / "last.pt" if self.out else None
-            kept = (f"the last good checkpoint, {last} (epoch {self.epoch}), is kept" if last and last.exists()
-                    else "no checkpoint was written yet")
-            raise NonFiniteLoss(f"loss term(s) {', '.join(repr(b) for b in bad if b != 'total') or repr('total')} became "
-                                f"NaN or infinite at {where}; training stopped; {kept}")
+            raise _non_finite([k for k, v in zip(terms, vals.tolist()) if not math.isfinite(v)], where, self.out, self.epoch)
         return vals
+
+# %% ../../nbs/32_training.trainer.ipynb #b3cfdc46
+@torch.no_grad()
+def _ema_step(ema:dict, # the moving average: name -> tensor, updated in place
+              model:torch.nn.Module, # the model after its step
+              decay:float, # `cfg.optim.ema`
+             ):
+    "Move each averaged tensor `1 - decay` of the way to the model's."
+    for k, v in model.state_dict().items(): ema[k].lerp_(v, 1 - decay)
 
 # %% ../../nbs/32_training.trainer.ipynb #964119fd
 @patch
@@ -287,9 +375,7 @@ def train_epoch(self:Trainer)->dict:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             if not torch.isfinite(norm): self._check({"gradient": norm}, f"epoch {self.epoch + 1}, batch {i + 1}")
         self.opt.step(); self.sched.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                for k, v in self.model.state_dict().items(): self.ema[k].lerp_(v, 1 - self.cfg.optim.ema)
+        if self.ema is not None: _ema_step(self.ema, self.model, self.cfg.optim.ema)
         sums = vals if sums is None else sums + vals; n += self.di.world_size
         bar.set_postfix(loss=f"{vals[-1].item() / self.di.world_size:.3f}")
     return {f"train_{k}": v / n for k, v in zip(terms, sums.tolist())} | {"lr": self.sched.get_last_lr()[0]}
@@ -340,31 +426,52 @@ def _evaluate(self:Trainer)->dict:
     return {f"val_{k}": v / n for k, v in zip(terms, vals.tolist())} | {
         "val_voxel_r_mean": float(np.mean(r)), "val_voxel_r_median": float(np.median(r))}
 
-# %% ../../nbs/32_training.trainer.ipynb #a3920631
+# %% ../../nbs/32_training.trainer.ipynb #1258140f
+@patch
+def _validate_start(self:Trainer):
+    "Score the ridge the run starts from on the validation block and save it as the best checkpoint."
+    self.best_r = self.evaluate()["val_voxel_r_mean"]
+    self.save(best=True)
+    if self.di.main: logger.info("epoch 0 (the ridge start): val voxel r %.4f", self.best_r)
+
+# %% ../../nbs/32_training.trainer.ipynb #f1f80ef6
+@patch
+def _record(self:Trainer, row:dict, # the epoch's training and validation numbers
+            t0:float, # `time.perf_counter()` when the epoch began
+           )->bool: # the epoch improved on the best validation r
+    "Count the epoch, update the best r and early stopping, and append the epoch to the history."
+    self.epoch += 1
+    improved = row["val_voxel_r_mean"] > self.best_r
+    if improved: self.best_r, self.best_epoch, self.bad_epochs = row["val_voxel_r_mean"], self.epoch, 0
+    else: self.bad_epochs += 1
+    self.stopped = bool(self.cfg.optim.patience) and self.bad_epochs >= self.cfg.optim.patience
+    self.history.append({"epoch": self.epoch, **row, "seconds": time.perf_counter() - t0})
+    return improved
+
+# %% ../../nbs/32_training.trainer.ipynb #4a4ac32c
+@patch
+def _log_epoch(self:Trainer, row:dict, # the epoch's numbers
+               improved:bool, # it is the best so far
+              ):
+    "The epoch's log line, and why the run stops early when it does."
+    logger.info("epoch %d: train loss %.4f, val loss %.4f, val voxel r %.4f%s", self.epoch, row["train_total"],
+                row["val_total"], row["val_voxel_r_mean"], " (best)" if improved else "")
+    if self.stopped: logger.info("early stop: no better validation r for %d epochs", self.bad_epochs)
+
+# %% ../../nbs/32_training.trainer.ipynb #20274807
 @patch
 def fit(self:Trainer, until_epoch:int|None=None, # stop after this epoch (as if interrupted); None: run to the end
        )->list: # the history: one dict per epoch
     "Train to `cfg.optim.epochs` (or early stop), validating, logging and checkpointing after every epoch."
     stop = self.cfg.optim.epochs if until_epoch is None else min(until_epoch, self.cfg.optim.epochs)
-    if self.start and self.epoch == 0 and self.best_r == -math.inf:   # the ridge it starts from is a candidate too
-        self.best_r = self.evaluate()["val_voxel_r_mean"]
-        self.save(best=True)
-        if self.di.main: logger.info("epoch 0 (the ridge start): val voxel r %.4f", self.best_r)
+    if self.start and self.epoch == 0 and self.best_r == -math.inf: self._validate_start()   # the ridge start is a candidate too
     while self.epoch < stop and not self.stopped:
         t0 = time.perf_counter()
         row = self.train_epoch()
         row |= self.evaluate()
-        self.epoch += 1
-        improved = row["val_voxel_r_mean"] > self.best_r
-        if improved: self.best_r, self.best_epoch, self.bad_epochs = row["val_voxel_r_mean"], self.epoch, 0
-        else: self.bad_epochs += 1
-        self.stopped = bool(self.cfg.optim.patience) and self.bad_epochs >= self.cfg.optim.patience
-        self.history.append({"epoch": self.epoch, **row, "seconds": time.perf_counter() - t0})
+        improved = self._record(row, t0)
         self.save(best=improved)
-        if self.di.main:
-            logger.info("epoch %d: train loss %.4f, val loss %.4f, val voxel r %.4f%s", self.epoch, row["train_total"],
-                        row["val_total"], row["val_voxel_r_mean"], " (best)" if improved else "")
-            if self.stopped: logger.info("early stop: no better validation r for %d epochs", self.bad_epochs)
+        if self.di.main: self._log_epoch(row, improved)
     return self.history
 
 # %% ../../nbs/32_training.trainer.ipynb #c3384f7e
@@ -374,16 +481,32 @@ def config(self:Trainer)->dict:
     return dict(train=self.cfg.to_dict(), model=self.model_config.to_dict(),
                 features=None if self.data.features is None else json.loads(json.dumps(asdict(self.data.features))))
 
+# %% ../../nbs/32_training.trainer.ipynb #fe623ba1
+def _gathered_rng(di:DistInfo, # this process among the run's
+                 )->dict|list: # one state alone; under torchrun a list by rank
+    "This process's random state, or every process's (all take part)."
+    if di.world_size <= 1: return _rng_state()
+    rng = [None] * di.world_size; dist.all_gather_object(rng, _rng_state())
+    return rng
+
+# %% ../../nbs/32_training.trainer.ipynb #2341c93a
+def _own_rng(rng, # the saved random state, or a list of them by rank
+             di:DistInfo, # this process among the run's
+             source:str, # the checkpoint's name, for the warning
+            )->dict:
+    "This process's random state in a checkpoint."
+    if not isinstance(rng, list): return rng
+    if len(rng) != di.world_size: logger.warning("%s was saved by %d processes, resumed by %d", source, len(rng), di.world_size)
+    return rng[di.rank % len(rng)]
+
 # %% ../../nbs/32_training.trainer.ipynb #d5ba1515
 @patch
 def state_dict(self:Trainer)->dict:
     "Everything needed to continue the run exactly."
-    rng = _rng_state()
-    if self.di.world_size > 1:
-        rng = [None] * self.di.world_size; dist.all_gather_object(rng, _rng_state())
+    rng = _gathered_rng(self.di)
     with self.averaged():  # the weights that were validated, copied before the training weights return
         model = self.model.checkpoint()
-        model["state_dict"] = {k: v.detach().clone() for k, v in model["state_dict"].items()}
+        model["state_dict"] = _copy_weights(model["state_dict"])
     extra = {} if self.ema is None else {"train_weights": self.model.state_dict()}
     return extra | dict(model=model, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                 rng=rng, epoch=self.epoch, loader_epoch=self.loader.epoch, best_r=self.best_r, best_epoch=self.best_epoch,
@@ -397,13 +520,9 @@ def load_state_dict(self:Trainer, ck:dict, # from `state_dict` or `load_checkpoi
     "Continue from a saved state; a state from a different run configuration is refused."
     check_resumable(ck["config"], self.config(), source)
     self.model.load_state_dict(ck.get("train_weights", ck["model"]["state_dict"]))
-    if self.ema is not None: self.ema = {k: v.detach().clone() for k, v in ck["model"]["state_dict"].items()}
+    if self.ema is not None: self.ema = _copy_weights(ck["model"]["state_dict"])
     self.opt.load_state_dict(ck["optimizer"]); self.sched.load_state_dict(ck["scheduler"])
-    rng = ck["rng"]
-    if isinstance(rng, list):
-        if len(rng) != self.di.world_size: logger.warning("%s was saved by %d processes, resumed by %d", source, len(rng), self.di.world_size)
-        rng = rng[self.di.rank % len(rng)]
-    _set_rng_state(rng)
+    _set_rng_state(_own_rng(ck["rng"], self.di, source))
     self.epoch, self.loader.epoch = ck["epoch"], ck["loader_epoch"]
     self.best_r, self.best_epoch, self.bad_epochs = ck["best_r"], ck["best_epoch"], ck["bad_epochs"]
     self.stopped, self.history = ck["stopped"], list(ck["history"])
