@@ -262,7 +262,7 @@ def _run_in(cfg:TrainConfig, # the run's options
     inputs = _study_inputs(spec, out, resume, di)
     data = prepare_data(cfg, device, di, spec)
     check_study_size(data.aligned.n_trs, data.aligned.tr, cfg, baseline)   # before training: a short study fails now, not after it
-    trainer = Trainer(data, cfg, out, di)
+    trainer = Trainer(data, out_dir=out, di=di)   # trained as the data was prepared: `data.cfg`
     if resume: trainer.resume()
     if di.main:
         if not resume or not (out / INPUTS).is_file(): write_json(out / INPUTS, inputs)

@@ -298,10 +298,12 @@ def _non_finite(bad:list, # the names of the terms that are not finite
 class Trainer:
     "Train a `BrainAutoencoder` on a run's data, with validation, checkpoints, logs and early stopping."
     def __init__(self, data:RunData, # what to train on
-                 cfg:TrainConfig, # how
+                 cfg:TrainConfig|None=None, # how (None: the options the data was prepared with, `data.cfg`)
                  out_dir:str|Path|None=None, # run folder: checkpoints/, log.csv, log.json (None: write nothing)
                  di:DistInfo|None=None, # this process among those of the run
                 ):
+        cfg = data.cfg if cfg is None else cfg
+        if cfg is None: raise ValueError("Trainer needs a TrainConfig: the data carries none (built without one)")
         self.data, self.cfg, self.di = data, cfg, di or DistInfo()
         self.out = None if out_dir is None else Path(out_dir)
         self.start = start_kind(cfg, data)   # the ridge the run starts from, if any (resolved once: "auto" logs why not)
