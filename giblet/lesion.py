@@ -26,7 +26,7 @@ from .io import RunLock, atomic_folder, atomic_write, clean_leftovers
 from .regions import Region, UnitGrid, matched_blobs, parse_regions
 from .models.autoencoder import target_variances
 from .features import stream_key
-from .training.data import StreamTensors
+from .streams import StreamTensors
 from .training.checkpoints import load_run
 
 logger = logging.getLogger(__name__)

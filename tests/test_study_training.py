@@ -140,14 +140,14 @@ def test_text_streams_read_the_runs_part_and_the_text_columns(sherlock, dino, tm
     from giblet.data.text import load_annotations
     from giblet.features import tiny_backbone
     from giblet.study import read_spec
-    from giblet.training.data import _run_words
+    from giblet.streams import run_words
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = read_spec(spec_file(sherlock, sherlock.root / "study.yaml"))
-    words = _run_words(spec, 1, spec.runs[1], 1.5, ["Location"])          # run 2 shows part 2, from film time 118.5 s
+    words = run_words(spec, 1, spec.runs[1], 1.5, ["Location"])          # run 2 shows part 2, from film time 118.5 s
     part2 = load_annotations(sherlock.annotations, text_columns=["Location"], part=2)
     assert words["word"].tolist() == [w for t in part2["text"] for w in t.split()]
     np.testing.assert_allclose(words["onset"].iloc[0], part2["start"].iloc[0] + 118.5)
-    trio = _run_words(spec, 1, spec.runs[1], 1.5)
+    trio = run_words(spec, 1, spec.runs[1], 1.5)
     assert set(trio["word"]) != set(words["word"]) and len(trio) > len(words)
     # from the command line: the config's text stream over the Location column replaces the spec's video stream
     vocab = sorted({w for t in load_annotations(sherlock.annotations, text_columns=["Location"])["text"] for w in t.split()})

@@ -11,23 +11,20 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from ..alignment.sync import Aligned, FeatureParams, run_part
+from ..alignment.sync import Aligned, FeatureParams
 from ..data.bold_stats import high_pass, stretches
 from ..dataset import Normaliser, Split, StudyTensors, block_split, fit_normaliser
 from ..dataset import block_folds
 from ..models.autoencoder import target_variances
 from ..models.encoder import MODALITIES, PRESETS, ModelConfig
-from ..data.text import load_annotations
-from ..features import load_streams, runs_from_aligned, stream_key
-from ..windows import words_from_annotations
 from ..synthetic_truth import embedded_dataset
-from ..study import StudySpec, parse_stream_spec, resolve_study
-from ..study_plan import run_spec, study_predictors, study_rates
+from ..study import StudySpec, resolve_study
+from ..study_plan import study_predictors, study_rates
 from ..dataset import load_spec
 from ..metrics import noise_ceiling
+from ..streams import StreamTensors, study_streams
 from .config import HRF_SECONDS, TrainConfig, changed_options
 from .distributed import DistInfo, main_first
 
@@ -36,7 +33,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'feature_params', 'RunData', 'SubjectRows', 'reliability_weights', 'outer_split', 'run_split',
            'silent_audio', 'run_data', 'model_config', 'study_spec', 'study_data', 'prepare_data', 'ridge_rows',
-           'start_kind', 'study_streams', 'StreamTensors']
+           'start_kind']
 
 # %% ../../nbs/30_training.data.ipynb #cb3bc76c
 def _model_options(cfg:TrainConfig, # the run's preset and overrides
@@ -338,55 +335,3 @@ def start_kind(cfg:TrainConfig, # the run's options
     if why is None: return "banded"
     logger.info("no ridge start (ridge_start=auto): %s", why)
     return ""
-
-# %% ../../nbs/30_training.data.ipynb #90d150c8
-def _run_words(spec:StudySpec, # the study
-               i:int, # the run's position in `spec.runs`
-               run, # the `StudyRun`
-               tr:float, # the study's TR (s)
-               text_columns=None, # annotation column(s) joined into each segment's text (None: the Sherlock trio)
-              )->pd.DataFrame: # onset, duration, word
-    "The words of run `i`'s annotation part on its film clock: the part, and where its clock starts, as the alignment picks them."
-    path = spec.annotations_of(run)
-    part, start = run_part(path, run_spec(spec, run, tr), i, text_columns)
-    words = words_from_annotations(load_annotations(path, text_columns=text_columns, part=part))
-    words["onset"] += start
-    return words
-
-# %% ../../nbs/30_training.data.ipynb #b1d99668
-def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
-                  spec:StudySpec, # the study
-                  al:Aligned, # the study aligned on its TR grid (from `load_spec(spec)`)
-                  cache_dir:str|Path|None=None, # the run's cache root: streams go to its features/ folder (None: the features' default)
-                  progress:bool=False, # progress bars while extracting
-                  text_columns=None, # annotation column(s) text streams read (None: the Sherlock trio), as `FeatureParams.text_columns`
-                 )->dict: # stream name -> float32 (n_trs, d) on `al`'s TR grid
-    "Each feature stream over every run of the study, extracted into the cache where missing."
-    specs = [parse_stream_spec(s) for s in features]
-    words = ([_run_words(spec, i, r, al.tr, text_columns) for i, r in enumerate(spec.runs)]
-             if any(s.kind == "text" for s in specs) else None)
-    runs = runs_from_aligned(al, [spec.film_of(r) for r in spec.runs], [r.film_start for r in spec.runs], words)
-    out = load_streams(specs, runs, al.tr, None if cache_dir is None else Path(cache_dir) / "features", progress=progress)
-    bad = {n: a.shape for n, a in out.items() if a.shape[0] != al.n_trs}
-    if bad: raise ValueError(f"feature streams {bad} do not cover the study's {al.n_trs} TRs")
-    return out
-
-# %% ../../nbs/30_training.data.ipynb #534766f6
-class StreamTensors(StudyTensors):
-    "`StudyTensors` whose batches also carry each feature stream under `stream_key(name)`, (B, K, d) float32."
-    def __init__(self, al:Aligned, # the aligned study
-                 norm:Normaliser, # training-block statistics
-                 device:str|torch.device="cpu", # where the tensors live
-                 subjects:str="average", # "average" or "each" (see `StudyTensors`)
-                 streams:dict|None=None, # name -> (n_trs, d) features on the study's TR grid
-                ):
-        super().__init__(al, norm, device, subjects)
-        self.streams = {stream_key(n): torch.as_tensor(np.asarray(a, np.float32)).to(self.device) for n, a in (streams or {}).items()}
-
-    def gather(self, starts:torch.Tensor, # (B,) window start TRs
-               k:int, # context length in TRs
-               subject:torch.Tensor|None=None, # (B,) rows of `fmri` (0 for the average)
-              )->dict:
-        "`StudyTensors.gather`, plus every stream's (B, K, d) window."
-        b = super().gather(starts, k, subject)
-        return b | {key: s[b["trs"]] for key, s in self.streams.items()}
