@@ -304,6 +304,20 @@ def decode_series(self:BrainAutoencoder, series:torch.Tensor, # (n_trs, n_voxels
     finally: self.train(was)
     return {m: torch.cat(v) for m, v in out.items()}
 
+# %% ../../nbs/22_models.autoencoder.ipynb #2b325a2a
+@patch
+@torch.no_grad()
+def init_from(self:BrainAutoencoder, tensors, # a study's tensors: `gather(starts, k)` gives its windows
+              train:np.ndarray, # the training TRs (the only ones read)
+              unit_gain:torch.Tensor|None=None, # (n_voxels,) how strongly the decoder reads each unit (None: leave 1)
+             )->BrainAutoencoder:
+    "Set the decoder's unit gain and fit the linear path's feature scale on the training TRs; returns the model."
+    if unit_gain is not None: self.decoder.unit_gain.copy_(unit_gain)
+    if self.encoder.linear is not None:
+        chunks = np.array_split(np.asarray(train), max(1, len(train) // 256))
+        self.encoder.linear.fit_scale(tensors.gather(torch.as_tensor(c), 1) for c in chunks)
+    return self
+
 # %% ../../nbs/22_models.autoencoder.ipynb #c7d1c5f2
 def param_breakdown(model:nn.Module, # usually a BrainAutoencoder
                     depth:int=2, # how many module levels name a block (2: 'encoder.video')

@@ -237,11 +237,7 @@ def _new_model(data:RunData, # the run's data
               )->BrainAutoencoder:
     "The run's new model on the data's device, its linear path scaled (and fitted, with a ridge start)."
     torch.manual_seed(cfg.run.seed)
-    model = BrainAutoencoder(mc).to(data.tensors.device)
-    if data.voxel_weights is not None: model.decoder.unit_gain.copy_(data.voxel_weights)
-    if model.encoder.linear is not None:
-        train = data.split.train
-        model.encoder.linear.fit_scale(data.tensors.gather(torch.as_tensor(c), 1) for c in np.array_split(train, max(1, len(train) // 256)))
+    model = BrainAutoencoder(mc).to(data.tensors.device).init_from(data.tensors, data.split.train, data.voxel_weights)
     if start: ridge_start(model, data, banded=start == "banded")
     return model
 
