@@ -57,7 +57,9 @@ def init_distributed(device:torch.device|str="cpu", # this process's device
 # %% ../../nbs/28_training.distributed.ipynb #17a84779
 def close_distributed():
     "Leave the process group at the end of a run (a process that exits still in it can abort in gloo's teardown)."
-    if dist.is_initialized(): dist.destroy_process_group()
+    if not dist.is_initialized(): return
+    dist.barrier()   # every rank leaves together: one that exits while another still uses the group can abort in gloo's teardown
+    dist.destroy_process_group()
 
 # %% ../../nbs/28_training.distributed.ipynb #c72556f2
 WAIT_HOURS = 48.0 # how long the other ranks wait for rank 0 to build the caches
