@@ -220,7 +220,7 @@ class TrainConfig:
 
     def flat(self)->dict:
         "Every option by name, JSON-ready."
-        return {k: v for s in SECTIONS for k, v in self.to_dict()[s].items()}
+        return flat_options(self.to_dict())
 
     def updated(self, **options)->TrainConfig:
         "A copy with some options changed, by name."
