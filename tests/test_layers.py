@@ -6,14 +6,15 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _order()->dict:
-    "Each exported module and the number of the notebook that writes it (`nbs/NN_*.ipynb`)."
+    "Each exported module and the number of the notebook that writes it (`nbs/<stage>/NN_*.ipynb`)."
     out = {}
-    for nb in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
+    for nb in sorted((ROOT / "nbs").glob("*/[0-9][0-9]_*.ipynb")):
         for c in json.loads(nb.read_text())["cells"]:
             m = re.search(r"^#\|\s*default_exp\s+(\S+)", "".join(c["source"]), re.M)
             if m: out["giblet." + m[1]] = int(nb.name[:2]); break
@@ -62,3 +63,22 @@ def test_a_late_import_is_caught(tmp_path, monkeypatch):
     real = _imports
     monkeypatch.setitem(globals(), "_imports", lambda m: real(m) | ({"giblet.training.trainer"} if m == "giblet.data.fmri" else set()))
     with pytest.raises(AssertionError, match="giblet.data.fmri"): test_no_module_imports_a_later_one()
+
+
+def _sidebar()->list:
+    "The docs sidebar's pages in order (`nbs/sidebar.yml`), sections flattened."
+    def walk(items): return [p for i in items for p in (walk(i["contents"]) if isinstance(i, dict) else [i])]
+    return walk(yaml.safe_load((ROOT / "nbs" / "sidebar.yml").read_text())["website"]["sidebar"]["contents"])
+
+
+def test_the_sidebar_lists_every_notebook_once_in_layer_order():
+    "The notebook list alone tells where each stage lives: every notebook is in the sidebar once, numbers rising."
+    pages = _sidebar()
+    nbs = sorted(p.relative_to(ROOT / "nbs").as_posix() for p in (ROOT / "nbs").rglob("*.ipynb")
+                 if not any(part.startswith((".", "_")) for part in p.relative_to(ROOT / "nbs").parts))
+    assert sorted(pages) == nbs, f"missing from nbs/sidebar.yml: {sorted(set(nbs) - set(pages))}; " \
+                                 f"listed but absent: {sorted(set(pages) - set(nbs))}; twice: {sorted({p for p in pages if pages.count(p) > 1})}"
+    numbers = [int(Path(p).name[:2]) for p in pages if re.match(r"\d\d_", Path(p).name)]
+    assert numbers == sorted(numbers), f"the sidebar's numbered notebooks are out of order: {numbers}"
+    folders = [Path(p).parent.name for p in pages if re.match(r"\d\d_", Path(p).name)]
+    assert all(f for f in folders), "a numbered notebook sits at the top of nbs/, outside any stage folder"
