@@ -22,11 +22,10 @@ from fastcore.docments import docments
 from fastcore.meta import delegates
 from fastcore.script import Param, store_true
 
-from .dataset import default_cache_dir
-from .io import DiskFullError, FolderLockedError, atomic_write
+from .dataset import default_cache_dir, verify_caches
+from .io import DiskFullError, FolderLockedError, atomic_write, no_bar
 from .synthetic_truth import truth_columns
 from .features import default_cache_dir as streams_cache_dir, verify_streams
-from .io import no_bar
 from .training.config import TrainConfig, flat_options
 from .training.data import study_data
 from .training.distributed import DeviceUnavailable
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'USER_ERRORS', 'MANY', 'HEADLINE', 'parse_sets', 'train_config', 'study_options', 'train_main', 'cli_parser',
-           'cli_args', 'giblet_train', 'giblet_lesion', 'cache_cli', 'giblet_cache', 'expand_grid', 'default_notebook',
+           'cli_args', 'giblet_train', 'giblet_lesion', 'cache_main', 'giblet_cache', 'expand_grid', 'default_notebook',
            'sweep_main', 'giblet_sweep', 'plot_synthetic', 'synth_main', 'giblet_synth']
 
 # %% ../nbs/cli/50_cli.ipynb #9388e917
@@ -223,12 +222,11 @@ def giblet_lesion(argv:list|None=None, # command-line arguments (default: sys.ar
 
 # %% ../nbs/cli/50_cli.ipynb #94d22447
 @delegates(study_options)
-def cache_cli(verify:store_true=False, # also checksum every cache under --cache-dir (study and feature-stream caches), removing damaged ones
-              only_verify:store_true=False, # only check the caches already there (build nothing)
-              **kwargs, # the study options (`study_options`), as for giblet-train
-             )->dict: # what was built and checked
+def cache_main(verify:store_true=False, # also checksum every cache under --cache-dir (study and feature-stream caches), removing damaged ones
+               only_verify:store_true=False, # only check the caches already there (build nothing)
+               **kwargs, # the study options (`study_options`), as for giblet-train
+              )->dict: # what was built and checked
     "Build the study cache and feature-stream caches a `giblet-train` run with these options will read."
-    from giblet.dataset import cache_main
     cfg = train_config(**study_options(**kwargs))
     out = {}
     if not only_verify:
@@ -237,7 +235,7 @@ def cache_cli(verify:store_true=False, # also checksum every cache under --cache
                    cache=None if al.cache is None else str(al.cache),
                    streams={n: list(np.shape(a)) for n, a in (streams or {}).items()})
     if verify or only_verify:
-        r = cache_main(None, cfg.data.cache_dir, verify=True, show_progress=cfg.run.progress)
+        r = verify_caches(cfg.data.cache_dir, show_progress=cfg.run.progress)
         s = verify_streams(Path(cfg.data.cache_dir) / "features" if cfg.data.cache_dir else streams_cache_dir())   # where `study_streams` puts them
         out |= dict(verified=len(r["verified"]) + len(s["verified"]), removed=[str(p) for p in r["removed"] + s["removed"]],
                     unfinished=[str(p) for p in s["incomplete"]])
@@ -247,7 +245,7 @@ def cache_cli(verify:store_true=False, # also checksum every cache under --cache
 def giblet_cache(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                 ):
     "Console script `giblet-cache`."
-    print(json.dumps(_entry(cache_cli, "giblet-cache", argv)))
+    print(json.dumps(_entry(cache_main, "giblet-cache", argv)))
 
 # %% ../nbs/cli/50_cli.ipynb #c19aefb8
 def expand_grid(grid:dict, # parameter -> list of values (a scalar is one value)

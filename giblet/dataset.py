@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import DiskFullError, no_bar
-from .io import (StreamedArray, atomic_write, cache_damage, cache_key, cache_manifest, clean_leftovers, env_folder,
-                       free_space, input_fingerprint, load_arrays, save_arrays)
+from .io import (DiskFullError, StreamedArray, atomic_write, cache_damage, cache_key, cache_manifest, clean_leftovers,
+                       env_folder, free_space, input_fingerprint, load_arrays, no_bar, save_arrays)
 from .alignment.sync import Aligned, FeatureParams, RunPlan, complete_trs, run_audio, run_text, run_video
 from .data.bold_stats import zscore_stats
 from .data.fmri import MaskRule, OnePassBold, SubjectBold
@@ -36,7 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'NO_TRAIN_RUN', 'STREAMS', 'STREAM_PARAMS', 'Split', 'block_split', 'block_folds', 'Normaliser',
            'fit_normaliser', 'blame_cache', 'stream_keys', 'cached_stream', 'stream_folders', 'context_starts',
            'StudyTensors', 'ContextDataset', 'toy_aligned', 'default_cache_dir', 'align_study', 'load_spec',
-           'load_study', 'cache_main']
+           'load_study', 'verify_caches']
 
 # %% ../nbs/dataset/12_dataset.ipynb #e4e008ad
 @dataclass
@@ -568,26 +567,16 @@ def load_study(data_dir:str|Path, # a Sherlock-layout folder, a BIDS dataset or 
                      verify=verify)
 
 # %% ../nbs/dataset/12_dataset.ipynb #9097d47f
-def cache_main(data_dir:str|Path|None=None, # the study to cache, as `resolve_study` accepts it (None with `verify`: only check the caches already there)
-               cache_dir:str|Path|None=None, # feature-cache root (default: `default_cache_dir()`)
-               verify:bool=False, # checksum every file of every cache in `cache_dir`; remove damaged caches
-               params:FeatureParams|None=None, # how the streams are cut
-               tr:float|None=None, # expected TR (s); None trusts the NIfTI headers
-               show_progress:bool=True, # progress bars
-              )->dict:
-    "Build or check feature caches: `{'study': study folder or None, 'verified': [...], 'removed': [...]}`."
-    if data_dir is None and not verify: raise ValueError("give a study folder to cache, or verify=True to check the caches")
-    root = Path(cache_dir or default_cache_dir())
-    out, checked = dict(study=None, verified=[], removed=[]), set()
-    if data_dir is not None:
-        al = load_study(data_dir, root, params=params, tr=tr, show_progress=show_progress, verify=verify or None)
-        out["study"] = al.cache
-        checked = {al.cache, *stream_folders(al.cache).values()} if verify else set()
-    if verify:
-        clean_leftovers(root)
-        for folder in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []:
-            if folder in checked: out["verified"].append(folder); continue   # checked just now
-            if load_arrays(folder, verify=True, progress=show_progress) is not None: out["verified"].append(folder)
-            else: shutil.rmtree(folder, ignore_errors=True); out["removed"].append(folder)
-        logger.info("%s: %d caches intact, %d damaged ones removed", root, len(out["verified"]), len(out["removed"]))
+def verify_caches(cache_dir:str|Path|None=None, # the cache root (default: `default_cache_dir()`)
+                  show_progress:bool=True, # progress bars
+                 )->dict:
+    "Checksum every cache under `cache_dir`, removing the damaged ones: `{'verified': [folders], 'removed': [folders]}`."
+    root, out = Path(cache_dir or default_cache_dir()), dict(verified=[], removed=[])
+    if not root.is_dir(): return out
+    clean_leftovers(root)
+    for folder in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()):
+        intact = load_arrays(folder, verify=True, progress=show_progress) is not None
+        if not intact: shutil.rmtree(folder, ignore_errors=True)
+        out["verified" if intact else "removed"].append(folder)
+    logger.info("%s: %d caches intact, %d damaged ones removed", root, len(out["verified"]), len(out["removed"]))
     return out

@@ -14,7 +14,7 @@ import pytest
 
 from giblet.alignment.sync import FeatureParams
 import giblet.io as gio
-from giblet.dataset import cache_main, cache_manifest, load_arrays, load_study, stream_folders
+from giblet.dataset import cache_manifest, load_arrays, load_study, stream_folders, verify_caches
 from giblet.study import discover
 from giblet.io import DiskFullError, fingerprint_changes, input_fingerprint
 from giblet.synthetic import make_dataset
@@ -188,19 +188,17 @@ def test_full_disk_at_the_cache_is_one_line_naming_the_folder(study, tmp_path, m
         {k: v for k, v in before.items() if k != "verified.json"}                  # a rebuild is byte-identical
 
 
-def test_cache_main_builds_and_verify_removes_damaged_caches(study, tmp_path, caplog):
+def test_verify_caches_removes_damaged_caches(study, tmp_path, caplog):
     root, _ = study
     cache = tmp_path / "cache"
-    out = cache_main(root / "study", cache, show_progress=False, params=PARAMS)
-    other = cache_main(root / "study", cache, show_progress=False,
-                       params=FeatureParams(size=(16, 9), n_mels=32, text_dim=64))["study"]
+    out = load_study(root / "study", cache, show_progress=False, params=PARAMS).cache
+    other = load_study(root / "study", cache, show_progress=False, params=FeatureParams(size=(16, 9), n_mels=32, text_dim=64)).cache
     frames = stream_folders(other)["video"]                 # the one stream the two studies do not share
     _overwrite(frames / "video.npy", 300, b"\x01" * 64)
-    with caplog.at_level(logging.WARNING): res = cache_main(None, cache, verify=True, show_progress=False)
+    with caplog.at_level(logging.WARNING): res = verify_caches(cache, show_progress=False)
     assert res["removed"] == [frames] and not frames.exists()
-    assert set(res["verified"]) == {out["study"], other, *stream_folders(out["study"]).values()} and len(res["verified"]) == 6
+    assert set(res["verified"]) == {out, other, *stream_folders(out).values()} and len(res["verified"]) == 6
     assert f"{frames / 'video.npy'} does not match its checksum" in caplog.text
-    with pytest.raises(ValueError, match="give a study folder"): cache_main(None, cache)
 
 
 @pytest.mark.slow   # a fresh process, killed outright

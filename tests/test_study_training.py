@@ -73,7 +73,7 @@ def test_one_stream_of_each_kind_trains_from_the_command_line(sherlock, cache, t
     feats = [f"video={models['image']}:-1:n_frames=2", f"audio={models['audio']}:1", f"text={models['text']}:-1"]
     cache = tmp_path / "cache"   # giblet-cache builds every cache the run reads, ahead of it
     common = ["--cache-dir", str(cache), "--study", str(spec), "--config", json.dumps(FAST), "--features", *feats]
-    built = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", common))
+    built = cli.cache_main(**cli.cli_args(cli.cache_main, "giblet-cache", common))
     assert built["runs"] == 2 and built["streams"] == {k: [built["n_trs"], 16] for k in ("video", "audio", "text")}
     before = sorted(p.relative_to(cache) for p in cache.rglob("*") if "manifest" in p.name)
     argv = ["--out", str(out), "--epochs", "1", "--device", "cpu", *common]
@@ -87,7 +87,7 @@ def test_one_stream_of_each_kind_trains_from_the_command_line(sherlock, cache, t
     # the model reads the streams: its checkpoint holds a projector per stream
     sd = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]["state_dict"]
     assert all(any(f".{n}." in k for k in sd) for n in ("stream_video", "stream_audio", "stream_text"))
-    checked = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", ["--cache-dir", str(cache), "--only-verify"]))
+    checked = cli.cache_main(**cli.cli_args(cli.cache_main, "giblet-cache", ["--cache-dir", str(cache), "--only-verify"]))
     assert checked["verified"] >= 1 and checked["removed"] == []
 
 
@@ -155,9 +155,9 @@ def test_text_streams_read_the_runs_part_and_the_text_columns(sherlock, dino, tm
     path = stream_spec(sherlock, sherlock.root / "streams.yaml", ["video=models/dino:-1:n_frames=2"])
     common = ["--cache-dir", str(tmp_path / "cache"), "--study", str(path), "--config", json.dumps(FAST), "--features", f"text={lm}:-1"]
     with caplog.at_level(logging.WARNING, logger="giblet.training.data"):
-        loc = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", [*common, "--set", 'text_columns=["Location"]']))
+        loc = cli.cache_main(**cli.cli_args(cli.cache_main, "giblet-cache", [*common, "--set", 'text_columns=["Location"]']))
     assert loc["streams"] == {"text": [loc["n_trs"], 16]}
     assert any("replace the streams" in r.message and "streams.yaml" in r.message for r in caplog.records)
-    default = cli.cache_cli(**cli.cli_args(cli.cache_cli, "giblet-cache", common))
+    default = cli.cache_main(**cli.cli_args(cli.cache_main, "giblet-cache", common))
     assert default["streams"] == loc["streams"]
     assert len(list((tmp_path / "cache" / "features").glob("text-*"))) == 4   # two runs x two word tables: the column is in the key
