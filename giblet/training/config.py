@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'HRF_SECONDS', 'EMBEDDED', 'PRESET_OVERRIDES', 'RIDGE_STARTS', 'SECTIONS', 'OPTIONS', 'RESUMABLE', 'option',
            'DataOptions', 'ModelOptions', 'OptimOptions', 'LossOptions', 'RunOptions', 'flat_options', 'saved_before',
-           'TrainConfig', 'check_resumable', 'changed_options']
+           'TrainConfig', 'toy_config', 'check_resumable', 'changed_options']
 
 # %% ../../nbs/training/29_training.config.ipynb #32737ccf
 def option(default=MISSING, # the default (or give `factory`)
@@ -236,6 +236,14 @@ class TrainConfig:
                  )->TrainConfig:
         "The config back from `to_dict`; unknown names are an error."
         return cls.make(**((saved_before() if saved else {}) | flat_options(d)))
+
+# %% ../../nbs/training/29_training.config.ipynb #b70aa92f
+def toy_config(**kwargs, # options by name, over the toy run's
+              )->TrainConfig:
+    "The toy run of the notebooks: the tiny preset on the CPU, six quick epochs, a small video encoder."
+    toy = dict(preset="tiny", epochs=6, batch_size=8, lr=3e-3, patience=0, progress=False, device="cpu", skip_first=3, gap=6,
+               decode_from="brain", model_overrides=dict(context_trs=8, temporal_kernel=6, video_channels=(8,), video_patch=2))
+    return TrainConfig.make(**(toy | kwargs))
 
 # %% ../../nbs/training/29_training.config.ipynb #94d9f649
 RESUMABLE = tuple(k for k, (s, f) in OPTIONS.items() if f.metadata.get("resumable")) # options a resumed run may change
