@@ -133,6 +133,7 @@ PRESHIFT_WARNING = ("the banded ridge's weight peaks at a stimulus-BOLD delay of
                     "line up with annotations (the Sherlock tutorial kits: 3 TRs earlier). A causal model cannot use a response that comes "
                     "before its stimulus: give each run its scan_offset in the study spec (there: scan_offset: -3)")
 
+# %% ../nbs/evaluation/34_baselines.ipynb #0dfe985b
 def lag_summary(model, # the fitted banded ridge
                 design:Design, # its design
                 backend, # the himalaya backend
@@ -191,6 +192,17 @@ def _fit_ridges(design:Design, # the whole series' design
     seconds["ridge"] = time.perf_counter() - t0
     return models, seconds
 
+# %% ../nbs/evaluation/34_baselines.ipynb #19c5c90e
+def _alpha_at_edge(ridge, # the fitted himalaya ridge
+                   alphas:np.ndarray, # its penalty grid
+                   backend, # the himalaya backend it was fitted on
+                  )->float: # the share of voxels at the grid's first or last alpha
+    "The share of voxels whose alpha is at an edge of the grid, warned of above 5 %."
+    best = backend.to_numpy(ridge.best_alphas_)
+    edge = float(np.mean((best <= alphas[0]) | (best >= alphas[-1])))
+    if edge > 0.05: logger.warning("ridge: %.0f%% of voxels chose an alpha at the edge of the grid", 100 * edge)
+    return edge
+
 # %% ../nbs/evaluation/34_baselines.ipynb #4737cf17
 def fit_baselines(bands:Mapping, # name -> (n_trs, p) features of the whole series (see `stimulus_bands`)
                   y_train:np.ndarray, # (len(train), n_voxels) the target at the training TRs only
@@ -214,9 +226,7 @@ def fit_baselines(bands:Mapping, # name -> (n_trs, p) features of the whole seri
     ym = y.mean(0)
     b = himalaya_backend("torch_cuda" if torch.device(device).type == "cuda" else "torch")   # set once: predict sets it only if changed since
     models, seconds = _fit_ridges(design, train, y - ym, folds, alphas, n_iter, seed)
-    best = b.to_numpy(models["ridge"].best_alphas_)
-    edge = float(np.mean((best <= alphas[0]) | (best >= alphas[-1])))
-    if edge > 0.05: logger.warning("ridge: %.0f%% of voxels chose an alpha at the edge of the grid", 100 * edge)
+    edge = _alpha_at_edge(models["ridge"], alphas, b)
     lag = lag_summary(models["banded_ridge"], design, b, tr, len(train))   # where its weight peaks in time (warned at or before 0 s)
     info = dict(device=str(device), backend=b.name, delays_s=[float(d) for d in design.delays * tr], lag=lag,
                 delays_trs=[int(d) for d in design.delays], bands={k: int(np.shape(v)[1]) for k, v in bands.items()},
