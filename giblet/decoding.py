@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'METRICS', 'frame_corr', 'identify', 'band_moments', 'band_corr', 'text_retrieval', 'boot_counts',
            'null_shifts', 'roll_decoded', 'decoding_scores', 'true_block', 'decode_block']
 
+# %% ../nbs/evaluation/36_decoding.ipynb #71bf8b68
+from .metrics import moment_r
+
 # %% ../nbs/evaluation/36_decoding.ipynb #d0000006
 def _zrows(x:np.ndarray)->np.ndarray:
     "Rows centred and scaled to unit norm (a constant row stays 0)."
@@ -69,11 +72,7 @@ def band_corr(moments:np.ndarray, # (..., n_mels, 5) summed `band_moments` of th
               n:int|np.ndarray, # mel frames summed (n_trs * A)
              )->np.ndarray: # (...,) mean over bands of the correlation over time (0 for a constant band)
     "Mean over mel bands of each band's correlation over time, from summed moments."
-    sx, sy, sxx, syy, sxy = np.moveaxis(moments, -1, 0)
-    n = np.asarray(n, np.float64)[..., None]
-    vx, vy, cov = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
-    ok = (vx > 1e-12 * np.maximum(1, sxx)) & (vy > 1e-12 * np.maximum(1, syy))
-    return np.where(ok, cov / np.sqrt(np.where(ok, vx * vy, 1.0)), 0.0).mean(-1)
+    return moment_r(*np.moveaxis(moments, -1, 0), np.asarray(n, np.float64)[..., None]).mean(-1)
 
 # %% ../nbs/evaluation/36_decoding.ipynb #d000000c
 def text_retrieval(decoded:np.ndarray, # (n_trs, d) decoded text embeddings

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,208 +16,19 @@ import torch
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'BASELINES', 'PRESHIFT_WARNING', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'fir_delays', 'stimulus_bands',
-           'Design', 'baseline_design', 'Baselines', 'weight_by_delay', 'lag_summary', 'fit_baselines',
-           'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null', 'verdict', 'compare', 'difference_words',
-           'headline_words', 'trs_needed', 'block_resolution', 'voxel_signs', 'factor_table', 'score_table',
-           'roi_table', 'evaluate_run']
+__all__ = ['logger', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null',
+           'bootstrap_block', 'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed',
+           'block_resolution', 'voxel_signs', 'factor_table', 'score_table', 'roi_name_map', 'roi_table',
+           'table_records', 'evaluate_run']
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #dc5c5f56
-from .metrics import delay_features, noise_ceiling, stimulus_features, voxel_r
+from .metrics import moment_r, noise_ceiling, voxel_r
+from .baselines import BASELINES, fit_baselines, stimulus_bands
 from .stacking import cv_stack_weights, model_share, stack
-from .dataset import block_folds
 from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
 from .features import stream_key
-from .training.config import HRF_SECONDS, TrainConfig
+from .training.config import TrainConfig
 from .training.data import RunData, SubjectRows
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #26b62134
-def fir_delays(tr:float, # seconds per TR
-               max_delay:float=12.0, # seconds the last delay reaches (at least)
-               min_delay:float=0.0, # seconds of the first delay
-              )->np.ndarray: # consecutive int64 delays in TRs
-    "Whole-TR FIR delays covering [min_delay, max_delay] seconds at this TR."
-    if not 0 < tr < math.inf: raise ValueError(f"tr must be a positive number of seconds; got {tr}")
-    if not 0 <= min_delay <= max_delay: raise ValueError(f"need 0 <= min_delay <= max_delay; got {min_delay}, {max_delay}")
-    return np.arange(math.ceil(min_delay / tr - 1e-9), math.ceil(max_delay / tr - 1e-9) + 1)
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #af6d25ff
-def stimulus_bands(video=None, # uint8 (n_trs, frames_per_tr, H, W, 3) frames, or None
-                   audio=None, # float32 (n_trs, n_mels, A) log-mel, or None
-                   text=None, # float32 (n_trs, d) text embeddings, or None
-                   has_text=None, # (n_trs,) bool: TRs with annotation text (no TR with text: no text band)
-                   extra:Mapping|None=None, # more bands: name -> (n_trs, p) features on the same TR grid
-                   grid:tuple[int, int]=(16, 9), # (width, height) cells of the colour and motion grids
-                  )->dict: # name -> float32 (n_trs, p)
-    "One feature band per modality (and per extra stream) for the banded ridge."
-    bands = {}
-    if video is not None: bands["video"] = stimulus_features(video=video, grid=grid)
-    if audio is not None: bands["audio"] = stimulus_features(audio=np.asarray(audio, np.float32))
-    if text is not None:
-        if has_text is not None and not np.asarray(has_text).any(): logger.warning("no TR has annotation text: no text band")
-        else: bands["text"] = stimulus_features(text=np.asarray(text, np.float32))
-    for name, x in (extra or {}).items():
-        x = np.asarray(x, np.float32)
-        if x.ndim != 2: raise ValueError(f"feature band {name!r} must be (n_trs, p); got shape {x.shape}")
-        if name in bands: raise ValueError(f"feature band {name!r} is given twice")
-        bands[name] = x
-    if not bands: raise ValueError("stimulus_bands needs at least one modality or extra band")
-    lens = {k: len(v) for k, v in bands.items()}
-    if len(set(lens.values())) > 1: raise ValueError(f"feature bands disagree on n_trs: {lens}")
-    return bands
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #91395e41
-@dataclass
-class Design:
-    "The delayed, standardised feature bands of a whole series."
-    x: np.ndarray # float32 (n_trs, P): every band, standardised with training statistics, then delayed
-    bands: dict # band name -> slice of the columns of x
-    delays: np.ndarray # FIR delays in TRs
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #6448164e
-def baseline_design(bands:Mapping, # name -> (n_trs, p) features of the whole series
-                    train, # training TR indices: the only rows whose statistics are used
-                    run_ids=None, # (n_trs,) run of each TR: no delay crosses a change of run
-                    delays=(0, 1, 2, 3), # FIR delays in TRs (see `fir_delays`)
-                   )->Design:
-    "Each band standardised with training statistics and delayed, side by side."
-    train, xs, cols, c = np.asarray(train), [], {}, 0
-    for name, b in bands.items():
-        b = np.asarray(b, np.float64)
-        if not np.isfinite(b).all(): raise ValueError(f"feature band {name!r} holds NaN or inf values")
-        m, s = b[train].mean(0), b[train].std(0)
-        z = delay_features((b - m) / np.where(s > 1e-8 * np.maximum(1.0, np.abs(m)), s, 1.0), delays, run_ids)
-        xs.append(z.astype(np.float32)); cols[name] = slice(c, c + z.shape[1]); c += z.shape[1]
-    return Design(np.concatenate(xs, 1), cols, np.asarray(delays))
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #1e8974c8
-BASELINES = {"banded_ridge": "himalaya banded ridge", "ridge": "himalaya ridge"}
-
-def _himalaya(name:str):
-    "himalaya's backend `name` ('torch' or 'torch_cuda'), made its global backend only when another one is."
-    from himalaya.backend import get_backend, set_backend
-    b = get_backend()
-    return b if b.name == name else set_backend(name, on_error="raise")
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #7a4edd9d
-@dataclass
-class Baselines:
-    "himalaya's banded ridge and ridge, fitted on the training block."
-    models: dict # name -> fitted himalaya estimator
-    design: Design # the whole series' design
-    y_mean: np.ndarray # (n_voxels,) training mean of the target (the intercept)
-    train: np.ndarray # the training TRs
-    info: dict # delays, bands, alphas, inner folds, seconds, backend
-
-    def predict(self, name:str, # "banded_ridge" or "ridge"
-                trs, # TR indices to predict
-               )->np.ndarray: # float32 (len(trs), n_voxels)
-        "The baseline's prediction of the target at `trs`."
-        b = _himalaya(self.info["backend"])
-        return (b.to_numpy(self.models[name].predict(self.design.x[np.asarray(trs)])) + self.y_mean).astype(np.float32)
-
-    def split_r2(self, trs, # TR indices to score
-                 true:np.ndarray, # (len(trs), n_voxels) the target there
-                )->np.ndarray: # float32 (n_bands, n_voxels), summing to the banded ridge's R² (about the block mean) per voxel
-        "Each band's share of the banded ridge's R² at `trs` (himalaya's r2_score_split)."
-        from himalaya.scoring import r2_score_split
-        b = _himalaya(self.info["backend"])
-        split = self.models["banded_ridge"].predict(self.design.x[np.asarray(trs)], split=True)
-        y = np.asarray(true, np.float32)
-        y = b.asarray(y - y.mean(0), dtype=split.dtype)  # R² about the block's own mean, as `voxel_r2`: offsets aside
-        return b.to_numpy(r2_score_split(y, split - split.mean(1, keepdims=True))).astype(np.float32)
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #6334a498
-def weight_by_delay(model, # the fitted banded ridge: a pipeline of himalaya's ColumnKernelizer and MultipleKernelRidgeCV on linear kernels
-                    design:Design, # its design (bands, delays)
-                    backend, # the himalaya backend it was fitted on
-                   )->dict: # band -> float64 (n_delays,) its share of the squared primal weights at each delay; 'all': pooled over bands
-    "Where the banded ridge puts its weight in time: the squared norm of its primal weights at each FIR delay, per band and pooled, as shares."
-    coefs = model[-1].get_primal_coef(model[0].get_X_fit())
-    per = {k: (backend.to_numpy(w).astype(np.float64) ** 2).reshape(len(design.delays), -1).sum(1) for k, w in zip(design.bands, coefs)}
-    total = sum(per.values())
-    share = lambda e: e / e.sum() if e.sum() > 0 else np.full(len(e), np.nan)
-    return {k: share(e) for k, e in per.items()} | {"all": share(total)}
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #c421c91c
-PRESHIFT_WARNING = ("the banded ridge's weight peaks at a stimulus-BOLD delay of {peak:g} s ({share:.0%} of it; a haemodynamic response "
-                    "peaks 4-6 s after its stimulus): the BOLD looks shifted earlier than the stimulus, as in releases that pre-shift it to "
-                    "line up with annotations (the Sherlock tutorial kits: 3 TRs earlier). A causal model cannot use a response that comes "
-                    "before its stimulus: give each run its scan_offset in the study spec (there: scan_offset: -3)")
-
-def lag_summary(model, # the fitted banded ridge
-                design:Design, # its design
-                backend, # the himalaya backend
-                tr:float, # seconds per TR
-                n_trs:int, # training TRs it was fitted on
-                clear:float=1.25, # a peak counts when its share is at least this many times a flat profile's (1 / n_delays)
-                min_trs:int=100, # fewer training TRs than this: too noisy a profile to judge (on synthetic studies of 60-70 training TRs, unshifted BOLD peaked at 0 s as clearly as shifted BOLD)
-               )->dict: # delays_s, weight_share (pooled), peak_s, peak_over_flat, band_peak_s, preshifted
-    "The banded ridge's weight over its delays and where it peaks; a clear peak at or before 0 s is warned of (pre-shifted BOLD, see `PRESHIFT_WARNING`)."
-    w = weight_by_delay(model, design, backend)
-    secs = design.delays * tr
-    peak = lambda s: None if np.isnan(s).all() else float(secs[int(np.nanargmax(s))])
-    over = None if np.isnan(w["all"]).all() else float(np.nanmax(w["all"]) * len(secs))
-    out = dict(delays_s=[float(s) for s in secs], weight_share=[round(float(v), 4) for v in w["all"]], peak_s=peak(w["all"]),
-               peak_over_flat=over, band_peak_s={k: peak(v) for k, v in w.items() if k != "all"})
-    early = out["peak_s"] is not None and out["peak_s"] <= 0
-    out["preshifted"] = early and over >= clear and n_trs >= min_trs
-    if out["preshifted"]: logger.warning(PRESHIFT_WARNING.format(peak=out["peak_s"], share=float(np.nanmax(w["all"]))))
-    elif early:   # a flat profile's noise, on a short training block as often as not
-        logger.info("the banded ridge's weight peaks at %g s, but %s: not judged a sign of pre-shifted BOLD", out["peak_s"],
-                    f"on only {n_trs} training TRs" if n_trs < min_trs else f"barely ({over:.2f} times a flat profile's share)")
-    return out
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #4737cf17
-def fit_baselines(bands:Mapping, # name -> (n_trs, p) features of the whole series (see `stimulus_bands`)
-                  y_train:np.ndarray, # (len(train), n_voxels) the target at the training TRs only
-                  train, # sorted training TR indices
-                  run_ids=None, # (n_trs,) run of each TR
-                  tr:float=1.5, # seconds per TR
-                  delays_s:tuple=(0.0, 12.0), # FIR delays from and to, in seconds
-                  n_folds:int=5, # inner leave-block-out folds for the alphas
-                  cv_gap:float=HRF_SECONDS, # seconds on each side of an inner validation block left out of its fit
-                  alphas=None, # penalty grid (default np.logspace(-2, 10, 25))
-                  n_iter:int=20, # random-search draws of the band weights
-                  device:str="cpu", # torch device (its backend: torch or torch_cuda)
-                  seed:int=0, # seed of the random search
-                 )->Baselines:
-    "Fit himalaya's banded ridge (one band per feature band) and ridge on the training block."
-    from himalaya.kernel_ridge import ColumnKernelizer, Kernelizer, KernelRidgeCV, MultipleKernelRidgeCV
-    from himalaya.ridge import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    train, y = np.asarray(train), np.asarray(y_train, np.float32)
-    if y.ndim != 2 or len(y) != len(train):
-        raise ValueError(f"y_train must be (len(train)={len(train)}, n_voxels); got shape {y.shape}")
-    if not np.isfinite(y).all(): raise ValueError("the training target holds NaN or inf values")
-    alphas = np.logspace(-2, 10, 25) if alphas is None else np.asarray(alphas, np.float64)
-    delays = fir_delays(tr, delays_s[1], delays_s[0])
-    design = baseline_design(bands, train, run_ids, delays)
-    folds = block_folds(train, n_folds, math.ceil(cv_gap / tr - 1e-9))
-    ym = y.mean(0)
-    b = _himalaya("torch_cuda" if torch.device(device).type == "cuda" else "torch")   # set once: predict sets it only if changed since
-    x, yc = design.x[train], y - ym
-    models, seconds = {}, {}
-    t0 = time.perf_counter()
-    kern = ColumnKernelizer([(k, Kernelizer(kernel="linear"), s) for k, s in design.bands.items()])
-    solver = dict(n_iter=n_iter, alphas=alphas, progress_bar=False)
-    models["banded_ridge"] = make_pipeline(kern, MultipleKernelRidgeCV(kernels="precomputed", solver_params=solver,
-                                                                       cv=folds, random_state=seed)).fit(x, yc)
-    seconds["banded_ridge"] = time.perf_counter() - t0; t0 = time.perf_counter()
-    wide = x.shape[1] >= len(x)  # the kernel form when there are more columns than TRs, else the primal (the same model)
-    models["ridge"] = (KernelRidgeCV(alphas=alphas, kernel="linear", cv=folds) if wide else RidgeCV(alphas=alphas, cv=folds)).fit(x, yc)
-    seconds["ridge"] = time.perf_counter() - t0
-    best = b.to_numpy(models["ridge"].best_alphas_)
-    edge = float(np.mean((best <= alphas[0]) | (best >= alphas[-1])))
-    if edge > 0.05: logger.warning("ridge: %.0f%% of voxels chose an alpha at the edge of the grid", 100 * edge)
-    lag = lag_summary(models["banded_ridge"], design, b, tr, len(train))   # where its weight peaks in time (warned at or before 0 s)
-    info = dict(device=str(device), backend=b.name, delays_s=[float(d) for d in design.delays * tr], lag=lag,
-                delays_trs=[int(d) for d in design.delays], bands={k: int(np.shape(v)[1]) for k, v in bands.items()},
-                alphas=[float(alphas[0]), float(alphas[-1]), len(alphas)], n_iter=n_iter, inner_folds=n_folds,
-                inner_gap_s=float(cv_gap), n_train_trs=len(train), seconds=seconds, ridge_alpha_at_edge=edge)
-    logger.info("himalaya baselines: %d TRs x %d columns (%d bands, delays %s s), %d voxels; banded ridge %.1f s, ridge %.1f s",
-                len(train), design.x.shape[1], len(bands), info["delays_s"][-1], y.shape[1], *seconds.values())
-    return Baselines(models, design, ym, train, info)
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #51c9baf8
 class ZScoredSubjects(SubjectRows):
@@ -269,14 +78,10 @@ def block_bootstrap(preds:Mapping, # name -> (n_trs, n_voxels) predictions of th
     for a in range(0, len(vox), chunk):
         v = vox[a:a + chunk]
         t = true[:, v].astype(np.float64)
-        st, vt = bsum(t), None
-        vt = bsum(t * t) - st ** 2 / m
+        st, stt = bsum(t), bsum(t * t)
         for name, p in preds.items():
             p = np.asarray(p)[:, v].astype(np.float64)
-            sp = bsum(p)
-            cov, vp = bsum(p * t) - sp * st / m, bsum(p * p) - sp ** 2 / m
-            ok = (vp > 1e-12 * np.maximum(1.0, sp ** 2 / m)) & (vt > 1e-12 * np.maximum(1.0, st ** 2 / m))
-            out[name] += np.where(ok, cov / np.sqrt(np.where(ok, vp * vt, 1.0)), 0.0).sum(1)
+            out[name] += moment_r(bsum(p), st, bsum(p * p), stt, bsum(p * t), m).sum(1)
     return {name: s / len(vox) for name, s in out.items()}
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #e9c30c90
@@ -291,6 +96,14 @@ def shift_null(pred:np.ndarray, # (n_trs, n_voxels) prediction
     shifts = np.arange(min_shift, len(true) - min_shift + 1)
     if not len(shifts): raise ValueError(f"{len(true)} TRs leave no shift of at least {min_shift} TRs")
     return np.array([voxel_r(np.roll(pred, s, 0)[:, v], true[:, v]).mean() for s in shifts], np.float64)
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #d9da9e9b
+def bootstrap_block(n_trs:int, # TRs in the test block
+                    tr:float, # seconds per TR
+                    block_s:float=20.0, # the least length of a bootstrap block, in seconds
+                   )->int: # TRs per resampled block
+    "TRs per bootstrap block: those of at least `block_s` seconds, at least 2, at most `n_trs`."
+    return min(n_trs, max(2, math.ceil(block_s / tr - 1e-9)))
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #e2f2b54b
 def verdict(lo:float, # lower end of the CI of model - baseline
@@ -310,7 +123,7 @@ def compare(model:np.ndarray, # (n_trs, n_voxels) the model's test prediction
             seed:int=0, # their seed
            )->dict: # {'block_trs', 'n_boot', 'means': {name: {r, ci_low, ci_high}}, 'differences': {name: {...}}, 'null': {...}}
     "Model minus each baseline in mean voxel r, with a block-bootstrap 95 % CI and verdict, each one's mean r with its CI, and a time-shifted null."
-    block = min(len(true), max(2, math.ceil(block_s / tr - 1e-9)))
+    block = bootstrap_block(len(true), tr, block_s)
     boot = block_bootstrap({"model": model, **baselines}, true, voxels, block, n_boot, seed)
     point = {k: float(voxel_r(np.asarray(p)[:, voxels], true[:, voxels]).mean()) for k, p in {"model": model, **baselines}.items()}
     diffs = {}
@@ -409,7 +222,7 @@ def factor_table(preds:Mapping, # name -> (n_trs, n_voxels) predictions at the s
                 )->pd.DataFrame: # one row per planted factor (ROI): its voxels, each predictor's r, and the CI of model - baseline
     "Mean r with the planted noise-free signal per factor's ROI, of every predictor, with a block-bootstrap CI of model minus baseline."
     ok, roi, true = truth_block(truth, mask, volumes, runs)
-    block = min(len(true), max(2, math.ceil(block_s / tr - 1e-9)))
+    block = bootstrap_block(len(true), tr, block_s)
     rows = {}
     for k, (name, fs) in factor_units(truth).items():
         v = np.flatnonzero(roi == k)
@@ -455,8 +268,10 @@ def _seq_names(roi_names)->dict:
     return {i + off: v for i, v in enumerate(seq)}
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #c71d555e
-def _roi_name_map(roi_names, labels)->dict:
-    "Label -> name for every positive label present."
+def roi_name_map(roi_names, # label -> name, or a sequence (see `_seq_names`), or None
+                 labels, # (n_voxels,) int region label per voxel (0: none)
+                )->dict: # label -> name for every positive label present
+    "Label -> name for every positive label present (None: 'roi k')."
     present = [int(k) for k in np.unique(labels) if k > 0]
     if roi_names is None: return {k: f"roi {k}" for k in present}
     names = {int(k): str(v) for k, v in roi_names.items()} if isinstance(roi_names, Mapping) else _seq_names(roi_names)
@@ -478,13 +293,14 @@ def roi_table(scores:Mapping, # column -> (n_voxels,) test r (and 'noise_ceiling
     if roi_labels is not None:
         labels = np.asarray(roi_labels)
         if labels.shape != n: raise ValueError(f"roi_labels has shape {labels.shape}; scores have {n}")
-        rows |= {name: labels == k for k, name in _roi_name_map(roi_names, labels).items()}
+        rows |= {name: labels == k for k, name in roi_name_map(roi_names, labels).items()}
     out = {name: {k: float(np.nanmean(v[sel])) if sel.any() else np.nan for k, v in cols.items()} | {"n_voxels": int(sel.sum())}
            for name, sel in rows.items()}
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("region")
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #67c20799
-def _records(df:pd.DataFrame)->list:
+def table_records(df:pd.DataFrame, # a table (its index is kept as a column)
+                 )->list:
     "A table as JSON records (its index a column), NaN as None."
     nan = lambda v: isinstance(v, float) and math.isnan(v)
     return [{k: None if nan(v) else v for k, v in r.items()} for r in df.reset_index().to_dict(orient="records")]
@@ -510,87 +326,183 @@ def _select(ceiling_train, threshold:float, n_voxels:int):
     logger.warning("no voxel reaches a training-block noise ceiling of %s; the headline averages all %d voxels", threshold, n_voxels)
     return np.ones(n_voxels, bool), f"all voxels (none reaches a training-block noise ceiling of {threshold})"
 
+# %% ../nbs/evaluation/35_evaluation.ipynb #6a91b4c0
+def _predict_blocks(predict:Callable, # TR indices -> (len(trs), n_voxels) prediction
+                    sp, # the run's `Split`
+                   )->tuple: # (test-block prediction, validation-block prediction)
+    "The model's predictions of the test block, then of the validation block; a run without a test block fails."
+    if len(sp.test) < 2: raise ValueError("the run has no test block: every reported number is a test-block number; "
+                                          "set test_frac above 0 (--set test_frac=0.2) or use --n-folds")
+    return predict(sp.test), predict(sp.val)
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #8e401103
+def _scores(preds:Mapping, # name -> test prediction
+            true:np.ndarray, # the test target
+            data:RunData, # the run's data
+            threshold:float, # training-block noise ceiling a voxel needs to count in the headline
+           )->tuple: # (name -> test r, training-block ceiling, test-block ceiling, the headline's voxels, their rule)
+    "Each predictor's test r per voxel, the noise ceiling on the training and the test block, and the headline's voxels chosen on the training block."
+    scores = {k: voxel_r(p, true) for k, p in preds.items()}
+    ceil_train, ceiling = run_ceiling(data, data.split.train), run_ceiling(data, data.split.test)
+    return scores, ceil_train, ceiling, *_select(ceil_train, threshold, data.aligned.n_voxels)
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #263353b5
+def _baseline_preds(val_pred:np.ndarray, # the model's prediction of the validation block
+                    model_test:np.ndarray, # the model's prediction of the test block
+                    data:RunData, # the run's data
+                    bands:Mapping|None, # the baselines' feature bands (None: `stimulus_bands` of the study and its streams)
+                    seed:int, # seed of the random search
+                   )->tuple: # (`Baselines`, name -> test prediction, the stack's weights or None, its choice or None)
+    "The himalaya baselines fitted on the training block and their test predictions, and the model stacked with the banded ridge by weights chosen on the validation block."
+    al, sp = data.aligned, data.split
+    if bands is None: bands = stimulus_bands(al.video, al.audio, al.text, al.has_text,
+                                             extra={stream_key(n): a for n, a in data.streams.items()} if data.streams else None)
+    base = fit_baselines(bands, data.average_bold(sp.train), sp.train, al.run, al.tr, device=str(data.tensors.device), seed=seed)
+    preds, w, choice = {k: base.predict(k, sp.test) for k in BASELINES}, None, None
+    if len(sp.val) >= 2:   # the blend is chosen on the validation block, never on the test block
+        w, choice = cv_stack_weights(val_pred, base.predict("banded_ridge", sp.val), data.average_bold(sp.val))
+        preds["stack"] = stack(model_test, preds["banded_ridge"], w)
+    return base, preds, w, choice
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #1eb44b35
+def _truth_metrics(preds:Mapping, # name -> test prediction
+                   truth:dict, # the study's planted truth
+                   al, # the run's `Aligned` study
+                   test:np.ndarray, # the test TRs
+                   n_boot:int, # bootstrap resamples
+                   seed:int, # their seed
+                  )->tuple: # (name -> truth r, the metrics' truth entries, the factor table)
+    "Every predictor scored against the planted truth, and per planted factor (the stack's own rows against the banded ridge)."
+    if al.mask is None: raise ValueError("a study of region tables has no voxels to match with the planted truth's: pass truth=None")
+    truth_r, m, at = {}, {}, (truth, al.mask, al.volume[test], al.run[test])
+    for k, p in preds.items():
+        t = truth_scores(p, at[2], truth, al.mask, at[3])
+        truth_r[k] = t["truth_r_responsive_mean"]
+        m |= t if k == "model" else {f"{k}_truth_r_responsive_mean": t["truth_r_responsive_mean"]}
+    factors = factor_table(preds, *at, al.tr, n_boot=n_boot, seed=seed)
+    m["truth_factors"] = table_records(factors)
+    if "stack" in preds:   # the same rows for the stack against the ridge (the other predictors' r are in the table above)
+        duo = {k: preds[k] for k in ("stack", "banded_ridge")}
+        m["stack_truth_factors"] = table_records(factor_table(duo, *at, al.tr, model="stack", n_boot=n_boot, seed=seed))
+    return truth_r, m, factors
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #a2691eb7
+def _stack_metrics(preds:Mapping, # name -> test prediction, with 'stack' and 'banded_ridge'
+                   scores:Mapping, # name -> (n_voxels,) test r
+                   w:np.ndarray, # (2, n_voxels) the stack's weights
+                   choice:dict, # how cross-validation on the validation block chose them (`cv_stack_weights`)
+                   true:np.ndarray, # the test target
+                   selected:np.ndarray, # the headline's voxels
+                   data:RunData, # the run's data (its TR and validation block)
+                   n_boot:int, # bootstrap resamples
+                   seed:int, # their seed
+                  )->dict: # the stack's entries of the metrics
+    "The stack's mean test r, its comparison with the banded ridge, and its weights in words."
+    tr, n_val = data.aligned.tr, len(data.split.val)
+    sc = compare(preds["stack"], {"banded_ridge": preds["banded_ridge"]}, true, selected, tr, n_boot=n_boot, seed=seed)
+    share = model_share(w)
+    how = (f"per voxel, the non-negative weights of the model and the banded ridge fitted by least squares on the {n_val}-TR validation "
+           f"block, shrunk towards the weights pooled over voxels as 4-block cross-validation inside that block chose ({choice['choice']})")
+    return dict(stack_test_voxel_r_selected=float(scores["stack"][selected].mean()), stack_test_voxel_r_mean=float(scores["stack"].mean()),
+                stack_verdict=sc["differences"]["banded_ridge"]["verdict"], stack_comparison=sc,
+                stack_weights=dict(model_share_selected=float(np.nanmean(share[selected])), model_share_mean=float(np.nanmean(share)),
+                                   method=how, choice=choice["choice"], cv_error=choice["cv_error"]))
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #f04430cf
+def _headline(scores:Mapping, # name -> (n_voxels,) test r
+              selected:np.ndarray, # the headline's voxels
+              rule:str, # the rule that chose them, in words
+              threshold:float, # the training-block ceiling it applied
+              table:pd.DataFrame, # `score_table`
+             )->dict: # the headline entries of the metrics
+    "The headline: its voxels, and the mean test r of the model and of each baseline over them and over all."
+    r = scores["model"]
+    return dict(block="test", headline=dict(metric="mean test voxel r", voxels=rule, ceiling_threshold=threshold, n_selected=int(selected.sum())),
+                test_voxel_r_selected=float(r[selected].mean()), test_voxel_r_mean=float(r.mean()), test_voxel_r_median=float(np.median(r)),
+                test_r_over_ceiling=float(table.iloc[0]["r_over_ceiling"]) if "noise ceiling" in table.index else None) | {
+        f"{k}_test_voxel_r_{s}": float(v) for k in BASELINES if k in scores
+        for s, v in (("selected", scores[k][selected].mean()), ("mean", scores[k].mean()))}
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #e3ca4f2b
+def _ceiling_metrics(ceiling:np.ndarray|None, # (n_voxels,) the test block's noise ceiling (None: one subject)
+                     selected:np.ndarray, # the headline's voxels
+                     n_subjects:int, # subjects averaged in the target
+                    )->dict: # noise_ceiling_test_mean, noise_ceiling_test_selected, noise_ceiling_method (None without a ceiling)
+    "The test block's noise ceiling over all voxels and the headline's, and how it was measured."
+    if ceiling is None: return dict(noise_ceiling_test_mean=None, noise_ceiling_test_selected=None, noise_ceiling_method=None)
+    return dict(noise_ceiling_test_mean=float(np.nanmean(ceiling)), noise_ceiling_test_selected=float(np.nanmean(ceiling[selected])),
+                noise_ceiling_method=f"leave-one-subject-out inter-subject r of the {n_subjects} subjects z-scored with their "
+                                     "training statistics, as a ceiling for their mean (the scored target)")
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #022e1625
+def _block_metrics(al, # the run's `Aligned` study
+                   sp, # its `Split`
+                  )->dict: # the scanner volumes and runs of the test and validation blocks, and the sizes
+    "Which TRs were scored and which chose: the test and validation blocks as scanner volumes and runs, and the counts."
+    vols = lambda trs: [int(v) for v in al.volume[trs]]
+    return dict(test_trs=vols(sp.test), test_runs=[int(r) for r in al.run[sp.test]], val_trs=vols(sp.val), val_runs=[int(r) for r in al.run[sp.val]],
+                n_train_trs=len(sp.train), n_val_trs=len(sp.val), n_test_trs=len(sp.test), n_voxels=int(al.n_voxels), n_subjects=int(al.n_subjects))
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #1b80a328
+def _opening(scores:Mapping, # name -> (n_voxels,) test r
+             selected:np.ndarray, # the headline's voxels
+             rule:str, # the rule that chose them, in words
+             threshold:float, # the training-block ceiling it applied
+             table:pd.DataFrame, # `score_table`
+             rois:pd.DataFrame, # `roi_table`
+             ceiling:np.ndarray|None, # the test block's noise ceiling
+             cmp:dict|None, # the model's `compare` with the baselines
+             base, # the fitted `Baselines`, or None
+             data:RunData, # the run's data
+            )->dict: # the metrics' opening entries, in metrics.json's order
+    "The headline, the noise ceiling, the verdict and comparison, the baselines' fit, the blocks and the two tables."
+    return _headline(scores, selected, rule, threshold, table) | _ceiling_metrics(ceiling, selected, data.aligned.n_subjects) | dict(
+        verdict=None if cmp is None else cmp["differences"]["banded_ridge"]["verdict"], comparison=cmp,
+        baseline=None if base is None else base.info) | _block_metrics(data.aligned, data.split) | dict(
+        table=table.reset_index().to_dict(orient="records"), roi_table=rois.reset_index().to_dict(orient="records"))
+
+# %% ../nbs/evaluation/35_evaluation.ipynb #bbbe7d9f
+def _add_words(m:dict, # the metrics so far: completed in place
+               scores:Mapping, # name -> (n_voxels,) test r
+               selected:np.ndarray, # the headline's voxels
+               cmp:dict|None, # the model's `compare` with the baselines (None: no baselines)
+               data:RunData, # the run's data (its test block and study)
+               n_folds:int|None, # the run's outer folds
+              ):
+    "The closing entries: per-voxel signs, whether the test block resolves the headline (warned when not), and the headline in words."
+    m["voxel_signs"] = voxel_signs(scores, selected)
+    if cmp is not None:
+        m["test_block_resolution"] = res = block_resolution(cmp["differences"]["banded_ridge"], len(data.split.test), data.aligned.n_trs, n_folds)
+        if res["too_short"]: logger.warning("%s", res["message"])
+    m["in_words"] = headline_words(m)
+
 # %% ../nbs/evaluation/35_evaluation.ipynb #7f4ed1e0
-def evaluate_run(predict:Callable, # TR indices -> float32 (len(trs), n_voxels) z-scored subject-average prediction, e.g. a trained `Trainer.predict`; under torchrun every process calls it with the same TRs and it sums their shares
+def evaluate_run(predict:Callable, # TR indices -> float32 (len(trs), n_voxels) z-scored subject-average prediction (`Trainer.predict`; under torchrun, summed over processes)
                  data:RunData, # the run's data: its blocks, measured BOLD, study and feature streams
                  cfg:TrainConfig, # the run's options (its outer folds, for what a longer test block would resolve)
                  baseline:bool=True, # fit and score the himalaya baselines
                  threshold:float=0.3, # training-block noise ceiling a voxel needs to count in the headline
                  n_boot:int=1000, # bootstrap resamples of the CIs
                  seed:int=0, # seed of the baselines' random search and of the bootstrap
-                 bands:Mapping|None=None, # the baselines' feature bands (None: `stimulus_bands` of the study and one band per feature stream)
-                 truth:dict|None=None, # the study's planted truth (`giblet.synthetic_truth.study_truth`): every predictor is scored against it too (None: none)
-                 main:bool=True, # this process scores; False (another torchrun process): it only takes part in the predictions
+                 bands:Mapping|None=None, # the baselines' feature bands (None: the study's `stimulus_bands` and one per feature stream)
+                 truth:dict|None=None, # the planted truth every predictor is also scored against (`giblet.synthetic_truth.study_truth`; None: none)
+                 main:bool=True, # this process scores (False: another torchrun process, taking part in the predictions only)
                 )->dict|None: # arrays (preds, val_pred, stack_weights, scores, ceiling, selected, roi, split_r2), tables and metrics; None where not `main`
     "Score the model on the test block beside the himalaya baselines and the noise ceiling, with CIs and a null, and per planted factor."
-    al, sp = data.aligned, data.split
-    test = sp.test
-    if len(test) < 2: raise ValueError("the run has no test block: every reported number is a test-block number; "
-                                       "set test_frac above 0 (--set test_frac=0.2) or use --n-folds")
-    preds, base, w = {"model": predict(test)}, None, None
-    val_pred = predict(sp.val)   # every process of a run predicts here, the test block then the validation block
+    al, sp, base, w = data.aligned, data.split, None, None
+    test, (model_test, val_pred) = sp.test, _predict_blocks(predict, sp)
     if not main: return None
-    true = data.average_bold(test)
-    if baseline:
-        if bands is None: bands = stimulus_bands(al.video, al.audio, al.text, al.has_text,
-                                                 extra={stream_key(n): a for n, a in data.streams.items()} if data.streams else None)
-        base = fit_baselines(bands, data.average_bold(sp.train), sp.train, al.run, al.tr, device=str(data.tensors.device), seed=seed)
-        preds |= {k: base.predict(k, test) for k in BASELINES}
-        if len(sp.val) >= 2:   # the blend is chosen on the validation block, never on the test block
-            w, stack_choice = cv_stack_weights(val_pred, base.predict("banded_ridge", sp.val), data.average_bold(sp.val))
-            preds["stack"] = stack(preds["model"], preds["banded_ridge"], w)
-    scores = {k: voxel_r(p, true) for k, p in preds.items()}
-    ceil_train, ceiling = run_ceiling(data, sp.train), run_ceiling(data, test)
-    selected, rule = _select(ceil_train, threshold, al.n_voxels)
+    preds, true = {"model": model_test}, data.average_bold(test)
+    if baseline: base, more, w, stack_choice = _baseline_preds(val_pred, model_test, data, bands, seed); preds |= more
+    scores, ceil_train, ceiling, selected, rule = _scores(preds, true, data, threshold)
     roi, names = _roi_labels(data, truth)
-    truth_r, m, factors = {}, {}, None
-    if truth is not None:
-        if al.mask is None: raise ValueError("a study of region tables has no voxels to match with the planted truth's: pass truth=None")
-        for k, p in preds.items():
-            t = truth_scores(p, al.volume[test], truth, al.mask, al.run[test])
-            truth_r[k] = t["truth_r_responsive_mean"]
-            m |= t if k == "model" else {f"{k}_truth_r_responsive_mean": t["truth_r_responsive_mean"]}
-        factors = factor_table(preds, truth, al.mask, al.volume[test], al.run[test], al.tr, n_boot=n_boot, seed=seed)
-        m["truth_factors"] = _records(factors)
-        if "stack" in preds:   # the same rows for the stack against the ridge (the other predictors' r are in the table above)
-            duo = {k: preds[k] for k in ("stack", "banded_ridge")}
-            m["stack_truth_factors"] = _records(factor_table(duo, truth, al.mask, al.volume[test], al.run[test], al.tr, model="stack",
-                                                             n_boot=n_boot, seed=seed))
+    truth_r, m, factors = ({}, {}, None) if truth is None else _truth_metrics(preds, truth, al, test, n_boot, seed)
     table = score_table(scores, ceiling, selected, truth_r)
     rois = roi_table(scores | ({} if ceiling is None else {"noise_ceiling": ceiling}), selected, roi, names)
-    cmp = None if base is None else compare(preds["model"], {k: preds[k] for k in BASELINES}, true, selected, al.tr, n_boot=n_boot, seed=seed)
-    if w is not None:
-        sc = compare(preds["stack"], {"banded_ridge": preds["banded_ridge"]}, true, selected, al.tr, n_boot=n_boot, seed=seed)
-        share = model_share(w)
-        m |= dict(stack_test_voxel_r_selected=float(scores["stack"][selected].mean()), stack_test_voxel_r_mean=float(scores["stack"].mean()),
-                  stack_verdict=sc["differences"]["banded_ridge"]["verdict"], stack_comparison=sc,
-                  stack_weights=dict(model_share_selected=float(np.nanmean(share[selected])), model_share_mean=float(np.nanmean(share)),
-                                     method=f"per voxel, the non-negative weights of the model and the banded ridge fitted by least "
-                                            f"squares on the {len(sp.val)}-TR validation block, shrunk towards the weights pooled over voxels "
-                                            f"as 4-block cross-validation inside that block chose ({stack_choice['choice']})",
-                                     choice=stack_choice["choice"], cv_error=stack_choice["cv_error"]))
-    vols = lambda trs: [int(v) for v in al.volume[trs]]
-    m = dict(block="test", headline=dict(metric="mean test voxel r", voxels=rule, ceiling_threshold=threshold,
-                                         n_selected=int(selected.sum())),
-             test_voxel_r_selected=float(scores["model"][selected].mean()), test_voxel_r_mean=float(scores["model"].mean()),
-             test_voxel_r_median=float(np.median(scores["model"])),
-             test_r_over_ceiling=None if ceiling is None else float(table.iloc[0]["r_over_ceiling"])) | {
-        f"{k}_test_voxel_r_{s}": float(v) for k in BASELINES if k in scores
-        for s, v in (("selected", scores[k][selected].mean()), ("mean", scores[k].mean()))} | dict(
-             noise_ceiling_test_mean=None if ceiling is None else float(np.nanmean(ceiling)),
-             noise_ceiling_test_selected=None if ceiling is None else float(np.nanmean(ceiling[selected])),
-             noise_ceiling_method=None if ceiling is None else f"leave-one-subject-out inter-subject r of the {al.n_subjects} "
-                "subjects z-scored with their training statistics, as a ceiling for their mean (the scored target)",
-             verdict=None if cmp is None else cmp["differences"]["banded_ridge"]["verdict"], comparison=cmp,
-             baseline=None if base is None else base.info, test_trs=vols(test), test_runs=[int(r) for r in al.run[test]],
-             val_trs=vols(sp.val), val_runs=[int(r) for r in al.run[sp.val]], n_train_trs=len(sp.train), n_val_trs=len(sp.val),
-             n_test_trs=len(test), n_voxels=int(al.n_voxels), n_subjects=int(al.n_subjects),
-             table=table.reset_index().to_dict(orient="records"), roi_table=rois.reset_index().to_dict(orient="records")) | m
-    m["voxel_signs"] = voxel_signs(scores, selected)
-    if cmp is not None:
-        m["test_block_resolution"] = res = block_resolution(cmp["differences"]["banded_ridge"], len(test), al.n_trs, cfg.data.n_folds)
-        if res["too_short"]: logger.warning("%s", res["message"])
-    m["in_words"] = headline_words(m)
+    cmp = None if base is None else compare(model_test, {k: more[k] for k in BASELINES}, true, selected, al.tr, n_boot=n_boot, seed=seed)
+    if w is not None: m |= _stack_metrics(preds, scores, w, stack_choice, true, selected, data, n_boot, seed)
+    m = _opening(scores, selected, rule, threshold, table, rois, ceiling, cmp, base, data) | m
+    _add_words(m, scores, selected, cmp, data, cfg.data.n_folds)
     return dict(preds=preds, val_pred=val_pred, stack_weights=w, scores=scores, ceiling=ceiling, ceiling_train=ceil_train, selected=selected, roi=roi, roi_names=names,
                 split_r2=None if base is None else base.split_r2(test, true), bands=[] if base is None else list(base.design.bands),
                 table=table, roi_table=rois, factors=factors, metrics=m)

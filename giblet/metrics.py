@@ -14,8 +14,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'voxel_r', 'voxel_r2', 'ceiling_from_r', 'intersubject_r', 'noise_ceiling', 'stimulus_features',
-           'delay_features']
+__all__ = ['logger', 'voxel_r', 'voxel_r2', 'moment_r', 'ceiling_from_r', 'intersubject_r', 'noise_ceiling', 'stimulus_features',
+           'delay_features', 'himalaya_backend']
 
 # %% ../nbs/core/01_metrics.ipynb #d59d1f20
 _CHUNK_ELEMS = 2 ** 20  # TR x voxel elements scored at a time on the NumPy path (8 MB per float64 temporary)
@@ -90,6 +90,19 @@ def voxel_r2(pred, # predicted BOLD (n_trs, n_voxels, ...): NumPy array or torch
             ): # R² = 1 - SS_res / SS_tot per voxel (can be negative), shape pred.shape[1:]
     "R² of `pred` for `true` over time, per voxel (SS_tot about `true`'s own mean)."
     return _voxel_score(pred, true, "r2", fill)
+
+# %% ../nbs/core/01_metrics.ipynb #d78f0feb
+def moment_r(sx, # sums of x (any shape; all five broadcast together)
+             sy, # sums of y
+             sxx, # sums of x * x
+             syy, # sums of y * y
+             sxy, # sums of x * y
+             n, # terms summed
+            )->np.ndarray: # Pearson r, 0 where x or y is constant
+    "Pearson r from summed moments, 0 where either side's variance is at most rounding (1e-12 of its sum of squares)."
+    vx, vy, cov = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
+    ok = (vx > 1e-12 * np.maximum(1, sxx)) & (vy > 1e-12 * np.maximum(1, syy))
+    return np.where(ok, cov / np.sqrt(np.where(ok, vx * vy, 1.0)), 0.0)
 
 # %% ../nbs/core/01_metrics.ipynb #77e7f1b1
 def ceiling_from_r(r, # correlation between the mean of `n_a` subjects and the mean of `n_b` others (per voxel)
@@ -261,3 +274,11 @@ def delay_features(x:np.ndarray, # (n_trs, p) stimulus features (centre them fir
         ok[d:] = seg[d:] == seg[:n - d]
         out[np.flatnonzero(ok), k * x.shape[1]:(k + 1) * x.shape[1]] = x[np.flatnonzero(ok) - d]
     return out
+
+# %% ../nbs/core/01_metrics.ipynb #2adbf6ac
+def himalaya_backend(name:str|None=None, # 'numpy' (float64), 'torch' or 'torch_cuda'; None: leave it as it is
+                    ): # himalaya's backend module, now the global one
+    "himalaya's global backend, made `name` only when another one is set."
+    from himalaya.backend import get_backend, set_backend
+    b = get_backend()
+    return b if name is None or b.name == name else set_backend(name, on_error="raise")

@@ -18,12 +18,13 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'longest_stretch', 'run_decoding', 'decoding_metrics', 'plot_decoding', 'plot_history', 'plot_r_hist',
-           'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'report_markdown', 'region_table', 'write_map',
-           'write_report', 'fold_summary']
+           'plot_r_brain', 'plot_modality', 'plot_reconstructions', 'md_table', 'report_markdown', 'region_table',
+           'write_map', 'write_report', 'fold_summary']
 
 # %% ../nbs/evaluation/37_report.ipynb #3286d4de
 from .decoding import decode_block, decoding_scores, true_block
-from .evaluation import BASELINES, ROW_NAMES, WORDS, _records, _roi_name_map, block_bootstrap, evaluate_run, headline_words, verdict
+from .baselines import BASELINES
+from .evaluation import ROW_NAMES, WORDS, block_bootstrap, bootstrap_block, evaluate_run, headline_words, roi_name_map, table_records, verdict
 from .stacking import model_share
 from .data.bold_stats import stretches
 from .data.fmri import features_to_nii
@@ -71,7 +72,7 @@ def decoding_metrics(table:pd.DataFrame, # from `run_decoding`
                     )->dict: # the "decoding" entry of metrics.json
     "The decoding scores as metrics.json holds them."
     return dict(block="test", n_trs=int(len(trs)), volumes=[int(volumes[t]) for t in (trs[0], trs[-1])], min_shift_s=float(min_shift_s),
-                sources=dict(_SOURCES), scores=_records(table))
+                sources=dict(_SOURCES), scores=table_records(table))
 
 # %% ../nbs/evaluation/37_report.ipynb #872fe9ec
 def plot_decoding(table:pd.DataFrame, # from `run_decoding` (index: source, modality, score)
@@ -149,7 +150,7 @@ def plot_modality(split_r2:np.ndarray, # (n_bands, n_voxels) each band's share o
     "Each band's mean share of the banded ridge's test R², over all voxels and per region."
     import matplotlib.pyplot as plt
     rows = {"all": np.ones(split_r2.shape[1], bool)}
-    if roi_labels is not None: rows |= {n: np.asarray(roi_labels) == k for k, n in _roi_name_map(roi_names, roi_labels).items()}
+    if roi_labels is not None: rows |= {n: np.asarray(roi_labels) == k for k, n in roi_name_map(roi_names, roi_labels).items()}
     fig, ax = plt.subplots(figsize=(6, 3))
     x, w = np.arange(len(rows)), 0.8 / len(bands)
     for j, b in enumerate(bands): ax.bar(x + j * w, [split_r2[j, s].mean() for s in rows.values()], w, label=b)
@@ -198,7 +199,9 @@ def plot_reconstructions(trainer:Trainer, # a trained trainer
     return fig
 
 # %% ../nbs/evaluation/37_report.ipynb #ae4867c7
-def _md_table(df:pd.DataFrame, fmt:str="{:.3f}")->str:
+def md_table(df:pd.DataFrame, # the table (its index the first column)
+             fmt:str="{:.3f}", # format of float cells
+            )->str: # a Markdown table, "—" for a NaN or None
     "A DataFrame as a Markdown table (its index the first column)."
     cell = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v) if isinstance(v, float) else str(v)
     head = [df.index.name or ""] + [str(c) for c in df.columns]
@@ -242,7 +245,46 @@ def _md_decoding(d:dict)->list:
     return [f"Decoding on the test block ({d['n_trs']} TRs, volumes {d['volumes'][0]}–{d['volumes'][1]}), from the predicted brain "
             f"layer and from measured fMRI: each score with its block-bootstrap 95 % CI, beside a null whose brain input is "
             f"circularly shifted by at least {d['min_shift_s']:g} s (its mean and 95th percentile, the empirical p) and chance:", "",
-            _md_table(pd.DataFrame(d["scores"]).set_index("source")), ""]
+            md_table(pd.DataFrame(d["scores"]).set_index("source")), ""]
+
+# %% ../nbs/evaluation/37_report.ipynb #14f8faa3
+def _md_comparison(m:dict, # metrics with a `comparison` (from `compare`)
+                  )->list: # report.md lines
+    "Model minus each baseline with its CI and verdict, the time-shifted null, the stack's difference and the baselines' fit."
+    c, n = m["comparison"], m["comparison"]["null"]
+    lines = [f"Model minus baseline in headline r, with a block-bootstrap 95 % CI ({c['n_boot']} resamples of "
+             f"{c['block_trs']}-TR blocks, {c['block_s']:.0f} s):", ""]
+    for k, d in c["differences"].items():
+        lines.append(f"- {ROW_NAMES[k]}: {d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]: **{d['verdict']}**")
+    if n["n_shifts"]: lines += ["", f"Null of the model's prediction circularly shifted by {c['block_trs']}+ TRs ({n['n_shifts']} shifts): "
+                                    f"mean {n['mean']:.4f}, 95th percentile {n['q95']:.4f}; p = {n['p']:.3g}."]
+    if sc := m.get("stack_comparison"): lines += _md_stack(sc["differences"]["banded_ridge"], m["stack_weights"])
+    return lines + _md_baselines(m["baseline"])
+
+# %% ../nbs/evaluation/37_report.ipynb #1bc89fd4
+def _md_regions(rt:list, # the metrics' `region_table` records
+                c:dict, # the metrics' `comparison` (its resamples and block length)
+               )->list: # report.md lines
+    "The per-region table, introduced."
+    return [f"Per region, each predictor's mean test r and the model's and the stack's difference from the banded ridge, with "
+            f"block-bootstrap 95 % CIs ({c['n_boot']} resamples of {c['block_trs']}-TR blocks) and "
+            "verdicts; the model's share of the stack; each band's share of the banded ridge's test R². Every voxel's test "
+            "prediction is in `test_pred`, `baseline_test_pred` (the banded ridge), `ridge_test_pred` and `stack_test_pred`.", "",
+            _region_markdown(rt), ""]
+
+# %% ../nbs/evaluation/37_report.ipynb #575675ea
+def _md_truth(f:list, # the metrics' `truth_factors` records
+              sf:list|None=None, # the metrics' `stack_truth_factors` records, if any
+             )->list: # report.md lines
+    "The planted-truth tables per factor: every predictor's r, and model (and stack) minus the banded ridge with CIs where scored."
+    lines = ["Planted truth per factor: mean r with the noise-free signal over the factor's ROI"
+             + (", and model minus banded ridge with a block-bootstrap 95 % CI:" if "difference" in f[0] else ":"), "",
+             md_table(pd.DataFrame(f).set_index("factor")), ""]
+    if sf:
+        cols = ["factor", "stack", "banded_ridge", "difference", "ci_low", "ci_high", "verdict"]
+        lines += ["The same per factor for the model stacked with the banded ridge, minus the banded ridge:", "",
+                  md_table(pd.DataFrame(sf)[cols].set_index("factor")), ""]
+    return lines
 
 # %% ../nbs/evaluation/37_report.ipynb #03567ba4
 def report_markdown(m:dict, # metrics from `evaluate_run`
@@ -253,39 +295,16 @@ def report_markdown(m:dict, # metrics from `evaluate_run`
              f"which chose nothing (early stopping and the checkpoint read the {m['n_val_trs']}-TR validation block; the baselines were "
              f"fitted on the {m['n_train_trs']} training TRs).", "",
              f"**Headline**: {m['headline']['metric']} over {m['headline']['voxels']}.", "",
-             _md_table(pd.DataFrame(m["table"]).set_index("row")), ""]
+             md_table(pd.DataFrame(m["table"]).set_index("row")), ""]
     if words := headline_words(m): lines += ["**In words** (the point estimates, whether or not their CI decides):", ""] + [f"- {s}" for s in words] + [""]
     if (res := m.get("test_block_resolution")) and res["too_short"]: lines += [f"**Test block too short**: {res['message']}.", ""]
     if s := m.get("voxel_signs"): lines += _md_signs(s)
-    c = m.get("comparison")
-    if c:
-        lines.append(f"Model minus baseline in headline r, with a block-bootstrap 95 % CI ({c['n_boot']} resamples of "
-                     f"{c['block_trs']}-TR blocks, {c['block_s']:.0f} s):")
-        lines.append("")
-        for k, d in c["differences"].items():
-            lines.append(f"- {ROW_NAMES[k]}: {d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]: **{d['verdict']}**")
-        n = c["null"]
-        if n["n_shifts"]: lines += ["", f"Null of the model's prediction circularly shifted by {c['block_trs']}+ TRs ({n['n_shifts']} shifts): "
-                                        f"mean {n['mean']:.4f}, 95th percentile {n['q95']:.4f}; p = {n['p']:.3g}."]
-        if sc := m.get("stack_comparison"): lines += _md_stack(sc["differences"]["banded_ridge"], m["stack_weights"])
-        lines += _md_baselines(m["baseline"])
+    if m.get("comparison"): lines += _md_comparison(m)
     if m.get("noise_ceiling_method"): lines += ["", f"Noise ceiling: {m['noise_ceiling_method']}."]
-    lines += ["", "Mean test r per region:", "", _md_table(pd.DataFrame(m["roi_table"]).set_index("region")), ""]
-    if rt := m.get("region_table"):
-        lines += [f"Per region, each predictor's mean test r and the model's and the stack's difference from the banded ridge, with "
-                  f"block-bootstrap 95 % CIs ({m['comparison']['n_boot']} resamples of {m['comparison']['block_trs']}-TR blocks) and "
-                  "verdicts; the model's share of the stack; each band's share of the banded ridge's test R². Every voxel's test "
-                  "prediction is in `test_pred`, `baseline_test_pred` (the banded ridge), `ridge_test_pred` and `stack_test_pred`.", "",
-                  _region_markdown(rt), ""]
+    lines += ["", "Mean test r per region:", "", md_table(pd.DataFrame(m["roi_table"]).set_index("region")), ""]
+    if rt := m.get("region_table"): lines += _md_regions(rt, m["comparison"])
     if (lag := (m.get("baseline") or {}).get("lag")) and lag.get("preshifted"): lines += _md_preshift(lag["peak_s"])
-    if f := m.get("truth_factors"):
-        lines += ["Planted truth per factor: mean r with the noise-free signal over the factor's ROI"
-                  + (", and model minus banded ridge with a block-bootstrap 95 % CI:" if "difference" in f[0] else ":"), "",
-                  _md_table(pd.DataFrame(f).set_index("factor")), ""]
-    if f := m.get("stack_truth_factors"):
-        cols = ["factor", "stack", "banded_ridge", "difference", "ci_low", "ci_high", "verdict"]
-        lines += ["The same per factor for the model stacked with the banded ridge, minus the banded ridge:", "",
-                  _md_table(pd.DataFrame(f)[cols].set_index("factor")), ""]
+    if m.get("truth_factors"): lines += _md_truth(m["truth_factors"], m.get("stack_truth_factors"))
     if d := m.get("decoding"): lines += _md_decoding(d) if "scores" in d else [f"Decoding: not scored ({d['skipped']}).", ""]
     if r := m.get("reconstructions"): lines += [f"Reconstructions: not drawn ({r['skipped']}).", ""]
     return "\n".join(lines)
@@ -306,11 +325,11 @@ def region_table(preds:Mapping, # name -> (n_trs, n_voxels) test predictions: 'm
                 )->pd.DataFrame: # a row per region
     "Per region: each predictor's mean test r with a block-bootstrap 95 % CI, the model and the stack minus the banded ridge with theirs, the noise ceiling, the model's share of the stack, and each band's share of the banded ridge's R²."
     labels, true = np.asarray(roi_labels), np.asarray(true)
-    block = min(len(true), max(2, math.ceil(block_s / tr - 1e-9)))
+    block = bootstrap_block(len(true), tr, block_s)
     ci = lambda x: np.percentile(x, [2.5, 97.5])
     share = None if stack_weights is None else model_share(np.asarray(stack_weights))
     rows = {}
-    for k, name in _roi_name_map(roi_names, labels).items():
+    for k, name in roi_name_map(roi_names, labels).items():
         v = labels == k
         row = dict(n_voxels=int(v.sum()))
         boot = block_bootstrap(preds, true, v, block, n_boot, seed)
@@ -343,7 +362,7 @@ def _region_markdown(records:list)->str:
         if "stack_model_share" in d: row["model's share of the stack"] = "—" if d["stack_model_share"] is None else f"{d['stack_model_share']:.0%}"
         row |= {f"R² share {k[9:]}": r3(v) for k, v in d.items() if k.startswith("r2_share_")}
         out[d["region"]] = row
-    return _md_table(pd.DataFrame.from_dict(out, orient="index").rename_axis("region"))
+    return md_table(pd.DataFrame.from_dict(out, orient="index").rename_axis("region"))
 
 # %% ../nbs/evaluation/37_report.ipynb #14c4b032
 def _nii_bytes(img)->bytes:
@@ -381,6 +400,61 @@ def write_map(out:Path, # the run folder
     atomic_write(out / f"{name}.tsv", lambda f: f.write(df.to_csv(sep="\t", float_format="%.6g").encode()))
     return out / f"{name}.tsv"
 
+# %% ../nbs/evaluation/37_report.ipynb #f47fe2d7
+def _note_omissions(trainer:Trainer, # the trained trainer
+                    m:dict, # the run's metrics: 'silent_film' and 'reconstructions' are added where they apply
+                   ):
+    "What the report leaves out and why: the audio of a silent film, and the reconstructions of a test block shorter than the model's window."
+    al = trainer.data.aligned
+    if al.video is not None and al.audio is None:   # a film whose sound `run_data` found silent throughout
+        m["silent_film"] = "the film is silent throughout, so the model was trained without audio: no audio encoder, decoder, loss or baseline band"
+    seg, window = longest_stretch(trainer.data.split.test, trainer.data.tensors.run), trainer.model.config.context_trs
+    if al.video is not None and al.audio is not None and len(seg) < window:   # a short test block: no figure, and report.md says why
+        m["reconstructions"] = dict(skipped=f"the test block's longest stretch within one run has {len(seg)} TRs, fewer than the "
+                                            f"model's window of {window}")
+        logger.warning("no reconstructions figure: %s", m["reconstructions"]["skipped"])
+
+# %% ../nbs/evaluation/37_report.ipynb #e6d1a63f
+def _write_maps(out:Path, # the run folder
+                trainer:Trainer, # the trained trainer
+                ev:dict, # `evaluate_run`'s result
+               ):
+    "The run's predictions, mask, modality R² shares, stack weights and normaliser, as files of the run folder."
+    import nibabel as nib
+    al = trainer.data.aligned
+    for name, pred in (("test_pred", ev["preds"]["model"]), ("val_pred", ev["val_pred"])): write_map(out, name, pred, al)
+    for k, name in (("banded_ridge", "baseline_test_pred"), ("ridge", "ridge_test_pred"), ("stack", "stack_test_pred")):
+        if k in ev["preds"]: write_map(out, name, ev["preds"][k], al)   # beside the model's: any region can be scored later
+    if al.mask is not None:
+        atomic_write(out / "mask.nii.gz", lambda f: f.write(_nii_bytes(nib.Nifti1Image(np.asarray(al.mask.dataobj, np.uint8), al.mask.affine))))
+    if ev["split_r2"] is not None:
+        write_map(out, "modality_r2", ev["split_r2"], al, list(ev["bands"]))
+        atomic_write(out / "modality_r2.npz", lambda f: np.savez(f, split_r2=ev["split_r2"], bands=np.array(ev["bands"])))
+    if ev["stack_weights"] is not None:   # where the model adds to the ridge: volume 0 weighs the model, volume 1 the ridge
+        write_map(out, "stack_weights", ev["stack_weights"], al, ["model", "banded_ridge"])
+    trainer.data.norm.save(out / "normaliser.npz")
+
+# %% ../nbs/evaluation/37_report.ipynb #94856568
+def _write_figures(out:Path, # the run folder
+                   trainer:Trainer, # the trained trainer
+                   ev:dict, # `evaluate_run`'s result
+                   dec:pd.DataFrame|None, # the decoding table (`run_decoding`), or None
+                   reconstructions:bool, # draw the reconstructions (the test block is long enough)
+                  ):
+    "The loss curves, the histogram of test r, the glass brain, the reconstructions, the decoding scores and the modality map."
+    import matplotlib.pyplot as plt
+    al, h = trainer.data.aligned, trainer.history
+    figs = {"loss_curves": lambda: plot_history(h), "voxel_r_hist": lambda: plot_r_hist(ev["scores"], ev["ceiling"]),
+            **({"voxel_r_glass_brain": lambda: plot_r_brain(ev["scores"]["model"], al.mask)} if al.mask is not None else {}),
+            **({"reconstructions": lambda: plot_reconstructions(trainer, trainer.data.split.test)} if al.video is not None and al.audio is not None and reconstructions else {})}
+    if dec is not None: figs["decoding"] = lambda: plot_decoding(dec)
+    if ev["split_r2"] is not None:
+        figs["modality_map"] = lambda: plot_modality(ev["split_r2"], ev["bands"], ev["roi"], ev["roi_names"])
+    for name, make in figs.items():
+        fig = make()
+        atomic_write(out / "figures" / f"{name}.png", lambda f: fig.savefig(f, format="png", dpi=100))
+        plt.close(fig)
+
 # %% ../nbs/evaluation/37_report.ipynb #59fd4ac2
 def write_report(trainer:Trainer, # a trained trainer, its model holding the weights to report
                  out_dir:str|Path, # the run folder
@@ -391,50 +465,20 @@ def write_report(trainer:Trainer, # a trained trainer, its model holding the wei
                  **kwargs, # passed to `evaluate_run` (threshold, n_boot, seed, bands)
                 )->dict: # the metrics, and the evaluation under '_eval'
     "Write metrics.json (with the decoding scores), report.md, test_pred.nii.gz (and the baselines' and the stack's), val_pred.nii.gz, mask.nii.gz, modality_r2.*, stack_weights.nii.gz, normaliser.npz and figures/; under torchrun every process calls it and rank 0 writes."
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-    out, al, h, main = Path(out_dir), trainer.data.aligned, trainer.history, trainer.di.main
+    out, al, main = Path(out_dir), trainer.data.aligned, trainer.di.main
     truth = study_truth(trainer.data.data_dir) if al.mask is not None and main else None   # region tables have no voxels to match with a truth
     ev = evaluate_run(trainer.predict, trainer.data, trainer.cfg, baseline, truth=truth, main=main, **kwargs)
     if ev is None: return {}   # another process of the run: it took part in the predictions, and writes nothing
-    val_pred = ev["val_pred"]
+    h, n_boot, seed = trainer.history, kwargs.get("n_boot", 1000), kwargs.get("seed", 0)
     m = ev["metrics"] | {"epochs": len(h), "best_epoch": trainer.best_epoch, "stopped_early": trainer.stopped,
                          "train_seconds": float(sum(r["seconds"] for r in h))} | (extra or {})
-    dec = _report_decoding(trainer, m, kwargs.get("n_boot", 1000), kwargs.get("seed", 0)) if decoding else None
-    if al.video is not None and al.audio is None:   # a film whose sound `run_data` found silent throughout
-        m["silent_film"] = "the film is silent throughout, so the model was trained without audio: no audio encoder, decoder, loss or baseline band"
-    seg, window = longest_stretch(trainer.data.split.test, trainer.data.tensors.run), trainer.model.config.context_trs
-    if al.video is not None and al.audio is not None and len(seg) < window:   # a short test block: no figure, and report.md says why
-        m["reconstructions"] = dict(skipped=f"the test block's longest stretch within one run has {len(seg)} TRs, fewer than the "
-                                            f"model's window of {window}")
-        logger.warning("no reconstructions figure: %s", m["reconstructions"]["skipped"])
-    for name, pred in (("test_pred", ev["preds"]["model"]), ("val_pred", val_pred)): write_map(out, name, pred, al)
-    for k, name in (("banded_ridge", "baseline_test_pred"), ("ridge", "ridge_test_pred"), ("stack", "stack_test_pred")):
-        if k in ev["preds"]: write_map(out, name, ev["preds"][k], al)   # beside the model's: any region can be scored later
+    dec = _report_decoding(trainer, m, n_boot, seed) if decoding else None
+    _note_omissions(trainer, m)
+    _write_maps(out, trainer, ev)
     if ev["roi"] is not None and "banded_ridge" in ev["preds"]:
-        test = trainer.data.split.test
-        m["region_table"] = _records(region_table(ev["preds"], trainer.data.average_bold(test), ev["roi"], ev["roi_names"], al.tr,
-                                                  ev["ceiling"], ev["stack_weights"], ev["split_r2"], ev["bands"],
-                                                  n_boot=kwargs.get("n_boot", 1000), seed=kwargs.get("seed", 0)))
-    if al.mask is not None:
-        atomic_write(out / "mask.nii.gz", lambda f: f.write(_nii_bytes(nib.Nifti1Image(np.asarray(al.mask.dataobj, np.uint8), al.mask.affine))))
-    if ev["split_r2"] is not None:
-        write_map(out, "modality_r2", ev["split_r2"], al, list(ev["bands"]))
-        atomic_write(out / "modality_r2.npz", lambda f: np.savez(f, split_r2=ev["split_r2"], bands=np.array(ev["bands"])))
-    if ev["stack_weights"] is not None:   # where the model adds to the ridge: volume 0 weighs the model, volume 1 the ridge
-        write_map(out, "stack_weights", ev["stack_weights"], al, ["model", "banded_ridge"])
-    trainer.data.norm.save(out / "normaliser.npz")
-    if figures:
-        figs = {"loss_curves": lambda: plot_history(h), "voxel_r_hist": lambda: plot_r_hist(ev["scores"], ev["ceiling"]),
-                **({"voxel_r_glass_brain": lambda: plot_r_brain(ev["scores"]["model"], al.mask)} if al.mask is not None else {}),
-                **({"reconstructions": lambda: plot_reconstructions(trainer, trainer.data.split.test)} if al.video is not None and al.audio is not None and "reconstructions" not in m else {})}
-        if dec is not None: figs["decoding"] = lambda: plot_decoding(dec)
-        if ev["split_r2"] is not None:
-            figs["modality_map"] = lambda: plot_modality(ev["split_r2"], ev["bands"], ev["roi"], ev["roi_names"])
-        for name, make in figs.items():
-            fig = make()
-            atomic_write(out / "figures" / f"{name}.png", lambda f: fig.savefig(f, format="png", dpi=100))
-            plt.close(fig)
+        m["region_table"] = table_records(region_table(ev["preds"], trainer.data.average_bold(trainer.data.split.test), ev["roi"], ev["roi_names"],
+                                                       al.tr, ev["ceiling"], ev["stack_weights"], ev["split_r2"], ev["bands"], n_boot=n_boot, seed=seed))
+    if figures: _write_figures(out, trainer, ev, dec, "reconstructions" not in m)
     atomic_write(out / "report.md", lambda f: f.write(report_markdown(m).encode()))
     write_json(out / "metrics.json", m)
     return m | {"_eval": ev}

@@ -17,8 +17,9 @@ import torch
 
 from .dataset import block_folds
 from .io import RunLock, atomic_write, clean_leftovers, fingerprint_changes, input_fingerprint, write_json
-from .evaluation import fit_baselines, headline_words
-from .report import _md_table, fold_summary, write_report
+from .baselines import fit_baselines
+from .evaluation import headline_words
+from .report import fold_summary, md_table, write_report
 from .study_plan import show_study, show_timing, study_inputs, study_rates
 from .training.config import TrainConfig, check_resumable
 from .training.distributed import DistInfo, close_distributed, init_distributed, main_first, resolve_device
@@ -301,7 +302,7 @@ def _write_folds(out:Path, # the folder of the folds' run folders
     text = (f"# giblet outer cross-validation\n\nEvery number is a test-block number: each of the {n_folds} folds tests on its own "
             f"block (its neighbour validates, the rest trains). Headline: {ms[0]['headline']['metric']} over the voxels whose "
             f"training-block noise ceiling is >= {ms[0]['headline']['ceiling_threshold']}. Per-fold reports: fold_k/report.md.\n\n"
-            + _md_table(table) + "\n")
+            + md_table(table) + "\n")
     atomic_write(out / "report.md", lambda f: f.write(text.encode()))
 
 # %% ../nbs/run/38_run.ipynb #dee21f00

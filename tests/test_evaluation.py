@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from giblet.evaluation import block_bootstrap, compare, fir_delays, fit_baselines, stimulus_bands
+from giblet.baselines import fir_delays, fit_baselines, stimulus_bands
+from giblet.evaluation import block_bootstrap, compare
 from giblet.metrics import delay_features, voxel_r
 from giblet.training.config import TrainConfig
 from giblet.training.data import prepare_data, run_data

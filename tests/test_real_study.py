@@ -11,7 +11,7 @@ import yaml
 
 from giblet import cli
 from giblet.alignment.sync import FeatureParams
-from giblet.evaluation import fit_baselines, stimulus_bands
+from giblet.baselines import fit_baselines, stimulus_bands
 from giblet.dataset import load_spec
 from giblet.study import read_spec
 from giblet.synthetic import make_dataset
@@ -98,7 +98,7 @@ def test_bold_pre_shifted_by_3_trs_is_warned_of(study, tmp_path, caplog, offset_
     y = np.mean([np.asarray(al.fmri[i]) for i in range(al.n_subjects)], 0)
     y = (y - y.mean(0)) / np.where(y.std(0) > 0, y.std(0), 1)
     train = np.arange(int(0.8 * al.n_trs))
-    with caplog.at_level(logging.WARNING, "giblet.evaluation"):
+    with caplog.at_level(logging.WARNING, "giblet.baselines"):
         fit = fit_baselines(stimulus_bands(al.video, al.audio, al.text, al.has_text), y[train], train, al.run, al.tr, n_iter=5)
     assert fit.info["lag"]["preshifted"] == (fit.info["lag"]["peak_s"] <= 0) == warned, fit.info["lag"]
     assert ("scan_offset: -3" in caplog.text) == warned

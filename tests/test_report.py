@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from giblet.synthetic import load_truth, make_dataset
-from giblet.evaluation import WORDS, factor_table, fit_baselines, headline_words, stimulus_bands
+from giblet.baselines import fit_baselines, stimulus_bands
+from giblet.evaluation import WORDS, factor_table, headline_words
 from giblet.stacking import cv_stack_weights, model_share, stack, stack_weights
 from giblet.synthetic_truth import embedded_dataset, truth_rows, truth_scores
 from giblet.report import write_report

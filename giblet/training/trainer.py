@@ -28,7 +28,7 @@ from .config import HRF_SECONDS, TrainConfig, check_resumable, flat_options
 from .data import RunData, model_config
 from .distributed import DistInfo
 from .checkpoints import CHECKPOINTS, checkpoint_folder, load_checkpoint, save_checkpoint
-from ..metrics import voxel_r
+from ..metrics import himalaya_backend, voxel_r
 from ..data.bold_stats import stretches
 from .data import ridge_rows, start_kind
 
@@ -130,11 +130,10 @@ def step_losses(brain:dict, # {'brain': (B, K, n_voxels)}
 @contextmanager
 def _himalaya_numpy():
     "Within this block himalaya computes with numpy (float64); the backend set before it comes back after."
-    from himalaya.backend import get_backend, set_backend
-    before = get_backend().name
-    set_backend("numpy", on_error="raise")
+    before = himalaya_backend().name
+    himalaya_backend("numpy")
     try: yield
-    finally: set_backend(before, on_error="raise")
+    finally: himalaya_backend(before)
 
 # %% ../../nbs/training/32_training.trainer.ipynb #a4f1550d
 @torch.no_grad()
