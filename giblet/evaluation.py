@@ -141,6 +141,7 @@ def compare(model:np.ndarray, # (n_trs, n_voxels) the model's test prediction
 RESOLVE = 0.05 # the difference in mean voxel r a test block should resolve: a CI half-width of at most this
 WORDS = {"model": "model", "stack": "stack", "banded_ridge": "banded ridge", "ridge": "ridge"} # predictors in words
 
+# %% ../nbs/evaluation/35_evaluation.ipynb #6d652ea9
 def difference_words(name:str, # the predictor in words ("model")
                      other:str, # what it is measured against in words ("banded ridge", "0")
                      d:dict, # `difference` (name minus other), `ci_low` and `ci_high` (absent: no CI), as in `compare`
@@ -157,6 +158,7 @@ def difference_words(name:str, # the predictor in words ("model")
 # %% ../nbs/evaluation/35_evaluation.ipynb #37db6b42
 R_KEYS = {"model": ("comparison", "test_voxel_r_selected"), "stack": ("stack_comparison", "stack_test_voxel_r_selected")}
 
+# %% ../nbs/evaluation/35_evaluation.ipynb #1a8a34b8
 def headline_words(m:dict, # metrics from `evaluate_run`: comparison, stack_comparison and their mean r
                    resolve:float=RESOLVE, # a CI wider than ±this is too wide to decide
                   )->list: # sentences (`difference_words`)
@@ -240,6 +242,7 @@ def factor_table(preds:Mapping, # name -> (n_trs, n_voxels) predictions at the s
 # %% ../nbs/evaluation/35_evaluation.ipynb #de307e16
 ROW_NAMES = {"model": "giblet model", **BASELINES, "stack": "giblet model stacked with the banded ridge", "noise_ceiling": "noise ceiling"}
 
+# %% ../nbs/evaluation/35_evaluation.ipynb #f64eb952
 def score_table(scores:Mapping, # row -> (n_voxels,) test r: 'model' and the baselines
                 ceiling:np.ndarray|None, # (n_voxels,) test-block noise ceiling, or None
                 selected:np.ndarray, # (n_voxels,) bool: the headline's voxels
@@ -261,6 +264,7 @@ def score_table(scores:Mapping, # row -> (n_voxels,) test r: 'model' and the bas
 # %% ../nbs/evaluation/35_evaluation.ipynb #a841d57f
 _NONE_NAMES = ("none", "background", "unlabelled", "unlabeled", "unassigned", "")
 
+# %% ../nbs/evaluation/35_evaluation.ipynb #01949460
 def _seq_names(roi_names)->dict:
     "A sequence of region names as label -> name: a leading 'none' (`_NONE_NAMES`) is label 0, else the first is label 1."
     seq = [str(v) for v in roi_names]

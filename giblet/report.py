@@ -371,7 +371,12 @@ def _nii_bytes(img)->bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 # %% ../nbs/evaluation/37_report.ipynb #a0ddd5aa
-def _report_decoding(trainer:Trainer, m:dict, n_boot:int, seed:int, min_shift_s:float=30.0)->pd.DataFrame|None:
+def _report_decoding(trainer:Trainer, # the trained trainer
+                     m:dict, # the metrics: `m['decoding']` is written
+                     n_boot:int, # bootstrap resamples
+                     seed:int, # seed of the resamples
+                     min_shift_s:float=30.0, # the null's smallest time shift (s)
+                    )->pd.DataFrame|None: # the decoding scores, or None when the test block is too short
     "The decoding scores of the test block into `m['decoding']` (or why there are none), and their table."
     al, tensors, test = trainer.data.aligned, trainer.data.tensors, trainer.data.split.test
     seg, lo = longest_stretch(test, tensors.run), math.ceil(min_shift_s / al.tr - 1e-9)
