@@ -370,6 +370,15 @@ def _compute_chunk(bb:Backbone, inputs:_Inputs, idx:np.ndarray, batch_size:int)-
                          f"{np.abs(feats).max():.3g}); choose another layer")
     return out
 
+# %% ../nbs/features/18_features.ipynb #0a80f05c
+def _check_grid(spec:StreamSpec, times, chunk_trs:int, batch_size:int)->np.ndarray:
+    "`times` as a float array, refused unless they are film times >= 0 s; `chunk_trs` and `batch_size` must be whole and >= 1."
+    times = np.asarray(times, float)
+    if times.ndim != 1 or not len(times) or not np.isfinite(times).all() or (times < 0).any():
+        raise ValueError(f"{spec.name}: times must be a non-empty 1-D array of film times >= 0 s")
+    if int(chunk_trs) != chunk_trs or chunk_trs < 1 or batch_size < 1: raise ValueError("chunk_trs and batch_size must be >= 1")
+    return times
+
 # %% ../nbs/features/18_features.ipynb #8a31a82c
 def _keyed(spec:StreamSpec, source, times, tr:float, device, dtype)->tuple:
     "(the stream's cache key, its backbone if loading it was needed to learn the model's commit, else None)."
@@ -416,10 +425,7 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
     "Compute a stream's features on the TR grid into the cache, chunk by chunk (resumable, sharded over ranks), once."
     from tqdm.auto import tqdm
     spec = parse_stream_spec(spec) if isinstance(spec, str) else spec
-    times = np.asarray(times, float)
-    if times.ndim != 1 or not len(times) or not np.isfinite(times).all() or (times < 0).any():
-        raise ValueError(f"{spec.name}: times must be a non-empty 1-D array of film times >= 0 s")
-    if int(chunk_trs) != chunk_trs or chunk_trs < 1 or batch_size < 1: raise ValueError("chunk_trs and batch_size must be >= 1")
+    times = _check_grid(spec, times, chunk_trs, batch_size)
     key, bb = _keyed(spec, source, times, tr, device, dtype)
     folder = Path(cache_dir or default_cache_dir()) / f"{spec.name}-{_digest(key)}"
     if _valid_entry(folder, key): return folder

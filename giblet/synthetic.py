@@ -425,6 +425,15 @@ def _study_files(root:Path, layout:str, n_subjects:int, plan:list, tr:float, ove
     for p in everything | {film, annotations}: p.parent.mkdir(parents=True, exist_ok=True)
     return out, [p for p in old if p.match(pattern) and p not in everything]   # subjects or runs beyond these
 
+# %% ../nbs/dataset/15_synthetic.ipynb #6eedfe27
+def _rngs(seed:int, n_subjects:int)->tuple:
+    "(streams: film, text and sound, loadings, annotations, then one per subject; the opt-in parts' three; the shared signal's and drifts')."
+    seq = np.random.SeedSequence(seed)
+    streams = [np.random.default_rng(s) for s in seq.spawn(4 + n_subjects)]
+    opt = [np.random.default_rng(s) for s in seq.spawn(1)[0].spawn(3)]   # the opt-in parts: the streams above stay as they were
+    real = np.random.default_rng(seq.spawn(1)[0])                        # shared signal and drift, drawn only when asked for
+    return streams, opt, real
+
 # %% ../nbs/dataset/15_synthetic.ipynb #c9fb7b28
 def _vocabulary(nonlinear:bool)->tuple:
     "(factor names, factor modalities, ROI names, ROI seeds, the ROI label each factor drives) of a linear or a nonlinear study."
@@ -464,6 +473,12 @@ def _brain(shape, seeds, factor_roi, weak:float, rng, rng_weak)->tuple:
     if len(factor_roi) > len(FACTORS):  # the nonlinear factors: each on its own ROI
         loadings = np.concatenate([loadings, (roi[None] == factor_roi[len(FACTORS):, None]).astype(np.float32)])
     return mask, affine, roi, amp, loadings
+
+# %% ../nbs/dataset/15_synthetic.ipynb #699e208e
+def _plant_runs(film_factors, plan:list, loadings, amplitude, tr:float)->tuple:
+    "(factors, bold): per run of `plan` (from `run_plan`), its volumes' factors and planted BOLD."
+    scans = [scan_factors(film_factors, n_vol, offset, first) for n_vol, offset, first, _ in plan]
+    return ([f[-p[0]:] for f, p in zip(scans, plan)], [plant_bold(f, loadings, amplitude, tr)[-p[0]:] for f, p in zip(scans, plan)])
 
 # %% ../nbs/dataset/15_synthetic.ipynb #400ea0fd
 def _write_scans(nii:list, bold:list, rngs:list, real, mask, affine, tr:float, args:dict, on_subject):
@@ -534,22 +549,17 @@ def make_dataset(root, # the study folder to write (created if needed)
                                       float(args["fps"]), int(args["sample_rate"]))
     root, plan, nonlinear = Path(root), run_plan(n_trs, int(n_runs)), args["factors"] == "nonlinear"
     out, stale = _study_files(root, layout, n_subjects, plan, tr, overwrite)
-    seq = np.random.SeedSequence(seed)
-    streams = [np.random.default_rng(s) for s in seq.spawn(4 + n_subjects)]
-    opt = [np.random.default_rng(s) for s in seq.spawn(1)[0].spawn(3)]   # the opt-in parts: the streams above stay as they were
-    real = np.random.default_rng(seq.spawn(1)[0])                        # shared signal and drift, drawn only when asked for
+    streams, opt, real = _rngs(seed, n_subjects)
     n_film_trs = sum(p[3] for p in plan)
     n_frames = int(round((n_film_trs * tr + args["tail"]) * fps))
     bar = tqdm(total=n_subjects + -(-n_frames // _chunk_frames(args["size"])) + 2, desc="synthetic dataset", unit="step",
                mininterval=1.0, disable=no_bar(args["progress"]))
 
-    # stimulus factors on film time; the brain and its truth run by run (a run's BOLD starts from rest: no HRF carries over)
+    # stimulus factors on film time, then the brain and its truth run by run
     names, modality, roi_names, seeds, factor_roi = _vocabulary(nonlinear)
     stim = _stimulus(streams[0], streams[1], opt[0], out.runs, n_frames, n_film_trs, fps, tr, nonlinear)
     mask, affine, roi, amp, loadings = _brain(args["shape"], seeds, factor_roi, args["weak"], streams[2], opt[1])
-    scans = [scan_factors(stim["factors"], n_vol, offset, first) for n_vol, offset, first, _ in plan]
-    factors = [f[-p[0]:] for f, p in zip(scans, plan)]
-    bold = [plant_bold(f, loadings, amp, tr)[-p[0]:] for f, p in zip(scans, plan)]
+    factors, bold = _plant_runs(stim["factors"], plan, loadings, amp, tr)
     bar.update(1)
     _write_scans([r["nii"] for r in out.runs], bold, streams[4:], real, mask, affine, tr, args, lambda: bar.update(1))
     _write_annotations(out.annotations, streams[3], out.runs, stim["parts"], tr)
