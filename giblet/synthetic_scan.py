@@ -33,14 +33,14 @@ def smooth_field(rng, # numpy Generator
 # %% ../nbs/dataset/13_synthetic_scan.ipynb #59e4173d
 def scan_noise(rng, # numpy Generator
                n_trs:int, # TRs of the scan
-               n_vox:int, # brain voxels (the mask's)
+               n_voxels:int, # brain voxels (the mask's)
                mask, # (X, Y, Z) brain mask (nonzero = brain)
                affine, # (4, 4) voxel -> mm
                noise_ar:float, # AR(1) coefficient per TR
               )->np.ndarray: # float32 (n_trs, n_voxels)
     "Unit-variance noise of one scan: 70 % AR(1) in time, 30 % three slow nuisance sources on smooth maps."
     burn = 20
-    white = rng.standard_normal((n_trs + burn, n_vox), dtype=np.float32)
+    white = rng.standard_normal((n_trs + burn, n_voxels), dtype=np.float32)
     ar = lfilter(np.array([np.sqrt(1 - noise_ar ** 2)], np.float32), np.array([1.0, -noise_ar], np.float32), white, axis=0)
     noise = ar[burn:] * np.float32(np.sqrt(0.7))
     del white, ar
