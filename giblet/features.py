@@ -398,6 +398,13 @@ def _start_entry(folder:Path, key:dict, chunk_trs:int):
         for f in folder.glob("chunk-*.npy"): f.unlink(missing_ok=True)   # chunks of another layout
         _write_json(folder / "manifest.json", dict(key=key, chunk_trs=int(chunk_trs), complete=False))
 
+# %% ../nbs/features/18_features.ipynb #dae6316c
+def _chunks_left(path, rows, chunks:range, folder:Path)->list:
+    "The chunks of `chunks` still to compute: `path(c)` missing, unreadable or not `len(rows(c))` rows."
+    left = [c for c in chunks if _load_chunk(path(c), len(rows(c))) is None]
+    if len(left) < len(chunks): logger.info("%s: resuming; %d of this rank's chunks are already done", folder, len(chunks) - len(left))
+    return left
+
 # %% ../nbs/features/18_features.ipynb #a520ef5b
 def _finalize_once(folder:Path, key:dict, spec:StreamSpec, load_chunks, chunk_trs:int, wait:bool, timeout:float):
     "Join the chunks (`load_chunks()`, read under the lock) unless another job holds the folder's finalize lock: then wait for its result."
@@ -434,9 +441,7 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
     n_chunks = math.ceil(len(times) / chunk_trs)
     rows = lambda c: np.arange(c * chunk_trs, min(len(times), (c + 1) * chunk_trs))
     path = lambda c: folder / f"chunk-{c:05d}.npy"
-    mine = [c for c in range(rank, n_chunks, world) if _load_chunk(path(c), len(rows(c))) is None]
-    if len(mine) < len(range(rank, n_chunks, world)):
-        logger.info("%s: resuming; %d of this rank's chunks are already done", folder, len(range(rank, n_chunks, world)) - len(mine))
+    mine = _chunks_left(path, rows, range(rank, n_chunks, world), folder)
     if mine:
         bb, inputs = bb or load_backbone(spec, device, dtype), _Inputs(spec, source, times, tr)
         for c in tqdm(mine, desc=f"{spec.name} features", unit="chunk", disable=no_bar(progress)):
