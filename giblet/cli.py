@@ -25,7 +25,8 @@ from fastcore.script import Param, store_true
 from .dataset import default_cache_dir, verify_caches
 from .io import DiskFullError, FolderLockedError, atomic_write, no_bar
 from .synthetic_truth import truth_columns
-from .features import default_cache_dir as streams_cache_dir, verify_streams
+from .features import verify_streams
+from .streams import streams_folder
 from .training.config import TrainConfig, flat_options
 from .training.data import study_data
 from .training.distributed import DeviceUnavailable
@@ -236,7 +237,7 @@ def cache_main(verify:store_true=False, # also checksum every cache under --cach
                    streams={n: list(np.shape(a)) for n, a in (streams or {}).items()})
     if verify or only_verify:
         r = verify_caches(cfg.data.cache_dir, show_progress=cfg.run.progress)
-        s = verify_streams(Path(cfg.data.cache_dir) / "features" if cfg.data.cache_dir else streams_cache_dir())   # where `study_streams` puts them
+        s = verify_streams(streams_folder(cfg.data.cache_dir))
         out |= dict(verified=len(r["verified"]) + len(s["verified"]), removed=[str(p) for p in r["removed"] + s["removed"]],
                     unfinished=[str(p) for p in s["incomplete"]])
     return out

@@ -14,13 +14,13 @@ import torch
 from .alignment.sync import Aligned, run_part
 from .data.text import load_annotations
 from .dataset import Normaliser, StudyTensors
-from .features import load_streams, runs_from_aligned, stream_key
+from .features import default_cache_dir, load_streams, runs_from_aligned, stream_key
 from .study import StudySpec, parse_stream_spec
 from .study_plan import run_spec
 from .windows import words_from_annotations
 
 # %% auto #0
-__all__ = ['run_words', 'study_streams', 'StreamTensors']
+__all__ = ['run_words', 'streams_folder', 'study_streams', 'StreamTensors']
 
 # %% ../nbs/features/19_streams.ipynb #90d150c8
 def run_words(spec:StudySpec, # the study
@@ -36,6 +36,12 @@ def run_words(spec:StudySpec, # the study
     words["onset"] += start
     return words
 
+# %% ../nbs/features/19_streams.ipynb #fcf4e485
+def streams_folder(cache_dir:str|Path|None=None, # a run's cache root (None: the features' default, `giblet.features.default_cache_dir()`)
+                  )->Path:
+    "Where a run's feature streams are cached."
+    return Path(cache_dir) / "features" if cache_dir else default_cache_dir()
+
 # %% ../nbs/features/19_streams.ipynb #b1d99668
 def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each
                   spec:StudySpec, # the study
@@ -49,7 +55,7 @@ def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:op
     words = ([run_words(spec, i, r, al.tr, text_columns) for i, r in enumerate(spec.runs)]
              if any(s.kind == "text" for s in specs) else None)
     runs = runs_from_aligned(al, [spec.film_of(r) for r in spec.runs], [r.film_start for r in spec.runs], words)
-    out = load_streams(specs, runs, al.tr, None if cache_dir is None else Path(cache_dir) / "features", progress=progress)
+    out = load_streams(specs, runs, al.tr, streams_folder(cache_dir), progress=progress)
     bad = {n: a.shape for n, a in out.items() if a.shape[0] != al.n_trs}
     if bad: raise ValueError(f"feature streams {bad} do not cover the study's {al.n_trs} TRs")
     return out
