@@ -195,7 +195,8 @@ def _layout(frame, stream, size, fit:str, path)->tuple:
     return ((sw, sh) if k % 2 == 0 else (sh, sw)), k, (abs(sw - w) // 2, abs(sh - h) // 2), fit == "crop"
 
 # %% ../../nbs/data/03_data.video.ipynb #3ed609e7
-def _check_size(size)->tuple[int, int]:
+def _frame_size(size)->tuple[int, int]:
+    "A frame size given as (width, height), as two positive ints; anything else is refused."
     try: w, h = (int(v) for v in size)
     except (TypeError, ValueError): raise ValueError(f"size must be (width, height), got {size!r}") from None
     if w < 1 or h < 1 or (w, h) != tuple(size): raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
@@ -246,7 +247,7 @@ def video_to_frames(path, # path to a film PyAV can read
                     fit:str="crop", # a film of another aspect: "crop" (centre-crop) or "pad" (letter-box)
                    )->np.ndarray: # uint8 RGB frames, shape (n_trs, frames_per_tr, height, width, 3)
     "Decode the film at `path` into TR windows of RGB frames, placed by presentation timestamp."
-    width, height = _check_size(size)
+    width, height = _frame_size(size)
     tr_q, start_q = _check_decode_args(tr, start, fit, max_trs)
     container, stream = _open_video(path)
     with container:
@@ -457,7 +458,7 @@ def _moving_pattern(n_frames:int, # number of frames
                     first:int=0, # index of the first frame (to draw a long film in chunks)
                    )->np.ndarray: # uint8 (n_frames, height, width, 3)
     "A test film with moving structure: drifting colour grating, a moving disc and a sliding checkerboard."
-    w, h = _check_size(size)
+    w, h = _frame_size(size)
     xs, ys = np.arange(w, dtype=np.float32) / w, np.arange(h, dtype=np.float32) / w   # in units of the width
     base = 2 * np.pi * (5 * xs[None, :] + 3 * ys[:, None])
     sin_b, cos_b = np.sin(base), np.cos(base)     # the grating drifts: sin(base + p) = sin_b·cos p + cos_b·sin p
