@@ -147,6 +147,37 @@ PRESETS = {
                      frame_code=256, decoder_video_channels=(256, 128, 64, 32, 16), decoder_audio_channels=256),
 }
 
+# %% ../../nbs/models/21_models.encoder.ipynb #a2901913
+def _example_video(g:np.random.Generator, z:np.ndarray, K:int, H:int, W:int)->tuple:
+    "uint8 (B, K, F, H, W, 3) frames of a blob moving with factors 0-1 and coloured by 2-3 over a fixed sky, and its (B, K·F, H, W) mask."
+    B, n = z.shape[0], z.shape[-1]
+    yy, xx = np.mgrid[0:H, 0:W] / np.array([H, W])[:, None, None]
+    cx, cy = 0.5 + 0.3 * z[:, 0], 0.5 + 0.3 * z[:, 1]  # (B, K*F) blob centre
+    blob = np.exp(-((xx - cx[..., None, None]) ** 2 + (yy - cy[..., None, None]) ** 2) / 0.03)
+    colour = np.stack([0.5 + 0.4 * z[:, 2], 0.5 + 0.4 * z[:, 3], 0.9 - 0.4 * z[:, 2]], -1)  # (B, K*F, 3)
+    sky = np.stack([0.1 + 0.3 * yy, 0.2 + 0.2 * xx, 0.3 * np.ones_like(xx)], -1)  # a fixed background
+    vid = sky + blob[..., None] * colour[:, :, None, None] + 0.03 * g.standard_normal((B, n, H, W, 3))
+    return (np.clip(vid, 0, 1) * 255).astype(np.uint8).reshape(B, K, n // K, H, W, 3), blob
+
+# %% ../../nbs/models/21_models.encoder.ipynb #071ad40f
+def _example_audio(g:np.random.Generator, zt:np.ndarray, n_mels:int, mel_frames:int)->np.ndarray:
+    "float64 (B, K, n_mels, A) mel windows: a band whose pitch follows factor 2 and pulses over mel time, plus noise."
+    B, K = zt.shape[0], zt.shape[2]
+    bands = np.exp(-0.5 * ((np.arange(n_mels)[:, None] - n_mels * (0.5 + 0.3 * zt[:, 2, :, None, None])) / 3) ** 2)
+    return (2 * bands * (1 + np.sin(np.arange(mel_frames) * 0.9))[None, None, None] * 0.5 - 0.5
+            + 0.1 * g.standard_normal((B, K, n_mels, mel_frames)))
+
+# %% ../../nbs/models/21_models.encoder.ipynb #5ac8867a
+def _example_fmri(g:np.random.Generator, zt:np.ndarray, brightness:np.ndarray, cfg:ModelConfig, noise:float, truth_seed:int)->torch.Tensor:
+    "float32 (B, K, n_voxels) z-scored BOLD: the HRF response to the 4 factors and the blob's brightness (B, K), mixed by planted weights, plus noise."
+    from giblet.alignment.hrf import convolve_hrf  # imported here: nilearn loads only when it is needed
+    bold = convolve_hrf(np.concatenate([zt, (brightness * 10)[:, None]], 1), cfg.tr, axis=-1)  # (B, 5, K)
+    tg = np.random.default_rng(truth_seed)  # the planted voxel weights are the same for every batch
+    mix = tg.standard_normal((5, cfg.n_voxels)) * (tg.random(cfg.n_voxels) < 0.7)
+    y = np.einsum("bfk,fv->bkv", bold, mix)
+    y = y + noise * y.std() * g.standard_normal(y.shape)
+    return torch.from_numpy(((y - y.mean((0, 1))) / (y.std((0, 1)) + 1e-6)).astype(np.float32))
+
 # %% ../../nbs/models/21_models.encoder.ipynb #b0f98215
 def example_batch(cfg:ModelConfig, # sizes of the batch
                   batch_size:int=2, # B
@@ -157,23 +188,14 @@ def example_batch(cfg:ModelConfig, # sizes of the batch
                   truth_seed:int=0, # seed of the planted voxel weights (fixed across batches)
                  )->dict:
     "A random but structured batch per the batch contract (CPU tensors), driven by planted latent factors."
-    from giblet.alignment.hrf import convolve_hrf  # imported here: nilearn loads only when it is needed
     g = np.random.default_rng(seed)
     B, K, Fr, H, W = batch_size, cfg.context_trs, cfg.frames_per_tr, cfg.frame_height, cfg.frame_width
     t = np.arange(K * Fr) / Fr  # time in TRs, frame resolution
     ph = g.uniform(0, 2 * np.pi, (B, 4, 1)); fr = g.uniform(0.15, 0.5, (B, 4, 1))
     z = np.sin(fr * t + ph)  # (B, 4, K*F) smooth factors
-    yy, xx = np.mgrid[0:H, 0:W] / np.array([H, W])[:, None, None]
-    cx, cy = 0.5 + 0.3 * z[:, 0], 0.5 + 0.3 * z[:, 1]  # (B, K*F) blob centre
-    blob = np.exp(-((xx - cx[..., None, None]) ** 2 + (yy - cy[..., None, None]) ** 2) / 0.03)
-    colour = np.stack([0.5 + 0.4 * z[:, 2], 0.5 + 0.4 * z[:, 3], 0.9 - 0.4 * z[:, 2]], -1)  # (B, K*F, 3)
-    sky = np.stack([0.1 + 0.3 * yy, 0.2 + 0.2 * xx, 0.3 * np.ones_like(xx)], -1)  # a fixed background
-    vid = sky + blob[..., None] * colour[:, :, None, None] + 0.03 * g.standard_normal((B, K * Fr, H, W, 3))
-    video = (np.clip(vid, 0, 1) * 255).astype(np.uint8).reshape(B, K, Fr, H, W, 3)
+    video, blob = _example_video(g, z, K, H, W)
     zt = z.reshape(B, 4, K, Fr).mean(-1)  # (B, 4, K) factors per TR
-    bands = np.exp(-0.5 * ((np.arange(cfg.n_mels)[:, None] - cfg.n_mels * (0.5 + 0.3 * zt[:, 2, :, None, None])) / 3) ** 2)
-    audio = (2 * bands * (1 + np.sin(np.arange(cfg.mel_frames) * 0.9))[None, None, None] * 0.5 - 0.5
-             + 0.1 * g.standard_normal((B, K, cfg.n_mels, cfg.mel_frames)))
+    audio = _example_audio(g, zt, cfg.n_mels, cfg.mel_frames)
     bank = g.standard_normal((3, cfg.text_dim)); bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     scene = (zt[:, 3] > 0).astype(int) + (zt[:, 3] > 0.6)
     has_text = zt[:, 3] > -0.5
@@ -182,14 +204,7 @@ def example_batch(cfg:ModelConfig, # sizes of the batch
                text=torch.from_numpy(text.astype(np.float32)), has_text=torch.from_numpy(has_text),
                trs=torch.arange(K).repeat(B, 1) + torch.from_numpy(g.integers(0, 500, (B, 1))),
                subject=(torch.arange(B) % (cfg.n_subjects + 1)) - 1 if subjects else torch.full((B,), -1))
-    if fmri:
-        drive = np.concatenate([zt, (blob.reshape(B, K, Fr, -1).mean((2, 3)) * 10)[:, None]], 1)  # (B, 5, K)
-        bold = convolve_hrf(drive, cfg.tr, axis=-1)
-        tg = np.random.default_rng(truth_seed)  # the planted voxel weights are the same for every batch
-        mix = tg.standard_normal((5, cfg.n_voxels)) * (tg.random(cfg.n_voxels) < 0.7)
-        y = np.einsum("bfk,fv->bkv", bold, mix)
-        y = y + noise * y.std() * g.standard_normal(y.shape)
-        out["fmri"] = torch.from_numpy(((y - y.mean((0, 1))) / (y.std((0, 1)) + 1e-6)).astype(np.float32))
+    if fmri: out["fmri"] = _example_fmri(g, zt, blob.reshape(B, K, Fr, -1).mean((2, 3)), cfg, noise, truth_seed)
     for i, (name, d) in enumerate(cfg.stream_dims.items()):   # streams: noisy random mixtures of the per-TR factors
         w = np.random.default_rng([truth_seed, 1, i]).standard_normal((4, d))
         noise_s = np.random.default_rng([seed, 1, i]).standard_normal((B, K, d))
@@ -378,6 +393,27 @@ def check_modalities(batch:dict, # a batch per the batch contract
     if missing: raise ValueError(f"modalities {missing} were asked for but the batch has no such key")
     return tuple(modalities)
 
+# %% ../../nbs/models/21_models.encoder.ipynb #5434e7d5
+def _stream_input(batch:dict, key:str, width:int, B:int, K:int, device)->torch.Tensor:
+    "`batch[key]` on `device`, refused unless it is (B, K, width)."
+    x = batch[key].to(device, non_blocking=True)
+    if x.shape[:2] != (B, K) or x.shape[-1] != width:
+        raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}; the model expects ({B}, {K}, {width})")
+    return x
+
+# %% ../../nbs/models/21_models.encoder.ipynb #9abba98e
+def _encoded_inputs(enc:nn.Module, batch:dict, mods:Sequence[str], B:int, K:int)->dict:
+    "Modality or stream key -> (B, K, dim) features of the `mods` to use, by the per-modality encoders of the `StimulusEncoder` `enc`."
+    dev = enc.head.basis.weight.device
+    get = lambda k: batch[k].to(dev, non_blocking=True)
+    feats = {}
+    if "video" in mods: feats["video"] = enc.video(get("video"))
+    if "audio" in mods: feats["audio"] = enc.audio(get("audio"))
+    if "text" in mods: feats["text"] = enc.text(get("text"), get("has_text") if batch.get("has_text") is not None else None)
+    for name, key in zip(enc.cfg.stream_dims, enc.cfg.stream_keys):
+        if key in mods: feats[key] = _stream_input(batch, key, enc.cfg.stream_dims[name], B, K, dev).to(enc.fusion.proj[key][0].weight.dtype)
+    return feats
+
 # %% ../../nbs/models/21_models.encoder.ipynb #cd0e2719
 class StimulusEncoder(nn.Module):
     "Stimulus window -> brain layer (predicted z-scored BOLD, (B, K, n_voxels))."
@@ -397,21 +433,77 @@ class StimulusEncoder(nn.Module):
                )->torch.Tensor: # (B, K, n_voxels)
         mods = check_modalities(batch, modalities, self.cfg.stream_keys, self.cfg.modalities)
         B, K = batch_size_and_k(batch)
-        dev = self.head.basis.weight.device
-        get = lambda k: batch[k].to(dev, non_blocking=True)
-        feats = {}
-        if "video" in mods: feats["video"] = self.video(get("video"))
-        if "audio" in mods: feats["audio"] = self.audio(get("audio"))
-        if "text" in mods: feats["text"] = self.text(get("text"), get("has_text") if batch.get("has_text") is not None else None)
-        for name, key in zip(self.cfg.stream_dims, self.cfg.stream_keys):
-            if key not in mods: continue
-            x = get(key)
-            if x.shape[:2] != (B, K) or x.shape[-1] != self.cfg.stream_dims[name]:
-                raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}; the model expects ({B}, {K}, {self.cfg.stream_dims[name]})")
-            feats[key] = x.to(self.fusion.proj[key][0].weight.dtype)
-        h = self.temporal(self.mlp(self.fusion(feats, B, K)))
+        h = self.temporal(self.mlp(self.fusion(_encoded_inputs(self, batch, mods, B, K), B, K)))
         out = self.head(h, batch.get("subject"))
         return out if self.linear is None else out + self.linear(batch, mods).to(out.dtype)
+
+# %% ../../nbs/models/21_models.encoder.ipynb #566b05d2
+def _linear_sizes(cfg:ModelConfig)->dict:
+    "Band -> width of the linear path's raw features: 4 per grid cell for video (colour, motion), 2 per mel band, the text's and streams' own."
+    gw, gh = cfg.linear_grid
+    sizes = dict(video=4 * gw * gh, audio=2 * cfg.n_mels, text=cfg.text_dim)
+    out = {m: sizes[m] for m in MODALITIES if m in cfg.linear_modalities and m in cfg.modalities}
+    return out | dict(zip(cfg.stream_keys, cfg.stream_dims.values()))   # a feature stream is read as it is
+
+# %% ../../nbs/models/21_models.encoder.ipynb #9742f0af
+def _video_cheap(video:torch.Tensor, grid:tuple)->torch.Tensor:
+    "float32 (B, K, 4·h·w): each TR's mean colour (3 channels) and motion energy, averaged over the cells of a (h, w) grid."
+    B, K = video.shape[:2]
+    v = video.flatten(0, 1).float().mul_(1 / 255)                               # (BK, F, H, W, 3)
+    colour = F.adaptive_avg_pool2d(v.mean(1).permute(0, 3, 1, 2), grid).flatten(1)
+    grey = v.mean(-1)
+    diff = (grey[:, 1:] - grey[:, :-1]).abs().mean(1, keepdim=True) if grey.shape[1] > 1 else torch.zeros_like(grey[:, :1])
+    return torch.cat([colour, F.adaptive_avg_pool2d(diff, grid).flatten(1)], 1).reshape(B, K, -1)
+
+# %% ../../nbs/models/21_models.encoder.ipynb #18f161b7
+def _cheap_features(band:str, x:torch.Tensor, grid:tuple)->torch.Tensor:
+    "One band's raw features (B, K, width) from its batch tensor: video colour and motion grids, mel means and stds, else `x` as float."
+    if band == "video": return _video_cheap(x, grid)
+    if band == "audio": x = x.float(); return torch.cat([x.mean(-1), x.std(-1, correction=0)], -1)
+    return x.float()
+
+# %% ../../nbs/models/21_models.encoder.ipynb #2a2d9052
+def _feature_scale(rows)->tuple:
+    "(mean, std) over every row of an iterable of float64 (n, p) tensors; a constant feature gets std 1."
+    s = ss = n = 0
+    for x in rows: s, ss, n = s + x.sum(0), ss + (x * x).sum(0), n + len(x)
+    if not n: raise ValueError("LinearPath.fit_scale: no training TRs were given")
+    mean = s / n; std = (ss / n - mean ** 2).clamp_min(0).sqrt()
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+# %% ../../nbs/models/21_models.encoder.ipynb #179af030
+def _absent(band:str, mods, batch:dict)->bool:
+    "Whether `band` is left out: not among `mods`, or not in the batch."
+    return band not in mods or batch.get(band) is None
+
+# %% ../../nbs/models/21_models.encoder.ipynb #dfff5b69
+def _raw_features(batch:dict, bands:dict, mods, grid:tuple, device)->torch.Tensor:
+    "float32 (B, K, p): the raw features of `bands` (band -> width) side by side on `device`, zeros for an absent band."
+    B, K = batch_size_and_k(batch)
+    out = []
+    for m in bands:
+        if _absent(m, mods, batch): out.append(torch.zeros(B, K, bands[m], device=device)); continue
+        out.append(_cheap_features(m, batch[m].to(device, non_blocking=True), grid))
+    return torch.cat(out, -1)
+
+# %% ../../nbs/models/21_models.encoder.ipynb #849e2d1c
+def _standardised(x:torch.Tensor, mean:torch.Tensor, std:torch.Tensor, bands:dict, mods, batch:dict)->torch.Tensor:
+    "(x - mean) / std over the last axis, with each absent band's columns at 0: its training mean."
+    z = (x - mean) / std
+    for a, m in zip(np.cumsum([0, *bands.values()]), bands):
+        if _absent(m, mods, batch): z[..., a:a + bands[m]] = 0
+    return z
+
+# %% ../../nbs/models/21_models.encoder.ipynb #a0cee3bd
+def _linear_readout(cfg:ModelConfig, p:int)->tuple:
+    "(fir, basis): the causal FIR of the p features into n_voxels (or `linear_rank`, then `basis` into n_voxels, else None), last layer zero."
+    lags = math.ceil(cfg.linear_delay / cfg.tr - 1e-9) + 1   # delays 0 .. linear_delay seconds
+    r = cfg.linear_rank
+    fir = TemporalConv(p, lags, cfg.tr, "causal", "fir" if cfg.linear_basis == "fir" else cfg.hrf_basis, out=r or cfg.n_voxels)
+    basis = nn.Linear(r, cfg.n_voxels) if r else None   # a low-rank read-out: features -> rank -> voxels
+    last = basis or fir.mix
+    nn.init.zeros_(last.weight); nn.init.zeros_(last.bias)
+    return fir, basis
 
 # %% ../../nbs/models/21_models.encoder.ipynb #b1e7a0c2
 class LinearPath(nn.Module):
@@ -420,61 +512,31 @@ class LinearPath(nn.Module):
                 ):
         super().__init__()
         gw, gh = cfg.linear_grid
-        sizes = dict(video=4 * gw * gh, audio=2 * cfg.n_mels, text=cfg.text_dim)
-        self.grid, self.sizes = (gh, gw), {m: sizes[m] for m in MODALITIES if m in cfg.linear_modalities and m in cfg.modalities}
-        self.sizes |= dict(zip(cfg.stream_keys, cfg.stream_dims.values()))   # a feature stream is read as it is
+        self.grid, self.sizes = (gh, gw), _linear_sizes(cfg)
         p = sum(self.sizes.values())
         self.register_buffer("mean", torch.zeros(p)); self.register_buffer("std", torch.ones(p))
-        lags = math.ceil(cfg.linear_delay / cfg.tr - 1e-9) + 1   # delays 0 .. linear_delay seconds
-        r = cfg.linear_rank
-        self.fir = TemporalConv(p, lags, cfg.tr, "causal", "fir" if cfg.linear_basis == "fir" else cfg.hrf_basis, out=r or cfg.n_voxels)
-        self.basis = nn.Linear(r, cfg.n_voxels) if r else None   # a low-rank read-out: features -> rank -> voxels
-        last = self.basis or self.fir.mix
-        nn.init.zeros_(last.weight); nn.init.zeros_(last.bias)
+        self.fir, self.basis = _linear_readout(cfg, p)
 
     def raw(self, batch:dict, # per the batch contract
             mods:Sequence[str]|None=None, # modalities (and stream keys) present, the others get zeros; None: all the batch holds
            )->torch.Tensor: # float32 (B, K, p) unstandardised features
         "The cheap features of every TR, as the ridge baseline's `stimulus_features` computes them, on a coarser grid."
-        mods = self.sizes if mods is None else mods
-        B, K = batch_size_and_k(batch)
-        dev = self.mean.device
-        out = []
-        for m in self.sizes:
-            if m not in mods or batch.get(m) is None: out.append(torch.zeros(B, K, self.sizes[m], device=dev)); continue
-            x = batch[m].to(dev, non_blocking=True)
-            if m == "video":
-                v = x.flatten(0, 1).float().mul_(1 / 255)                               # (BK, F, H, W, 3)
-                colour = F.adaptive_avg_pool2d(v.mean(1).permute(0, 3, 1, 2), self.grid).flatten(1)
-                grey = v.mean(-1)
-                diff = (grey[:, 1:] - grey[:, :-1]).abs().mean(1, keepdim=True) if grey.shape[1] > 1 else torch.zeros_like(grey[:, :1])
-                out.append(torch.cat([colour, F.adaptive_avg_pool2d(diff, self.grid).flatten(1)], 1).reshape(B, K, -1))
-            elif m == "audio": x = x.float(); out.append(torch.cat([x.mean(-1), x.std(-1, correction=0)], -1))
-            else: out.append(x.float())
-        return torch.cat(out, -1)
+        return _raw_features(batch, self.sizes, self.sizes if mods is None else mods, self.grid, self.mean.device)
 
     @torch.no_grad()
     def fit_scale(self, batches, # iterable of batches (windows of any length) from the training block only
                  ):
         "Set the features' mean and std from training batches; a constant feature keeps std 1."
-        s = ss = n = 0
-        for b in batches:
-            x = self.raw(b).double().flatten(0, 1)
-            s, ss, n = s + x.sum(0), ss + (x * x).sum(0), n + len(x)
-        if not n: raise ValueError("LinearPath.fit_scale: no training TRs were given")
-        mean = s / n; std = (ss / n - mean ** 2).clamp_min(0).sqrt()
-        self.mean.copy_(mean); self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        mean, std = _feature_scale(self.raw(b).double().flatten(0, 1) for b in batches)
+        self.mean.copy_(mean); self.std.copy_(std)
 
     def design(self, batch:dict, # per the batch contract
                mods:Sequence[str]|None=None, # modalities (and stream keys) to use, the others at their training mean; None: all the batch holds
               )->torch.Tensor: # (B, K, p * hrf_basis) what the read-out weighs: each standardised feature through each HRF kernel
         "The FIR's basis outputs of the standardised features: the design matrix of the linear path's read-out."
         mods = self.sizes if mods is None else mods
-        z = (self.raw(batch, mods) - self.mean) / self.std
-        for a, m in zip(np.cumsum([0, *self.sizes.values()]), self.sizes):   # an absent modality sits at its training mean
-            if m not in mods or batch.get(m) is None: z[..., a:a + self.sizes[m]] = 0
-        k = self.fir.kernel - 1
-        return self.fir.conv(F.pad(z.to(self.fir.mix.weight.dtype).transpose(1, 2), (k, 0))).transpose(1, 2)
+        z = _standardised(self.raw(batch, mods), self.mean, self.std, self.sizes, mods, batch)
+        return self.fir.filtered(z.to(self.fir.mix.weight.dtype))
 
     def forward(self, batch:dict, # per the batch contract
                 mods:Sequence[str]|None=None, # modalities (and stream keys) to use, the others at their training mean; None: all the batch holds

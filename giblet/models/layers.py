@@ -73,12 +73,16 @@ class TemporalConv(nn.Module):
         else: w[:, kernel - 1:] = h  # tap kernel-1+j reads t + j; the past half starts at 0
         with torch.no_grad(): self.conv.weight.copy_(w.repeat(d, 1).unsqueeze(1))
 
-    def forward(self, x:torch.Tensor, # (B, K, d)
-               )->torch.Tensor: # (B, K, out)
+    def filtered(self, x:torch.Tensor, # (B, K, d)
+                )->torch.Tensor: # (B, K, d * basis), each channel's kernel outputs side by side
+        "Each channel through each of its kernels, before the mix."
         k = self.kernel - 1
         pad = {"causal": (k, 0), "anticausal": (0, k), "both": (k, k)}[self.direction]
-        y = self.conv(F.pad(x.transpose(1, 2), pad))
-        return self.mix(y.transpose(1, 2))
+        return self.conv(F.pad(x.transpose(1, 2), pad)).transpose(1, 2)
+
+    def forward(self, x:torch.Tensor, # (B, K, d)
+               )->torch.Tensor: # (B, K, out)
+        return self.mix(self.filtered(x))
 
 # %% ../../nbs/models/20_models.layers.ipynb #4992872b
 class TemporalTransformer(nn.Module):
