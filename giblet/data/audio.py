@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.io import wavfile
 
-from .video import decode_stream
+from .video import check_waveform, decode_stream
 from ..io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -162,23 +162,13 @@ def _resample(wave:np.ndarray, rate:int, sr:int) -> np.ndarray:
     res = np.concatenate(out) if out else np.zeros(0, np.float32)
     return res[:round(len(wave) * sr / rate)]
 
-# %% ../../nbs/data/04_data.audio.ipynb #2d4c696f
-def _waveform_array(x, name:str) -> np.ndarray:
-    "`x` (numpy or torch) as an array, refused unless it is (n_samples,) or (n_channels, n_samples), float and finite."
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim not in (1, 2) or a.shape[-1] == 0:
-        raise ValueError(f"{name} must be (n_samples,) or (n_channels, n_samples), got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating): raise ValueError(f"{name} must be float in [-1, 1], got {a.dtype}")
-    if not np.isfinite(a).all(): raise ValueError(f"{name} holds NaN or infinite samples")
-    return a
-
 # %% ../../nbs/data/04_data.audio.ipynb #33cb5ebd
 def _as_waveform(x, sample_rate, sr) -> np.ndarray:
     "Check a waveform array, average its channels and resample it to `sr`."
     if sample_rate is None:
         raise ValueError("a waveform array needs its sample_rate (Hz); it is resampled to sr when they differ")
     if sample_rate <= 0: raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    a = _waveform_array(x, "a waveform").astype(np.float32)
+    a = check_waveform(x, "a waveform").astype(np.float32)
     if a.ndim == 2: a = a.mean(0)
     if int(sample_rate) != sr: logger.info("resampling a waveform from %d Hz to %d Hz", sample_rate, sr)
     return _resample(a, int(sample_rate), sr)
@@ -359,7 +349,7 @@ def write_wav(path:str|Path, # destination .wav file (its folder is created)
              )->Path: # the written path
     "Write a float waveform as 16-bit PCM WAV, atomically."
     path = Path(path)
-    a = _waveform_array(waveform, f"{path}: the waveform")
+    a = check_waveform(waveform, f"{path}: the waveform")
     if sr <= 0: raise ValueError(f"{path}: sample rate must be positive, got {sr}")
     over = int((np.abs(a) > 1).sum())
     if over: logger.warning("%s: %d samples (%.3f%%) beyond [-1, 1] clipped", path, over, 100 * over / a.size)

@@ -9,7 +9,6 @@ import logging
 import math
 import itertools
 import os
-import uuid
 from functools import lru_cache
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
+from ..io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FITS', 'decode_stream', 'VideoInfo', 'video_info', 'frames_per_tr', 'video_to_frames', 'frames_to_video',
-           'psnr']
+__all__ = ['logger', 'FITS', 'decode_stream', 'VideoInfo', 'video_info', 'frames_per_tr', 'video_to_frames', 'check_waveform',
+           'frames_to_video', 'psnr']
 
 # %% ../../nbs/data/03_data.video.ipynb #0f049f2b
 _NOT_FILMS = {"tty": "a text file", "image2": "a still image", "lavfi": "a filter graph"}  # formats PyAV opens that are no film
@@ -338,22 +339,30 @@ def _frames_iter(frames, path):
         shape = frame.shape
         yield frame
 
+# %% ../../nbs/data/03_data.video.ipynb #6217ec17
+def check_waveform(x, # a waveform, numpy or torch (on any device)
+                   name:str="the waveform", # how errors name it, e.g. "film.mp4: the audio"
+                  )->np.ndarray: # the samples as a numpy array, (n_samples,) or (n_channels, n_samples)
+    "`x` as an array, refused unless it is (n_samples,) or (n_channels, n_samples), float and finite."
+    a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if a.ndim not in (1, 2) or a.shape[-1] == 0:
+        raise ValueError(f"{name} must be (n_samples,) or (n_channels, n_samples), got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating): raise ValueError(f"{name} must be float in [-1, 1], got {a.dtype}")
+    if not np.isfinite(a).all(): raise ValueError(f"{name} holds NaN or infinite samples")
+    return a
+
 # %% ../../nbs/data/03_data.video.ipynb #1c545e1e
 _AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 
 # %% ../../nbs/data/03_data.video.ipynb #71153149
 def _check_audio(audio, sample_rate, path):
     "The waveform as float32 (channels, n) and the sample rate, or a clear error."
-    audio = np.asarray(audio)
-    if not np.issubdtype(audio.dtype, np.floating): raise ValueError(f"{path}: audio must be a float waveform, got dtype {audio.dtype}")
+    audio = check_waveform(audio, f"{path}: the audio")
     if audio.ndim == 1: audio = audio[None]
-    if audio.ndim != 2 or audio.shape[0] not in (1, 2) or audio.shape[1] == 0:
-        raise ValueError(f"{path}: audio must have shape (n_samples,) or (n_channels, n_samples) with 1 or 2 channels, "
-                         f"got {np.shape(audio)}")
+    if audio.shape[0] not in (1, 2): raise ValueError(f"{path}: the audio must have 1 or 2 channels, got shape {audio.shape}")
     if sample_rate is None or int(sample_rate) != sample_rate or int(sample_rate) not in _AAC_RATES:
         raise ValueError(f"{path}: sample_rate must be one of the AAC rates {_AAC_RATES}, got {sample_rate!r}")
-    if not np.isfinite(audio).all() or np.abs(audio).max() > 1:
-        raise ValueError(f"{path}: audio must be finite and within [-1, 1] (max |x| = {np.abs(audio).max()})")
+    if np.abs(audio).max() > 1: raise ValueError(f"{path}: the audio must be within [-1, 1] (max |x| = {np.abs(audio).max()})")
     return np.ascontiguousarray(audio, np.float32), int(sample_rate)
 
 # %% ../../nbs/data/03_data.video.ipynb #1e07d9c4
@@ -381,6 +390,35 @@ def _send_audio(out, ast, audio:np.ndarray, sample_rate:int, n_sent:int, upto:in
     out.mux(ast.encode(af))
     return upto
 
+# %% ../../nbs/data/03_data.video.ipynb #661d0761
+def _encode_film(tmp:Path, first:np.ndarray, rest, rate:Fraction, crf:int, audio, sample_rate, path)->tuple:
+    "Encode `first` and the `rest` of the RGB frames into `tmp` as H.264 (odd sizes padded), `audio` muxed as AAC: (frames, audio samples) written."
+    h, w = first.shape[:2]
+    pad_h, pad_w = h % 2, w % 2
+    if pad_h or pad_w: logger.info("%s: padding %dx%d frames to %dx%d (4:2:0 needs even sizes)", path, w, h, w + pad_w, h + pad_h)
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        vs = _add_video_stream(out, rate, w + pad_w, h + pad_h, crf)
+        if audio is not None:
+            ast = out.add_stream("aac", rate=sample_rate, layout="mono" if len(audio) == 1 else "stereo")
+            ast.bit_rate = 96_000 * len(audio)
+        n_sent = 0                               # audio samples encoded so far
+
+        to_yuv = VideoReformatter()   # one converter for the whole film, not one per frame
+        for k, img in enumerate(itertools.chain([first], rest)):
+            if pad_h or pad_w: img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            vf = to_yuv.reformat(vf, format="yuv420p", interpolation=_TO_YUV)
+            vf.pts = k
+            out.mux(vs.encode(vf))
+            if audio is not None: n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, math.floor((k + 1) / rate * sample_rate))
+        out.mux(vs.encode())
+        if audio is not None:
+            n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, audio.shape[1])
+            out.mux(ast.encode())
+            gap = audio.shape[1] / sample_rate - (k + 1) / rate
+            if abs(gap) > 1 / rate: logger.info("%s: the audio is %+.3f s longer than the video", path, gap)
+    return k + 1, n_sent
+
 # %% ../../nbs/data/03_data.video.ipynb #16a645f1
 def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_per_tr, H, W, 3) in time order, or an iterable of (H, W, 3) frames
                     path, # output film (.mp4 or .m4v)
@@ -399,38 +437,9 @@ def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_p
     it = _frames_iter(frames, path)
     first = next(it, None)
     if first is None: raise ValueError(f"{path}: no frames to write")
-    h, w = first.shape[:2]
-    pad_h, pad_w = h % 2, w % 2
-    if pad_h or pad_w: logger.info("%s: padding %dx%d frames to %dx%d (4:2:0 needs even sizes)", path, w, h, w + pad_w, h + pad_h)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.part"   # same folder, so os.replace is atomic
-    try:
-        with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            vs = _add_video_stream(out, rate, w + pad_w, h + pad_h, crf)
-            if audio is not None:
-                ast = out.add_stream("aac", rate=sample_rate, layout="mono" if len(audio) == 1 else "stereo")
-                ast.bit_rate = 96_000 * len(audio)
-            n_sent = 0                               # audio samples encoded so far
-
-            to_yuv = VideoReformatter()   # one converter for the whole film, not one per frame
-            for k, img in enumerate(itertools.chain([first], it)):
-                if pad_h or pad_w: img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-                vf = to_yuv.reformat(vf, format="yuv420p", interpolation=_TO_YUV)
-                vf.pts = k
-                out.mux(vs.encode(vf))
-                if audio is not None: n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, math.floor((k + 1) / rate * sample_rate))
-            out.mux(vs.encode())
-            if audio is not None:
-                n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, audio.shape[1])
-                out.mux(ast.encode())
-                gap = audio.shape[1] / sample_rate - (k + 1) / rate
-                if abs(gap) > 1 / rate: logger.info("%s: the audio is %+.3f s longer than the video", path, gap)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.debug("%s: wrote %d frames at %s fps%s", path, k + 1, rate, "" if audio is None else f" with {n_sent} audio samples")
+    done = []   # (frames, audio samples) written
+    atomic_write(path, lambda tmp: done.extend(_encode_film(tmp, first, it, rate, crf, audio, sample_rate, path)), as_path=True)
+    logger.debug("%s: wrote %d frames at %s fps%s", path, done[0], rate, "" if audio is None else f" with {done[1]} audio samples")
     return path
 
 # %% ../../nbs/data/03_data.video.ipynb #beba8e8b
