@@ -238,6 +238,50 @@ def _fit_into(img:np.ndarray, dest:np.ndarray, layout:tuple)->None:
     elif crop: dest[...] = img[y0:y0 + height, x0:x0 + width]
     else: dest[...] = 0; dest[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
 
+# %% ../../nbs/data/03_data.video.ipynb #0babc9aa
+class _ToRgb:
+    "Convert decoded frames into uint8 RGB pictures of `size` (width, height), turned upright and cropped or padded per `fit`."
+    def __init__(self, stream, size:tuple, fit:str, path):
+        self.stream, self.size, self.fit, self.path = stream, size, fit, path
+        self.to_rgb, self.layout, self.n = VideoReformatter(), None, 0   # one scaler for the whole decode, not one per frame
+
+    def __call__(self, frame, dest:np.ndarray):
+        if self.layout is None: self.layout = _layout(frame, self.stream, self.size, self.fit, self.path)   # rotation and size
+        pw, ph = self.layout[0]
+        img = self.to_rgb.reformat(frame, width=pw, height=ph, format="rgb24", interpolation=_TO_RGB).to_ndarray()
+        _fit_into(img, dest, self.layout)
+        self.n += 1
+
+# %% ../../nbs/data/03_data.video.ipynb #c4149ec6
+def _fill_window(window:np.ndarray, j:int, prev, convert, i:int, lo, hi, path)->int:
+    "Fill samples `j:` of window `i` (`[lo, hi)` s): repeat its last sample, or with none convert `prev`, the frame on screen. 1 if any was missing."
+    if j == len(window): return 0
+    if j == 0:
+        if prev is None: raise ValueError(f"{path}: no video frame before {float(hi):.3f} s; the video starts late")
+        logger.warning("%s: no frame in TR window %d [%.3f, %.3f) s; repeating the frame on screen", path, i, lo, hi)
+        convert(prev, window[0]); j = 1
+    window[j:] = window[j - 1]
+    return 1
+
+# %% ../../nbs/data/03_data.video.ipynb #f5948ddf
+def _sample_frame(frame, t, window:np.ndarray, j:int, anchor, lo, step, slack, convert)->tuple:
+    "Put `frame` (at `t` s) into samples `j, j+1, ..` of `window` (from `lo` s) that it has reached: (next sample, sample 0's time)."
+    converted = False
+    while t >= lo and j < len(window) and t >= (lo if j == 0 else anchor + j * step - slack):
+        if converted: window[j] = window[j - 1]   # a gap: this frame also serves the next sample
+        else: convert(frame, window[j]); converted = True
+        if j == 0: anchor = t
+        j += 1
+    return j, anchor
+
+# %% ../../nbs/data/03_data.video.ipynb #5925ef1a
+def _kept_windows(out:np.ndarray, n_trs:int, max_trs, tr_q:Fraction, start_q:Fraction, path)->np.ndarray:
+    "The first `n_trs` windows of `out` (copied when that frees over a tenth of it); fewer than `max_trs` (or none) is an error."
+    if n_trs < (max_trs or 1):
+        raise ValueError(f"{path}: decoded {n_trs} complete TR windows of {float(tr_q)} s after start={float(start_q)} s, "
+                         f"fewer than the {max_trs or 1} requested")
+    return out[:n_trs] if n_trs > 0.9 * len(out) else out[:n_trs].copy()
+
 # %% ../../nbs/data/03_data.video.ipynb #5d7509de
 def video_to_frames(path, # path to a film PyAV can read
                     tr=1.5, # repetition time (TR window length) in seconds
@@ -259,33 +303,14 @@ def video_to_frames(path, # path to a film PyAV can read
         cap = _window_capacity(_stream_duration(container, stream), start_q, tr_q, max_trs, path)
         out = np.empty((cap, n_keep, height, width, 3), np.uint8)
 
-        to_rgb = VideoReformatter()   # one scaler for the whole decode, not one per frame
-        layout = None                 # found on the first frame: its rotation and size
-        def convert(frame, dest):
-            nonlocal layout
-            if layout is None: layout = _layout(frame, stream, (width, height), fit, path)
-            pw, ph = layout[0]
-            img = to_rgb.reformat(frame, width=pw, height=ph, format="rgb24", interpolation=_TO_RGB).to_ndarray()
-            _fit_into(img, dest, layout)
+        convert = _ToRgb(stream, (width, height), fit, path)
 
         stream.thread_type = "AUTO"
         if start_q > 0: container.seek(math.floor((start_q + t_zero) / tb), stream=stream, backward=True)
         i, j, anchor = 0, 0, None           # current window, its next sample, the timestamp of its sample 0
         lo, hi = start_q, start_q + tr_q    # current window bounds
         prev, last_t, last_dur = None, None, Fraction(1) / fps
-        n_converted = n_short = 0
-
-        def close_window():                 # fill the samples window i has no frame for
-            nonlocal n_converted, n_short
-            if j == n_keep: return
-            n_short += 1
-            first = j
-            if j == 0:
-                if prev is None: raise ValueError(f"{path}: no video frame before {float(hi):.3f} s; the video starts late")
-                logger.warning("%s: no frame in TR window %d [%.3f, %.3f) s; repeating the frame on screen",
-                               path, i, lo, hi)
-                convert(prev, out[i, 0]); n_converted += 1; first = 1
-            out[i, first:] = out[i, first - 1]
+        n_short = 0                         # windows filled by repetition
 
         for frame in decode_stream(container, stream, path, t_zero):
             if frame.pts is None: raise ValueError(f"{path}: a decoded frame has no presentation timestamp")
@@ -295,29 +320,20 @@ def video_to_frames(path, # path to a film PyAV can read
                 continue
             last_t, last_dur = t, (frame.duration * tb if frame.duration else Fraction(1) / fps)
             while t >= hi:                  # this frame lies past window i, which is therefore complete
-                close_window()
+                n_short += _fill_window(out[i], j, prev, convert, i, lo, hi, path)
                 i, j, anchor, lo, hi = i + 1, 0, None, hi, start_q + (i + 2) * tr_q
                 if i == max_trs: break
                 if i == cap:                # the metadata under-stated the length: grow (rare)
                     cap, out = 2 * cap, np.concatenate([out, np.empty_like(out)])
             if i == max_trs: break
-            converted = False
-            while t >= lo and j < n_keep and t >= (lo if j == 0 else anchor + j * step - slack):
-                if converted: out[i, j] = out[i, j - 1]   # a gap: this frame also serves the next sample
-                else: convert(frame, out[i, j]); n_converted += 1; converted = True
-                if j == 0: anchor = t
-                j += 1
+            j, anchor = _sample_frame(frame, t, out[i], j, anchor, lo, step, slack, convert)
             prev = frame
         else:                               # end of film: the current window counts if the film covers it
             if last_t is not None and last_t + last_dur >= hi:
-                close_window(); i += 1
-    n_trs = i
-    if n_trs < (max_trs or 1):
-        raise ValueError(f"{path}: decoded {n_trs} complete TR windows of {float(tr_q)} s after start={float(start_q)} s, "
-                         f"fewer than the {max_trs or 1} requested")
-    logger.debug("%s: %d TRs x %d frames, %d frames converted, %d windows filled by repetition",
-                 path, n_trs, n_keep, n_converted, n_short)
-    return out[:n_trs] if n_trs > 0.9 * len(out) else out[:n_trs].copy()
+                n_short += _fill_window(out[i], j, prev, convert, i, lo, hi, path); i += 1
+    kept = _kept_windows(out, i, max_trs, tr_q, start_q, path)
+    logger.debug("%s: %d TRs x %d frames, %d frames converted, %d windows filled by repetition", path, i, n_keep, convert.n, n_short)
+    return kept
 
 # %% ../../nbs/data/03_data.video.ipynb #fce48837
 def _frames_iter(frames, path):
