@@ -83,27 +83,7 @@ class ModelConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, list): setattr(self, f.name, tuple(v))
-        bad = [f.name for f in fields(self) if f.type == "int" and f.name not in ("n_subjects", "mlp_layers", "brain_rank", "decoder_rank", "frame_kernel", "linear_rank")
-               and getattr(self, f.name) < 1]
-        if bad: raise ValueError(f"ModelConfig: {bad} must be positive integers")
-        if self.fusion not in ("concat", "sum"): raise ValueError(f"ModelConfig.fusion must be 'concat' or 'sum', got {self.fusion!r}")
-        if self.temporal not in ("conv", "transformer"):
-            raise ValueError(f"ModelConfig.temporal must be 'conv' or 'transformer', got {self.temporal!r}")
-        if not self.linear_modalities or not set(self.linear_modalities) <= set(MODALITIES):
-            raise ValueError(f"ModelConfig.linear_modalities must be a non-empty subset of {MODALITIES}; got {self.linear_modalities!r}")
-        if not (self.linear_delay >= 0 and len(self.linear_grid) == 2 and min(self.linear_grid) >= 1):
-            raise ValueError(f"ModelConfig: linear_delay must be >= 0 s and linear_grid 2 positive cells; got {self.linear_delay}, {self.linear_grid}")
-        if not set(self.modalities) <= set(MODALITIES) or not (self.modalities or self.stream_dims):
-            raise ValueError(f"ModelConfig.modalities must be a subset of {MODALITIES}, non-empty unless there are streams; got {self.modalities!r}")
-        if self.linear_basis not in ("hrf", "fir"): raise ValueError(f"ModelConfig.linear_basis must be 'hrf' or 'fir', got {self.linear_basis!r}")
-        if not 0 <= self.modality_dropout < 1: raise ValueError("ModelConfig.modality_dropout must be in [0, 1)")
-        if self.d_model % self.n_heads: raise ValueError("ModelConfig: d_model must be a multiple of n_heads")
-        if self.video_dim % self.pool_heads: raise ValueError("ModelConfig: video_dim must be a multiple of pool_heads")
-        if len(self.video_grid) != 2 or not self.decoder_video_channels or not self.video_channels or not self.audio_channels:
-            raise ValueError("ModelConfig: video_grid needs 2 values, decoder_video_channels >= 1, video/audio_channels >= 1")
-        if not isinstance(self.stream_dims, dict) or any(not isinstance(n, str) or not n.isidentifier() or int(d) != d or d < 1
-                                                         for n, d in self.stream_dims.items()):
-            raise ValueError(f"ModelConfig.stream_dims must map stream names (letters, digits, _) to widths >= 1, got {self.stream_dims!r}")
+        _check_model_config(self)
         self.stream_dims = {n: int(d) for n, d in self.stream_dims.items()}
 
     @property
@@ -130,6 +110,31 @@ class ModelConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown: raise ValueError(f"ModelConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**d)
+
+# %% ../../nbs/models/21_models.encoder.ipynb #f25dd153
+def _check_model_config(cfg:ModelConfig):
+    "Refuse a config with a size below 1, an unknown choice, or sizes that do not fit together, naming the field."
+    bad = [f.name for f in fields(cfg) if f.type == "int" and f.name not in ("n_subjects", "mlp_layers", "brain_rank", "decoder_rank", "frame_kernel", "linear_rank")
+           and getattr(cfg, f.name) < 1]
+    if bad: raise ValueError(f"ModelConfig: {bad} must be positive integers")
+    if cfg.fusion not in ("concat", "sum"): raise ValueError(f"ModelConfig.fusion must be 'concat' or 'sum', got {cfg.fusion!r}")
+    if cfg.temporal not in ("conv", "transformer"):
+        raise ValueError(f"ModelConfig.temporal must be 'conv' or 'transformer', got {cfg.temporal!r}")
+    if not cfg.linear_modalities or not set(cfg.linear_modalities) <= set(MODALITIES):
+        raise ValueError(f"ModelConfig.linear_modalities must be a non-empty subset of {MODALITIES}; got {cfg.linear_modalities!r}")
+    if not (cfg.linear_delay >= 0 and len(cfg.linear_grid) == 2 and min(cfg.linear_grid) >= 1):
+        raise ValueError(f"ModelConfig: linear_delay must be >= 0 s and linear_grid 2 positive cells; got {cfg.linear_delay}, {cfg.linear_grid}")
+    if not set(cfg.modalities) <= set(MODALITIES) or not (cfg.modalities or cfg.stream_dims):
+        raise ValueError(f"ModelConfig.modalities must be a subset of {MODALITIES}, non-empty unless there are streams; got {cfg.modalities!r}")
+    if cfg.linear_basis not in ("hrf", "fir"): raise ValueError(f"ModelConfig.linear_basis must be 'hrf' or 'fir', got {cfg.linear_basis!r}")
+    if not 0 <= cfg.modality_dropout < 1: raise ValueError("ModelConfig.modality_dropout must be in [0, 1)")
+    if cfg.d_model % cfg.n_heads: raise ValueError("ModelConfig: d_model must be a multiple of n_heads")
+    if cfg.video_dim % cfg.pool_heads: raise ValueError("ModelConfig: video_dim must be a multiple of pool_heads")
+    if len(cfg.video_grid) != 2 or not cfg.decoder_video_channels or not cfg.video_channels or not cfg.audio_channels:
+        raise ValueError("ModelConfig: video_grid needs 2 values, decoder_video_channels >= 1, video/audio_channels >= 1")
+    if not isinstance(cfg.stream_dims, dict) or any(not isinstance(n, str) or not n.isidentifier() or int(d) != d or d < 1
+                                                     for n, d in cfg.stream_dims.items()):
+        raise ValueError(f"ModelConfig.stream_dims must map stream names (letters, digits, _) to widths >= 1, got {cfg.stream_dims!r}")
 
 # %% ../../nbs/models/21_models.encoder.ipynb #2b84c062
 PRESETS = {
