@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.io import wavfile
 
-from .video import decode_stream
+from .video import check_waveform, decode_stream
 from ..io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -168,12 +168,7 @@ def _as_waveform(x, sample_rate, sr) -> np.ndarray:
     if sample_rate is None:
         raise ValueError("a waveform array needs its sample_rate (Hz); it is resampled to sr when they differ")
     if sample_rate <= 0: raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim not in (1, 2) or a.shape[-1] == 0:
-        raise ValueError(f"a waveform must be (n_samples,) or (n_channels, n_samples), got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating): raise ValueError(f"a waveform must be float in [-1, 1], got {a.dtype}")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all(): raise ValueError("the waveform holds NaN or infinite samples")
+    a = check_waveform(x, "a waveform").astype(np.float32)
     if a.ndim == 2: a = a.mean(0)
     if int(sample_rate) != sr: logger.info("resampling a waveform from %d Hz to %d Hz", sample_rate, sr)
     return _resample(a, int(sample_rate), sr)
@@ -204,6 +199,15 @@ def _silence_trs(path, tr, start, max_trs) -> int:
     n = math.floor((duration - start) / tr + 1e-9)
     return n if max_trs is None else min(n, max_trs)
 
+# %% ../../nbs/data/04_data.audio.ipynb #a0ecb38c
+def _mel_hop(tr, sr, frames_per_tr, n_fft, start, max_trs) -> int:
+    "The hop in samples of `audio_to_mel`'s arguments, which are refused where they would leave gaps or ask for nothing."
+    hop = hop_length(tr, sr, frames_per_tr)
+    if n_fft < hop: raise ValueError(f"n_fft={n_fft} is shorter than the hop ({hop} samples): frames would leave gaps")
+    if start < 0: raise ValueError(f"start must be >= 0 seconds, got {start}")
+    if max_trs is not None and max_trs < 1: raise ValueError(f"max_trs must be >= 1 or None, got {max_trs}")
+    return hop
+
 # %% ../../nbs/data/04_data.audio.ipynb #1aadd3c5
 def audio_to_mel(path_or_waveform, # a film/audio file path, or a float waveform (n_samples,) or (n_channels, n_samples)
                  tr:float=1.5, # repetition time in seconds: the window length
@@ -219,10 +223,7 @@ def audio_to_mel(path_or_waveform, # a film/audio file path, or a float waveform
                  allow_silence:bool=False, # a file without an audio stream gives silence (MEL_FLOOR_DB) for its duration
                 )->np.ndarray: # float32 (n_trs, n_mels, frames_per_tr) log-mel power in dB
     "Per-TR log-mel windows of a film's sound or of a waveform: PyAV decode and resample, `torch.stft`, librosa mel bands."
-    hop = hop_length(tr, sr, frames_per_tr)
-    if n_fft < hop: raise ValueError(f"n_fft={n_fft} is shorter than the hop ({hop} samples): frames would leave gaps")
-    if start < 0: raise ValueError(f"start must be >= 0 seconds, got {start}")
-    if max_trs is not None and max_trs < 1: raise ValueError(f"max_trs must be >= 1 or None, got {max_trs}")
+    hop = _mel_hop(tr, sr, frames_per_tr, n_fft, start, max_trs)
     fb = mel_filterbank(sr, n_fft, n_mels, fmin, fmax)
     if isinstance(path_or_waveform, (str, os.PathLike)):
         name = str(path_or_waveform)
@@ -348,11 +349,7 @@ def write_wav(path:str|Path, # destination .wav file (its folder is created)
              )->Path: # the written path
     "Write a float waveform as 16-bit PCM WAV, atomically."
     path = Path(path)
-    a = waveform.detach().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
-    if a.ndim not in (1, 2) or a.shape[-1] == 0:
-        raise ValueError(f"{path}: waveform must be (n_samples,) or (n_channels, n_samples), got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
-        raise ValueError(f"{path}: waveform must hold finite float samples in [-1, 1], got {a.dtype}")
+    a = check_waveform(waveform, f"{path}: the waveform")
     if sr <= 0: raise ValueError(f"{path}: sample rate must be positive, got {sr}")
     over = int((np.abs(a) > 1).sum())
     if over: logger.warning("%s: %d samples (%.3f%%) beyond [-1, 1] clipped", path, over, 100 * over / a.size)

@@ -42,7 +42,7 @@ def _name(img_or_path)->str:
     return str(fn) if fn else "<in-memory image>"
 
 # %% ../../nbs/data/02_data.fmri.ipynb #ce5a5669
-def _check_size(img, name):
+def _check_not_truncated(img, name):
     "Fail early when an uncompressed file is shorter than its header promises."
     p = img.dataobj
     if not (isinstance(p, ArrayProxy) and isinstance(p.file_like, (str, os.PathLike))): return
@@ -73,7 +73,7 @@ def load_nifti(img_or_path, # a nibabel NIfTI image, or the path of a .nii / .ni
         want = "a 4-D time series (x, y, z, time)" if ndim == 4 else f"a {ndim}-D image"
         raise ValueError(f"{name}: image is {len(img.shape)}-D with shape {img.shape}; expected {want}")
     if len(img.shape) == 4 and img.shape[3] < 1: raise ValueError(f"{name}: the time series has no volumes")
-    _check_size(img, name)
+    _check_not_truncated(img, name)
     return img
 
 # %% ../../nbs/data/02_data.fmri.ipynb #0c23b247

@@ -234,31 +234,18 @@ def _drop_empty_rows(raw: pd.DataFrame, path) -> pd.DataFrame:
         logger.info("%s: dropped %d exact duplicate rows (rows %s)", path, int(dup.sum()), _rows(raw.index[dup]))
     return raw.loc[~dup]
 
-# %% ../../nbs/data/05_data.text.ipynb #44cf4b34
-def load_annotations(
-    path,                        # an .xlsx, .csv or .tsv table of annotated segments, with its header in the first row
-    text_columns=None,           # column name(s) joined into each segment's text; None: the Sherlock trio (those present)
-    film_duration:float|None=None, # the film's length in seconds; segments that run past it are handled by `past_end`
-    past_end:str="clip",         # "clip": cut segments at the film's end with a warning; "raise": refuse them
-    start_column:str|None=None,  # the start-time column (seconds); None: found by name ("Start Time (s)", "start", "onset", ...)
-    end_column:str|None=None,    # the end-time column (seconds); None: found by name ("End Time (s)", "end", ...) or onset + duration
-    sep:str="; ",                # what joins the values of the text columns
-    sheet_name=0,                # the worksheet of an Excel file, by position or name
-    part:int|None=None,          # keep only this part (1, 2, ...) of a table whose clock restarts; None: every part
-    tr_column:str|None=None,     # the start column counted in TRs; None: found by name ("Start Time (TRs, 1.5s)"), if any
-)->pd.DataFrame:                 # columns start, end (s on the part's clock), text, part, then the file's own; index: file row
-    "Read a scene-annotation table into time-ordered segments with their joined text, split into parts where its clock restarts."
-    path = Path(path)
+# %% ../../nbs/data/05_data.text.ipynb #095da9fb
+def _check_load_args(past_end:str, part, film_duration) -> None:
+    "Refuse a `past_end` that is not a mode, a `part` that is not a whole number from 1, a `film_duration` that is not positive."
     if past_end not in ("clip", "raise"): raise ValueError(f"past_end must be 'clip' or 'raise', not {past_end!r}")
     if part is not None and (isinstance(part, bool) or int(part) != part or part < 1):
         raise ValueError(f"part must be a whole number from 1, not {part!r}")
     if film_duration is not None and not film_duration > 0:
         raise ValueError(f"film_duration must be a positive number of seconds, not {film_duration!r}")
-    raw = _read_table(path, sheet_name)
-    found = [str(c) for c in raw.columns]
-    raw = _drop_empty_rows(_blank_spaces(raw, path), path)
-    if raw.empty: raise ValueError(f"{path}: no annotated segments, only a header row; columns found: {found}")
 
+# %% ../../nbs/data/05_data.text.ipynb #cc6f4e22
+def _segment_times(raw:pd.DataFrame, start_column, end_column, path, found) -> tuple:
+    "(start, end, names): each row's times in seconds (end = onset + duration without an end column), checked, and their two columns."
     cols = list(raw.columns)
     start_col = (_find_column(cols, start_column, path, "start-time") if start_column is not None
                  else _find_by_keys(cols, _START_KEYS, path, "start-time"))
@@ -275,21 +262,31 @@ def load_annotations(
     end = _seconds(raw[end_col]) if end_col is not None else start + _seconds(raw[dur_col])
     names = (start_col, end_col if end_col is not None else dur_col)
     _check_times(start, end, path, names)
-    if text_columns is None:
-        text_cols = [c for c in (_find_column(cols, n, path, "text") for n in SHERLOCK_TEXT_COLUMNS) if c is not None]
-        if text_cols and len(text_cols) < len(SHERLOCK_TEXT_COLUMNS):
-            logger.warning("%s: only %s of the text columns %s are present", path, text_cols, list(SHERLOCK_TEXT_COLUMNS))
-        if not text_cols:
-            text_cols = [c for c in (_find_column(cols, n, path, "text") for n in _FALLBACK_TEXT) if c is not None][:1]
-        if not text_cols:
-            raise ValueError(f"{path}: no text columns: expected {list(SHERLOCK_TEXT_COLUMNS)} or 'text', "
-                             f"or name them with text_columns=[...] (giblet-train: --set text_columns='[\"COLUMN\"]'); columns found: {found}")
-    else:
+    return start, end, names
+
+# %% ../../nbs/data/05_data.text.ipynb #d46db418
+def _text_columns(cols, text_columns, path, found) -> list:
+    "The columns joined into each segment's text: those named, else the Sherlock trio present, else 'text', 'annotation' or 'description'."
+    if text_columns is not None:
         names = [text_columns] if isinstance(text_columns, str) else list(text_columns)
         if not names: raise ValueError(f"{path}: text_columns is empty; name at least one column")
         text_cols = [_find_column(cols, n, path, "text") for n in names]
         missing = [n for n, c in zip(names, text_cols) if c is None]
         if missing: raise ValueError(f"{path}: no text columns named {missing}; columns found: {found}")
+        return text_cols
+    text_cols = [c for c in (_find_column(cols, n, path, "text") for n in SHERLOCK_TEXT_COLUMNS) if c is not None]
+    if text_cols and len(text_cols) < len(SHERLOCK_TEXT_COLUMNS):
+        logger.warning("%s: only %s of the text columns %s are present", path, text_cols, list(SHERLOCK_TEXT_COLUMNS))
+    if not text_cols:
+        text_cols = [c for c in (_find_column(cols, n, path, "text") for n in _FALLBACK_TEXT) if c is not None][:1]
+    if not text_cols:
+        raise ValueError(f"{path}: no text columns: expected {list(SHERLOCK_TEXT_COLUMNS)} or 'text', "
+                         f"or name them with text_columns=[...] (giblet-train: --set text_columns='[\"COLUMN\"]'); columns found: {found}")
+    return text_cols
+
+# %% ../../nbs/data/05_data.text.ipynb #7a81221f
+def _segment_text(raw:pd.DataFrame, text_cols, sep:str, path, found) -> list[str]:
+    "Each row's text (its `text_cols` joined with `sep`); text columns empty in every row are an error."
     text = _join_cells(raw, text_cols, sep)
     n_empty = sum(not t for t in text)
     if n_empty == len(text):
@@ -297,11 +294,12 @@ def load_annotations(
                          f"row; name the columns that hold it with text_columns=[...] (giblet-train: --set text_columns='[\"COLUMN\"]'); "
                          f"columns found: {found}")
     if n_empty: logger.info("%s: %d segments have no text in %s", path, n_empty, text_cols)
-    zero = end == start
-    if zero.any(): logger.info("%s: %d zero-length segments (rows %s) count in the TR holding their instant",
-                               path, int(zero.sum()), _rows(raw.index[zero]))
+    return text
 
-    tr_col = (_find_column(cols, tr_column, path, "start-TR") if tr_column is not None else _tr_column(cols, path))
+# %% ../../nbs/data/05_data.text.ipynb #40c02372
+def _with_parts(raw:pd.DataFrame, start, end, text, tr_column, path, found) -> pd.DataFrame:
+    "Columns start, end, text and part (from 1, where the clock restarts), then the file's own, in file order."
+    tr_col = (_find_column(raw.columns, tr_column, path, "start-TR") if tr_column is not None else _tr_column(raw.columns, path))
     if tr_column is not None and tr_col is None: raise ValueError(f"{path}: no column named {tr_column!r}; columns found: {found}")
     trs = None if tr_col is None else _seconds(raw[tr_col])
     df = pd.DataFrame({"start": start, "end": end, "text": text, "part": _parts(start, trs, path)}, index=raw.index)
@@ -310,7 +308,12 @@ def load_annotations(
     if n_parts > 1:
         logger.info("%s: the clock restarts %d times: %d parts, rows %s", path, n_parts - 1, n_parts,
                     ", ".join(f"{g.index.min()}-{g.index.max()}" for _, g in df.groupby("part")))
-    df = pd.concat([df, raw.drop(columns=[c for c in raw.columns if c in ("start", "end", "text", "part")])], axis=1)
+    return pd.concat([df, raw.drop(columns=[c for c in raw.columns if c in ("start", "end", "text", "part")])], axis=1)
+
+# %% ../../nbs/data/05_data.text.ipynb #19e77e91
+def _in_film_order(df:pd.DataFrame, part, film_duration, past_end:str, path, names) -> pd.DataFrame:
+    "The segments of `part` (None: every part) in time order within each part, fitted to `film_duration` if given."
+    n_parts = int(df["part"].max())
     if part is not None:
         if part > n_parts: raise ValueError(f"{path}: no part {part}; the table holds {n_parts} part(s)")
         df = df.loc[df["part"] == part]
@@ -319,6 +322,34 @@ def load_annotations(
     if film_duration is not None:
         _check_seconds(df, float(film_duration), path, names)
         df = _fit_to_film(df, float(film_duration), past_end, path)
+    return df
+
+# %% ../../nbs/data/05_data.text.ipynb #44cf4b34
+def load_annotations(
+    path,                        # an .xlsx, .csv or .tsv table of annotated segments, with its header in the first row
+    text_columns=None,           # column name(s) joined into each segment's text; None: the Sherlock trio (those present)
+    film_duration:float|None=None, # the film's length in seconds; segments that run past it are handled by `past_end`
+    past_end:str="clip",         # "clip": cut segments at the film's end with a warning; "raise": refuse them
+    start_column:str|None=None,  # the start-time column (seconds); None: found by name ("Start Time (s)", "start", "onset", ...)
+    end_column:str|None=None,    # the end-time column (seconds); None: found by name ("End Time (s)", "end", ...) or onset + duration
+    sep:str="; ",                # what joins the values of the text columns
+    sheet_name=0,                # the worksheet of an Excel file, by position or name
+    part:int|None=None,          # keep only this part (1, 2, ...) of a table whose clock restarts; None: every part
+    tr_column:str|None=None,     # the start column counted in TRs; None: found by name ("Start Time (TRs, 1.5s)"), if any
+)->pd.DataFrame:                 # columns start, end (s on the part's clock), text, part, then the file's own; index: file row
+    "Read a scene-annotation table into time-ordered segments with their joined text, split into parts where its clock restarts."
+    path = Path(path)
+    _check_load_args(past_end, part, film_duration)
+    raw = _read_table(path, sheet_name)
+    found = [str(c) for c in raw.columns]
+    raw = _drop_empty_rows(_blank_spaces(raw, path), path)
+    if raw.empty: raise ValueError(f"{path}: no annotated segments, only a header row; columns found: {found}")
+    start, end, names = _segment_times(raw, start_column, end_column, path, found)
+    text = _segment_text(raw, _text_columns(list(raw.columns), text_columns, path, found), sep, path, found)
+    zero = end == start
+    if zero.any(): logger.info("%s: %d zero-length segments (rows %s) count in the TR holding their instant",
+                               path, int(zero.sum()), _rows(raw.index[zero]))
+    df = _in_film_order(_with_parts(raw, start, end, text, tr_column, path, found), part, film_duration, past_end, path, names)
     for p, g in df.groupby("part"):
         logger.info("%s: part %d: %d segments from %.1f s to %.1f s", path, p, len(g), g["start"].min(), g["end"].max())
     return df
@@ -414,6 +445,12 @@ def _hashed_row(feats: Counter, dim: int, char_weight: float) -> np.ndarray:
         row[h % dim] += weight if h >> 63 else -weight
     return row
 
+# %% ../../nbs/data/05_data.text.ipynb #48d1d20b
+def _unit_rows(a: np.ndarray) -> tuple:
+    "`a` with each row scaled to unit length (zero rows stay zero), and which rows are non-zero."
+    n = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.divide(a, n, out=np.zeros_like(a), where=n > 0), n[:, 0] > 0
+
 # %% ../../nbs/data/05_data.text.ipynb #1362f4b2
 class HashingEmbedder:
     "Offline, deterministic text embedder: signed hashing of word n-grams (and optionally character n-grams), L2-normalised."
@@ -454,8 +491,7 @@ class HashingEmbedder:
         if isinstance(texts, str): texts = [texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         for row, text in enumerate(texts): out[row] = _hashed_row(self.features(str(text)), self.dim, self.char_weight)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0).astype(np.float32)
+        return _unit_rows(out)[0].astype(np.float32)
 
 # %% ../../nbs/data/05_data.text.ipynb #ef7f8f6e
 _ST_HELP = ("Install the text extra with `pip install 'giblet[text]'` (or `pip install sentence-transformers`). "
@@ -533,12 +569,6 @@ def embed_trs(
     out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
     for i in np.flatnonzero(has_text): out[i] = vecs[where[texts[i]]]
     return out
-
-# %% ../../nbs/data/05_data.text.ipynb #48d1d20b
-def _unit_rows(a: np.ndarray) -> tuple:
-    "`a` with each row scaled to unit length (zero rows stay zero), and which rows are non-zero."
-    n = np.linalg.norm(a, axis=1, keepdims=True)
-    return np.divide(a, n, out=np.zeros_like(a), where=n > 0), n[:, 0] > 0
 
 # %% ../../nbs/data/05_data.text.ipynb #baae3cd7
 def _best_matches(Xn: np.ndarray, Bn: np.ndarray, block: int = 4096) -> tuple:

@@ -9,7 +9,6 @@ import logging
 import math
 import itertools
 import os
-import uuid
 from functools import lru_cache
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
+from ..io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FITS', 'decode_stream', 'VideoInfo', 'video_info', 'frames_per_tr', 'video_to_frames', 'frames_to_video',
-           'psnr']
+__all__ = ['logger', 'FITS', 'decode_stream', 'VideoInfo', 'video_info', 'frames_per_tr', 'video_to_frames', 'check_waveform',
+           'frames_to_video', 'psnr']
 
 # %% ../../nbs/data/03_data.video.ipynb #0f049f2b
 _NOT_FILMS = {"tty": "a text file", "image2": "a still image", "lavfi": "a filter graph"}  # formats PyAV opens that are no film
@@ -195,7 +196,8 @@ def _layout(frame, stream, size, fit:str, path)->tuple:
     return ((sw, sh) if k % 2 == 0 else (sh, sw)), k, (abs(sw - w) // 2, abs(sh - h) // 2), fit == "crop"
 
 # %% ../../nbs/data/03_data.video.ipynb #3ed609e7
-def _check_size(size)->tuple[int, int]:
+def _frame_size(size)->tuple[int, int]:
+    "A frame size given as (width, height), as two positive ints; anything else is refused."
     try: w, h = (int(v) for v in size)
     except (TypeError, ValueError): raise ValueError(f"size must be (width, height), got {size!r}") from None
     if w < 1 or h < 1 or (w, h) != tuple(size): raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
@@ -236,6 +238,50 @@ def _fit_into(img:np.ndarray, dest:np.ndarray, layout:tuple)->None:
     elif crop: dest[...] = img[y0:y0 + height, x0:x0 + width]
     else: dest[...] = 0; dest[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
 
+# %% ../../nbs/data/03_data.video.ipynb #0babc9aa
+class _ToRgb:
+    "Convert decoded frames into uint8 RGB pictures of `size` (width, height), turned upright and cropped or padded per `fit`."
+    def __init__(self, stream, size:tuple, fit:str, path):
+        self.stream, self.size, self.fit, self.path = stream, size, fit, path
+        self.to_rgb, self.layout, self.n = VideoReformatter(), None, 0   # one scaler for the whole decode, not one per frame
+
+    def __call__(self, frame, dest:np.ndarray):
+        if self.layout is None: self.layout = _layout(frame, self.stream, self.size, self.fit, self.path)   # rotation and size
+        pw, ph = self.layout[0]
+        img = self.to_rgb.reformat(frame, width=pw, height=ph, format="rgb24", interpolation=_TO_RGB).to_ndarray()
+        _fit_into(img, dest, self.layout)
+        self.n += 1
+
+# %% ../../nbs/data/03_data.video.ipynb #c4149ec6
+def _fill_window(window:np.ndarray, j:int, prev, convert, i:int, lo, hi, path)->int:
+    "Fill samples `j:` of window `i` (`[lo, hi)` s): repeat its last sample, or with none convert `prev`, the frame on screen. 1 if any was missing."
+    if j == len(window): return 0
+    if j == 0:
+        if prev is None: raise ValueError(f"{path}: no video frame before {float(hi):.3f} s; the video starts late")
+        logger.warning("%s: no frame in TR window %d [%.3f, %.3f) s; repeating the frame on screen", path, i, lo, hi)
+        convert(prev, window[0]); j = 1
+    window[j:] = window[j - 1]
+    return 1
+
+# %% ../../nbs/data/03_data.video.ipynb #f5948ddf
+def _sample_frame(frame, t, window:np.ndarray, j:int, anchor, lo, step, slack, convert)->tuple:
+    "Put `frame` (at `t` s) into samples `j, j+1, ..` of `window` (from `lo` s) that it has reached: (next sample, sample 0's time)."
+    converted = False
+    while t >= lo and j < len(window) and t >= (lo if j == 0 else anchor + j * step - slack):
+        if converted: window[j] = window[j - 1]   # a gap: this frame also serves the next sample
+        else: convert(frame, window[j]); converted = True
+        if j == 0: anchor = t
+        j += 1
+    return j, anchor
+
+# %% ../../nbs/data/03_data.video.ipynb #5925ef1a
+def _kept_windows(out:np.ndarray, n_trs:int, max_trs, tr_q:Fraction, start_q:Fraction, path)->np.ndarray:
+    "The first `n_trs` windows of `out` (copied when that frees over a tenth of it); fewer than `max_trs` (or none) is an error."
+    if n_trs < (max_trs or 1):
+        raise ValueError(f"{path}: decoded {n_trs} complete TR windows of {float(tr_q)} s after start={float(start_q)} s, "
+                         f"fewer than the {max_trs or 1} requested")
+    return out[:n_trs] if n_trs > 0.9 * len(out) else out[:n_trs].copy()
+
 # %% ../../nbs/data/03_data.video.ipynb #5d7509de
 def video_to_frames(path, # path to a film PyAV can read
                     tr=1.5, # repetition time (TR window length) in seconds
@@ -246,7 +292,7 @@ def video_to_frames(path, # path to a film PyAV can read
                     fit:str="crop", # a film of another aspect: "crop" (centre-crop) or "pad" (letter-box)
                    )->np.ndarray: # uint8 RGB frames, shape (n_trs, frames_per_tr, height, width, 3)
     "Decode the film at `path` into TR windows of RGB frames, placed by presentation timestamp."
-    width, height = _check_size(size)
+    width, height = _frame_size(size)
     tr_q, start_q = _check_decode_args(tr, start, fit, max_trs)
     container, stream = _open_video(path)
     with container:
@@ -257,33 +303,14 @@ def video_to_frames(path, # path to a film PyAV can read
         cap = _window_capacity(_stream_duration(container, stream), start_q, tr_q, max_trs, path)
         out = np.empty((cap, n_keep, height, width, 3), np.uint8)
 
-        to_rgb = VideoReformatter()   # one scaler for the whole decode, not one per frame
-        layout = None                 # found on the first frame: its rotation and size
-        def convert(frame, dest):
-            nonlocal layout
-            if layout is None: layout = _layout(frame, stream, (width, height), fit, path)
-            pw, ph = layout[0]
-            img = to_rgb.reformat(frame, width=pw, height=ph, format="rgb24", interpolation=_TO_RGB).to_ndarray()
-            _fit_into(img, dest, layout)
+        convert = _ToRgb(stream, (width, height), fit, path)
 
         stream.thread_type = "AUTO"
         if start_q > 0: container.seek(math.floor((start_q + t_zero) / tb), stream=stream, backward=True)
         i, j, anchor = 0, 0, None           # current window, its next sample, the timestamp of its sample 0
         lo, hi = start_q, start_q + tr_q    # current window bounds
         prev, last_t, last_dur = None, None, Fraction(1) / fps
-        n_converted = n_short = 0
-
-        def close_window():                 # fill the samples window i has no frame for
-            nonlocal n_converted, n_short
-            if j == n_keep: return
-            n_short += 1
-            first = j
-            if j == 0:
-                if prev is None: raise ValueError(f"{path}: no video frame before {float(hi):.3f} s; the video starts late")
-                logger.warning("%s: no frame in TR window %d [%.3f, %.3f) s; repeating the frame on screen",
-                               path, i, lo, hi)
-                convert(prev, out[i, 0]); n_converted += 1; first = 1
-            out[i, first:] = out[i, first - 1]
+        n_short = 0                         # windows filled by repetition
 
         for frame in decode_stream(container, stream, path, t_zero):
             if frame.pts is None: raise ValueError(f"{path}: a decoded frame has no presentation timestamp")
@@ -293,29 +320,20 @@ def video_to_frames(path, # path to a film PyAV can read
                 continue
             last_t, last_dur = t, (frame.duration * tb if frame.duration else Fraction(1) / fps)
             while t >= hi:                  # this frame lies past window i, which is therefore complete
-                close_window()
+                n_short += _fill_window(out[i], j, prev, convert, i, lo, hi, path)
                 i, j, anchor, lo, hi = i + 1, 0, None, hi, start_q + (i + 2) * tr_q
                 if i == max_trs: break
                 if i == cap:                # the metadata under-stated the length: grow (rare)
                     cap, out = 2 * cap, np.concatenate([out, np.empty_like(out)])
             if i == max_trs: break
-            converted = False
-            while t >= lo and j < n_keep and t >= (lo if j == 0 else anchor + j * step - slack):
-                if converted: out[i, j] = out[i, j - 1]   # a gap: this frame also serves the next sample
-                else: convert(frame, out[i, j]); n_converted += 1; converted = True
-                if j == 0: anchor = t
-                j += 1
+            j, anchor = _sample_frame(frame, t, out[i], j, anchor, lo, step, slack, convert)
             prev = frame
         else:                               # end of film: the current window counts if the film covers it
             if last_t is not None and last_t + last_dur >= hi:
-                close_window(); i += 1
-    n_trs = i
-    if n_trs < (max_trs or 1):
-        raise ValueError(f"{path}: decoded {n_trs} complete TR windows of {float(tr_q)} s after start={float(start_q)} s, "
-                         f"fewer than the {max_trs or 1} requested")
-    logger.debug("%s: %d TRs x %d frames, %d frames converted, %d windows filled by repetition",
-                 path, n_trs, n_keep, n_converted, n_short)
-    return out[:n_trs] if n_trs > 0.9 * len(out) else out[:n_trs].copy()
+                n_short += _fill_window(out[i], j, prev, convert, i, lo, hi, path); i += 1
+    kept = _kept_windows(out, i, max_trs, tr_q, start_q, path)
+    logger.debug("%s: %d TRs x %d frames, %d frames converted, %d windows filled by repetition", path, i, n_keep, convert.n, n_short)
+    return kept
 
 # %% ../../nbs/data/03_data.video.ipynb #fce48837
 def _frames_iter(frames, path):
@@ -337,22 +355,30 @@ def _frames_iter(frames, path):
         shape = frame.shape
         yield frame
 
+# %% ../../nbs/data/03_data.video.ipynb #6217ec17
+def check_waveform(x, # a waveform, numpy or torch (on any device)
+                   name:str="the waveform", # how errors name it, e.g. "film.mp4: the audio"
+                  )->np.ndarray: # the samples as a numpy array, (n_samples,) or (n_channels, n_samples)
+    "`x` as an array, refused unless it is (n_samples,) or (n_channels, n_samples), float and finite."
+    a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if a.ndim not in (1, 2) or a.shape[-1] == 0:
+        raise ValueError(f"{name} must be (n_samples,) or (n_channels, n_samples), got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating): raise ValueError(f"{name} must be float in [-1, 1], got {a.dtype}")
+    if not np.isfinite(a).all(): raise ValueError(f"{name} holds NaN or infinite samples")
+    return a
+
 # %% ../../nbs/data/03_data.video.ipynb #1c545e1e
 _AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 
 # %% ../../nbs/data/03_data.video.ipynb #71153149
 def _check_audio(audio, sample_rate, path):
     "The waveform as float32 (channels, n) and the sample rate, or a clear error."
-    audio = np.asarray(audio)
-    if not np.issubdtype(audio.dtype, np.floating): raise ValueError(f"{path}: audio must be a float waveform, got dtype {audio.dtype}")
+    audio = check_waveform(audio, f"{path}: the audio")
     if audio.ndim == 1: audio = audio[None]
-    if audio.ndim != 2 or audio.shape[0] not in (1, 2) or audio.shape[1] == 0:
-        raise ValueError(f"{path}: audio must have shape (n_samples,) or (n_channels, n_samples) with 1 or 2 channels, "
-                         f"got {np.shape(audio)}")
+    if audio.shape[0] not in (1, 2): raise ValueError(f"{path}: the audio must have 1 or 2 channels, got shape {audio.shape}")
     if sample_rate is None or int(sample_rate) != sample_rate or int(sample_rate) not in _AAC_RATES:
         raise ValueError(f"{path}: sample_rate must be one of the AAC rates {_AAC_RATES}, got {sample_rate!r}")
-    if not np.isfinite(audio).all() or np.abs(audio).max() > 1:
-        raise ValueError(f"{path}: audio must be finite and within [-1, 1] (max |x| = {np.abs(audio).max()})")
+    if np.abs(audio).max() > 1: raise ValueError(f"{path}: the audio must be within [-1, 1] (max |x| = {np.abs(audio).max()})")
     return np.ascontiguousarray(audio, np.float32), int(sample_rate)
 
 # %% ../../nbs/data/03_data.video.ipynb #1e07d9c4
@@ -380,6 +406,35 @@ def _send_audio(out, ast, audio:np.ndarray, sample_rate:int, n_sent:int, upto:in
     out.mux(ast.encode(af))
     return upto
 
+# %% ../../nbs/data/03_data.video.ipynb #661d0761
+def _encode_film(tmp:Path, first:np.ndarray, rest, rate:Fraction, crf:int, audio, sample_rate, path)->tuple:
+    "Encode `first` and the `rest` of the RGB frames into `tmp` as H.264 (odd sizes padded), `audio` muxed as AAC: (frames, audio samples) written."
+    h, w = first.shape[:2]
+    pad_h, pad_w = h % 2, w % 2
+    if pad_h or pad_w: logger.info("%s: padding %dx%d frames to %dx%d (4:2:0 needs even sizes)", path, w, h, w + pad_w, h + pad_h)
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        vs = _add_video_stream(out, rate, w + pad_w, h + pad_h, crf)
+        if audio is not None:
+            ast = out.add_stream("aac", rate=sample_rate, layout="mono" if len(audio) == 1 else "stereo")
+            ast.bit_rate = 96_000 * len(audio)
+        n_sent = 0                               # audio samples encoded so far
+
+        to_yuv = VideoReformatter()   # one converter for the whole film, not one per frame
+        for k, img in enumerate(itertools.chain([first], rest)):
+            if pad_h or pad_w: img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            vf = to_yuv.reformat(vf, format="yuv420p", interpolation=_TO_YUV)
+            vf.pts = k
+            out.mux(vs.encode(vf))
+            if audio is not None: n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, math.floor((k + 1) / rate * sample_rate))
+        out.mux(vs.encode())
+        if audio is not None:
+            n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, audio.shape[1])
+            out.mux(ast.encode())
+            gap = audio.shape[1] / sample_rate - (k + 1) / rate
+            if abs(gap) > 1 / rate: logger.info("%s: the audio is %+.3f s longer than the video", path, gap)
+    return k + 1, n_sent
+
 # %% ../../nbs/data/03_data.video.ipynb #16a645f1
 def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_per_tr, H, W, 3) in time order, or an iterable of (H, W, 3) frames
                     path, # output film (.mp4 or .m4v)
@@ -398,38 +453,9 @@ def frames_to_video(frames, # uint8 RGB, (n_frames, H, W, 3) or (n_trs, frames_p
     it = _frames_iter(frames, path)
     first = next(it, None)
     if first is None: raise ValueError(f"{path}: no frames to write")
-    h, w = first.shape[:2]
-    pad_h, pad_w = h % 2, w % 2
-    if pad_h or pad_w: logger.info("%s: padding %dx%d frames to %dx%d (4:2:0 needs even sizes)", path, w, h, w + pad_w, h + pad_h)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.part"   # same folder, so os.replace is atomic
-    try:
-        with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            vs = _add_video_stream(out, rate, w + pad_w, h + pad_h, crf)
-            if audio is not None:
-                ast = out.add_stream("aac", rate=sample_rate, layout="mono" if len(audio) == 1 else "stereo")
-                ast.bit_rate = 96_000 * len(audio)
-            n_sent = 0                               # audio samples encoded so far
-
-            to_yuv = VideoReformatter()   # one converter for the whole film, not one per frame
-            for k, img in enumerate(itertools.chain([first], it)):
-                if pad_h or pad_w: img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-                vf = to_yuv.reformat(vf, format="yuv420p", interpolation=_TO_YUV)
-                vf.pts = k
-                out.mux(vs.encode(vf))
-                if audio is not None: n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, math.floor((k + 1) / rate * sample_rate))
-            out.mux(vs.encode())
-            if audio is not None:
-                n_sent = _send_audio(out, ast, audio, sample_rate, n_sent, audio.shape[1])
-                out.mux(ast.encode())
-                gap = audio.shape[1] / sample_rate - (k + 1) / rate
-                if abs(gap) > 1 / rate: logger.info("%s: the audio is %+.3f s longer than the video", path, gap)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.debug("%s: wrote %d frames at %s fps%s", path, k + 1, rate, "" if audio is None else f" with {n_sent} audio samples")
+    done = []   # (frames, audio samples) written
+    atomic_write(path, lambda tmp: done.extend(_encode_film(tmp, first, it, rate, crf, audio, sample_rate, path)), as_path=True)
+    logger.debug("%s: wrote %d frames at %s fps%s", path, done[0], rate, "" if audio is None else f" with {done[1]} audio samples")
     return path
 
 # %% ../../nbs/data/03_data.video.ipynb #beba8e8b
@@ -457,7 +483,7 @@ def _moving_pattern(n_frames:int, # number of frames
                     first:int=0, # index of the first frame (to draw a long film in chunks)
                    )->np.ndarray: # uint8 (n_frames, height, width, 3)
     "A test film with moving structure: drifting colour grating, a moving disc and a sliding checkerboard."
-    w, h = _check_size(size)
+    w, h = _frame_size(size)
     xs, ys = np.arange(w, dtype=np.float32) / w, np.arange(h, dtype=np.float32) / w   # in units of the width
     base = 2 * np.pi * (5 * xs[None, :] + 3 * ys[:, None])
     sin_b, cos_b = np.sin(base), np.cos(base)     # the grating drifts: sin(base + p) = sin_b·cos p + cos_b·sin p
