@@ -24,7 +24,7 @@ from .io import (DiskFullError, StreamedArray, atomic_write, cache_damage, cache
                        env_folder, free_space, input_fingerprint, load_arrays, no_bar, save_arrays)
 from .alignment.sync import Aligned, FeatureParams, RunPlan, complete_trs, run_audio, run_text, run_video
 from .data.bold_stats import zscore_stats
-from .data.fmri import MaskRule, OnePassBold, SubjectBold
+from .data.subjects import MaskRule, OnePassBold, SubjectBold
 from .data.video import frames_per_tr, video_info
 from .study import StudySpec, resolve_study, spec_to_dict
 from .study_plan import check_spec, plan_runs, plan_subjects, run_spec, spec_mask, study_inputs, table_study

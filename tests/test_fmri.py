@@ -1,4 +1,4 @@
-"""File-level tests of giblet.data.fmri: real NIfTI variants, round trips through disk, bad files, many subjects."""
+"""File-level tests of giblet.data.fmri and giblet.data.subjects: real NIfTI variants, round trips through disk, bad files, many subjects."""
 import gzip
 import logging
 import shutil
@@ -12,8 +12,9 @@ import pytest
 
 import giblet.data.fmri as fmri
 from giblet.data.bold_stats import ZScoreStats, apply_zscore, average_subjects, zscore, zscore_stats
-from giblet.data.fmri import (MaskRule, OnePassBold, SubjectBold, features_to_nii, find_niftis, iter_volumes, load_nifti,
-                              load_subjects, nii_to_features, read_tr, shared_mask, sort_subjects, temporal_std)
+from giblet.data.fmri import (features_to_nii, find_niftis, iter_volumes, load_nifti, nii_to_features, read_tr, shared_mask,
+                              sort_subjects, temporal_std)
+from giblet.data.subjects import MaskRule, OnePassBold, SubjectBold, load_subjects
 
 NIBDATA = Path(nib.__file__).parent / "tests" / "data"
 REAL = ["functional.nii", "example4d.nii.gz", "example_nifti2.nii.gz"]

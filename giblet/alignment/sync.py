@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 
 from ..data.audio import audio_to_mel
-from ..data.fmri import SubjectBold, load_nifti, load_subjects, read_tr
+from ..data.fmri import load_nifti, read_tr
+from ..data.subjects import SubjectBold, load_subjects
 from ..data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
 from ..data.video import video_info, video_to_frames
 
