@@ -21,7 +21,7 @@ import torch
 
 from .data.bold_stats import high_pass
 from .dataset import Normaliser, StudyTensors
-from .data.text import nearest_text
+from .data.embeddings import nearest_text
 from .io import RunLock, atomic_folder, atomic_write, clean_leftovers
 from .regions import Region, UnitGrid, matched_blobs, parse_regions
 from .models.autoencoder import target_variances

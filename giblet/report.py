@@ -167,7 +167,7 @@ def plot_reconstructions(trainer:Trainer, # a trained trainer
                         )->plt.Figure:
     "TRs of a held-out block decoded from the predicted brain layer (the mean of the subject heads): frames, mel windows and the nearest annotation text."
     import matplotlib.pyplot as plt
-    from giblet.data.text import nearest_text
+    from giblet.data.embeddings import nearest_text
     data = trainer.data
     seg = longest_stretch(np.asarray(trs), data.tensors.run)
     sel = np.linspace(0, len(seg) - 1, n + 2).astype(int)[1:-1]; ends = seg[sel]

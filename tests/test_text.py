@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from giblet.data.text import (SHERLOCK_TEXT_COLUMNS, SHERLOCK_TIME_COLUMNS, HashingEmbedder,
-                              SentenceTransformerEmbedder, annotations_to_trs, embed_trs, load_annotations,
-                              nearest_text, scene_starts)
+from giblet.data.embeddings import HashingEmbedder, SentenceTransformerEmbedder, embed_trs, nearest_text
+from giblet.data.text import (SHERLOCK_TEXT_COLUMNS, SHERLOCK_TIME_COLUMNS, annotations_to_trs, load_annotations,
+                              scene_starts)
 
 TR, N_TRS = 1.5, 300
 FILM = TR * N_TRS  # 450 s
@@ -336,7 +336,7 @@ def test_hashing_embedder_separates_topics(kw):
 
 
 def test_hashing_embedder_is_stable_across_processes():
-    code = ("from giblet.data.text import HashingEmbedder; import hashlib;"
+    code = ("from giblet.data.embeddings import HashingEmbedder; import hashlib;"
             "print(hashlib.sha256(HashingEmbedder(dim=64)(['Sherlock at 221B Baker Street']).tobytes()).hexdigest())")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed,

@@ -17,7 +17,8 @@ import numpy as np
 from ..data.audio import audio_to_mel
 from ..data.fmri import load_nifti, read_tr
 from ..data.subjects import SubjectBold, load_subjects
-from ..data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
+from ..data.embeddings import HashingEmbedder, embed_trs
+from ..data.text import annotations_to_trs, load_annotations
 from ..data.video import video_info, video_to_frames
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class FeatureParams:
     def embedder(self)->Callable:
         "The text embedder these parameters name."
         if self.text_model is None: return HashingEmbedder(dim=self.text_dim)
-        from giblet.data.text import SentenceTransformerEmbedder
+        from giblet.data.embeddings import SentenceTransformerEmbedder
         return SentenceTransformerEmbedder(self.text_model)
 
 # %% ../../nbs/study/12_alignment.sync.ipynb #77ce1b5a

@@ -33,6 +33,19 @@ def _common_stop(lengths:list, names:list, stop:int|None)->int:
     if short: raise ValueError(f"subjects shorter than the {stop} TRs requested: {', '.join(short)}")
     return stop
 
+# %% ../../nbs/data/08_data.subjects.ipynb #be47df98
+def _write_stack(dest:Path, shape:tuple, imgs, mask, start:int, stop:int):
+    "Write the subjects' `(n_subjects, n_trs, n_voxels)` float32 stack of volumes `start..stop-1` to the .npy `dest`, atomically."
+    def write(tmp):
+        head = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        offset, size = head.offset, shape[1] * shape[2] * 4
+        del head
+        for i, img in enumerate(imgs):
+            sub = np.memmap(tmp, np.float32, mode="r+", offset=offset + i * size, shape=shape[1:])
+            fmri.nii_to_features(img, mask, start, stop, out=sub)
+            sub.flush(); del sub
+    atomic_write(dest, write, as_path=True, need=int(np.prod(shape)) * 4)
+
 # %% ../../nbs/data/08_data.subjects.ipynb #3fd62d70
 def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a folder of them (numeric subject order)
                   mask, # the shared mask: a 3-D NIfTI image, its path, or a bool (x, y, z) array
@@ -55,19 +68,8 @@ def load_subjects(paths_or_folder, # the subjects' NIfTI paths/images, or a fold
             raise ValueError(f"out must be float32 {shape}, got {arr.dtype} {arr.shape}")
         for i, (img, name) in enumerate(subjects): fmri.nii_to_features(img, mask, start, stop, out=arr[i])
         return arr
-    # a .npy written to a temporary name, one subject mapped at a time (the memory it touches is then released),
-    # renamed into place only when complete
-    dest = Path(out)
-    def write(tmp):
-        head = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        offset, size = head.offset, shape[1] * shape[2] * 4
-        del head
-        for i, (img, name) in enumerate(subjects):
-            sub = np.memmap(tmp, np.float32, mode="r+", offset=offset + i * size, shape=shape[1:])
-            fmri.nii_to_features(img, mask, start, stop, out=sub)
-            sub.flush(); del sub
-    atomic_write(dest, write, as_path=True, need=int(np.prod(shape)) * 4)
-    return np.load(dest, mmap_mode="r")
+    _write_stack(Path(out), shape, (img for img, _ in subjects), mask, start, stop)
+    return np.load(out, mmap_mode="r")
 
 # %% ../../nbs/data/08_data.subjects.ipynb #837f131d
 def _check_parts(parts:Sequence)->list:
