@@ -238,14 +238,10 @@ def check_mask_rule(threshold, # as for `shared_mask`
     if isinstance(brain_mask, str) and brain_mask != "nonzero" and not Path(brain_mask).exists():
         raise ValueError(f"brain_mask must be a NIfTI mask or atlas, its path, or 'nonzero'; {brain_mask!r} is none of these")
 
-# %% ../../nbs/data/02_data.fmri.ipynb #939f0fee
-def mask_from_stats(stats:list, # per subject `(std, nonfinite, nonzero)`, as from `VoxelStats`
-                    names:list, # the subjects' names, for the log and errors
-                    affine, # the subjects' voxel-to-world affine
-                    threshold, percentile, brain_mask, standardised, # the rule, as for `shared_mask`
-                   )->nib.Nifti1Image: # uint8 0/1 mask in the subjects' space
-    "The shared mask from each subject's `(std, nonfinite, nonzero)`, logging what each rule removed."
-    shape, need = stats[0][0].shape, math.ceil(threshold * len(stats) - 1e-9)
+# %% ../../nbs/data/02_data.fmri.ipynb #5b11e197
+def _subject_passes(stats:list, names:list, percentile, brain_mask, standardised)->tuple:
+    "(count, bad, n_nonzero, rules): per voxel the subjects it passes in, whether any holds NaN, the subjects it is non-zero in; and the rules used."
+    shape = stats[0][0].shape
     count, bad, n_nonzero = np.zeros(shape, np.int32), np.zeros(shape, bool), np.zeros(shape, np.int32)
     rules = set()
     for (std, nonfinite, nonzero), name in zip(stats, names):
@@ -260,6 +256,17 @@ def mask_from_stats(stats:list, # per subject `(std, nonfinite, nonzero)`, as fr
                         f"looks standardised, so every finite, non-constant voxel is kept")
         if flat or brain_mask is not None: rules.add("non-constant"); count += std > 0
         else: rules.add(f"std above the {percentile:g}th percentile"); count += std > np.percentile(nz, percentile)
+    return count, bad, n_nonzero, rules
+
+# %% ../../nbs/data/02_data.fmri.ipynb #939f0fee
+def mask_from_stats(stats:list, # per subject `(std, nonfinite, nonzero)`, as from `VoxelStats`
+                    names:list, # the subjects' names, for the log and errors
+                    affine, # the subjects' voxel-to-world affine
+                    threshold, percentile, brain_mask, standardised, # the rule, as for `shared_mask`
+                   )->nib.Nifti1Image: # uint8 0/1 mask in the subjects' space
+    "The shared mask from each subject's `(std, nonfinite, nonzero)`, logging what each rule removed."
+    shape, need = stats[0][0].shape, math.ceil(threshold * len(stats) - 1e-9)
+    count, bad, n_nonzero, rules = _subject_passes(stats, names, percentile, brain_mask, standardised)
     if brain_mask is None: inside, what = np.ones(shape, bool), None
     elif isinstance(brain_mask, str) and brain_mask == "nonzero": inside, what = n_nonzero >= need, "the non-zero voxels"
     else: inside, what = mask_array(brain_mask, names[0], shape, affine), f"the mask {_name(brain_mask)}"
