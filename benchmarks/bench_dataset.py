@@ -146,7 +146,8 @@ def timed(cmd:list, env:dict)->dict:
 
 def bold_stream(folder:str, how:str, where:str|None):
     "Build the float16 BOLD arrays of a study folder's scans one way (`once` or `twice`) and write them to a cache folder."
-    from giblet.data.fmri import MaskRule, OnePassBold, SubjectBold, find_niftis, load_nifti, shared_mask
+    from giblet.data.fmri import find_niftis, load_nifti, shared_mask
+    from giblet.data.subjects import MaskRule, OnePassBold, SubjectBold
     nii = find_niftis(Path(folder) / "sherlock_nii")
     n = min(load_nifti(p).shape[3] for p in nii)
     root = Path(tempfile.mkdtemp(dir=where))

@@ -65,7 +65,8 @@ def write_subjects(folder, n_subjects, n_trs, tr=1.5):
 def measure(step, folder):
     "One step in this (fresh) process; prints a JSON line of figures."
     import nibabel as nib
-    from giblet.data.fmri import find_niftis, load_subjects, shared_mask
+    from giblet.data.fmri import find_niftis, shared_mask
+    from giblet.data.subjects import load_subjects
     if step == "write":
         write_subjects(Path(folder) / "sherlock_nii", *map(int, os.environ["BENCH_SIZE"].split()))
         return

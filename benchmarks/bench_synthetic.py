@@ -94,7 +94,8 @@ def cheap_r2(seeds=(0, 1, 2), n_trs=946):
     import warnings
     from sklearn.linear_model import RidgeCV
     from giblet.data.audio import audio_to_mel
-    from giblet.data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
+    from giblet.data.embeddings import HashingEmbedder, embed_trs
+    from giblet.data.text import annotations_to_trs, load_annotations
     from giblet.data.video import video_to_frames
     from giblet.metrics import delay_features, stimulus_features
     p = S.PRESETS["realistic"]

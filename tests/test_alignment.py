@@ -196,7 +196,7 @@ def test_a_film_holding_both_parts_puts_each_part_on_its_segment(study):
 
 
 def test_streamed_bold_reads_subjects_on_demand_and_equals_the_array(study):
-    from giblet.data.fmri import SubjectBold
+    from giblet.data.subjects import SubjectBold
     d, film, ann, mask = study
     scans = [[write_scan(d / f"st{r}_{s}.nii.gz", 12 + s, seed=10 * r + s) for s in range(2)] for r in range(2)]
     spec = lambda r: RunSpec(scans[r], film_start=15.0 * r)

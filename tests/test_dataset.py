@@ -73,7 +73,7 @@ def test_cache_is_reused_then_rebuilt_when_stale_or_damaged(study, tmp_path):
 
 
 def test_cached_bold_matches_the_raw_bold_closely(study, tmp_path):
-    from giblet.data.fmri import load_subjects
+    from giblet.data.subjects import load_subjects
     root, layout = study
     al = load_study(root / "study", cache_dir=tmp_path / "c", params=PARAMS, show_progress=False)
     raw = load_subjects(layout.nii, al.mask, stop=al.n_trs)
@@ -317,7 +317,8 @@ def test_a_damaged_stream_is_rebuilt_alone(study, tmp_path, caplog):
 def test_each_scan_is_read_once_and_the_bold_is_as_before(study, tmp_path, monkeypatch):
     import giblet.data.fmri as fmri
     from giblet.dataset import _encode_fmri
-    from giblet.data.fmri import SubjectBold, shared_mask
+    from giblet.data.fmri import shared_mask
+    from giblet.data.subjects import SubjectBold
     root, layout = study
     reads, real = [], fmri.iter_volumes
     def iter_volumes(img, *a, **k):

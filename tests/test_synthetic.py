@@ -10,7 +10,8 @@ from giblet.alignment.hrf import convolve_hrf
 from giblet.synthetic import (FACTOR_MODALITY, FACTOR_NAMES, PRESETS, ROI_MODALITY, ROI_NAMES, load_truth,
                                    make_dataset, plant_bold)
 from giblet.data.audio import audio_to_mel
-from giblet.data.text import HashingEmbedder, annotations_to_trs, embed_trs, load_annotations
+from giblet.data.embeddings import HashingEmbedder, embed_trs
+from giblet.data.text import annotations_to_trs, load_annotations
 from giblet.data.video import frames_to_video, psnr, video_info, video_to_frames
 
 N_SUBJECTS, N_TRS, TR = 3, 300, 1.5
