@@ -15,11 +15,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'METRICS', 'frame_corr', 'identify', 'band_moments', 'band_corr', 'text_retrieval', 'boot_counts',
-           'null_shifts', 'roll_decoded', 'decoding_scores', 'true_block', 'decode_block']
+__all__ = ['logger', 'METRICS', 'frame_corr', 'identify', 'band_moments', 'band_corr', 'text_retrieval', 'null_shifts',
+           'roll_decoded', 'decoding_scores', 'true_block', 'decode_block']
 
 # %% ../nbs/evaluation/36_decoding.ipynb #71bf8b68
-from .metrics import moment_r
+from .metrics import boot_counts, bootstrap_block, moment_r
 
 # %% ../nbs/evaluation/36_decoding.ipynb #d0000006
 def _zrows(x:np.ndarray)->np.ndarray:
@@ -111,21 +111,6 @@ def _per_tr(decoded:dict, true:dict)->dict:
         for k in (1, 5): out["text", f"top{k}"], chance["text", f"top{k}"] = text_retrieval(decoded["text"], true["text"], true["has_text"], k)
     return out, chance
 
-# %% ../nbs/evaluation/36_decoding.ipynb #8b9e131c
-def boot_counts(n_trs:int, # TRs in the block
-                block:int, # TRs per resampled block
-                n_boot:int=1000, # resamples
-                seed:int=0, # seed of the draws
-               )->np.ndarray: # float64 (n_boot, n_trs): how often each TR is drawn in each resample
-    "Circular block bootstrap of a block of TRs, as counts per TR."
-    if not 1 <= block <= n_trs: raise ValueError(f"a bootstrap block of {block} TRs does not fit {n_trs} TRs")
-    nb = max(1, round(n_trs / block))
-    starts = np.random.default_rng(seed).integers(0, n_trs, (n_boot, nb))
-    idx = (starts[..., None] + np.arange(block)) % n_trs  # (n_boot, nb, block)
-    counts = np.zeros((n_boot, n_trs))
-    np.add.at(counts, (np.repeat(np.arange(n_boot), nb * block), idx.ravel()), 1.0)
-    return counts
-
 # %% ../nbs/evaluation/36_decoding.ipynb #2fd1fe05
 def _score(v:np.ndarray, key:tuple, counts:np.ndarray|None=None, frames:int=1):
     "A score from per-TR values (their mean) or band moments; with `counts`, one per resample."
@@ -181,7 +166,7 @@ def decoding_scores(decoded:dict, # modality -> (n_trs, ...) decoded from the br
     if len(null) < 2: raise ValueError("decoding_scores: the null needs at least 2 shifted decodings")
     per_tr, chance = _per_tr(decoded, true)
     nulls = [_per_tr(d, true)[0] for d in null]
-    counts = boot_counts(n, min(n, math.ceil(block_s / tr - 1e-9)), n_boot, seed)
+    counts = boot_counts(n, bootstrap_block(n, tr, block_s), n_boot, seed)
     frames = np.asarray(decoded["audio"]).shape[-1] if "audio" in decoded else 1
     rows = []
     for key, v in per_tr.items():

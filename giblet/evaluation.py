@@ -11,18 +11,16 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'RESOLVE', 'WORDS', 'R_KEYS', 'ROW_NAMES', 'ZScoredSubjects', 'run_ceiling', 'block_bootstrap', 'shift_null',
-           'bootstrap_block', 'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed',
-           'block_resolution', 'voxel_signs', 'factor_table', 'score_table', 'roi_name_map', 'roi_table',
-           'table_records', 'evaluate_run']
+           'verdict', 'compare', 'difference_words', 'headline_words', 'trs_needed', 'block_resolution', 'voxel_signs',
+           'factor_table', 'score_table', 'roi_name_map', 'roi_table', 'table_records', 'evaluate_run']
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #dc5c5f56
-from .metrics import moment_r, noise_ceiling, voxel_r
+from .metrics import boot_counts, bootstrap_block, moment_r, noise_ceiling, voxel_r
 from .baselines import BASELINES, fit_baselines, stimulus_bands
 from .stacking import cv_stack_weights, model_share, stack
 from .synthetic_truth import factor_units, truth_block, truth_columns, truth_scores
@@ -67,13 +65,8 @@ def block_bootstrap(preds:Mapping, # name -> (n_trs, n_voxels) predictions of th
     n = len(true)
     if not 2 <= block <= n: raise ValueError(f"block must be in [2, n_trs={n}]; got {block}")
     if not len(vox): raise ValueError("no voxels to average")
-    k = max(1, round(n / block))
-    starts = np.random.default_rng(seed).integers(0, n, (n_boot, k))
-    counts = np.zeros((n_boot, n)); np.add.at(counts, (np.repeat(np.arange(n_boot), k), starts.ravel()), 1.0)
-    m = k * block
-    def bsum(q):  # sum of q over the circular block starting at each TR
-        c = np.cumsum(np.concatenate([np.zeros((1, q.shape[1])), q, q[:block - 1]]), 0)
-        return counts @ (c[block:block + n] - c[:n])
+    counts = boot_counts(n, block, n_boot, seed)
+    m, bsum = max(1, round(n / block)) * block, lambda q: counts @ q   # TRs per resample; a per-TR sum in each
     out = {name: np.zeros(n_boot) for name in preds}
     for a in range(0, len(vox), chunk):
         v = vox[a:a + chunk]
@@ -96,14 +89,6 @@ def shift_null(pred:np.ndarray, # (n_trs, n_voxels) prediction
     shifts = np.arange(min_shift, len(true) - min_shift + 1)
     if not len(shifts): raise ValueError(f"{len(true)} TRs leave no shift of at least {min_shift} TRs")
     return np.array([voxel_r(np.roll(pred, s, 0)[:, v], true[:, v]).mean() for s in shifts], np.float64)
-
-# %% ../nbs/evaluation/35_evaluation.ipynb #d9da9e9b
-def bootstrap_block(n_trs:int, # TRs in the test block
-                    tr:float, # seconds per TR
-                    block_s:float=20.0, # the least length of a bootstrap block, in seconds
-                   )->int: # TRs per resampled block
-    "TRs per bootstrap block: those of at least `block_s` seconds, at least 2, at most `n_trs`."
-    return min(n_trs, max(2, math.ceil(block_s / tr - 1e-9)))
 
 # %% ../nbs/evaluation/35_evaluation.ipynb #e2f2b54b
 def verdict(lo:float, # lower end of the CI of model - baseline

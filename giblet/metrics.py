@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,8 +15,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'voxel_r', 'voxel_r2', 'moment_r', 'ceiling_from_r', 'intersubject_r', 'noise_ceiling', 'stimulus_features',
-           'delay_features', 'himalaya_backend']
+__all__ = ['logger', 'voxel_r', 'voxel_r2', 'moment_r', 'bootstrap_block', 'boot_counts', 'ceiling_from_r', 'intersubject_r',
+           'noise_ceiling', 'stimulus_features', 'delay_features', 'himalaya_backend']
 
 # %% ../nbs/core/01_metrics.ipynb #d59d1f20
 _CHUNK_ELEMS = 2 ** 20  # TR x voxel elements scored at a time on the NumPy path (8 MB per float64 temporary)
@@ -103,6 +104,29 @@ def moment_r(sx, # sums of x (any shape; all five broadcast together)
     vx, vy, cov = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
     ok = (vx > 1e-12 * np.maximum(1, sxx)) & (vy > 1e-12 * np.maximum(1, syy))
     return np.where(ok, cov / np.sqrt(np.where(ok, vx * vy, 1.0)), 0.0)
+
+# %% ../nbs/core/01_metrics.ipynb #8ec88131
+def bootstrap_block(n_trs:int, # TRs in the test block
+                    tr:float, # seconds per TR
+                    block_s:float=20.0, # the least length of a bootstrap block, in seconds
+                   )->int: # TRs per resampled block
+    "TRs per bootstrap block: those of at least `block_s` seconds, at least 2, at most `n_trs`."
+    return min(n_trs, max(2, math.ceil(block_s / tr - 1e-9)))
+
+# %% ../nbs/core/01_metrics.ipynb #1955ca30
+def boot_counts(n_trs:int, # TRs in the block
+                block:int, # TRs per resampled block
+                n_boot:int=1000, # resamples
+                seed:int=0, # seed of the draws
+               )->np.ndarray: # float64 (n_boot, n_trs): how often each TR is drawn in each resample
+    "Circular block bootstrap of a block of TRs, as counts per TR."
+    if not 1 <= block <= n_trs: raise ValueError(f"a bootstrap block of {block} TRs does not fit {n_trs} TRs")
+    nb = max(1, round(n_trs / block))
+    starts = np.random.default_rng(seed).integers(0, n_trs, (n_boot, nb))
+    idx = (starts[..., None] + np.arange(block)) % n_trs  # (n_boot, nb, block)
+    counts = np.zeros((n_boot, n_trs))
+    np.add.at(counts, (np.repeat(np.arange(n_boot), nb * block), idx.ravel()), 1.0)
+    return counts
 
 # %% ../nbs/core/01_metrics.ipynb #77e7f1b1
 def ceiling_from_r(r, # correlation between the mean of `n_a` subjects and the mean of `n_b` others (per voxel)

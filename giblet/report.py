@@ -24,11 +24,11 @@ __all__ = ['logger', 'longest_stretch', 'run_decoding', 'decoding_metrics', 'plo
 # %% ../nbs/evaluation/37_report.ipynb #3286d4de
 from .decoding import decode_block, decoding_scores, true_block
 from .baselines import BASELINES
-from .evaluation import ROW_NAMES, WORDS, block_bootstrap, bootstrap_block, evaluate_run, headline_words, roi_name_map, table_records, verdict
+from .evaluation import ROW_NAMES, WORDS, block_bootstrap, evaluate_run, headline_words, roi_name_map, table_records, verdict
 from .stacking import model_share
 from .data.bold_stats import stretches
 from .data.fmri import features_to_nii
-from .metrics import voxel_r
+from .metrics import bootstrap_block, voxel_r
 from .synthetic_truth import study_truth
 from .io import atomic_write, write_json
 from .training.trainer import Trainer
