@@ -35,10 +35,15 @@ def repo_root() -> Path:
     return ROOT
 
 
+def session_cache(tmp_path_factory) -> Path:
+    "The session's feature and synthetic-data cache folder (the `cache` fixture; the `background` process writes there too)."
+    return tmp_path_factory.getbasetemp() / "giblet-cache"
+
+
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory) -> Path:
     "A feature and synthetic-data cache shared by the test modules of this session."
-    return tmp_path_factory.getbasetemp() / "giblet-cache"
+    return session_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -46,14 +51,6 @@ def study(cache) -> Path:
     "The small synthetic study `SMALL` (generated once per session, into `cache`)."
     from giblet.synthetic_truth import embedded_dataset
     return embedded_dataset(cache, **SMALL)
-
-
-def finish(proc:subprocess.Popen, timeout:float)->subprocess.CompletedProcess:
-    "Wait for `proc` (started with text pipes) and collect its output; past `timeout` seconds it is killed and the test fails."
-    try: out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill(); proc.communicate(); raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 class Background:
@@ -69,11 +66,11 @@ class Background:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def background(request, cache):
+def background(request, tmp_path_factory):
     """One process, started with the session, builds (in order) the caches that the selected tests' `background` markers name:
     the slow lane runs one test at a time, so the study a long fixture reads is written on the core the tests before it leave
     idle. The caches are the ones the fixture would build itself (the same `study_data` call), so every test reads the same data."""
-    options = []
+    options, cache = [], session_cache(tmp_path_factory)   # not the `cache` fixture, which a test module may replace with its own
     for item in request.session.items:
         for m in item.iter_markers("background"):
             o = dict(m.kwargs, cache_dir=str(cache), progress=False)

@@ -15,7 +15,7 @@ import torch
 from giblet import cli
 from giblet.training import trainer as T
 from giblet.training.checkpoints import load_checkpoint
-from conftest import SMALL, finish   # the small study of the `cache` and `study` fixtures; a process's end
+from conftest import SMALL   # the small study of the `cache` and `study` fixtures
 
 FAST = dict(batch_size=8, recon_frac=0.5, patience=0, synthetic=SMALL, stride=3,
             skip_first=3, val_frac=0.2, test_frac=0.3,
@@ -163,22 +163,14 @@ def test_papermill_notebook_and_sweep(tmp_path, cache, study):
     "The training notebook runs under papermill (as documented) and giblet-sweep runs it over a grid."
     nb = REPO / "nbs" / "tutorials" / "train.ipynb"
     params = ["-p", "cache_dir", str(cache), "-p", "epochs", "2"]
-    # the caches the three runs read are built once, here (as the first run would); then the papermill command runs in its own
-    # process while the sweep's two kernels run one after the other beside it
-    from giblet.training.config import TrainConfig
-    from giblet.training.data import study_data
-    study_data(TrainConfig.make(preset="tiny", synthetic=SMALL, cache_dir=str(cache), progress=False))
-    papermill = subprocess.Popen([sys.executable, "-m", "papermill", str(nb), str(tmp_path / "out.ipynb"), "-p", "out_dir",
-                                  str(tmp_path / "a"), *params, "--cwd", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
-    try:
-        grid = tmp_path / "grid.yaml"
-        grid.write_text(f"epochs: [1]\nseed: [0, 1]\ncache_dir: {cache}\n")
-        df = cli.sweep_main(str(grid), str(tmp_path / "sweep"))
-    finally: res = finish(papermill, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(tmp_path / "out.ipynb"), "-p", "out_dir",
+                          str(tmp_path / "a"), *params, "--cwd", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert m["epochs"] == 2 and m["block"] == "test" and (tmp_path / "a" / "test_pred.nii.gz").is_file()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"epochs: [1]\nseed: [0, 1]\ncache_dir: {cache}\n")
+    df = cli.sweep_main(str(grid), str(tmp_path / "sweep"))
     assert list(df.status) == ["ok", "ok"] and list(df.seed) == [0, 1]
     summary = pd.read_csv(tmp_path / "sweep" / "summary.csv")
     assert len(summary) == 2 and summary.test_voxel_r_selected.notna().all()
