@@ -27,7 +27,8 @@ def rendered(tmp_path_factory):
     from nbdev.config import get_config
     from nbdev.serve import proc_nbs
     cfg = get_config(path=ROOT)
-    proc = proc_nbs(path=str(cfg.nbs_path), n_workers=0, force=True)
+    # two worker processes: the slow lane runs one test at a time, and CI's second core would idle through the notebooks
+    proc = proc_nbs(path=str(cfg.nbs_path), n_workers=2, force=True)
     exporter = HTMLExporter(template_name="basic")
     pages = {}
     for nb_path in sorted(Path(proc).rglob("*.ipynb")):

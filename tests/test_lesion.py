@@ -30,18 +30,20 @@ ROIS = ("visual", "auditory", "language")
 TARGET = dict(visual="video", auditory="audio", language="text")
 NULL = "no signal"  # the negative control: a contiguous blob of units with no planted signal
 # the slow lane: a model trained to tell the planted regions apart, a papermill kernel, a stream-trained run (the lesion
-# notebooks and the lesion tutorial run in the fast lane's nbdev_test)
-pytestmark = pytest.mark.slow
+# notebooks and the lesion tutorial run in the fast lane's nbdev_test); the study and its features are built in the session's
+# background process while the tests before these run
+pytestmark = [pytest.mark.slow, pytest.mark.background(synthetic=SYNTHETIC, **TRAIN)]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, cache, background):
     "A tiny model trained on the synthetic study with the Trainer (checkpoints written), and its data."
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is as fast, and immune to busy-waiting on a shared machine
     root = tmp_path_factory.mktemp("lesion")
-    cfg = TrainConfig.make(synthetic=SYNTHETIC, cache_dir=str(root / "cache"), **TRAIN)
+    cfg = TrainConfig.make(synthetic=SYNTHETIC, cache_dir=str(cache), **TRAIN)
     t0 = time.perf_counter()
+    background.wait()
     data = prepare_data(cfg)
     t1 = time.perf_counter()
     trainer = Trainer(data, cfg, out_dir=root / "run")

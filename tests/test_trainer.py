@@ -27,6 +27,8 @@ from conftest import SMALL   # the small study of the `cache` and `study` fixtur
 # The planted-truth target is checked on a study like the embedded one (600 TRs, 10 subjects, noise at the generator's
 # default), on a coarser grid and a 10 fps film so that it is quick to write.
 PLANTED = dict(n_subjects=10, n_trs=600, shape=[14, 17, 14], size=[64, 36], fps=10, seed=0)
+# the default options on it (its study and features are built in the session's background process)
+PLANTED_RUN = dict(synthetic=PLANTED, device="cpu", progress=False, decode_from="brain")
 FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_from="both", recon_frac=0.5, patience=0, stride=3,
             skip_first=3, val_frac=0.2, test_frac=0.3,
             model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
@@ -186,11 +188,13 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, cache, study, data):
 
 
 @pytest.mark.slow   # trains the default model to its target on a study like the embedded one
-def test_planted_truth(tmp_path, cache):
+@pytest.mark.background(**PLANTED_RUN)
+def test_planted_truth(tmp_path, cache, background):
     """With the default options, the best checkpoint's test-block prediction of the subject average correlates >= 0.8
     with the planted noise-free signal (mean voxel r over responsive voxels, roi > 0), and its headline test r
     beats himalaya's ridge fitted on the same training block (the banded ridge is reported, not asserted)."""
-    cfg = TrainConfig.make(cache_dir=str(cache), synthetic=PLANTED, device="cpu", progress=False, decode_from="brain")
+    cfg = TrainConfig.make(cache_dir=str(cache), **PLANTED_RUN)
+    background.wait()
     data = prepare_data(cfg)
     tr = Trainer(data, cfg, tmp_path)
     tr.fit()
