@@ -17,10 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The small study shared by tests/test_trainer.py, test_cli.py, test_evaluation.py and test_report.py (one cache per session).
 SMALL = dict(n_subjects=2, n_trs=160, seed=0, shape=[14, 17, 14], size=[64, 36])
-# Two quick epochs of the tiny model on it.
-FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_from="both", recon_frac=0.5, patience=0, stride=3,
-            skip_first=3, val_frac=0.2, test_frac=0.3, epochs=2,
-            model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
+# How the end-to-end tests train: small batches, no early stop, a small temporal model and brain head.
+QUICK = dict(batch_size=8, recon_frac=0.5, patience=0, skip_first=3, val_frac=0.2, test_frac=0.3,
+             model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
+# Two quick epochs of the tiny model on SMALL, in the test's process.
+FAST = dict(QUICK, preset="tiny", device="cpu", progress=False, decode_from="both", stride=3, epochs=2)
+# QUICK for the tests' own small studies, whose films are cut at 32 x 18 pixels (a giblet-train --config, mostly).
+QUICK_32 = dict(QUICK, stride=4, progress=False, model_overrides=dict(QUICK["model_overrides"], frame_width=32, frame_height=18))
 
 
 def pytest_configure(config):

@@ -15,11 +15,9 @@ import torch
 from giblet import cli
 from giblet.training import trainer as T
 from giblet.training.checkpoints import load_checkpoint
-from conftest import SMALL   # the small study of the `cache` and `study` fixtures
+from conftest import QUICK, SMALL   # the small study of the `cache` and `study` fixtures
 
-FAST = dict(batch_size=8, recon_frac=0.5, patience=0, synthetic=SMALL, stride=3,
-            skip_first=3, val_frac=0.2, test_frac=0.3,
-            model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
+FAST = dict(QUICK, synthetic=SMALL, stride=3)   # giblet-train's --config for the small study
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,7 @@ from giblet.training.checkpoints import load_run
 from giblet.training.config import TrainConfig
 from giblet.training.data import prepare_data
 from giblet.training.trainer import Trainer
+from conftest import QUICK_32
 
 # Sherlock's length and subject count on a coarse grid and a small, slow film: the tiny model learns the planted mapping
 # (rather than memorising the training block) and the validation block holds 13 bootstrap blocks of 20 s
@@ -300,9 +301,7 @@ def test_lesion_on_a_stream_trained_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads(); torch.set_num_threads(1)
     dino = tiny_backbone(tmp_path / "dino", "image")
-    fast = dict(batch_size=8, recon_frac=0.5, patience=0, stride=4, skip_first=3, val_frac=0.2, test_frac=0.3, progress=False,
-                synthetic=dict(n_subjects=2, n_trs=240, shape=[10, 12, 10], size=[32, 18], seed=1),
-                model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4, frame_width=32, frame_height=18))
+    fast = dict(QUICK_32, synthetic=dict(n_subjects=2, n_trs=240, shape=[10, 12, 10], size=[32, 18], seed=1))
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["--out", str(run_dir), "--cache-dir", str(cache), "--epochs", "1", "--device", "cpu", "--no-baseline",
             "--config", json.dumps(fast), "--features", f"video={dino}:-1:n_frames=2"]

@@ -9,10 +9,10 @@ import yaml
 
 from giblet import cli
 from giblet.synthetic import make_dataset
+from conftest import QUICK_32
 
 KW = dict(n_subjects=2, n_trs=160, n_runs=2, seed=3, shape=(10, 12, 10), size=(32, 18))
-FAST = dict(batch_size=8, recon_frac=0.5, patience=0, stride=4, skip_first=3, val_frac=0.2, test_frac=0.3, progress=False,
-            model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4, frame_width=32, frame_height=18))
+FAST = QUICK_32   # giblet-train's --config for these 32 x 18 studies
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,13 @@ from giblet.training.config import TrainConfig
 from giblet.training.data import prepare_data
 from giblet.training.trainer import NonFiniteLoss, Trainer
 
-from conftest import SMALL   # the small study of the `cache` and `study` fixtures
+from conftest import FAST, SMALL   # the small study of the `cache` and `study` fixtures, and two quick epochs on it
 
 # The planted-truth target is checked on a study like the embedded one (600 TRs, 10 subjects, noise at the generator's
 # default), on a coarser grid and a 10 fps film so that it is quick to write.
 PLANTED = dict(n_subjects=10, n_trs=600, shape=[14, 17, 14], size=[64, 36], fps=10, seed=0)
 # the default options on it (its study and features are built in the session's background process)
 PLANTED_RUN = dict(synthetic=PLANTED, device="cpu", progress=False, decode_from="brain")
-FAST = dict(preset="tiny", device="cpu", progress=False, batch_size=8, decode_from="both", recon_frac=0.5, patience=0, stride=3,
-            skip_first=3, val_frac=0.2, test_frac=0.3,
-            model_overrides=dict(context_trs=8, temporal_kernel=6, brain_rank=4))
 
 
 def cfg_for(cache, study, **kw):
