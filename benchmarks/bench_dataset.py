@@ -25,7 +25,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from giblet.alignment.sync import Aligned
 from giblet.dataset import (ContextDataset, StreamedArray, StudyTensors, _DecodedBold, _encode_fmri,
@@ -168,7 +167,6 @@ def bold_compare(folder:str, repeat:int, where:str|None):
     rows = []
     for k in range(repeat):
         for how in ("once", "twice"):
-            t0 = time.perf_counter()
             r = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--bold", folder, "--how", how]
                                + (["--dir", where] if where else []), capture_output=True, text=True)
             if r.returncode: sys.exit(r.stderr[-3000:])

@@ -8,7 +8,6 @@ predicted brain layer and from measured fMRI with `giblet.decoding`. Options cha
 import argparse, json, logging, os, time
 
 import numpy as np
-import pandas as pd
 import torch
 
 from giblet.decoding import decode_block, decoding_scores, true_block

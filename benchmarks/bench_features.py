@@ -30,7 +30,7 @@ import torch
 
 import giblet.features as gf
 from giblet.study import parse_stream_spec
-from giblet.data.audio import demo_waveform, load_audio
+from giblet.data.audio import demo_waveform
 from giblet.data.video import _moving_pattern, frames_to_video
 
 FPS, SR = 25, 16000

@@ -5,16 +5,14 @@ usage: python benchmarks/bench_train.py [--epochs N] [--cache DIR] [--device cpu
 Prints one line per measurement; nothing is asserted.
 """
 import argparse
-import os
 import resource
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from giblet.training.config import TrainConfig
-from giblet.training.data import model_config, prepare_data
+from giblet.training.data import prepare_data
 from giblet.training.distributed import resolve_device
 from giblet.training.trainer import Trainer
 

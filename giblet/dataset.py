@@ -5,13 +5,9 @@
 # %% ../nbs/dataset/14_dataset.ipynb #3430c175
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from .data.audio import load_audio
-from .data.video import video_info, video_to_frames
 from .study import StreamSpec, parse_stream_spec
-from .windows import audio_clips, check_words, read_transcript, text_contexts, video_clips, words_from_annotations
+from .windows import audio_clips, check_words, read_transcript, text_contexts, video_clips
 from .io import (FolderLockedError, RunLock, atomic_write, clean_leftovers, env_folder, file_checksum, input_fingerprint,
                        no_bar)
 

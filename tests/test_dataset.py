@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,7 +242,6 @@ def test_discover_ignores_side_files_and_says_so(study, tmp_path, caplog):
 
 def test_cache_writer_lets_each_lazy_subject_go_and_never_scales_the_callers_array(tmp_path):
     import weakref
-    import nibabel as nib
     from giblet.dataset import _DecodedBold, _encode_fmri, save_arrays
     alive, most = [], [0]
     bold = lambda s: np.random.default_rng(s).normal(100 + 50 * s, 5, (40, 30)).astype(np.float32)

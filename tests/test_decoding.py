@@ -15,7 +15,6 @@ N, TR = 160, 1.5
 def study():
     "A planted block: slowly drifting frames, mel bands and 16 annotations, each held a few TRs."
     g = np.random.default_rng(1)
-    t = np.arange(N)
     slow = np.stack([np.convolve(g.standard_normal(N + 20), np.ones(8) / 8, "same")[10:-10] for _ in range(6)], 1)  # (N, 6)
     pix = g.standard_normal((6, 2 * 6 * 8 * 3))
     video = (np.clip(0.5 + 0.15 * (slow @ pix), 0, 1) * 255).astype(np.uint8).reshape(N, 2, 6, 8, 3)

@@ -478,7 +478,6 @@ def test_a_corrupt_cache_with_its_time_stamp_kept_is_named_not_the_subject(short
     "Bytes changed in place with the time stamp kept: training said 'subject 1 holds NaN or inf values'; only --verify found it."
     import numpy as np
     from giblet.dataset import stream_folders
-    from giblet.dataset import load_spec
     from giblet.training.config import TrainConfig
     from giblet.training.data import prepare_data
     cfg = TrainConfig.make(data_dir=str(short_study.root), preset="tiny", cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")

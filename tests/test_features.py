@@ -2,7 +2,6 @@
 causality, the cache (reuse, rebuild after corruption, resume, sharding over ranks), the offline message, and a model that
 trains with a stream."""
 import logging
-import os
 
 import numpy as np
 import pandas as pd

@@ -2,7 +2,6 @@
 processes racing for one run folder, and a lock released on exit."""
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys

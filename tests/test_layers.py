@@ -59,7 +59,6 @@ def test_packages_do_not_import_each_other_back():
 
 def test_a_late_import_is_caught(tmp_path, monkeypatch):
     "The check itself: a data reader importing the trainer is reported."
-    order = _order()
     real = _imports
     monkeypatch.setitem(globals(), "_imports", lambda m: real(m) | ({"giblet.training.trainer"} if m == "giblet.data.fmri" else set()))
     with pytest.raises(AssertionError, match="giblet.data.fmri"): test_no_module_imports_a_later_one()

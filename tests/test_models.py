@@ -6,7 +6,7 @@ import torch
 
 from giblet.models.autoencoder import BrainAutoencoder, compute_losses, param_breakdown, target_variances
 from giblet.models.decoder import apply_lesion
-from giblet.models.encoder import MODALITIES, PRESETS, ModelConfig, example_batch
+from giblet.models.encoder import PRESETS, ModelConfig, example_batch
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 and a run that starts from the ridge does not fall below it there: the guard against the real-data gap coming back."""
 import json
 
-import numpy as np
 import pytest
 
 from giblet import cli

@@ -9,7 +9,7 @@ import pytest
 from giblet.synthetic import load_truth, make_dataset
 from giblet.baselines import fit_baselines, stimulus_bands
 from giblet.evaluation import WORDS, factor_table, headline_words
-from giblet.stacking import cv_stack_weights, model_share, stack, stack_weights
+from giblet.stacking import cv_stack_weights, model_share, stack
 from giblet.synthetic_truth import embedded_dataset, truth_rows, truth_scores
 from giblet.report import write_report
 from giblet.metrics import voxel_r

@@ -2,7 +2,6 @@
 import logging
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

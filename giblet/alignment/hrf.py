@@ -91,7 +91,7 @@ def _causal_conv(x:torch.Tensor, # (T, C): C series of T steps, rows contiguous 
                  b:int|None=None, # block length in steps (default: max(8, c // 2), c = kernel length - 1)
                 )->torch.Tensor:
     "The causal convolution of `x` along dim 0: a head of `c..c+b-1` steps, then blocks of `b` steps."
-    (T, C), c = x.shape, len(_kernel(tr, 32.0)) - 1  # c: how far back an output reaches
+    T, c = x.shape[0], len(_kernel(tr, 32.0)) - 1  # c: how far back an output reaches
     b = b or max(8, c // 2)  # measured fastest: about 1.5·c multiply-adds per value, BLAS still efficient
     mat = lambda n_out, n_in: torch.from_numpy(_toeplitz(tr, n_out, n_in)).to(device=x.device, dtype=x.dtype)
     nw = max((T - c) // b, 0)  # blocks after the head

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import itertools
-import os
 from functools import lru_cache
 from collections.abc import Iterable
 from dataclasses import dataclass
