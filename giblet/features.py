@@ -23,6 +23,7 @@ import torch
 from .data.audio import load_audio
 from .study import StreamSpec, parse_stream_spec
 from .windows import audio_clips, check_words, read_transcript, text_contexts, video_clips
+from .dataset import default_cache_dir
 from .io import (FolderLockedError, RunLock, atomic_write, clean_leftovers, env_folder, file_checksum, input_fingerprint,
                        no_bar)
 
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'STREAM_PREFIX', 'CACHE_VERSION', 'stream_key', 'Backbone', 'load_backbone', 'tiny_backbone', 'embed',
-           'default_cache_dir', 'cache_key', 'extract_stream', 'load_stream', 'verify_streams', 'StreamRun',
+           'default_streams_dir', 'cache_key', 'extract_stream', 'load_stream', 'verify_streams', 'StreamRun',
            'runs_from_aligned', 'load_streams']
 
 # %% ../nbs/features/20_features.ipynb #f810289f
@@ -233,11 +234,12 @@ def embed(bb:Backbone, # a loaded backbone
     return _embed_text(bb, items)
 
 # %% ../nbs/features/20_features.ipynb #28c4bdd3
-CACHE_VERSION = 1
+CACHE_VERSION = 1 # part of every stream's key: raising it retires every stream cache written before
 
-def default_cache_dir()->Path:
-    "Where streams are cached unless told otherwise: `$GIBLET_FEATURES_CACHE` (`~` and `$VARS` expanded, made absolute), else ~/.cache/giblet/features."
-    return env_folder("GIBLET_FEATURES_CACHE", Path.home() / ".cache" / "giblet" / "features")
+# %% ../nbs/features/20_features.ipynb #089e45a0
+def default_streams_dir()->Path:
+    "Where streams are cached unless told otherwise: `$GIBLET_FEATURES_CACHE` (`~` and `$VARS` expanded), else the cache root's `features/`."
+    return env_folder("GIBLET_FEATURES_CACHE", default_cache_dir() / "features")
 
 # %% ../nbs/features/20_features.ipynb #7e0e07cf
 def _model_identity(name:str, revision:str="")->dict:
@@ -417,7 +419,7 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
                    source, # video/audio: the film path (audio also (waveform, sr)); text: a transcript path or word table
                    times, # (n_trs,) film time (s) where each TR window starts
                    tr:float, # repetition time (s)
-                   cache_dir:str|Path|None=None, # cache root (None: `default_cache_dir()`)
+                   cache_dir:str|Path|None=None, # cache root (None: `default_streams_dir()`)
                    device:str|torch.device="cpu", # where the backbone runs
                    dtype:torch.dtype|None=None, # compute dtype (None: float32)
                    batch_size:int=16, # clips per forward pass
@@ -433,7 +435,7 @@ def extract_stream(spec:StreamSpec|str, # the stream (or its "KIND=MODEL:LAYERS"
     spec = parse_stream_spec(spec) if isinstance(spec, str) else spec
     times = _check_grid(spec, times, chunk_trs, batch_size)
     key, bb = _keyed(spec, source, times, tr, device, dtype)
-    folder = Path(cache_dir or default_cache_dir()) / f"{spec.name}-{_digest(key)}"
+    folder = Path(cache_dir or default_streams_dir()) / f"{spec.name}-{_digest(key)}"
     if _valid_entry(folder, key): return folder
     rank, world = _rank_world(rank, world_size)
     _start_entry(folder, key, chunk_trs)
@@ -483,10 +485,10 @@ def load_stream(folder:str|Path, # a cache folder from `extract_stream`
     return np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
 
 # %% ../nbs/features/20_features.ipynb #6afd2910
-def verify_streams(root:str|Path|None=None, # a stream-cache root (None: `default_cache_dir()`)
+def verify_streams(root:str|Path|None=None, # a stream-cache root (None: `default_streams_dir()`)
                   )->dict: # cache folders: {"verified": [...], "removed": [...], "incomplete": [...]}
     "Checksum every finished stream cache under `root` against its manifest; remove (and report) the damaged ones."
-    root, out = Path(root or default_cache_dir()), dict(verified=[], removed=[], incomplete=[])
+    root, out = Path(root or default_streams_dir()), dict(verified=[], removed=[], incomplete=[])
     if not root.is_dir(): return out
     clean_leftovers(root)
     for folder in sorted(p.parent for p in root.glob("*/manifest.json")):
@@ -527,7 +529,7 @@ def runs_from_aligned(aligned, # a `giblet.alignment.sync.Aligned` study (its `r
 def load_streams(specs:Sequence, # StreamSpec or "KIND=MODEL:LAYERS" strings
                  runs:Sequence[StreamRun], # the study's runs, in TR order
                  tr:float, # repetition time (s)
-                 cache_dir:str|Path|None=None, # cache root (None: `default_cache_dir()`)
+                 cache_dir:str|Path|None=None, # cache root (None: `default_streams_dir()`)
                  **kwargs, # passed to `extract_stream` (device, dtype, batch_size, chunk_trs, progress, ...)
                 )->dict: # stream name -> float32 (n_trs, d) on the study's TR grid
     "Every stream of a study on its TR grid, from the cache (extracted first where missing)."

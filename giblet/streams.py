@@ -14,7 +14,7 @@ import torch
 from .alignment.sync import Aligned, run_part
 from .data.text import load_annotations
 from .dataset import Normaliser, StudyTensors
-from .features import default_cache_dir, load_streams, runs_from_aligned, stream_key
+from .features import default_streams_dir, load_streams, runs_from_aligned, stream_key
 from .study import StudySpec, parse_stream_spec
 from .study_plan import run_spec
 from .windows import words_from_annotations
@@ -37,10 +37,10 @@ def run_words(spec:StudySpec, # the study
     return words
 
 # %% ../nbs/features/21_streams.ipynb #fcf4e485
-def streams_folder(cache_dir:str|Path|None=None, # a run's cache root (None: the features' default, `giblet.features.default_cache_dir()`)
+def streams_folder(cache_dir:str|Path|None=None, # a run's cache root (None: the streams' default, `giblet.features.default_streams_dir()`)
                   )->Path:
     "Where a run's feature streams are cached."
-    return Path(cache_dir) / "features" if cache_dir else default_cache_dir()
+    return Path(cache_dir) / "features" if cache_dir else default_streams_dir()
 
 # %% ../nbs/features/21_streams.ipynb #b1d99668
 def study_streams(features:list, # stream specs, "KIND=NAME_OR_PATH[:LAYERS][:option=value]" each

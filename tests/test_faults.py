@@ -545,7 +545,7 @@ def test_discovery_and_annotation_errors_name_the_option(tmp_path):
 
 def test_giblet_features_cache_expands_like_giblet_cache(tmp_path, monkeypatch):
     "GIBLET_FEATURES_CACHE='~/f' made a folder named '~' in the working folder; GIBLET_CACHE was already expanded."
-    from giblet.features import default_cache_dir as features_cache
+    from giblet.features import default_streams_dir as features_cache
     monkeypatch.setenv("HOME", str(tmp_path / "home")); monkeypatch.setenv("WHERE", "f"); monkeypatch.chdir(tmp_path)
     for value, want in (("~/f", tmp_path / "home" / "f"), ("$HOME/${WHERE}", tmp_path / "home" / "f"), ("rel", tmp_path / "rel")):
         monkeypatch.setenv("GIBLET_FEATURES_CACHE", value)
