@@ -216,9 +216,9 @@ def giblet_train(argv:list|None=None, # command-line arguments (default: sys.arg
 # %% ../nbs/cli/50_cli.ipynb #e94c6ce6
 def giblet_lesion(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
                  ):
-    "Console script `giblet-lesion`: `giblet.lesion.lesion_main` with this parser and these exit codes; prints the effect table."
-    from giblet import lesion
-    table = _entry(lesion.lesion_main, "giblet-lesion", argv)
+    "Console script `giblet-lesion`: `giblet.lesion_run.lesion_main` with this parser and these exit codes; prints the effect table."
+    from giblet.lesion_run import lesion_main
+    table = _entry(lesion_main, "giblet-lesion", argv)
     if table is not None: print(table.to_string(index=False) if hasattr(table, "to_string") else table)
 
 # %% ../nbs/cli/50_cli.ipynb #94d22447

@@ -138,24 +138,24 @@ def test_cleaning_removes_only_giblets_own_temporaries(tmp_path):
 
 def test_two_lesion_runs_into_one_new_folder_the_second_is_refused(tmp_path, monkeypatch):
     "Both used to exit 0, and one run's results were gone."
-    from giblet import lesion
+    from giblet import lesion_run
     inside, go = threading.Event(), threading.Event()
     def slow_load(*a, **k): inside.set(); go.wait(30); raise FileNotFoundError("stop here")
-    monkeypatch.setattr(lesion, "load_run", slow_load)
+    monkeypatch.setattr(lesion_run, "load_run", slow_load)
     out = tmp_path / "lesions"
-    first = threading.Thread(target=lambda: pytest.raises(FileNotFoundError, lesion.lesion_main, "ck.pt", str(out)))
+    first = threading.Thread(target=lambda: pytest.raises(FileNotFoundError, lesion_run.lesion_main, "ck.pt", str(out)))
     first.start()
     try:
         assert inside.wait(30)
-        with pytest.raises(gio.FolderLockedError, match="in use by process"): lesion.lesion_main("ck.pt", str(out))
+        with pytest.raises(gio.FolderLockedError, match="in use by process"): lesion_run.lesion_main("ck.pt", str(out))
     finally: go.set(); first.join()
-    with pytest.raises(FileNotFoundError, match="stop here"): lesion.lesion_main("ck.pt", str(out))   # free again
+    with pytest.raises(FileNotFoundError, match="stop here"): lesion_run.lesion_main("ck.pt", str(out))   # free again
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_a_killed_lesions_partial_folder_goes_on_the_next_run(tmp_path, monkeypatch):
     "A kill -9 while the run folder was written left a hidden partial folder beside --out for good."
-    from giblet import lesion
+    from giblet import lesion_run
     out = tmp_path / "lesions"
     child = _python(f"""
         import time
@@ -168,8 +168,8 @@ def test_a_killed_lesions_partial_folder_goes_on_the_next_run(tmp_path, monkeypa
     (partial,) = tmp_path.iterdir()
     other = tmp_path / ".other.k2j_x9q1.tmp"; other.write_text("not giblet's")
     def no_run(*a, **k): raise FileNotFoundError("no checkpoint")
-    monkeypatch.setattr(lesion, "load_run", no_run)
-    with pytest.raises(FileNotFoundError): lesion.lesion_main("ck.pt", str(out))
+    monkeypatch.setattr(lesion_run, "load_run", no_run)
+    with pytest.raises(FileNotFoundError): lesion_run.lesion_main("ck.pt", str(out))
     assert not partial.exists() and other.exists() and not out.exists()
 
 

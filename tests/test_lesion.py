@@ -15,7 +15,9 @@ import torch
 
 from giblet.synthetic import load_truth
 from giblet.io import usual_mode
-from giblet.lesion import lesion_data, lesion_effects, lesion_main, render
+from giblet.lesion import lesion_data, lesion_effects
+from giblet.lesion_run import lesion_main
+from giblet.render import render
 from giblet.regions import UnitGrid, atlas_regions, blob_region, mask_region, parse_regions, sphere_region, synthetic_regions
 from giblet.training.checkpoints import load_run
 from giblet.training.config import TrainConfig
