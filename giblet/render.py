@@ -98,6 +98,55 @@ def slug(text:str, # a region name
 # %% ../nbs/lesion/42_render.ipynb #9402799a
 def _escape(v): return v.replace("|", "\\|") if isinstance(v, str) else v
 
+# %% ../nbs/lesion/42_render.ipynb #c070ac1a
+def _timeline(sub:LesionData, rec:dict, mode:str, label:str)->pd.DataFrame:
+    "The nearest annotation (and its similarity) of every TR of `sub.trs` for each version of `rec` (from `reconstruct`)."
+    bank = sub.bank()
+    texts, scores = zip(*(nearest_text(rec[c]["text"].numpy(), *bank, return_scores=True) for c in ("intact", mode)))
+    texts, scores = dict(zip(("intact", mode), texts)), dict(zip(("intact", mode), scores))
+    truth = [sub.texts[i] for i in sub.trs]
+    return pd.DataFrame({"tr": sub.trs, "time_s": sub.trs * sub.tr, "original": truth, "intact": texts["intact"], label: texts[mode],
+                         "intact_similarity": scores["intact"], f"{mode}_similarity": scores[mode]})
+
+# %% ../nbs/lesion/42_render.ipynb #608f414e
+def _write_timeline(df:pd.DataFrame, out:Path, stem:str)->tuple:
+    "(CSV path, markdown path) of the timeline `df`, written into `out`."
+    csv, md = out / f"{stem}_text.csv", out / f"{stem}_text.md"
+    atomic_write(csv, lambda f: f.write(df.to_csv(index=False).encode()))
+    atomic_write(md, lambda f: f.write((md_table(df.set_index("tr").map(_escape)) + "\n").encode()))
+    return csv, md
+
+# %% ../nbs/lesion/42_render.ipynb #101f9937
+def _sounds(audio:dict, data:LesionData, out:Path, stem:str, n_iter:int)->dict:
+    "version -> WAV path: the sound of each version's (normalised) mels in `audio`."
+    from giblet.data.audio import mel_to_audio, write_wav
+    if data.norm is None: raise ValueError("render needs data.norm (the training mel statistics) to turn mels into sound")
+    mean, std = (torch.as_tensor(a, dtype=torch.float32)[:, None] for a in (data.norm.audio_mean, data.norm.audio_std))
+    wavs = {}
+    for version, mel in audio.items():
+        wave = mel_to_audio(mel * std + mean, tr=data.tr, sr=data.sample_rate, n_iter=n_iter)
+        peak = float(np.abs(wave).max())
+        wave = wave / peak * 0.9 if peak > 0.9 else wave
+        wavs[version] = out / f"{stem}_{version}.wav"
+        atomic_write(wavs[version], lambda p: write_wav(p, wave, data.sample_rate), as_path=True)
+    return wavs
+
+# %% ../nbs/lesion/42_render.ipynb #5a1536c5
+def _film(video:dict, df:pd.DataFrame, label:str, mode:str, tr:float, source:str, path:Path, scale:int|None)->Path:
+    "The MP4 at `path` of the uint8 frames `video` (version -> (n_trs, F, H, W, 3)), captioned from the timeline `df`."
+    from giblet.data.video import frames_to_video
+    n_t, F, H, W = video["original"].shape[:4]
+    scale = scale or max(1, round(180 / H))
+    cache, labels, trs = {}, ["original", "intact", label], df["tr"].to_numpy()
+    def frames():
+        for i in range(n_t):
+            caps = [df["original"].iloc[i], df["intact"].iloc[i], df[label].iloc[i]]
+            foot = f"TR {trs[i]}  ·  {trs[i] * tr:.1f} s  ·  decoded from {'the stimulus' if source == 'stimulus' else 'measured fMRI'}"
+            for f in range(F):
+                yield _compose([video[v][i, f].numpy() for v in ("original", "intact", mode)], labels, caps, foot, scale, cache)
+    atomic_write(path, lambda p: frames_to_video(frames(), p, Fraction(F) / Fraction(str(tr))), as_path=True)
+    return path
+
 # %% ../nbs/lesion/42_render.ipynb #1eb6e4f0
 def render(model, # a trained BrainAutoencoder
            data:LesionData, # the study; the rendered TRs are taken from `data.trs`
@@ -113,8 +162,6 @@ def render(model, # a trained BrainAutoencoder
            replace:str="zero", # silenced units at 0 ("zero") or at their training mean ("mean")
           )->Rendering:
     "Write the side-by-side MP4, a WAV per version and the text timeline for one region."
-    from giblet.data.audio import mel_to_audio, write_wav
-    from giblet.data.video import frames_to_video
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     trs = np.asarray(data.trs[:n_trs] if trs is None else trs, dtype=np.int64)
     sub = replace_field(data, trs=np.sort(trs))
@@ -123,37 +170,9 @@ def render(model, # a trained BrainAutoencoder
     t = torch.as_tensor(sub.trs, device=data.tensors.video.device)
     video = {"original": data.tensors.video[t].cpu(), **{c: (r["video"].clamp(0, 1) * 255).round().to(torch.uint8) for c, r in rec.items()}}
     audio = {"original": data.tensors.audio[t].float().cpu(), **{c: r["audio"] for c, r in rec.items()}}
-    bank = data.bank()  # the text timeline
-    texts, scores = zip(*(nearest_text(rec[c]["text"].numpy(), *bank, return_scores=True) for c in ("intact", mode)))
-    texts, scores = dict(zip(("intact", mode), texts)), dict(zip(("intact", mode), scores))
-    truth = [data.texts[i] for i in sub.trs]
-    df = pd.DataFrame({"tr": sub.trs, "time_s": sub.trs * data.tr, "original": truth, "intact": texts["intact"], label: texts[mode],
-                       "intact_similarity": scores["intact"], f"{mode}_similarity": scores[mode]})
-    stem = f"{slug(region.name)}_{mode}"
-    csv, md = out / f"{stem}_text.csv", out / f"{stem}_text.md"
-    atomic_write(csv, lambda f: f.write(df.to_csv(index=False).encode()))
-    atomic_write(md, lambda f: f.write((md_table(df.set_index("tr").map(_escape)) + "\n").encode()))
-    # the sound of each version, from its (un-normalised) log-mel
-    if data.norm is None: raise ValueError("render needs data.norm (the training mel statistics) to turn mels into sound")
-    mean, std = (torch.as_tensor(a, dtype=torch.float32)[:, None] for a in (data.norm.audio_mean, data.norm.audio_std))
-    wavs = {}
-    for version, mel in audio.items():
-        wave = mel_to_audio(mel * std + mean, tr=data.tr, sr=data.sample_rate, n_iter=n_iter)
-        peak = float(np.abs(wave).max())
-        wave = wave / peak * 0.9 if peak > 0.9 else wave
-        wavs[version] = out / f"{stem}_{version}.wav"
-        atomic_write(wavs[version], lambda p: write_wav(p, wave, data.sample_rate), as_path=True)
-    # the film
-    n_t, F, H, W = video["original"].shape[:4]
-    scale = scale or max(1, round(180 / H))
-    cache, labels = {}, ["original", "intact", label]
-    def frames():
-        for i in range(n_t):
-            caps = [truth[i], texts["intact"][i], texts[mode][i]]
-            foot = f"TR {sub.trs[i]}  ·  {sub.trs[i] * data.tr:.1f} s  ·  decoded from {'the stimulus' if source == 'stimulus' else 'measured fMRI'}"
-            for f in range(F):
-                yield _compose([video[v][i, f].numpy() for v in ("original", "intact", mode)], labels, caps, foot, scale, cache)
-    mp4 = out / f"{stem}.mp4"
-    atomic_write(mp4, lambda p: frames_to_video(frames(), p, Fraction(F) / Fraction(str(data.tr))), as_path=True)
-    logger.info("rendered %s (%d TRs) into %s", label, n_t, out)
+    df, stem = _timeline(sub, rec, mode, label), f"{slug(region.name)}_{mode}"
+    csv, md = _write_timeline(df, out, stem)
+    wavs = _sounds(audio, data, out, stem, n_iter)
+    mp4 = _film(video, df, label, mode, data.tr, source, out / f"{stem}.mp4", scale)
+    logger.info("rendered %s (%d TRs) into %s", label, len(df), out)
     return Rendering(mp4, wavs, csv, md, df)
