@@ -49,6 +49,22 @@ def _png(table:pd.DataFrame)->bytes:
     fig.savefig(png, format="png", dpi=120); plt.close(fig)
     return png.getvalue()
 
+# %% ../nbs/lesion/43_lesion_run.ipynb #759e6f5a
+def _write_run(tmp:Path, table:pd.DataFrame, model, data, regs:list, n_trs:int, **kwargs):
+    "Write the effect table, its figure and each region's rendering of `n_trs` TRs (none if 0) into the folder `tmp`."
+    atomic_write(tmp / RUN_MARKER, lambda f: f.write(table.to_csv(index=False).encode()))
+    png = _png(table)
+    atomic_write(tmp / "effects.png", lambda f: f.write(png))
+    for r in regs if n_trs > 0 else ():
+        render(model, data, r, tmp / slug(r.name), n_trs=n_trs, **kwargs)
+
+# %% ../nbs/lesion/43_lesion_run.ipynb #fdd2f479
+def _log_table(table:pd.DataFrame, out:Path):
+    "Log the main columns of the effect table and the path of the whole one."
+    logger.info("%s", table[["region", "modality", "metric", "intact", "value", "effect", "null_mean", "specific", "p", "rank",
+                             "n_null"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    logger.info("effect table: %s", out / RUN_MARKER)
+
 # %% ../nbs/lesion/43_lesion_run.ipynb #ffe457c4
 def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or a saved model
                 out:str="lesion_out", # the output folder (the table, the figure, the media); refused if it holds a lesion run, unless --overwrite
@@ -80,12 +96,6 @@ def lesion_main(checkpoint:str, # a training checkpoint (checkpoints/best.pt) or
         table = lesion_effects(model, data, regs, mode=mode, source=source, replace=replace, n_null=n_null,
                                gain_tolerance=gain_tolerance, n_boot=n_boot, seed=seed)
         with atomic_folder(out) as tmp:
-            atomic_write(tmp / RUN_MARKER, lambda f: f.write(table.to_csv(index=False).encode()))
-            png = _png(table)
-            atomic_write(tmp / "effects.png", lambda f: f.write(png))
-            for r in regs if render_trs > 0 else ():
-                render(model, data, r, tmp / slug(r.name), mode=mode, source=source, n_trs=render_trs, replace=replace)
-        logger.info("%s", table[["region", "modality", "metric", "intact", "value", "effect", "null_mean", "specific", "p", "rank",
-                                 "n_null"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        logger.info("effect table: %s", out / RUN_MARKER)
+            _write_run(tmp, table, model, data, regs, mode=mode, source=source, n_trs=render_trs, replace=replace)
+        _log_table(table, out)
         return table
