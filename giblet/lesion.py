@@ -264,6 +264,44 @@ def _null_stats(effect:float, null:np.ndarray, direction:int)->dict:
     e, nl = direction * effect, direction * null
     return dict(p=(1 + int((nl >= e).sum())) / (1 + len(nl)), rank=1 + int((nl > e).sum()))
 
+# %% ../nbs/lesion/41_lesion.ipynb #986e471d
+def _effects(errs:dict, name:str, n_null:int, key:tuple, sign:int, block:np.ndarray, counts:np.ndarray)->dict:
+    "Intact and lesioned means of metric `key` for region `name`, its effect, its null's, and their bootstrap replicates."
+    i0, b0 = _boot(errs["intact"][key], block, counts)
+    v, bv = _boot(errs[("region", name)][key], block, counts)
+    neff = np.array([sign * (_boot(errs[("null", name, j)][key], block, counts[:0])[0] - i0) for j in range(n_null)])
+    if n_null:
+        c, bc = _boot(np.mean([errs[("null", name, j)][key] for j in range(n_null)], axis=0), block, counts)
+        nmean, bnmean = sign * (c - i0), sign * (bc - b0)
+    else: c, nmean, bnmean = np.nan, np.nan, np.full(counts.shape[0], np.nan)
+    return dict(intact=i0, value=v, null_value=c, effect=sign * (v - i0), boot=sign * (bv - b0), null=neff, null_mean=nmean, null_boot=bnmean)
+
+# %% ../nbs/lesion/41_lesion.ipynb #530fcf3d
+def _ci(name:str, x:np.ndarray, ci:float)->dict:
+    "{name_lo, name_hi}: the central `ci` interval of the replicates `x`."
+    q = (50 * (1 - ci), 50 * (1 + ci))
+    return dict(zip((f"{name}_lo", f"{name}_hi"), np.nanpercentile(x, q) if np.isfinite(x).any() else (np.nan,) * 2))
+
+# %% ../nbs/lesion/41_lesion.ipynb #b1f206bd
+def _region_rows(r:Region, null, errs:dict, chance:dict, block:np.ndarray, counts:np.ndarray, ci:float, settings:dict,
+                 gain_tolerance:float)->list:
+    "The effect-table rows of region `r` with its matched `null` (from `matched_blobs`); `settings`: mode, replace, source."
+    direction = 1 if settings["mode"] == "lesion" else -1
+    rows = []
+    for mod, metric, sign in METRICS:
+        key = (mod, metric)
+        e = _effects(errs, r.name, null.n, key, sign, block, counts)
+        skill = sign * (chance[key] - e["intact"])
+        rows.append(dict(region=r.name, n_units=r.size, gain=null.gain, **settings, modality=mod, metric=metric,
+                         intact=e["intact"], value=e["value"], null_value=e["null_value"], chance=chance[key],
+                         effect=e["effect"], **_ci("effect", e["boot"], ci), null_mean=e["null_mean"],
+                         null_min=e["null"].min() if null.n else np.nan, null_max=e["null"].max() if null.n else np.nan,
+                         specific=direction * (e["effect"] - e["null_mean"]), **_ci("specific", direction * (e["boot"] - e["null_boot"]), ci),
+                         **_null_stats(e["effect"], e["null"], direction), n_null=null.n, n_null_requested=null.requested,
+                         n_null_drawn=null.drawn, gain_tolerance=gain_tolerance, lost=e["effect"] / skill if skill > 0 else np.nan,
+                         n_trs=int((~np.isnan(errs["intact"][key])).sum()), n_blocks=int(counts.shape[1])))
+    return rows
+
 # %% ../nbs/lesion/41_lesion.ipynb #cfa0676c
 def lesion_effects(model, # a trained BrainAutoencoder
                    data:LesionData, # the study and the TRs to evaluate (e.g. a held-out block)
@@ -291,34 +329,8 @@ def lesion_effects(model, # a trained BrainAutoencoder
     errs = collect_errors(model, data, _conditions(regions, nulls), mode, source, replace, position, batch_size)
     chance = _chance(data, data.bank())
     block, counts = _boot_counts(data, block_seconds, n_boot, seed)
-    n_blocks = counts.shape[1]
-    q = (50 * (1 - ci), 50 * (1 + ci))
-    ci_of = lambda name, x: dict(zip((f"{name}_lo", f"{name}_hi"), np.nanpercentile(x, q) if np.isfinite(x).any() else (np.nan,) * 2))
-    direction = 1 if mode == "lesion" else -1
-    rows = []
-    for r in regions:
-        null = nulls[r.name]
-        for mod, metric, sign in METRICS:
-            key = (mod, metric)
-            i0, b0 = _boot(errs["intact"][key], block, counts)
-            v, bv = _boot(errs[("region", r.name)][key], block, counts)
-            eff, beff = sign * (v - i0), sign * (bv - b0)
-            neff = np.array([sign * (_boot(errs[("null", r.name, j)][key], block, counts[:0])[0] - i0) for j in range(null.n)])
-            if null.n:
-                c, bc = _boot(np.mean([errs[("null", r.name, j)][key] for j in range(null.n)], axis=0), block, counts)
-                nmean, bnmean = sign * (c - i0), sign * (bc - b0)
-            else: c, nmean, bnmean = np.nan, np.nan, np.full(n_boot, np.nan)
-            skill = sign * (chance[key] - i0)
-            rows.append(dict(region=r.name, n_units=r.size, gain=null.gain, mode=mode, replace=replace, source=source,
-                             modality=mod, metric=metric, intact=i0, value=v, null_value=c, chance=chance[key],
-                             effect=eff, **ci_of("effect", beff),
-                             null_mean=nmean, null_min=neff.min() if null.n else np.nan, null_max=neff.max() if null.n else np.nan,
-                             specific=direction * (eff - nmean), **ci_of("specific", direction * (beff - bnmean)),
-                             **_null_stats(eff, neff, direction), n_null=null.n, n_null_requested=null.requested,
-                             n_null_drawn=null.drawn, gain_tolerance=gain_tolerance,
-                             lost=eff / skill if skill > 0 else np.nan,
-                             n_trs=int((~np.isnan(errs["intact"][key])).sum()), n_blocks=int(n_blocks)))
-    return pd.DataFrame(rows)
+    settings = dict(mode=mode, replace=replace, source=source)
+    return pd.DataFrame([row for r in regions for row in _region_rows(r, nulls[r.name], errs, chance, block, counts, ci, settings, gain_tolerance)])
 
 # %% ../nbs/lesion/41_lesion.ipynb #302ae6cd
 def plot_effects(table:pd.DataFrame, # from `lesion_effects`
