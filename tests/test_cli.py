@@ -236,7 +236,7 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
 
 def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
     "giblet-lesion parses lesion_main's docments like every other script: 0 and the table, 2 and one line, 1 and the traceback."
-    from giblet import lesion
+    from giblet import lesion_run
     seen = {}
 
     def fake_main(checkpoint:str, # a checkpoint
@@ -248,7 +248,7 @@ def test_giblet_lesion_parser_and_exit_codes(monkeypatch, capsys):
         if checkpoint == "bug": raise ZeroDivisionError("a bug")
         return pd.DataFrame({"region": ["visual"], "effect": [0.5]})
 
-    monkeypatch.setattr(lesion, "lesion_main", fake_main)
+    monkeypatch.setattr(lesion_run, "lesion_main", fake_main)
     assert cli.giblet_lesion(["ck.pt", "--data-dir", "d", "--n-boot", "5"]) is None
     assert seen == dict(checkpoint="ck.pt", data_dir="d", n_boot=5) and "visual" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e: cli.giblet_lesion(["missing"])
