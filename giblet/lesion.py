@@ -17,18 +17,20 @@ import pandas as pd
 import torch
 
 from .data.bold_stats import high_pass
-from .dataset import Normaliser, StudyTensors
-from .data.embeddings import nearest_text
+from .alignment.sync import Aligned
+from .dataset import Normaliser, StudyTensors, fit_normaliser
+from .data.embeddings import HashingEmbedder, embed_trs, nearest_text
 from .regions import Region, UnitGrid, matched_blobs
-from .models.autoencoder import target_variances
+from .models.encoder import ModelConfig
+from .models.autoencoder import BrainAutoencoder, target_variances
 from .features import stream_key
 from .streams import StreamTensors
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'METRICS', 'LesionData', 'unit_means', 'reconstruct', 'collect_errors', 'lesion_effects', 'plot_effects',
-           'lesion_data']
+__all__ = ['logger', 'METRICS', 'LesionData', 'toy_mask', 'toy_study', 'unit_means', 'reconstruct', 'collect_errors',
+           'lesion_effects', 'plot_effects', 'lesion_data']
 
 # %% ../nbs/lesion/41_lesion.ipynb #00833145
 @dataclass
@@ -67,6 +69,34 @@ class LesionData:
         for i in np.flatnonzero(self.tensors.has_text.cpu().numpy()): first.setdefault(self.texts[i], i)
         if not first: raise ValueError("the study has no annotation text; text effects need some")
         return list(first), self.tensors.text[list(first.values())].float().cpu().numpy()
+
+# %% ../nbs/lesion/41_lesion.ipynb #5fe8fd75
+def toy_mask(shape:tuple=(6, 7, 5), # the grid (voxels)
+             vox:float=3.0, # voxel size (mm)
+            )->nib.Nifti1Image:
+    "A small brain-like mask in MNI-ish space, for the examples."
+    aff = np.diag([vox, vox, vox, 1.0]); aff[:3, 3] = -vox * np.array(shape) / 2
+    m = np.zeros(shape, np.uint8); m[1:-1, 1:-1, 1:-1] = 1
+    return nib.Nifti1Image(m, aff)
+
+# %% ../nbs/lesion/41_lesion.ipynb #2b8f3184
+def toy_study(n_trs:int=40, # TRs
+              seed:int=0, # seed of the data and the model
+              n_subjects:int=0, # subject heads of the model (0: one shared head)
+             )->tuple: # (Aligned, Normaliser, BrainAutoencoder)
+    "A small random study on `toy_mask()` (60 units) with two annotation topics, and an untrained tiny model for it."
+    g, mm = np.random.default_rng(seed), toy_mask()
+    n = int(np.asarray(mm.dataobj).sum())
+    texts = ["" if i % 7 == 0 else ("the detective finds a clue" if (i // 5) % 2 else "tea in the kitchen") for i in range(n_trs)]
+    has = np.array([bool(t) for t in texts])
+    al = Aligned(video=g.integers(0, 256, (n_trs, 4, 18, 32, 3), dtype=np.uint8),
+                 audio=g.normal(-40, 10, (n_trs, 16, 32)).astype(np.float32),
+                 text=embed_trs(texts, has, HashingEmbedder(dim=32)), has_text=has,
+                 fmri=g.normal(1000, 10, (2, n_trs, n)).astype(np.float32), tr=1.5, tr_start=np.arange(n_trs) * 1.5,
+                 run=np.zeros(n_trs, np.int64), volume=np.arange(n_trs), texts=texts, mask=mm)
+    torch.manual_seed(seed)
+    model = BrainAutoencoder(ModelConfig.preset("tiny", n_voxels=n, mel_frames=32, n_subjects=n_subjects)).eval()
+    return al, fit_normaliser(al.fmri, al.audio, np.arange(n_trs // 2)), model
 
 # %% ../nbs/lesion/41_lesion.ipynb #7ef7e8c6
 def _as_mask(region, n_units:int, device)->torch.Tensor|None:
