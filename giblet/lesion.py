@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace as replace_field
-from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
