@@ -21,6 +21,7 @@ from .dataset import Normaliser, StudyTensors, fit_normaliser
 from .data.embeddings import HashingEmbedder, embed_trs, nearest_text
 from .regions import Region, UnitGrid, matched_blobs
 from .models.encoder import ModelConfig
+from .models.decoder import apply_lesion
 from .models.autoencoder import BrainAutoencoder, target_variances
 from .features import stream_key
 from .streams import StreamTensors
@@ -128,8 +129,8 @@ def _brains(model, data:LesionData, source:str, position:int|None, batch_size:in
 # %% ../nbs/lesion/41_lesion.ipynb #5c673854
 def _silence(brain:torch.Tensor, mask:torch.Tensor, mode:str, baseline:torch.Tensor|None)->torch.Tensor:
     "The brain layer with the region's units (lesion) or all others (keep) at their baseline (None: 0)."
-    off = mask if mode == "lesion" else ~mask
-    return brain.masked_fill(off, 0.0) if baseline is None else torch.where(off, baseline.to(brain.dtype), brain)
+    if baseline is None: return apply_lesion(brain, **{"lesion" if mode == "lesion" else "keep": mask})   # the decoder's own zeroing
+    return torch.where(mask if mode == "lesion" else ~mask, baseline.to(brain.dtype), brain)
 
 # %% ../nbs/lesion/41_lesion.ipynb #0256096a
 @torch.no_grad()
