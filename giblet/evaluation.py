@@ -66,7 +66,7 @@ def block_bootstrap(preds:Mapping, # name -> (n_trs, n_voxels) predictions of th
     if not 2 <= block <= n: raise ValueError(f"block must be in [2, n_trs={n}]; got {block}")
     if not len(vox): raise ValueError("no voxels to average")
     counts = boot_counts(n, block, n_boot, seed)
-    m, bsum = max(1, round(n / block)) * block, lambda q: counts @ q   # TRs per resample; a per-TR sum in each
+    m, bsum = counts[0].sum(), lambda q: counts @ q   # TRs per resample (the same in each); a per-TR sum in each
     out = {name: np.zeros(n_boot) for name in preds}
     for a in range(0, len(vox), chunk):
         v = vox[a:a + chunk]
